@@ -1,0 +1,405 @@
+"""ControlNet-XS weight files: which format, diffusers -> vislearn names, architecture.
+
+Two released formats hold the same weights (see spec/controlnet_xs.md, sections 3-5):
+
+- ``vislearn``: the authors' ``TwoStreamControlNet`` state dict (``.ckpt`` / ``.safetensors``),
+  names like ``control_model.input_blocks.1.0.in_layers.0.weight``, ``enc_zero_convs_in.0.0.weight``.
+- ``diffusers``: ``ControlNetXSAdapter`` (diffusers >= 0.28), names like
+  ``down_blocks.0.resnets.0.norm1.weight``, ``control_to_base_for_conv_in.weight``.
+
+Everything downstream works on vislearn names: :func:`to_vislearn` converts, :func:`read_config`
+reads the architecture from the shapes. Pure python + torch tensors (shapes only).
+"""
+import re
+from dataclasses import dataclass, field
+from typing import Tuple
+
+from .checkpoint_io import WeightFileError
+
+VISLEARN = "vislearn"
+DIFFUSERS = "diffusers"
+DIFFUSERS_LEGACY = "diffusers_legacy"
+
+NUM_RES_BLOCKS = 2  # per level, in every released model (and in SD1.x/2.x/XL)
+
+# Keys of the vislearn format the control network does not use.
+_DROPPED_PREFIXES = ("control_model.label_emb.",)  # SDXL 48M: the base's label_emb is used instead
+_DROPPED_KEYS = ("scale_list",)  # all ones in every released file
+
+
+class ControlNetXSFormatError(WeightFileError):
+    """A state dict that is not a (supported) ControlNet-XS checkpoint (a ValueError, like
+    checkpoint_io.WeightFileError)."""
+
+
+def largest_divisor_at_most(n, cap):
+    """The largest divisor of ``n`` that is <= ``cap`` (``n`` itself when ``n <= cap``).
+
+    The reference's ``find_denominator``: group counts (cap 32) and head sizes (cap 8 or 64).
+    """
+    if n <= 0 or cap <= 0:
+        raise ValueError(f"largest_divisor_at_most needs positive numbers, got n={n}, cap={cap}")
+    for d in range(min(n, cap), 0, -1):
+        if n % d == 0:
+            return d
+    return 1  # unreachable: 1 divides everything
+
+
+def group_count(channels):
+    """GroupNorm groups of every ControlNet-XS norm: largest divisor of C that is <= 32."""
+    return largest_divisor_at_most(channels, 32)
+
+
+# ---------------------------------------------------------------------------------------
+# Format detection
+# ---------------------------------------------------------------------------------------
+
+_LEGACY_PREFIXES = ("down_zero_convs_in.", "down_zero_convs_out.", "up_zero_convs_out.")
+
+
+def detect_format(sd):
+    """Returns ``"vislearn"``, ``"diffusers"`` or ``"diffusers_legacy"``; raises if none fits."""
+    if "enc_zero_convs_in.0.0.weight" in sd:
+        return VISLEARN
+    if "control_to_base_for_conv_in.weight" in sd or "down_blocks.0.base_to_ctrl.0.weight" in sd:
+        return DIFFUSERS
+    if any(k.startswith(_LEGACY_PREFIXES) for k in sd):
+        return DIFFUSERS_LEGACY
+    raise ControlNetXSFormatError(_not_xs_message(sd))
+
+
+def _not_xs_message(sd):
+    keys = sorted(sd)
+    hint = ""
+    if any(k.startswith("zero_convs.") for k in keys) or any(k.startswith("controlnet_down_blocks.") for k in keys):
+        hint = " It looks like a regular ControlNet: load it with ComfyUI's ControlNet loader instead."
+    elif any(k.startswith(("down_res.", "mid_convs.")) for k in keys):
+        hint = " It looks like a ControlNeXt model: use the ControlNeXt loader instead."
+    sample = ", ".join(keys[:5])
+    return (
+        "Not a ControlNet-XS state dict: it has neither the vislearn key 'enc_zero_convs_in.0.0.weight' "
+        "nor the diffusers keys 'control_to_base_for_conv_in.weight' / 'down_blocks.0.base_to_ctrl.0.weight'."
+        f"{hint} First keys: {sample}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# diffusers -> vislearn names (spec section 4)
+# ---------------------------------------------------------------------------------------
+
+_RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+
+def _resnet(rest):
+    part, _, param = rest.partition(".")
+    if part not in _RESNET_PARTS:
+        return None
+    return f"{_RESNET_PARTS[part]}.{param}"
+
+
+def _diffusers_key_to_vislearn(key, n_in):
+    """Vislearn name of one diffusers adapter key, or None if the key is not known."""
+    m = re.fullmatch(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(weight|bias)", key)
+    if m:
+        if m.group(1) == "conv_in":
+            index = 0
+        elif m.group(1) == "conv_out":
+            index = 14
+        else:
+            index = 2 * (int(m.group(2)) + 1)
+        return f"input_hint_block.{index}.{m.group(3)}"
+
+    m = re.fullmatch(r"time_embedding\.linear_([12])\.(weight|bias)", key)
+    if m:
+        return f"control_model.time_embed.{0 if m.group(1) == '1' else 2}.{m.group(2)}"
+
+    m = re.fullmatch(r"conv_in\.(weight|bias)", key)
+    if m:
+        return f"control_model.input_blocks.0.0.{m.group(1)}"
+
+    m = re.fullmatch(r"control_to_base_for_conv_in\.(weight|bias)", key)
+    if m:
+        return f"enc_zero_convs_out.0.0.{m.group(1)}"
+
+    m = re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key)
+    if m:
+        n = 3 * int(m.group(1)) + int(m.group(2)) + 1
+        rest = _resnet(m.group(3))
+        return None if rest is None else f"control_model.input_blocks.{n}.0.{rest}"
+
+    m = re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key)
+    if m:
+        n = 3 * int(m.group(1)) + int(m.group(2)) + 1
+        return f"control_model.input_blocks.{n}.1.{m.group(3)}"
+
+    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.conv\.(weight|bias)", key)
+    if m:
+        n = 3 * int(m.group(1)) + 3
+        return f"control_model.input_blocks.{n}.0.op.{m.group(2)}"
+
+    m = re.fullmatch(r"down_blocks\.(\d+)\.ctrl_to_base\.(\d+)\.(weight|bias)", key)
+    if m:
+        n = 3 * int(m.group(1)) + int(m.group(2)) + 1
+        return f"enc_zero_convs_out.{n}.0.{m.group(3)}"
+
+    m = re.fullmatch(r"down_blocks\.(\d+)\.base_to_ctrl\.(\d+)\.(weight|bias)", key)
+    if m:
+        n = 3 * int(m.group(1)) + int(m.group(2))
+        return f"enc_zero_convs_in.{n}.0.{m.group(3)}"
+
+    m = re.fullmatch(r"mid_block\.midblock\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        if m.group(1) == "attentions":
+            return f"control_model.middle_block.1.{m.group(3)}" if m.group(2) == "0" else None
+        if m.group(2) not in ("0", "1"):
+            return None
+        rest = _resnet(m.group(3))
+        index = 0 if m.group(2) == "0" else 2
+        return None if rest is None else f"control_model.middle_block.{index}.{rest}"
+
+    m = re.fullmatch(r"mid_block\.base_to_ctrl\.(weight|bias)", key)
+    if m:
+        return f"enc_zero_convs_in.{n_in - 1}.0.{m.group(1)}"
+
+    m = re.fullmatch(r"mid_block\.ctrl_to_base\.(weight|bias)", key)
+    if m:
+        return f"middle_block_out.0.{m.group(1)}"
+
+    m = re.fullmatch(r"up_connections\.(\d+)\.ctrl_to_base\.(\d+)\.(weight|bias)", key)
+    if m:
+        n = 3 * int(m.group(1)) + int(m.group(2))
+        return f"dec_zero_convs_out.{n}.0.{m.group(3)}"
+    return None
+
+
+def _diffusers_input_block_count(sd):
+    """N_in: conv_in plus one entry per ``down_blocks.b.ctrl_to_base.j``."""
+    pattern = re.compile(r"down_blocks\.\d+\.ctrl_to_base\.\d+\.weight")
+    return 1 + sum(1 for k in sd if pattern.fullmatch(k))
+
+
+def to_vislearn(sd):
+    """Returns the state dict with vislearn names, minus the unused keys.
+
+    Vislearn input: only ``scale_list`` and ``control_model.label_emb.*`` are dropped.
+    Diffusers input: every key is renamed per spec section 4; an unknown key raises.
+    Legacy diffusers input (before diffusers 0.28): raises, not supported.
+    Tensors are not copied.
+    """
+    fmt = detect_format(sd)
+    if fmt == VISLEARN:
+        return {k: v for k, v in sd.items() if k not in _DROPPED_KEYS and not k.startswith(_DROPPED_PREFIXES)}
+    if fmt == DIFFUSERS_LEGACY:
+        raise ControlNetXSFormatError(
+            "This ControlNet-XS file uses the old diffusers layout (diffusers before 0.28: keys like "
+            "'down_zero_convs_in.0.weight', 'up_zero_convs_out.0.weight'), which is not supported yet. "
+            "Use the authors' checkpoint (CVL-Heidelberg/ControlNet-XS) or a diffusers >= 0.28 "
+            "ControlNetXSAdapter file (keys 'down_blocks.0.base_to_ctrl.0.weight', ...)."
+        )
+    n_in = _diffusers_input_block_count(sd)
+    out, unknown = {}, []
+    for key, value in sd.items():
+        new = _diffusers_key_to_vislearn(key, n_in)
+        if new is None:
+            unknown.append(key)
+        else:
+            out[new] = value
+    if unknown:
+        raise ControlNetXSFormatError(
+            f"Diffusers ControlNet-XS adapter with {len(unknown)} key(s) this loader does not know: "
+            f"{', '.join(sorted(unknown)[:8])}{' ...' if len(unknown) > 8 else ''}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Architecture read from a state dict (spec section 5)
+# ---------------------------------------------------------------------------------------
+
+SD = "sd"
+SDXL = "sdxl"
+
+
+@dataclass(frozen=True)
+class XSConfig:
+    """Architecture of one ControlNet-XS control network (encoder + middle block).
+
+    Levels are the UNet resolutions (4 for SD1.x/2.x, 3 for SDXL); each level has
+    ``NUM_RES_BLOCKS`` res blocks (each followed by a transformer when the level's depth is > 0)
+    and, except the last, a downsampler. Input block i: 0 = conv_in, 3l+1 and 3l+2 = res blocks
+    of level l, 3l+3 = downsampler after level l.
+    """
+
+    family: str  # "sd" (SD1.x/2.x base, 12 input blocks) or "sdxl" (9 input blocks)
+    ctrl_channels: Tuple[int, ...]  # control width per level
+    base_channels: Tuple[int, ...]  # base UNet width per level
+    transformer_depth: Tuple[int, ...]  # transformer blocks per level, 0 = no attention
+    transformer_depth_middle: int
+    num_heads: Tuple[int, ...]  # attention heads per level (unused where depth is 0)
+    num_heads_middle: int
+    context_dim: int  # text context width (768 SD1.5, 1024 SD2.1, 2048 SDXL)
+    use_linear_projection: bool  # proj_in/proj_out Linear (SD2.1, SDXL) or 1x1 conv (SD1.5)
+    learned_time_embedding: bool  # control_model.time_embed present
+    in_channels: int = 4  # latent channels
+    hint_channels: int = 3  # RGB hint
+    model_channels: int = 320  # width of the sinusoidal timestep embedding (time_embed input)
+    time_embed_dim: int = 1280  # width of emb (time_embed output, res-block emb input)
+    num_params: int = field(default=0, compare=False)  # tensors' elements in the file (informative)
+
+    @property
+    def num_levels(self):
+        return len(self.ctrl_channels)
+
+    @property
+    def num_input_blocks(self):
+        """N_in: 12 for SD, 9 for SDXL (conv_in + 2 res blocks per level + downsamplers)."""
+        return 1 + (NUM_RES_BLOCKS + 1) * self.num_levels - 1
+
+    @property
+    def transformer_norm_eps(self):
+        """eps of the transformers' GroupNorm: 1e-6 in the ldm (SD) code, 1e-5 in sgm (SDXL)."""
+        return 1e-6 if self.family == SD else 1e-5
+
+    def block_kind(self, i):
+        """("conv_in", 0), ("res", level) or ("down", level) for input block i."""
+        if not 0 <= i < self.num_input_blocks:
+            raise IndexError(f"input block {i} out of range 0..{self.num_input_blocks - 1}")
+        if i == 0:
+            return "conv_in", 0
+        level, j = divmod(i - 1, NUM_RES_BLOCKS + 1)
+        return ("down" if j == NUM_RES_BLOCKS else "res"), level
+
+    def ctrl_out(self, i):
+        """Control channels after input block i."""
+        return self.ctrl_channels[self.block_kind(i)[1]]
+
+    def base_out(self, i):
+        """Base UNet channels after input block i."""
+        return self.base_channels[self.block_kind(i)[1]]
+
+    def ctrl_in(self, i):
+        """Control channels entering input block i >= 1: previous control output + base (concat)."""
+        return self.ctrl_out(i - 1) + self.base_out(i - 1)
+
+    def base_dec(self, m):
+        """Base channels of h at the start of output block m (before the skip concat)."""
+        if m == 0:
+            return self.base_channels[-1]  # middle block output
+        level = self.num_levels - 1 - (m - 1) // (NUM_RES_BLOCKS + 1)
+        return self.base_channels[level]
+
+    @property
+    def base_name(self):
+        if self.family == SDXL:
+            return "SDXL"
+        return {768: "SD1.5", 1024: "SD2.1"}.get(self.context_dim, "SD")
+
+
+def heads_for(family, context_dim, channels):
+    """Attention heads of a control transformer of width C (spec section 3; not in the weights).
+
+    SD1.5 (context 768): 8 heads; SD2.1 (context 1024): head size largest divisor of C <= 8;
+    SDXL: head size largest divisor of C <= 64 (``C // min(C, 8)`` and ``C // min(C, 64)``
+    for the released power-of-two widths).
+    """
+    if family == SDXL:
+        return channels // largest_divisor_at_most(channels, 64)
+    if context_dim == 768:
+        return 8
+    if context_dim == 1024:
+        return channels // largest_divisor_at_most(channels, 8)
+    raise ControlNetXSFormatError(
+        f"ControlNet-XS for an SD base with text context width {context_dim}: unknown attention head "
+        "layout (released models use 768 = SD1.5 or 1024 = SD2.1)."
+    )
+
+
+def _shape(sd, key):
+    if key not in sd:
+        raise ControlNetXSFormatError(f"ControlNet-XS state dict lacks '{key}': the file is incomplete or not ControlNet-XS.")
+    return tuple(sd[key].shape)
+
+
+def _depth(sd, prefix):
+    depth = 0
+    while f"{prefix}.transformer_blocks.{depth}.norm1.weight" in sd:
+        depth += 1
+    return depth
+
+
+def read_config(sd):
+    """Reads the architecture from a ControlNet-XS state dict (any supported format)."""
+    vis = to_vislearn(sd)
+    cm = "control_model."
+    n_in = sum(1 for k in vis if re.fullmatch(r"enc_zero_convs_out\.\d+\.0\.weight", k))
+    if n_in not in (9, 12):
+        raise ControlNetXSFormatError(
+            f"ControlNet-XS with {n_in} encoder connections: only SD1.x/2.x (12) and SDXL (9) bases are supported."
+        )
+    family = SD if n_in == 12 else SDXL
+    num_levels = (n_in + 1) // (NUM_RES_BLOCKS + 1)
+
+    conv_in = _shape(vis, f"{cm}input_blocks.0.0.weight")
+    ctrl, base, depth, heads = [], [], [], []
+    context_dim, use_linear = None, None
+    for level in range(num_levels):
+        first = 1 + (NUM_RES_BLOCKS + 1) * level
+        ctrl.append(_shape(vis, f"{cm}input_blocks.{first}.0.out_layers.3.weight")[0])
+        base.append(_shape(vis, f"enc_zero_convs_in.{first}.0.weight")[0])
+        depth.append(_depth(vis, f"{cm}input_blocks.{first}.1"))
+    depth_mid = _depth(vis, f"{cm}middle_block.1")
+
+    attn_prefixes = [f"{cm}input_blocks.{1 + 3 * lv}.1" for lv in range(num_levels) if depth[lv]]
+    if depth_mid:
+        attn_prefixes.append(f"{cm}middle_block.1")
+    if attn_prefixes:
+        p = attn_prefixes[0]
+        context_dim = _shape(vis, f"{p}.transformer_blocks.0.attn2.to_k.weight")[1]
+        use_linear = len(_shape(vis, f"{p}.proj_in.weight")) == 2
+    else:
+        raise ControlNetXSFormatError("ControlNet-XS state dict without any transformer block: not a released layout.")
+
+    for level in range(num_levels):
+        heads.append(heads_for(family, context_dim, ctrl[level]) if depth[level] else 0)
+    mid_heads = heads_for(family, context_dim, ctrl[-1]) if depth_mid else 0
+    for c, h in list(zip(ctrl, heads)) + [(ctrl[-1], mid_heads)]:
+        if h and c % h:
+            raise ControlNetXSFormatError(f"ControlNet-XS control width {c} is not divisible into {h} attention heads.")
+
+    learned = f"{cm}time_embed.0.weight" in vis
+    emb_shape = _shape(vis, f"{cm}input_blocks.1.0.emb_layers.1.weight")
+    model_channels = _shape(vis, f"{cm}time_embed.0.weight")[1] if learned else emb_shape[1] // 4
+    hint_channels = _shape(vis, "input_hint_block.0.weight")[1]
+    num_params = sum(int(v.numel()) for v in vis.values())
+    return XSConfig(
+        family=family,
+        ctrl_channels=tuple(ctrl),
+        base_channels=tuple(base),
+        transformer_depth=tuple(depth),
+        transformer_depth_middle=depth_mid,
+        num_heads=tuple(heads),
+        num_heads_middle=mid_heads,
+        context_dim=context_dim,
+        use_linear_projection=use_linear,
+        learned_time_embedding=learned,
+        in_channels=conv_in[1],
+        hint_channels=hint_channels,
+        model_channels=model_channels,
+        time_embed_dim=emb_shape[1],
+        num_params=num_params,
+    )
+
+
+def describe(config):
+    """One line for the UI, e.g. ``ControlNet-XS SDXL 20M (control widths 16,32,64)``."""
+    size = f" {round(config.num_params / 1e6)}M" if config.num_params else ""
+    widths = ",".join(str(c) for c in config.ctrl_channels)
+    extra = ", learned time embedding" if config.learned_time_embedding else ""
+    return f"ControlNet-XS {config.base_name}{size} (control widths {widths}{extra})"

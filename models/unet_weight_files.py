@@ -1,0 +1,140 @@
+"""ControlNeXt UNet weight files: partial attention weights that go with a control module.
+
+Two kinds were released (spec controlnext.md section 3):
+- SD1.5 ``unet.safetensors``: ABSOLUTE replacement weights for every ``attn1``/``attn2``
+  ``to_out.0`` (or only the up-block ones), diffusers naming.
+- SDXL ``unet.safetensors``: ADDITIVE deltas (W_finetuned - W_base) for every
+  ``attn2.to_out.0``, diffusers naming; LDM (ComfyUI) names are accepted too.
+
+Both are turned into weight deltas for ComfyUI diff patches, so that LoRAs stack on top in
+any order. Keys are returned in ComfyUI's diffusion-model naming without the
+"diffusion_model." prefix (the naming of ``comfy.utils.unet_to_diffusers`` values).
+"""
+import re
+
+import torch
+
+from .checkpoint_io import WeightFileError
+
+REPLACE = "replace"
+DELTA = "delta"
+DIFFUSERS = "diffusers"
+LDM = "ldm"
+
+_ATTN_OUT = re.compile(r"^(.+)\.transformer_blocks\.(\d+)\.(attn[12])\.to_out\.0\.(weight|bias)$")
+_DIFFUSERS_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.")
+_LDM_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.")
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "unet.")
+
+
+def strip_unet_prefix(sd):
+    """Removes a "model.diffusion_model." / "diffusion_model." / "unet." prefix shared by all keys."""
+    for p in _PREFIXES:
+        if sd and all(k.startswith(p) for k in sd):
+            return {k[len(p):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def is_unet_weight_file(sd):
+    """True when every key is an attention ``to_out.0`` weight or bias (the ControlNeXt layout)."""
+    sd = strip_unet_prefix(sd)
+    return bool(sd) and all(_ATTN_OUT.match(k) for k in sd)
+
+
+def parse_unet_weight_file(sd):
+    """Returns ``(semantics, naming)``: ("replace" | "delta", "diffusers" | "ldm").
+
+    SD1.5 files (attn1 present, one transformer block per attention) hold replacements;
+    SDXL files (attn2 only, no 320-wide layers) hold deltas.
+    """
+    sd = strip_unet_prefix(sd)
+    if not sd:
+        raise WeightFileError("the ControlNeXt UNet weight file is empty")
+    foreign = [k for k in sd if not _ATTN_OUT.match(k)]
+    if foreign:
+        from .file_kinds import describe_state_dict  # lazy: file_kinds imports this module
+
+        raise WeightFileError(
+            f"not a ControlNeXt UNet weight file: {len(foreign)} keys are not attention to_out weights "
+            f"(e.g. {', '.join(sorted(foreign)[:3])}); it looks like {describe_state_dict(sd)}"
+        )
+    if all(k.startswith(_DIFFUSERS_ROOTS) for k in sd):
+        naming = DIFFUSERS
+    elif all(k.startswith(_LDM_ROOTS) for k in sd):
+        naming = LDM
+    else:
+        raise WeightFileError(
+            "the ControlNeXt UNet weight file mixes diffusers (down_blocks/mid_block/up_blocks) and LDM "
+            "(input_blocks/middle_block/output_blocks) key names: it was edited or merged wrongly"
+        )
+    parts = [_ATTN_OUT.match(k).groups() for k in sd]
+    has_attn1 = any(attn == "attn1" for _, _, attn, _ in parts)
+    deep = any(int(idx) > 0 for _, idx, _, _ in parts)
+    widths = {int(v.shape[0]) for v in sd.values()}
+    if has_attn1 and not deep:
+        return REPLACE, naming
+    if not has_attn1 and 320 not in widths:
+        return DELTA, naming
+    raise WeightFileError(
+        "unrecognised ControlNeXt UNet weight file: neither the SD1.5 layout (attn1 and attn2 replacements, one "
+        "transformer block per attention) nor the SDXL one (attn2 deltas, 640/1280 channels)"
+    )
+
+
+def to_ldm_keys(sd, diffusers_to_ldm):
+    """Renames every key to ComfyUI's UNet naming using ``diffusers_to_ldm`` {diffusers: ldm}.
+
+    Keys already in LDM naming (the mapping's values) are kept. Any key the mapping does not
+    know raises: nothing is dropped silently.
+    """
+    sd = strip_unet_prefix(sd)
+    ldm_names = set(diffusers_to_ldm.values())
+    out, unmapped = {}, []
+    for k, v in sd.items():
+        if k in diffusers_to_ldm:
+            name = diffusers_to_ldm[k]
+        elif k in ldm_names:
+            name = k
+        else:
+            unmapped.append(k)
+            continue
+        if name in out:
+            raise WeightFileError(f"the UNet weight file sets {name} twice (under two names)")
+        out[name] = v
+    if unmapped:
+        raise WeightFileError(
+            f"{len(unmapped)} of {len(sd)} keys of the ControlNeXt UNet weight file have no counterpart in this model "
+            f"(e.g. {', '.join(sorted(unmapped)[:3])}): the file is for another model family "
+            "(SD1.5 files need an SD1.5 model, SDXL files an SDXL model)"
+        )
+    return out
+
+
+def weight_patches(file_sd_ldm, base_weights, semantics):
+    """Returns {ldm_key: delta} to add to the model's weights.
+
+    "replace": ``W_new - W_orig`` in float32 on the CPU (adding it back gives W_new exactly,
+    also when the model's weights are fp16); "delta": the file's tensor as it is.
+    ``base_weights``: {ldm_key: current model tensor}, the same naming as ``file_sd_ldm``.
+    """
+    if semantics not in (REPLACE, DELTA):
+        raise ValueError(f"semantics must be {REPLACE!r} or {DELTA!r}, got {semantics!r}")
+    patches = {}
+    for k, w in file_sd_ldm.items():
+        if k not in base_weights:
+            raise WeightFileError(
+                f"{k} from the ControlNeXt UNet weight file does not exist in this model: "
+                "the file is for another model family"
+            )
+        base = base_weights[k]
+        if tuple(w.shape) != tuple(base.shape):
+            raise WeightFileError(
+                f"{k}: the ControlNeXt UNet weight file has shape {tuple(w.shape)} but the model has "
+                f"{tuple(base.shape)}: the file is for another model family (SD1.5 files need an SD1.5 model, "
+                "SDXL files an SDXL model)"
+            )
+        if semantics == REPLACE:
+            patches[k] = w.detach().to("cpu", torch.float32) - base.detach().to("cpu", torch.float32)
+        else:
+            patches[k] = w
+    return patches

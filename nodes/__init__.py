@@ -1,0 +1,9 @@
+"""All node modules of the pack. Node IDs start with ``XCtrl`` so they never collide with
+ComfyUI core, comfyui_controlnet_aux or ComfyUI-Advanced-ControlNet."""
+from .registry import collect
+
+NODE_MODULES = (
+    "controlnext_nodes",
+)
+
+NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, DISABLED = collect(__name__, NODE_MODULES)

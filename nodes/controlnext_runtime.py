@@ -1,0 +1,149 @@
+"""Running a ControlNeXt control module inside ComfyUI's sampling (thin glue).
+
+An APPLY_MODEL wrapper computes the control feature for each model call (it sees sigma,
+the model's timestep and the batch layout), and a UNet block patch at the variant's
+injection point adds the cross-normalized feature. The two talk through the call's
+``transformer_options`` under ``STASH``, keyed by runner, so several ControlNeXt
+runners and other packs' patches coexist.
+
+Cost (issue: no wasted work): the module runs once per distinct (hint, timestep) per step,
+however cond and uncond are batched, and its timestep-independent stem once per run.
+"""
+import uuid
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.patcher_extension as pe
+
+from ..models import controlnext as cnx
+from ..models.cross_norm import cross_normalize
+from . import hints
+
+STASH = "xctrl_controlnext"
+
+
+class ControlNeXtRunner:
+    """One applied ControlNeXt: module, hint, strength, step range, mask."""
+
+    def __init__(self, module_patcher, variant, hint, strength, start_percent, end_percent, mask=None):
+        self.uid = f"{STASH}_{uuid.uuid4().hex[:12]}"
+        self.module_patcher = module_patcher
+        self.variant = cnx.get_variant(variant)
+        self.hint = hint  # (B, 3, H, W) float32 on the CPU
+        self.mask = mask  # (B, 1, H, W) float32 or None
+        self.strength = float(strength)
+        self.percent_range = (float(start_percent), float(end_percent))
+        self.learned_scale = module_patcher.model.learned_scale()
+        self._stem_key = None
+        self._stem = None
+        self._features = {}  # (hint index, timestep) -> (1, C, h, w) feature of the current step
+
+    # Patch objects live in model_options, which ModelPatcher.clone() deep-copies: share, don't copy.
+    def __deepcopy__(self, memo):
+        return self
+
+    def install(self, model):
+        """Adds the wrapper, the injection patch and the module (for loading) to a cloned MODEL."""
+        model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.uid, self.apply_model_wrapper)
+        model.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, self.uid, self.release)
+        model.set_additional_models(self.uid, [self.module_patcher])
+        if self.variant.injection_hook == cnx.OUTPUT_BLOCK_PATCH:
+            model.set_model_output_block_patch(OutputBlockInjection(self))
+        else:
+            model.set_model_input_block_patch_after_skip(InputBlockInjection(self))
+
+    def release(self, *args):
+        self._stem_key, self._stem, self._features = None, None, {}
+
+    # ------------------------------------------------------------------ per model call
+    def apply_model_wrapper(self, executor, x, t, *args, **kwargs):
+        transformer_options = args[4] if len(args) > 4 else kwargs.get("transformer_options")
+        entry = self._entry(executor.class_obj, x, t, transformer_options)
+        stash = dict(transformer_options.get(STASH, {}))
+        stash[self.uid] = entry
+        transformer_options[STASH] = stash
+        return executor(x, t, *args, **kwargs)
+
+    def _active(self, model_sampling, sigma):
+        start, end = self.percent_range
+        s_start, s_end = model_sampling.percent_to_sigma(start), model_sampling.percent_to_sigma(end)
+        s = float(sigma.reshape(-1)[0])
+        return s_end <= s <= s_start
+
+    def _entry(self, base_model, x, sigma, transformer_options):
+        """(features per row, scale per row, mask per row) for this call, or None when inactive."""
+        if self.strength == 0.0 or not self._active(base_model.model_sampling, sigma):
+            return None
+        rows = x.shape[0]
+        cond_or_uncond = transformer_options.get("cond_or_uncond", [0])
+        hint_idx = hints.rows_to_items(self.hint.shape[0], rows, cond_or_uncond)
+        mask_idx = None if self.mask is None else hints.rows_to_items(self.mask.shape[0], rows, cond_or_uncond, "mask")
+        sigma_rows = sigma.reshape(-1).expand(rows) if sigma.numel() == 1 else sigma.reshape(-1)
+        if self.variant.timestep_mode == "index":
+            steps = base_model.model_sampling.timestep(sigma_rows).float()
+        else:
+            steps = cnx.control_timesteps(self.variant, sigma_rows)
+        image_size = (x.shape[-2] * 8, x.shape[-1] * 8)
+        feats = self._features_for(hint_idx, steps, image_size, x.device)
+        uncond = hints.uncond_rows(rows, cond_or_uncond)
+        scale = cnx.injection_scales(self.variant, self.strength, uncond, self.learned_scale).to(x.device)
+        mask = None if mask_idx is None else self.mask[mask_idx].to(x.device)
+        return feats, scale, mask
+
+    def _features_for(self, hint_idx, steps, image_size, device):
+        module = self.module_patcher.model
+        dtype = next(module.parameters()).dtype
+        stem_key = (image_size, str(device), dtype)
+        if stem_key != self._stem_key:
+            hint = hints.resize(self.hint, image_size).to(device=device, dtype=dtype)
+            self._stem, self._stem_key, self._features = module.stem(hint), stem_key, {}
+        keys = [(int(i), float(s)) for i, s in zip(hint_idx.tolist(), steps.tolist())]
+        current = {s for _, s in keys}
+        self._features = {k: v for k, v in self._features.items() if k[1] in current}  # keep this step only
+        todo = sorted({k for k in keys if k not in self._features})
+        if todo:
+            idx = torch.tensor([i for i, _ in todo], device=device)
+            ts = torch.tensor([s for _, s in todo], device=device, dtype=torch.float32)
+            stem = tuple(part[idx] for part in self._stem)
+            out = module.forward_from_stem(stem, ts)
+            for n, k in enumerate(todo):
+                self._features[k] = out[n:n + 1]
+        return torch.cat([self._features[k] for k in keys], dim=0)
+
+    # ------------------------------------------------------------------ at the injection point
+    def inject(self, h, transformer_options):
+        entry = transformer_options.get(STASH, {}).get(self.uid)
+        if entry is None or transformer_options.get("block") != self.variant.injection:
+            return h
+        feats, scale, mask = entry
+        if feats.shape[0] != h.shape[0]:
+            raise RuntimeError(f"ControlNeXt: {feats.shape[0]} control rows for a batch of {h.shape[0]}")
+        term = cross_normalize(h, feats, self.variant.eps, self.variant.order, scale)
+        if mask is not None:
+            term = term * hints.resize(mask, tuple(h.shape[-2:])).to(term.dtype)
+        return h + term
+
+
+class InputBlockInjection:
+    def __init__(self, runner):
+        self.runner = runner
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, h, transformer_options):
+        return self.runner.inject(h, transformer_options)
+
+
+class OutputBlockInjection(InputBlockInjection):
+    def __call__(self, h, hsp, transformer_options):
+        return self.runner.inject(h, transformer_options), hsp
+
+
+def module_patcher(state_dict, variant, dtype):
+    """Builds the control module with ComfyUI's casting ops and wraps it for model management."""
+    module = cnx.build_controlnext(state_dict, variant, ops=comfy.ops.manual_cast, dtype=dtype)
+    return comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())

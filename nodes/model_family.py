@@ -1,0 +1,24 @@
+"""Which base-model family a ComfyUI MODEL is, for choosing variants and clear errors."""
+import comfy.supported_models as sm
+
+TITLES = {"sd15": "SD1.5", "sd21": "SD2.x", "sdxl": "SDXL", "svd": "SVD (Stable Video Diffusion)", "sd3": "SD3 / SD3.5"}
+
+
+def model_family(model_patcher):
+    """"sd15", "sd21", "sdxl", "svd", "sd3", or the model config's class name for others."""
+    config = model_patcher.model.model_config
+    # Order matters: subclasses first (SVD derives from BASE, SDXL variants from SDXL).
+    for cls, name in ((sm.SVD_img2vid, "svd"), (sm.SDXL, "sdxl"), (sm.SD15, "sd15"), (sm.SD20, "sd21"), (sm.SD3, "sd3")):
+        if isinstance(config, cls):
+            return name
+    return type(config).__name__
+
+
+def family_title(family):
+    return TITLES.get(family, family)
+
+
+def compute_dtype(model_patcher):
+    """The dtype the diffusion model computes in (manual cast dtype when weights are stored lower)."""
+    base = model_patcher.model
+    return base.manual_cast_dtype or base.get_dtype()

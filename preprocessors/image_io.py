@@ -1,0 +1,129 @@
+"""ComfyUI IMAGE tensors <-> uint8 RGB arrays, and the `resolution` convention.
+
+ComfyUI IMAGE: torch float tensor `B x H x W x C` in [0, 1]. Channel handling:
+- C == 3: used as is.
+- C == 1: greyscale, replicated to RGB.
+- C == 4: RGBA, the alpha channel is dropped (colour kept as stored). This is what ComfyUI's
+  own LoadImage does (`convert("RGB")`); the mask travels separately as a MASK.
+Floats are mapped to uint8 by rounding `x * 255` after clipping to [0, 1], so an image that
+came from uint8 round-trips exactly (truncation would turn 0.2 * 255 = 50.999... into 50).
+
+`resolution` convention (as comfyui_controlnet_aux): scale the shorter side to
+`resolution` (INTER_AREA when shrinking, INTER_CUBIC when enlarging; sizes rounded), pad the
+bottom and right edges (edge mode) to a multiple of 64, process, crop the padding. The size that
+comes out is chosen with `output_size`:
+- "input" (default): resized back to the input's H x W, so the map lines up with the image.
+- "processed": the scaled size (shorter side == resolution), before padding.
+`resolution <= 0` processes at the input size (still padded and cropped).
+"""
+import cv2
+import numpy as np
+import torch
+
+OUTPUT_SIZES = ("input", "processed")
+
+
+def image_to_uint8(image):
+    """(B, H, W, C) float IMAGE tensor -> (B, H, W, 3) uint8 numpy array (RGB)."""
+    check_image_batch(image)
+    x = image.detach().to(device="cpu", dtype=torch.float32)
+    channels = x.shape[-1]
+    if channels == 1:
+        x = x.expand(-1, -1, -1, 3)
+    elif channels == 4:
+        x = x[..., :3]
+    x = (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+    return np.ascontiguousarray(x.numpy())
+
+
+def uint8_to_image(arrays, device="cpu"):
+    """uint8 maps -> (B, H, W, 3) float32 IMAGE tensor in [0, 1].
+
+    `arrays`: one array (H, W), (H, W, 3) or (B, H, W, 3), or a list of (H, W) / (H, W, 3)
+    arrays of one size. Single-channel maps are replicated to RGB.
+    """
+    if isinstance(arrays, np.ndarray) and arrays.ndim == 4:
+        batch = arrays
+    else:
+        items = [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
+        if not items:
+            raise ValueError("uint8_to_image: no images given (empty list).")
+        batch = np.stack([_hwc3(a) for a in items])
+    if batch.dtype != np.uint8:
+        raise TypeError(f"uint8_to_image expects uint8 arrays, got {batch.dtype}.")
+    if batch.shape[-1] != 3:
+        raise ValueError(f"uint8_to_image expects 3 channels, got shape {batch.shape}.")
+    return torch.from_numpy(np.ascontiguousarray(batch)).to(device=device, dtype=torch.float32) / 255.0
+
+
+def check_image_batch(image):
+    """Raises a clear error unless `image` is a non-empty B x H x W x C tensor, C in 1, 3, 4."""
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"Expected an IMAGE tensor (B, H, W, C), got {type(image).__name__}.")
+    if image.ndim != 4:
+        raise ValueError(f"Expected an IMAGE tensor of shape (B, H, W, C), got shape {tuple(image.shape)}.")
+    b, h, w, c = image.shape
+    if b == 0:
+        raise ValueError("The IMAGE batch is empty (0 images): nothing to process.")
+    if h == 0 or w == 0:
+        raise ValueError(f"The IMAGE has zero size ({h} x {w} pixels).")
+    if c not in (1, 3, 4):
+        raise ValueError(f"IMAGE must have 1, 3 or 4 channels, got {c} (shape {tuple(image.shape)}).")
+
+
+def scaled_size(height, width, resolution):
+    """(H, W) after scaling the shorter side to `resolution` (unchanged when resolution <= 0)."""
+    if resolution <= 0:
+        return height, width
+    k = float(resolution) / min(height, width)
+    return max(1, int(round(height * k))), max(1, int(round(width * k)))
+
+
+def pad_to_multiple(image, multiple=64, mode="edge"):
+    """Pads the bottom and right of an (H, W[, C]) array to a multiple of `multiple`."""
+    h, w = image.shape[:2]
+    pad_h, pad_w = -h % multiple, -w % multiple
+    pads = [(0, pad_h), (0, pad_w)] + [(0, 0)] * (image.ndim - 2)
+    return np.pad(image, pads, mode=mode)
+
+
+def process_at_resolution(image, resolution, fn, output_size="input", multiple=64):
+    """Runs `fn` on `image` (uint8 H x W x 3) following the `resolution` convention.
+
+    `fn` takes the padded uint8 image and returns a map of the same H x W (2-D or H x W x C,
+    any dtype). The padding is cropped; see the module docstring for `output_size`.
+    """
+    if output_size not in OUTPUT_SIZES:
+        raise ValueError(f"output_size must be one of {OUTPUT_SIZES}, got {output_size!r}.")
+    _check_uint8_image(image)
+    h, w = image.shape[:2]
+    th, tw = scaled_size(h, w, resolution)
+    if (th, tw) != (h, w):
+        enlarge = th * tw > h * w
+        image = cv2.resize(image, (tw, th), interpolation=cv2.INTER_CUBIC if enlarge else cv2.INTER_AREA)
+    padded = pad_to_multiple(image, multiple)
+    result = fn(padded)
+    if result.shape[:2] != padded.shape[:2]:
+        raise ValueError(f"The processing step returned shape {result.shape[:2]} for input {padded.shape[:2]}.")
+    result = np.ascontiguousarray(result[:th, :tw])
+    if output_size == "input" and (th, tw) != (h, w):
+        shrink = th * tw > h * w
+        result = cv2.resize(result, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return result
+
+
+def _check_uint8_image(image):
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"Expected a uint8 RGB image of shape (H, W, 3), got {desc}.")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"The image has zero size ({image.shape[0]} x {image.shape[1]} pixels).")
+
+
+def _hwc3(a):
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[2] not in (1, 3):
+        raise ValueError(f"Expected an (H, W), (H, W, 1) or (H, W, 3) map, got shape {a.shape}.")
+    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: the pure-torch tests once, then the ComfyUI integration
+# tests once per ComfyUI runtime found (COMFYUI_PATH=root1:root2, the ComfyUI this pack
+# sits in, or ~/comfy/ComfyUI and ~/comfy/ComfyUI-*). Extra arguments go to pytest.
+set -uo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/scripts/common.sh"
+
+ROOTS_OUT="$(find_comfyui_roots)" || exit 2
+mapfile -t ROOTS <<< "$ROOTS_OUT"
+[ -z "${ROOTS[0]:-}" ] && ROOTS=()
+setup_venv "${ROOTS[@]}"
+PY="$VENV/bin/python"
+RESULTS="$(mktemp -d)"
+cd "$PACK_DIR"
+
+echo "=== pure-torch tests ==="
+"$PY" -m pytest -c tests/pytest.ini --rootdir tests tests/pure -q --junitxml="$RESULTS/pure.xml" "$@"
+
+if [ "${#ROOTS[@]}" -eq 0 ]; then
+    echo "!!! NO ComfyUI RUNTIME FOUND: ALL ComfyUI INTEGRATION TESTS ARE SKIPPED. Set COMFYUI_PATH=/path/to/ComfyUI (several separated by ':') or install ComfyUI at ~/comfy/ComfyUI. !!!"
+else
+    i=0
+    for ROOT in "${ROOTS[@]}"; do
+        i=$((i + 1))
+        echo "=== ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$ROOT/comfyui_version.py") integration tests ($ROOT) ==="
+        XCTRL_COMFYUI_ROOT="$ROOT" PYTHONPATH="$(root_pythonpath "$ROOT" "${ROOTS[0]}")" "$PY" -m pytest -c tests/pytest.ini --rootdir tests tests/integration -q --junitxml="$RESULTS/comfy$i.xml" "$@"
+    done
+fi
+
+# One closing line over every run.
+"$PY" "$PACK_DIR/scripts/sum_junit.py" "$RESULTS"/*.xml

@@ -1,0 +1,125 @@
+"""Importing a real ComfyUI into the test process, headless and on the CPU.
+
+One ComfyUI per process: the integration suite runs once per runtime, in its own
+pytest process (scripts/run_tests.sh), with XCTRL_COMFYUI_ROOT naming the root.
+"""
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+
+PACK_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACK_FOLDER_NAME = "xctrl-nodes"
+
+_state = {}
+
+
+class NotComfyUI(RuntimeError):
+    pass
+
+
+def check_root(root):
+    for need in ("main.py", "nodes.py", "comfy"):
+        if not os.path.exists(os.path.join(root, need)):
+            raise NotComfyUI(
+                f"'{root}' is not a ComfyUI folder (no {need} in it). Point COMFYUI_PATH at the folder that contains ComfyUI's main.py."
+            )
+    return os.path.abspath(root)
+
+
+def comfyui_version(root):
+    ns = {}
+    path = os.path.join(root, "comfyui_version.py")
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                if line.startswith("__version__"):
+                    return line.split("=", 1)[1].strip().strip("\"'")
+    return "unknown"
+
+
+def import_comfyui(root):
+    """Puts ComfyUI on sys.path in CPU mode and imports its core. Idempotent."""
+    if "root" in _state:
+        if _state["root"] != root:
+            raise RuntimeError(f"this process already imported ComfyUI from {_state['root']}")
+        return _state["root"]
+    root = check_root(root)
+    sys.path.insert(0, root)
+    import comfy.cli_args
+
+    # Must happen before comfy.model_management is imported: it reads --cpu at import time.
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.disable_all_custom_nodes = False
+    import comfy.model_management  # noqa: F401
+    import folder_paths  # noqa: F401
+
+    _state["root"] = root
+    _state["version"] = comfyui_version(root)
+    return root
+
+
+def pack_custom_nodes_dir():
+    """A temporary custom_nodes folder holding only a link to this pack."""
+    if "custom_nodes" not in _state:
+        d = tempfile.mkdtemp(prefix="xctrl_custom_nodes_")
+        os.symlink(PACK_DIR, os.path.join(d, PACK_FOLDER_NAME))
+        _state["custom_nodes"] = d
+    return _state["custom_nodes"]
+
+
+def load_nodes():
+    """Initialises ComfyUI's built-in nodes and this pack (through a temp custom_nodes dir).
+
+    Returns the pack's module as ComfyUI loaded it.
+    """
+    if "pack" in _state:
+        return _state["pack"]
+    import folder_paths
+    import nodes
+
+    custom = pack_custom_nodes_dir()
+    # Only our temp folder: other packs in the runtime's own custom_nodes stay out of the test.
+    folder_paths.folder_names_and_paths["custom_nodes"] = ([custom], set())
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    mod_name = os.path.join(custom, PACK_FOLDER_NAME).replace(".", "_x_")
+    pack = sys.modules.get(mod_name)
+    if pack is None:
+        raise RuntimeError(f"ComfyUI did not load the pack from {custom}: see the log above")
+    _state["pack"] = pack
+    return pack
+
+
+def pack_module(dotted):
+    """A submodule of the pack as ComfyUI loaded it, e.g. pack_module('nodes.controlnext')."""
+    import importlib
+
+    pack = load_nodes()
+    return importlib.import_module(pack.__name__ + "." + dotted)
+
+
+def run_prompt(prompt, outputs=None):
+    """Validates and executes an API-format prompt with ComfyUI's own executor.
+
+    Returns (executor, history-like outputs dict). Raises AssertionError with ComfyUI's
+    validation message when the prompt is invalid.
+    """
+    import execution
+
+    load_nodes()
+    valid = asyncio.run(execution.validate_prompt("test", prompt, None))
+    if not valid[0]:
+        raise AssertionError(f"prompt invalid: {valid[1]} {valid[3]}")
+
+    class _Server:
+        client_id = None
+        last_node_id = None
+        last_prompt_id = None
+
+        def send_sync(self, event, data, sid=None):
+            pass
+
+    executor = execution.PromptExecutor(_Server())
+    executor.execute(prompt, "test", {}, outputs if outputs is not None else valid[2])
+    return executor

@@ -1,0 +1,109 @@
+"""Random-weight tiny models of each family the pack patches, as ComfyUI ModelPatchers.
+
+They keep the real block structure (12 UNet input blocks for SD1.5/SVD, 9 for SDXL;
+joint blocks + patch embedding for SD3) at tiny widths, so block indices, injection
+points and CFG batching are exercised as on the real models.
+"""
+import torch
+
+SD15_TINY = dict(
+    model_channels=32, channel_mult=[1, 2, 2, 2], num_res_blocks=[2, 2, 2, 2],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    transformer_depth_middle=1, context_dim=32, num_heads=4, num_head_channels=-1,
+    use_linear_in_transformer=False, adm_in_channels=None, in_channels=4, out_channels=4,
+    use_spatial_transformer=True, legacy=False, use_temporal_attention=False, use_temporal_resblock=False,
+    image_size=32, use_checkpoint=False,
+)
+SDXL_TINY = dict(
+    model_channels=32, channel_mult=[1, 2, 2], num_res_blocks=[2, 2, 2],
+    transformer_depth=[0, 0, 1, 1, 1, 1], transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1],
+    transformer_depth_middle=1, context_dim=32, num_head_channels=16, num_heads=-1,
+    use_linear_in_transformer=True, adm_in_channels=2816, num_classes="sequential", in_channels=4,
+    out_channels=4, use_spatial_transformer=True, legacy=False, use_temporal_attention=False,
+    use_temporal_resblock=False, image_size=32, use_checkpoint=False,
+)
+SVD_TINY = dict(
+    model_channels=64, channel_mult=[1, 1, 1, 1], num_res_blocks=[2, 2, 2, 2],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    transformer_depth_middle=1, context_dim=32, num_heads=-1, num_head_channels=64,
+    use_linear_in_transformer=True, adm_in_channels=768, num_classes="sequential", in_channels=8,
+    out_channels=4, use_spatial_transformer=True, legacy=False, use_temporal_attention=True,
+    use_temporal_resblock=True, extra_ff_mix_layer=True, use_spatial_context=True,
+    merge_strategy="learned_with_images", merge_factor=0.0, video_kernel_size=[3, 1, 1],
+    disable_temporal_crossattention=False, max_ddpm_temb_period=10000, image_size=32, use_checkpoint=False,
+)
+SD3_TINY = dict(
+    in_channels=16, out_channels=16, patch_size=2, depth=2, input_size=None, adm_in_channels=64,
+    context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 48, "out_features": 128}},
+    num_patches=32 * 32, pos_embed_max_size=32, pos_embed_scaling_factor=None, x_block_self_attn_layers=[],
+    qk_norm=None,
+)
+
+
+def _init_weights(module, seed):
+    """comfy.ops.disable_weight_init leaves parameters uninitialised: fill them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        for name, b in module.named_buffers():
+            if b.is_floating_point():
+                b.copy_(0.02 * torch.randn(b.shape, generator=g))
+
+
+def _patcher(model_config_cls, unet_config, seed, dtype=torch.float32):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    mc = model_config_cls(dict(unet_config))
+    mc.set_inference_dtype(dtype, None)
+    model = mc.get_model({})
+    _init_weights(model.diffusion_model, seed)
+    model.diffusion_model.to(dtype)
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def sd15(seed=0, dtype=torch.float32):
+    import comfy.supported_models as sm
+
+    return _patcher(sm.SD15, SD15_TINY, seed, dtype)
+
+
+def sdxl(seed=0, dtype=torch.float32):
+    import comfy.supported_models as sm
+
+    return _patcher(sm.SDXL, SDXL_TINY, seed, dtype)
+
+
+def svd(seed=0, dtype=torch.float32):
+    import comfy.supported_models as sm
+
+    return _patcher(sm.SVD_img2vid, SVD_TINY, seed, dtype)
+
+
+def sd3(seed=0, dtype=torch.float32):
+    import comfy.supported_models as sm
+
+    return _patcher(sm.SD3, SD3_TINY, seed, dtype)
+
+
+def text_cond(patcher, batch=1, tokens=7, seed=1):
+    """A ComfyUI CONDITIONING list with random embeddings of the model's context width."""
+    g = torch.Generator().manual_seed(seed)
+    dm = patcher.model.diffusion_model
+    name = type(patcher.model.model_config).__name__
+    if name == "SD3":
+        ctx = dm.context_embedder.in_features
+        return [[torch.randn(batch, tokens, ctx, generator=g), {"pooled_output": torch.randn(batch, 64, generator=g)}]]
+    ctx = SDXL_TINY["context_dim"]
+    extra = {}
+    if name.startswith("SDXL"):
+        extra = {"pooled_output": torch.randn(batch, 1280, generator=g), "width": 64, "height": 64,
+                 "crop_w": 0, "crop_h": 0, "target_width": 64, "target_height": 64}
+    return [[torch.randn(batch, tokens, ctx, generator=g), extra]]

@@ -1,0 +1,29 @@
+"""The real ComfyUI server starts with the pack and lists all of its nodes."""
+import re
+
+
+def test_server_lists_every_pack_node(server, pack):
+    info = server.get("/object_info")
+    ours = {k for k in info if k.startswith("XCtrl")}
+    assert ours == set(pack.NODE_CLASS_MAPPINGS), (ours ^ set(pack.NODE_CLASS_MAPPINGS))
+    assert len(ours) > 0
+    for node_id in ours:
+        assert info[node_id]["category"].startswith("XCtrl"), node_id
+
+
+def test_server_log_has_no_import_error_of_the_pack(server):
+    log = server.log()
+    assert not re.search(r"(IMPORT FAILED|Cannot import).*xctrl", log, re.I), log[-3000:]
+    # ComfyUI's own optional nodes may log tracebacks (e.g. no torchaudio); none may involve the pack.
+    ours = [block for block in log.split("Traceback (most recent call last):")[1:] if "xctrl" in block.split("\n\n")[0].lower()]
+    assert not ours, ours[0][:3000]
+    assert re.search(r"\d+\.\d+ seconds: .*xctrl-nodes", log), "pack not in ComfyUI's import-times list:\n" + log[-3000:]
+
+
+def test_node_ids_are_namespaced_and_unique(pack):
+    import nodes
+
+    for node_id in pack.NODE_CLASS_MAPPINGS:
+        assert node_id.startswith("XCtrl")
+        # ComfyUI's registry holds exactly our class under our id: nobody else's was replaced.
+        assert nodes.NODE_CLASS_MAPPINGS[node_id] is pack.NODE_CLASS_MAPPINGS[node_id]

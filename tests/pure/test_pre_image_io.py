@@ -1,0 +1,98 @@
+"""IMAGE <-> uint8 conversions and the `resolution` convention."""
+import numpy as np
+import pytest
+import torch
+
+from xctrl.preprocessors.image_io import (
+    image_to_uint8,
+    pad_to_multiple,
+    process_at_resolution,
+    scaled_size,
+    uint8_to_image,
+)
+
+
+def test_uint8_round_trip_is_exact():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, size=(2, 5, 7, 3), dtype=np.uint8)
+    image = uint8_to_image(a)
+    assert image.shape == (2, 5, 7, 3) and image.dtype == torch.float32
+    assert np.array_equal(image_to_uint8(image), a)
+
+
+def test_rounding_not_truncation():
+    image = torch.tensor([0.2, 0.5, 1.2, -0.1]).reshape(1, 1, 4, 1)
+    out = image_to_uint8(image)
+    assert out[0, 0, :, 0].tolist() == [51, 128, 255, 0]  # 0.2 * 255 = 51 (truncation would give 50)
+
+
+def test_greyscale_replicated_and_alpha_dropped():
+    grey = torch.full((1, 2, 2, 1), 100 / 255)
+    assert (image_to_uint8(grey) == 100).all()
+    rgba = torch.zeros((1, 2, 2, 4))
+    rgba[..., 0] = 1.0
+    rgba[..., 3] = 0.0  # fully transparent: colour kept as stored
+    assert image_to_uint8(rgba)[0, 0, 0].tolist() == [255, 0, 0]
+
+
+def test_uint8_to_image_accepts_maps_and_lists():
+    m = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    image = uint8_to_image([m, m])
+    assert image.shape == (2, 2, 3, 3)
+    assert torch.equal(image[1, :, :, 2], torch.from_numpy(m).float() / 255)
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (torch.zeros(0, 8, 8, 3), "empty"),
+        (torch.zeros(1, 0, 8, 3), "zero size"),
+        (torch.zeros(1, 8, 8, 2), "1, 3 or 4 channels"),
+        (torch.zeros(8, 8, 3), "shape"),
+        (np.zeros((1, 8, 8, 3)), "IMAGE tensor"),
+    ],
+)
+def test_bad_images_raise_clear_errors(image, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        image_to_uint8(image)
+
+
+def test_empty_list_raises():
+    with pytest.raises(ValueError, match="no images"):
+        uint8_to_image([])
+
+
+def test_scaled_size_and_padding():
+    assert scaled_size(300, 451, 512) == (512, 770)  # 451 * 512 / 300 = 769.7
+    assert scaled_size(300, 451, 0) == (300, 451)
+    padded = pad_to_multiple(np.arange(6, dtype=np.uint8).reshape(2, 3, 1), 4)
+    assert padded.shape == (4, 4, 1)
+    assert padded[:, :, 0].tolist() == [[0, 1, 2, 2], [3, 4, 5, 5], [3, 4, 5, 5], [3, 4, 5, 5]]
+
+
+def test_process_at_resolution_sizes_and_padding():
+    image = np.zeros((100, 150, 3), np.uint8)
+    image[:, 75:] = 200
+    seen = []
+
+    def fn(x):
+        seen.append(x.shape)
+        return x[:, :, 0].copy()
+
+    out = process_at_resolution(image, 128, fn, output_size="processed")
+    assert seen[-1] == (128, 192, 3)  # 128 x 192 is already a multiple of 64
+    assert out.shape == (128, 192)
+    out = process_at_resolution(image, 100, fn, output_size="processed")
+    assert seen[-1] == (128, 192, 3)  # 100 x 150 padded to multiples of 64
+    assert out.shape == (100, 150)
+    assert np.array_equal(out, image[:, :, 0])  # processed at native size: crop gives the input back
+    out = process_at_resolution(image, 64, fn, output_size="input")
+    assert out.shape == (100, 150)
+    assert out[50, 10] == 0 and out[50, 140] == 200
+
+
+def test_process_at_resolution_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="output_size"):
+        process_at_resolution(np.zeros((8, 8, 3), np.uint8), 64, lambda x: x, output_size="other")
+    with pytest.raises(ValueError, match="zero size"):
+        process_at_resolution(np.zeros((0, 8, 3), np.uint8), 64, lambda x: x)
