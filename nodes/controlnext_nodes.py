@@ -8,7 +8,7 @@ from ..models import unet_weight_files as uwf
 from ..models.checkpoint_io import WeightFileError
 from . import hints
 from .controlnext_runtime import ControlNeXtRunner, module_patcher
-from .model_family import compute_dtype, family_title, model_family
+from .model_family import compute_dtype, family_title, model_family, unet_block_channels
 from .weight_files import NONE, file_list, read
 
 CATEGORY = "XCtrl/ControlNeXt"
@@ -117,6 +117,7 @@ class ApplyControlNeXt:
                 f"{controlnext.name} has the SDXL ControlNeXt layout but the MODEL is SD1.5. No SD1.5-Training weights "
                 "were released; this is most likely an SDXL ControlNeXt file: use an SDXL checkpoint."
             )
+        _check_width(controlnext, variant, model)
         hint = hints.image_to_nchw(image)
         mask_t = None
         if mask is not None:
@@ -130,6 +131,19 @@ class ApplyControlNeXt:
         )
         runner.install(patched)
         return (patched,)
+
+
+def _check_width(controlnext, variant, model):
+    """The module's output width must equal the UNet's at the injection point (else the file
+    is for another model, e.g. a distilled/pruned UNet): fail now, not mid-sampling."""
+    v = cnx.get_variant(variant)
+    have = int(controlnext.state_dict["mid_convs.1.weight"].shape[0])
+    need = unet_block_channels(model).get(v.injection)
+    if need is not None and need != have:
+        raise WeightFileError(
+            f"{controlnext.name} outputs {have} channels but this {family_title(model_family(model))} model has {need} "
+            f"at the ControlNeXt {v.title} injection point ({v.injection_note}): the file is for a different model."
+        )
 
 
 def _family_label(family):

@@ -59,13 +59,12 @@ class ControlNeXtRunner:
         self._stem_key, self._stem, self._features = None, None, {}
 
     # ------------------------------------------------------------------ per model call
-    def apply_model_wrapper(self, executor, x, t, *args, **kwargs):
-        transformer_options = args[4] if len(args) > 4 else kwargs.get("transformer_options")
+    def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         entry = self._entry(executor.class_obj, x, t, transformer_options)
         stash = dict(transformer_options.get(STASH, {}))
         stash[self.uid] = entry
         transformer_options[STASH] = stash
-        return executor(x, t, *args, **kwargs)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     def _active(self, model_sampling, sigma):
         start, end = self.percent_range

@@ -22,3 +22,19 @@ def compute_dtype(model_patcher):
     """The dtype the diffusion model computes in (manual cast dtype when weights are stored lower)."""
     base = model_patcher.model
     return base.manual_cast_dtype or base.get_dtype()
+
+
+def unet_block_channels(model_patcher):
+    """{("input", i): channels of input block i's output, ("output", 0): middle-block output}
+    for a ComfyUI UNetModel, read from its config (as openaimodel builds the blocks)."""
+    cfg = model_patcher.model.model_config.unet_config
+    mc, mult, res = cfg["model_channels"], cfg["channel_mult"], cfg["num_res_blocks"]
+    res = res if isinstance(res, (list, tuple)) else [res] * len(mult)
+    chans = [mc]
+    for level, m in enumerate(mult):
+        chans += [mc * m] * res[level]
+        if level != len(mult) - 1:
+            chans.append(mc * m)  # downsample keeps the width
+    out = {("input", i): c for i, c in enumerate(chans)}
+    out[("output", 0)] = mc * mult[-1]
+    return out

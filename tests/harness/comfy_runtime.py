@@ -47,6 +47,9 @@ def import_comfyui(root):
         return _state["root"]
     root = check_root(root)
     sys.path.insert(0, root)
+    # ComfyUI's nodes.py later puts ComfyUI/comfy on sys.path, where comfy/utils.py would
+    # shadow the root's utils/ package: import the package first, as main.py does.
+    import utils.extra_config  # noqa: F401
     import comfy.cli_args
 
     # Must happen before comfy.model_management is imported: it reads --cpu at import time.

@@ -1,0 +1,331 @@
+"""ControlNeXt on ComfyUI's native SD1.5 and SDXL models (tiny random-weight twins).
+
+Parity: the patched model's denoised output against tests/harness/reference.py, which runs
+the UNet block by block and injects the functional control feature per the spec.
+"""
+import math
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from harness import reference as ref
+from harness import tiny_models as tm
+from harness.comfy_runtime import pack_module
+from harness.layouts import load_layout
+
+LAYOUTS = {
+    "sd15": "controlnext_sd15_released.json",
+    "sdxl": "controlnext_sdxl.json",
+    "sd15_training": "controlnext_sd15_training.json",
+    "svd_v1": "controlnext_svd_v1.json",
+    "svd_v2": "controlnext_svd_v2.json",
+}
+# Channels at the injection point of the tiny models: SD1.5 middle block 64, SDXL conv_in 32.
+TINY_OUT = {"sd15": 64, "sdxl": 32}
+
+
+def controlnext_sd(variant, out_channels=None, seed=0, dtype=torch.float32):
+    """Random tensors with the released layout; the last conv resized to ``out_channels``."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in sorted(load_layout(LAYOUTS[variant])["keys"].items()):
+        shape = list(shape)
+        if out_channels and key.startswith("mid_convs.1."):
+            shape[0] = out_channels
+        if key == "scale":
+            t = torch.tensor(0.7)
+        elif key.endswith(".weight") and len(shape) in (2, 4):
+            t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        elif key.endswith(".weight"):
+            t = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            t = 0.1 * torch.randn(shape, generator=g)
+        sd[key] = t.to(dtype)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory, pack):
+    import folder_paths
+
+    d = tmp_path_factory.mktemp("controlnet")
+    folder_paths.add_model_folder_path("controlnet", str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def nodes_mod(pack):
+    return pack_module("nodes.controlnext_nodes")
+
+
+def write(controlnet_dir, name, sd):
+    path = os.path.join(controlnet_dir, name)
+    if name.endswith(".safetensors"):
+        save_file(sd, path)
+    else:
+        torch.save(sd, path)
+    return name
+
+
+def load(nodes_mod, name, unet="none"):
+    return nodes_mod.LoadControlNeXt().load(name, unet)[0]
+
+
+def apply(nodes_mod, model, cnx, image, strength=1.0, start=0.0, end=1.0, mask=None, unet_strength=1.0):
+    return nodes_mod.ApplyControlNeXt().apply(model, cnx, image, strength, start, end, mask, unet_strength)[0]
+
+
+def denoise(patcher, x, sigma, context, cond_or_uncond, y=None):
+    """The patched model's prediction through ComfyUI's apply_model (wrappers + patches)."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])
+    to = patcher.model_options["transformer_options"].copy()
+    to["wrappers"] = patcher.wrappers  # what sampler_helpers merges in before sampling
+    to["cond_or_uncond"] = list(cond_or_uncond)
+    to["sigmas"] = sigma
+    kw = {} if y is None else {"y": y}
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to, **kw)
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def inputs(family, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 16, 16, generator=g) * 2
+    sigma = torch.tensor([3.0, 3.0])
+    ctx = torch.randn(2, 7, 32, generator=g)
+    y = torch.randn(2, 2816, generator=g) if family == "sdxl" else None
+    # Low-frequency hint: the control feature survives the pooling to the middle block's 2x2,
+    # which keeps the cross-normalization well conditioned (random noise pools to ~0 and
+    # amplifies float32 rounding).
+    hint = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(128, 128), mode="nearest")
+    return x, sigma, ctx, y, hint.movedim(1, -1)
+
+
+def reference(base, family, sd, hint, x, sigma, ctx, y, strength, scale_learned=None):
+    """Spec: SD1.5 released at the middle output, pool then normalize, s = learned * strength;
+    SDXL after conv_in (skip keeps the uncontrolled tensor), normalize then pool, s = strength."""
+    t = base.model.model_sampling.timestep(sigma).float()
+    h_img = hint.movedim(-1, 1).expand(x.shape[0], -1, -1, -1)
+    with torch.no_grad():
+        c = ref.controlnext_feature({k: v.float() for k, v in sd.items()}, family, h_img, t)
+        if family == "sd15":
+            s = torch.full((x.shape[0],), float(sd["scale"]) * strength)
+            hooks = {("output", 0): lambda h: ref.cross_norm_add(h, c, 1e-12, True, s)}
+        else:
+            s = torch.full((x.shape[0],), strength)
+            hooks = {("input", 0): lambda h: ref.cross_norm_add(h, c, 1e-12, False, s)}
+        return ref.unet_denoised(base.model, x, sigma, ctx, y=y, hooks=hooks)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_parity_with_reference_forward(family, nodes_mod, controlnet_dir):
+    base = getattr(tm, family)()
+    sd = controlnext_sd(family, TINY_OUT[family])
+    cnx = load(nodes_mod, write(controlnet_dir, f"parity_{family}.safetensors", sd))
+    x, sigma, ctx, y, hint = inputs(family)
+    patched = apply(nodes_mod, base, cnx, hint, strength=0.8)
+    got = denoise(patched, x, sigma, ctx, [0, 1], y)
+    want = reference(base, family, sd, hint, x, sigma, ctx, y, 0.8)
+    plain = ref.unet_denoised(base.model, x, sigma, ctx, y=y)
+    assert rel_err(want, plain) > 1e-3, "the control must change the output for the test to mean anything"
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_strength_zero_and_empty_mask_are_bit_identical_to_the_base(family, nodes_mod, controlnet_dir):
+    base = getattr(tm, family)()
+    cnx = load(nodes_mod, write(controlnet_dir, f"zero_{family}.safetensors", controlnext_sd(family, TINY_OUT[family])))
+    x, sigma, ctx, y, hint = inputs(family)
+    plain = denoise(base, x, sigma, ctx, [0, 1], y)
+    assert torch.equal(denoise(apply(nodes_mod, base, cnx, hint, strength=0.0), x, sigma, ctx, [0, 1], y), plain)
+    empty = torch.zeros(1, 128, 128)
+    assert torch.equal(denoise(apply(nodes_mod, base, cnx, hint, mask=empty), x, sigma, ctx, [0, 1], y), plain)
+    outside = apply(nodes_mod, base, cnx, hint, start=0.9, end=1.0)  # sigma 3 is early in the schedule
+    assert torch.equal(denoise(outside, x, sigma, ctx, [0, 1], y), plain)
+
+
+def test_cond_and_uncond_batched_together_equal_separately(nodes_mod, controlnet_dir):
+    base = tm.sd15()
+    cnx = load(nodes_mod, write(controlnet_dir, "batch.safetensors", controlnext_sd("sd15", 64)))
+    x, sigma, ctx, y, _ = inputs("sd15")
+    hints = torch.rand(2, 128, 128, 3, generator=torch.Generator().manual_seed(5))  # one per latent
+    x4, ctx4 = torch.cat([x, x]), torch.cat([ctx, ctx.flip(0)])
+    patched = apply(nodes_mod, base, cnx, hints)
+    both = denoise(patched, x4, sigma.repeat(2), ctx4, [0, 1])
+    cond = denoise(patched, x4[:2], sigma, ctx4[:2], [0])
+    uncond = denoise(patched, x4[2:], sigma, ctx4[2:], [1])
+    torch.testing.assert_close(both, torch.cat([cond, uncond]), rtol=1e-5, atol=1e-5)
+    # hint i goes to latent i in every chunk: swapping the hints changes latent 0's result
+    swapped = denoise(apply(nodes_mod, base, cnx, hints.flip(0)), x4, sigma.repeat(2), ctx4, [0, 1])
+    assert not torch.allclose(swapped[0], both[0])
+
+
+def test_control_module_runs_once_per_step_and_stem_once_per_run(nodes_mod, controlnet_dir):
+    import comfy.sample
+
+    base = tm.sd15()
+    cnx = load(nodes_mod, write(controlnet_dir, "count.safetensors", controlnext_sd("sd15", 64)))
+    patched = apply(nodes_mod, base, cnx, torch.rand(1, 64, 64, 3))
+    module = patched.get_additional_models()[0].model
+    calls = {"stem": 0, "rest": 0, "rows": 0}
+    stem, rest = module.stem, module.forward_from_stem
+
+    def count_stem(*a, **k):
+        calls["stem"] += 1
+        return stem(*a, **k)
+
+    def count_rest(state, t):
+        calls["rest"] += 1
+        calls["rows"] += int(t.numel())
+        return rest(state, t)
+
+    module.stem, module.forward_from_stem = count_stem, count_rest
+    try:
+        lat = torch.zeros(1, 4, 8, 8)
+        comfy.sample.sample(patched, comfy.sample.prepare_noise(lat, 0), 3, 5.0, "euler", "normal",
+                            tm.text_cond(patched), tm.text_cond(patched, seed=2), lat)
+    finally:
+        del module.stem, module.forward_from_stem
+    assert calls["stem"] == 1
+    assert calls["rest"] == 3 and calls["rows"] == 3  # one hint, cond+uncond share it: 1 row per step
+
+
+def test_hint_and_mask_batch_mismatch_is_a_clear_error(nodes_mod, controlnet_dir):
+    base = tm.sd15()
+    cnx = load(nodes_mod, write(controlnet_dir, "mismatch.safetensors", controlnext_sd("sd15", 64)))
+    x, sigma, ctx, _, _ = inputs("sd15")
+    patched = apply(nodes_mod, base, cnx, torch.rand(3, 64, 64, 3))
+    with pytest.raises(ValueError, match="3 images but the latent batch has 1"):
+        denoise(patched, x, sigma, ctx, [0, 1])
+
+
+def test_family_mismatch_fails_at_apply_time_naming_both(nodes_mod, controlnet_dir):
+    cnx_xl = load(nodes_mod, write(controlnet_dir, "xl.safetensors", controlnext_sd("sdxl", 32)))
+    with pytest.raises(ValueError, match=r"SDXL.*SD1\.5|SD1\.5.*SDXL"):
+        apply(nodes_mod, tm.sd15(), cnx_xl, torch.rand(1, 64, 64, 3))
+    cnx_15 = load(nodes_mod, write(controlnet_dir, "15.safetensors", controlnext_sd("sd15", 64)))
+    with pytest.raises(ValueError, match=r"SD1\.5.*SDXL|SDXL.*SD1\.5"):
+        apply(nodes_mod, tm.sdxl(), cnx_15, torch.rand(1, 64, 64, 3))
+
+
+def test_width_mismatch_is_caught_at_apply_time(nodes_mod, controlnet_dir):
+    """A released-width (1280) SD1.5 module on the tiny model (64 channels): error before sampling."""
+    cnx = load(nodes_mod, write(controlnet_dir, "w1280.safetensors", controlnext_sd("sd15")))
+    with pytest.raises(ValueError, match="1280"):
+        apply(nodes_mod, tm.sd15(), cnx, torch.rand(1, 64, 64, 3))
+
+
+def test_loader_names_other_file_kinds(nodes_mod, controlnet_dir):
+    xs = {k: torch.zeros(v, dtype=torch.float16) for k, v in load_layout("controlnet_xs_vislearn_sd21_14m.json")["keys"].items()}
+    write(controlnet_dir, "xs.safetensors", xs)
+    with pytest.raises(ValueError, match="ControlNet-XS"):
+        load(nodes_mod, "xs.safetensors")
+    (controlnet_dir / "truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    with pytest.raises(ValueError, match="download it again"):
+        load(nodes_mod, "truncated.safetensors")
+
+
+@pytest.mark.parametrize("variant", sorted(LAYOUTS))
+@pytest.mark.parametrize("fmt", ["safetensors_fp16", "bin_fp32"])
+def test_loader_accepts_every_released_layout(variant, fmt, nodes_mod, controlnet_dir):
+    dtype = torch.float16 if fmt.endswith("fp16") else torch.float32
+    name = f"released_{variant}.{fmt.split('_')[0]}"
+    write(controlnet_dir, name, controlnext_sd(variant, dtype=dtype))
+    loaded = load(nodes_mod, name)
+    expected = {"sd15": "sd15", "svd_v1": "svd_v1"}.get(variant, "sdxl_family")
+    assert loaded.family == expected
+
+
+@pytest.mark.parametrize("layout", ["controlnext_sd15_unet_subset.json", "controlnext_sd15_unet_subset_upblocks.json",
+                                    "controlnext_sdxl_unet_delta.json"])
+def test_loader_accepts_released_unet_weight_files(layout, nodes_mod, controlnet_dir):
+    name = "unet_" + layout.replace(".json", ".safetensors")
+    write(controlnet_dir, name, {k: torch.zeros(v, dtype=torch.float16) for k, v in load_layout(layout)["keys"].items()})
+    write(controlnet_dir, "with_unet_sd15.safetensors", controlnext_sd("sd15", dtype=torch.float16))
+    loaded = load(nodes_mod, "with_unet_sd15.safetensors", name)
+    assert loaded.unet_semantics == (("delta" if "sdxl" in layout else "replace"), "diffusers")
+
+
+# ------------------------------------------------------------------------- UNet weight files
+def _attn_out_keys(base):
+    import comfy.utils
+
+    mapping = comfy.utils.unet_to_diffusers(base.model.model_config.unet_config)
+    return {d: l for d, l in mapping.items() if ".to_out.0." in d and (".attn1." in d or ".attn2." in d)}
+
+
+def _lora(base, keys, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for ldm in keys:
+        w = base.model.diffusion_model.state_dict()[ldm]
+        if w.dim() == 2:
+            stem = "diffusion_model." + ldm[: -len(".weight")]
+            sd[stem + ".lora_up.weight"] = 0.1 * torch.randn(w.shape[0], 2, generator=g)
+            sd[stem + ".lora_down.weight"] = 0.1 * torch.randn(2, w.shape[1], generator=g)
+    return sd
+
+
+def test_unet_replacement_weights_compose_with_lora_in_either_order(nodes_mod, controlnet_dir):
+    import comfy.model_management as mm
+    import comfy.sd
+
+    base = tm.sd15()
+    keys = _attn_out_keys(base)
+    g = torch.Generator().manual_seed(11)
+    new = {d: torch.randn(base.model.diffusion_model.state_dict()[l].shape, generator=g) * 0.05 for d, l in keys.items()}
+    write(controlnet_dir, "unet_replace.safetensors", new)
+    cnx = load(nodes_mod, write(controlnet_dir, "with_unet.safetensors", controlnext_sd("sd15", 64)), "unet_replace.safetensors")
+    hint = torch.rand(1, 64, 64, 3)
+    lora = _lora(base, keys.values())
+
+    originals = {l: base.model.diffusion_model.state_dict()[l].clone() for l in keys.values()}
+    only_unet = apply(nodes_mod, base, cnx, hint, strength=0.0)
+    mm.load_models_gpu([only_unet])
+    sd_now = only_unet.model.diffusion_model.state_dict()
+    for d, l in keys.items():  # strength 1: the file's weights (W + (W_new - W) up to fp32 rounding)
+        torch.testing.assert_close(sd_now[l], new[d], rtol=0, atol=1e-6)
+        assert not torch.allclose(sd_now[l], originals[l])
+
+    lora_first = apply(nodes_mod, comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)[0], cnx, hint)
+    unet_first = comfy.sd.load_lora_for_models(apply(nodes_mod, base, cnx, hint), None, lora, 1.0, 0)[0]
+    x, sigma, ctx, _, _ = inputs("sd15")
+    a = denoise(lora_first, x, sigma, ctx, [0, 1])
+    b = denoise(unet_first, x, sigma, ctx, [0, 1])
+    c = denoise(apply(nodes_mod, base, cnx, hint), x, sigma, ctx, [0, 1])
+    assert rel_err(a, b) < 1e-5
+    assert rel_err(a, c) > 1e-4  # the LoRA did something
+
+
+def test_unet_weights_of_the_wrong_family_fail_at_apply_time(nodes_mod, controlnet_dir):
+    layout = load_layout("controlnext_sdxl_unet_delta.json")["keys"]
+    write(controlnet_dir, "xl_delta.safetensors", {k: torch.zeros(v) for k, v in layout.items()})
+    cnx = load(nodes_mod, write(controlnet_dir, "with_xl_unet.safetensors", controlnext_sd("sd15", 64)), "xl_delta.safetensors")
+    with pytest.raises(ValueError, match="another model family|SDXL"):
+        apply(nodes_mod, tm.sd15(), cnx, torch.rand(1, 64, 64, 3))
+
+
+# ------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_sampling_end_to_end(family, nodes_mod, controlnet_dir):
+    import comfy.sample
+
+    base = getattr(tm, family)()
+    cnx = load(nodes_mod, write(controlnet_dir, f"e2e_{family}.safetensors", controlnext_sd(family, TINY_OUT[family])))
+    patched = apply(nodes_mod, base, cnx, torch.rand(1, 100, 90, 3))  # odd size: resized to the latent's
+    lat = torch.zeros(1, 4, 8, 8)
+
+    def run(m):
+        return comfy.sample.sample(m, comfy.sample.prepare_noise(lat, 0), 3, 5.0, "dpmpp_2m", "karras",
+                                   tm.text_cond(m), tm.text_cond(m, seed=2), lat)
+
+    out, plain = run(patched), run(base)
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out, plain)
