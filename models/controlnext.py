@@ -40,6 +40,8 @@ STRENGTH_X02 = "strength_x0.2"  # svd_v2
 # ComfyUI patch hooks (spec comfyui.md "UNetModel").
 OUTPUT_BLOCK_PATCH = "output_block_patch"
 INPUT_BLOCK_PATCH_AFTER_SKIP = "input_block_patch_after_skip"
+DIT_DOUBLE_BLOCK_0 = "dit_double_block_0"  # replacement of MMDiT joint block 0 (its input is the patch embedding)
+TOKENS = "tokens"  # MMDiT: per-channel statistics over the token axis
 
 
 @dataclass(frozen=True)
@@ -121,17 +123,33 @@ VARIANTS = {
             injection_note="after input block 3 (down_blocks[0] with its downsampler), after the skip was saved",
             timestep_mode="0.25ln_sigma", cfg="cond_only",
         ),
+        # UNOFFICIAL: the authors released no SD3 code or weights (spec section 3, "SD3 / MMDiT").
+        # XCtrl's format: the SDXL module's keys, `mid_convs.1` producing the MMDiT hidden
+        # width (e.g. 1536 for SD3 Medium, 2432 for SD3.5 Large) at 1/8 of the image size;
+        # the feature is average-pooled to the patch grid and added to the image tokens right
+        # after patch + positional embedding, cross-normalized per channel over the tokens.
+        Variant(
+            name="sd3", title="SD3 / SD3.5 MMDiT (unofficial)", family=SDXL_FAMILY,
+            embedding_paddings=(1, 1, 1), embedding_maxpool=False,
+            stages=_SDXL_STAGES, mid_residual=True,
+            out_channels=1536, has_learned_scale=False, params=3_526_400 + 256 * (1536 - 320) + (1536 - 320),
+            eps=1e-12, order=TOKENS, scale_mode=STRENGTH,
+            injection=("double_block", 0), injection_hook=DIT_DOUBLE_BLOCK_0,
+            injection_note="image tokens after patch + positional embedding (input of joint block 0)",
+            timestep_mode="index", cfg="both",
+        ),
     )
 }
 
 # Which member of a family a base model selects (resolve_variant).
-BASE_MODELS = ("sd15", "sdxl", "svd")
+BASE_MODELS = ("sd15", "sdxl", "svd", "sd3")
 _BY_BASE = {
     ("sd15", "sd15"): "sd15",
     ("svd_v1", "svd"): "svd_v1",
     (SDXL_FAMILY, "sdxl"): "sdxl",
     (SDXL_FAMILY, "svd"): "svd_v2",
     (SDXL_FAMILY, "sd15"): "sd15_training",
+    (SDXL_FAMILY, "sd3"): "sd3",
 }
 
 

@@ -4,6 +4,7 @@ from .registry import collect
 
 NODE_MODULES = (
     "controlnext_nodes",
+    "controlnet_xs_nodes",
 )
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, DISABLED = collect(__name__, NODE_MODULES)

@@ -16,7 +16,7 @@ CONTROLNEXT = "XCTRL_CONTROLNEXT"
 UNET_FOLDERS = ("controlnet", "diffusion_models")
 
 # Which ControlNeXt member a base model family selects (resolve_variant's base names).
-_BASE_FOR_FAMILY = {"sd15": "sd15", "sdxl": "sdxl", "svd": "svd"}
+_BASE_FOR_FAMILY = {"sd15": "sd15", "sdxl": "sdxl", "svd": "svd", "sd3": "sd3"}
 
 
 class LoadedControlNeXt:
@@ -138,7 +138,10 @@ def _check_width(controlnext, variant, model):
     is for another model, e.g. a distilled/pruned UNet): fail now, not mid-sampling."""
     v = cnx.get_variant(variant)
     have = int(controlnext.state_dict["mid_convs.1.weight"].shape[0])
-    need = unet_block_channels(model).get(v.injection)
+    if model_family(model) == "sd3":
+        need = model.model.diffusion_model.x_embedder.proj.weight.shape[0]  # hidden size of the tokens
+    else:
+        need = unet_block_channels(model).get(v.injection)
     if need is not None and need != have:
         raise WeightFileError(
             f"{controlnext.name} outputs {have} channels but this {family_title(model_family(model))} model has {need} "

@@ -19,10 +19,11 @@ import comfy.ops
 import comfy.patcher_extension as pe
 
 from ..models import controlnext as cnx
-from ..models.cross_norm import cross_normalize
+from ..models.cross_norm import control_to_tokens, cross_normalize, cross_normalize_tokens
 from . import hints
 
 STASH = "xctrl_controlnext"
+PATCH_SIZE_KEY = "xctrl_patch_size"
 
 
 class ControlNeXtRunner:
@@ -50,10 +51,14 @@ class ControlNeXtRunner:
         model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.uid, self.apply_model_wrapper)
         model.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, self.uid, self.release)
         model.set_additional_models(self.uid, [self.module_patcher])
-        if self.variant.injection_hook == cnx.OUTPUT_BLOCK_PATCH:
+        hook = self.variant.injection_hook
+        if hook == cnx.OUTPUT_BLOCK_PATCH:
             model.set_model_output_block_patch(OutputBlockInjection(self))
-        else:
+        elif hook == cnx.INPUT_BLOCK_PATCH_AFTER_SKIP:
             model.set_model_input_block_patch_after_skip(InputBlockInjection(self))
+        else:  # MMDiT: wrap joint block 0, chaining any replacement already there (another pack's)
+            previous = model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(("double_block", 0))
+            model.set_model_patch_replace(JointBlockInjection(self, previous), "dit", "double_block", 0)
 
     def release(self, *args):
         self._stem_key, self._stem, self._features = None, None, {}
@@ -64,6 +69,9 @@ class ControlNeXtRunner:
         stash = dict(transformer_options.get(STASH, {}))
         stash[self.uid] = entry
         transformer_options[STASH] = stash
+        embedder = getattr(executor.class_obj.diffusion_model, "x_embedder", None)
+        if embedder is not None:  # MMDiT: the patch grid of the image tokens
+            transformer_options[PATCH_SIZE_KEY] = embedder.patch_size[0]
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     def _active(self, model_sampling, sigma):
@@ -90,7 +98,7 @@ class ControlNeXtRunner:
         uncond = hints.uncond_rows(rows, cond_or_uncond)
         scale = cnx.injection_scales(self.variant, self.strength, uncond, self.learned_scale).to(x.device)
         mask = None if mask_idx is None else self.mask[mask_idx].to(x.device)
-        return feats, scale, mask
+        return feats, scale, mask, tuple(x.shape[-2:])
 
     def _features_for(self, hint_idx, steps, image_size, device):
         module = self.module_patcher.model
@@ -117,13 +125,27 @@ class ControlNeXtRunner:
         entry = transformer_options.get(STASH, {}).get(self.uid)
         if entry is None or transformer_options.get("block") != self.variant.injection:
             return h
-        feats, scale, mask = entry
+        feats, scale, mask, _ = entry
         if feats.shape[0] != h.shape[0]:
             raise RuntimeError(f"ControlNeXt: {feats.shape[0]} control rows for a batch of {h.shape[0]}")
         term = cross_normalize(h, feats, self.variant.eps, self.variant.order, scale)
         if mask is not None:
             term = term * hints.resize(mask, tuple(h.shape[-2:])).to(term.dtype)
         return h + term
+
+    def inject_tokens(self, img, transformer_options, patch_size):
+        """MMDiT: ``img`` (B, N, hidden) are the patch-embedded image tokens."""
+        entry = transformer_options.get(STASH, {}).get(self.uid)
+        if entry is None:
+            return img
+        feats, scale, mask, latent_hw = entry
+        grid = (-(-latent_hw[0] // patch_size), -(-latent_hw[1] // patch_size))
+        if grid[0] * grid[1] != img.shape[1]:
+            raise RuntimeError(f"ControlNeXt: {img.shape[1]} image tokens do not form the {grid} patch grid")
+        term = cross_normalize_tokens(img, control_to_tokens(feats, grid), self.variant.eps, scale)
+        if mask is not None:
+            term = term * control_to_tokens(mask, grid).to(term.dtype)
+        return img + term
 
 
 class InputBlockInjection:
@@ -140,6 +162,25 @@ class InputBlockInjection:
 class OutputBlockInjection(InputBlockInjection):
     def __call__(self, h, hsp, transformer_options):
         return self.runner.inject(h, transformer_options), hsp
+
+
+class JointBlockInjection:
+    """Replacement of MMDiT joint block 0: adds the control to its image-token input, then
+    runs the previous replacement (if another patch had one) or the original block."""
+
+    def __init__(self, runner, previous=None):
+        self.runner, self.previous = runner, previous
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, args, extra):
+        to = args["transformer_options"]
+        patch_size = to.get(PATCH_SIZE_KEY, 2)
+        args = dict(args, img=self.runner.inject_tokens(args["img"], to, patch_size))
+        if self.previous is not None:
+            return self.previous(args, extra)
+        return extra["original_block"](args)
 
 
 def module_patcher(state_dict, variant, dtype):

@@ -36,12 +36,14 @@ def rows_to_items(n_items, rows, cond_or_uncond, what="condition image"):
     per_chunk = rows // chunks
     if n_items == 1:
         return torch.zeros(rows, dtype=torch.long)
-    if n_items != per_chunk:
+    if per_chunk % n_items != 0:
         raise HintBatchError(
             f"the {what} batch has {n_items} images but the latent batch has {per_chunk}: "
             f"give 1 {what} (used for every latent) or exactly {per_chunk}"
         )
-    return torch.arange(rows, dtype=torch.long) % per_chunk
+    # n_items == per_chunk: image i for latent i. A divisor of it (e.g. the frames of one
+    # video for a batch of several videos) repeats, as ComfyUI's stock ControlNet does.
+    return torch.arange(rows, dtype=torch.long) % n_items
 
 
 def uncond_rows(rows, cond_or_uncond):

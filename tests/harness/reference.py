@@ -29,7 +29,7 @@ def unet_denoised(base_model, x, sigma, context, y=None, hooks=None, c_concat=No
     kw = dict(extra or {})
     if num_video_frames is not None:
         kw["num_video_frames"] = num_video_frames
-        kw["image_only_indicator"] = torch.zeros(1, num_video_frames)
+        kw["image_only_indicator"] = torch.zeros(x.shape[0] // num_video_frames, num_video_frames)
     to = {}
     emb = dm.time_embed(timestep_embedding(t, dm.model_channels).to(xc.dtype))
     if y is not None:

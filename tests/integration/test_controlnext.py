@@ -3,47 +3,14 @@
 Parity: the patched model's denoised output against tests/harness/reference.py, which runs
 the UNet block by block and injects the functional control feature per the spec.
 """
-import math
-import os
-
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from harness import reference as ref
 from harness import tiny_models as tm
 from harness.comfy_runtime import pack_module
+from harness.controlnext_files import LAYOUTS, TINY_OUT, apply, controlnext_sd, load, rel_err, write
 from harness.layouts import load_layout
-
-LAYOUTS = {
-    "sd15": "controlnext_sd15_released.json",
-    "sdxl": "controlnext_sdxl.json",
-    "sd15_training": "controlnext_sd15_training.json",
-    "svd_v1": "controlnext_svd_v1.json",
-    "svd_v2": "controlnext_svd_v2.json",
-}
-# Channels at the injection point of the tiny models: SD1.5 middle block 64, SDXL conv_in 32.
-TINY_OUT = {"sd15": 64, "sdxl": 32}
-
-
-def controlnext_sd(variant, out_channels=None, seed=0, dtype=torch.float32):
-    """Random tensors with the released layout; the last conv resized to ``out_channels``."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in sorted(load_layout(LAYOUTS[variant])["keys"].items()):
-        shape = list(shape)
-        if out_channels and key.startswith("mid_convs.1."):
-            shape[0] = out_channels
-        if key == "scale":
-            t = torch.tensor(0.7)
-        elif key.endswith(".weight") and len(shape) in (2, 4):
-            t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-        elif key.endswith(".weight"):
-            t = 1 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            t = 0.1 * torch.randn(shape, generator=g)
-        sd[key] = t.to(dtype)
-    return sd
 
 
 @pytest.fixture(scope="module")
@@ -60,23 +27,6 @@ def nodes_mod(pack):
     return pack_module("nodes.controlnext_nodes")
 
 
-def write(controlnet_dir, name, sd):
-    path = os.path.join(controlnet_dir, name)
-    if name.endswith(".safetensors"):
-        save_file(sd, path)
-    else:
-        torch.save(sd, path)
-    return name
-
-
-def load(nodes_mod, name, unet="none"):
-    return nodes_mod.LoadControlNeXt().load(name, unet)[0]
-
-
-def apply(nodes_mod, model, cnx, image, strength=1.0, start=0.0, end=1.0, mask=None, unet_strength=1.0):
-    return nodes_mod.ApplyControlNeXt().apply(model, cnx, image, strength, start, end, mask, unet_strength)[0]
-
-
 def denoise(patcher, x, sigma, context, cond_or_uncond, y=None):
     """The patched model's prediction through ComfyUI's apply_model (wrappers + patches)."""
     import comfy.model_management as mm
@@ -89,10 +39,6 @@ def denoise(patcher, x, sigma, context, cond_or_uncond, y=None):
     kw = {} if y is None else {"y": y}
     with torch.no_grad():
         return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=to, **kw)
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def inputs(family, seed=3):
@@ -329,3 +275,76 @@ def test_sampling_end_to_end(family, nodes_mod, controlnet_dir):
     out, plain = run(patched), run(base)
     assert torch.isfinite(out).all()
     assert not torch.allclose(out, plain)
+
+
+# ------------------------------------------------------------------------- MMDiT (SD3), unofficial
+def _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, strength):
+    """SD3 forward with joint block 0's image input replaced per the documented format."""
+    import torch.nn.functional as F
+
+    dm, ms = base.model.diffusion_model, base.model.model_sampling
+    t = ms.timestep(sigma).float()
+    c = ref.controlnext_feature({k: v.float() for k, v in sd.items()}, "sdxl", hint.movedim(-1, 1).expand(x.shape[0], -1, -1, -1), t)
+    xc = ms.calculate_input(sigma, x)
+    hw = xc.shape[-2:]
+    tokens = dm.x_embedder(xc) + dm.cropped_pos_embed(hw, device=xc.device).to(xc.dtype)
+    grid = (hw[0] // 2, hw[1] // 2)
+    ct = F.adaptive_avg_pool2d(c, grid).flatten(2).transpose(1, 2)  # (B, N, C), row-major like the patches
+    mh, sh = tokens.mean(1, keepdim=True), tokens.std(1, keepdim=True)
+    mc, sc = ct.mean(1, keepdim=True), ct.std(1, keepdim=True)
+    tokens = tokens + ((ct - mc) * sh / (sc + 1e-12) + mh) * strength
+    cmod = dm.t_embedder(t, dtype=xc.dtype) + dm.y_embedder(pooled)
+    context = dm.context_embedder(ctx)
+    for block in dm.joint_blocks:
+        context, tokens = block(context, tokens, c=cmod)
+    out = dm.unpatchify(dm.final_layer(tokens, cmod), hw=hw)[:, :, :hw[0], :hw[1]]
+    return ms.calculate_denoised(sigma, out, x)
+
+
+def test_mmdit_parity_and_chaining(nodes_mod, controlnet_dir):
+    import comfy.model_management as mm
+
+    base = tm.sd3()
+    sd = controlnext_sd("sdxl", 128, seed=4)  # tiny SD3 hidden size 128
+    cnx = load(nodes_mod, write(controlnet_dir, "sd3.safetensors", sd))
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 16, 16, 16, generator=g)
+    sigma = torch.tensor([0.6, 0.6])
+    ctx = torch.randn(2, 7, 48, generator=g)
+    pooled = torch.randn(2, 64, generator=g)
+    hint = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(128, 128)).movedim(1, -1)
+
+    # another pack's replacement of joint block 0 must keep working (chained, not clobbered)
+    seen = []
+
+    def other(args, extra):
+        seen.append(args["img"].shape)
+        return extra["original_block"](args)
+
+    other_model = base.clone()
+    other_model.set_model_patch_replace(other, "dit", "double_block", 0)
+    patched = apply(nodes_mod, other_model, cnx, hint, strength=0.7)
+    mm.load_models_gpu([patched])
+    to = patched.model_options["transformer_options"].copy()
+    to["wrappers"] = patched.wrappers
+    to.update(cond_or_uncond=[0, 1], sigmas=sigma)
+    with torch.no_grad():
+        got = patched.model.apply_model(x, sigma, c_crossattn=ctx, y=pooled, transformer_options=to)
+        want = _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, 0.7)
+        plain = _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, 0.0)
+    assert seen, "the other pack's block replacement was dropped"
+    assert rel_err(want, plain) > 1e-3
+    assert rel_err(got, want) < 1e-5
+
+
+def test_mmdit_sampling_end_to_end(nodes_mod, controlnet_dir):
+    import comfy.sample
+
+    base = tm.sd3()
+    cnx = load(nodes_mod, write(controlnet_dir, "sd3_e2e.safetensors", controlnext_sd("sdxl", 128, seed=5)))
+    patched = apply(nodes_mod, base, cnx, torch.rand(1, 64, 64, 3))
+    lat = torch.zeros(1, 16, 8, 8)
+    run = lambda m: comfy.sample.sample(m, comfy.sample.prepare_noise(lat, 0), 2, 4.0, "euler", "simple",
+                                        tm.text_cond(m), tm.text_cond(m, seed=2), lat)
+    out = run(patched)
+    assert torch.isfinite(out).all() and not torch.allclose(out, run(base))

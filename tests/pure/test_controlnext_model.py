@@ -117,7 +117,7 @@ def feature_size(variant, n):
 # ---------------------------------------------------------------------------- layouts
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(LAYOUT_FILES))
 def test_parameter_counts_match_spec_and_layout(variant):
     layout = load_layout(LAYOUT_FILES[variant])
     spec_counts = {"sd15": 5_352_327, "svd_v1": 5_610_177}
@@ -129,14 +129,14 @@ def test_parameter_counts_match_spec_and_layout(variant):
     assert VARIANTS[variant].params == expected
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(LAYOUT_FILES))
 def test_module_has_exactly_the_released_layout(variant):
     layout = load_layout(LAYOUT_FILES[variant])["keys"]
     model_sd = ControlNeXt(variant, device="meta").state_dict()
     assert {k: list(v.shape) for k, v in model_sd.items()} == layout
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(LAYOUT_FILES))
 def test_strict_load_of_exact_layout(variant):
     sd = random_state_dict(load_layout(LAYOUT_FILES[variant]), dtype=torch.float32)
     model = build_controlnext(sd, variant)
@@ -224,7 +224,7 @@ def test_fp16_file_loads_into_fp32_and_fp16_modules():
 SIZES = {"sd15": (32, 40), "sd15_training": (32, 40), "sdxl": (32, 40), "svd_v1": (64, 72), "svd_v2": (44, 50)}
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(LAYOUT_FILES))
 def test_forward_matches_functional_reference(variant):
     sd = random_state_dict(load_layout(LAYOUT_FILES[variant]), seed=1)
     model = build_controlnext(sd, variant, dtype=torch.float64)
@@ -358,3 +358,16 @@ def test_control_timesteps():
     torch.testing.assert_close(control_timesteps("svd_v2", torch.tensor([math.e ** 2])), torch.tensor([0.5]))
     with pytest.raises(ValueError, match="timestep index"):
         control_timesteps("sd15", torch.tensor([1.0]))
+
+
+def test_mmdit_variant_is_the_sdxl_module_with_a_hidden_width_output():
+    """The unofficial SD3 format: SDXL keys, `mid_convs.1` widened to the MMDiT hidden size."""
+    layout = load_layout(LAYOUT_FILES["sdxl"])
+    layout = {"keys": dict(layout["keys"], **{"mid_convs.1.weight": [1536, 256, 1, 1], "mid_convs.1.bias": [1536]})}
+    sd = random_state_dict(layout, seed=4)
+    assert detect_variant(sd) == SDXL_FAMILY and resolve_variant(SDXL_FAMILY, "sd3") == "sd3"
+    model = build_controlnext(sd, "sd3", dtype=torch.float64)
+    assert sum(p.numel() for p in model.parameters()) == VARIANTS["sd3"].params
+    hint = torch.rand(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(hint, torch.tensor([500.0])), reference_forward(sd, "sdxl", hint, torch.tensor([500.0])))

@@ -1,0 +1,159 @@
+"""ControlNet-XS nodes: load a control network (both released formats), apply it to a MODEL.
+
+The apply node patches the MODEL rather than the conditioning: the control stream must run
+inside the UNet forward, in lock-step with the base encoder (see controlnet_xs_runtime), and
+cond and uncond both get the control, like a stock ControlNet. Chaining several apply nodes
+stacks several controls; per-prompt (positive-only, area) control would need a conditioning
+variant and is not offered.
+"""
+import logging
+
+from ..models import controlnet_xs_keys as xs_keys
+from ..models.checkpoint_io import WeightFileError
+from ..models.file_kinds import describe_state_dict, kind_of
+from . import hints
+from .controlnet_xs_runtime import ControlNetXSRunner, control_patcher
+from .model_family import family_title, model_family
+from .weight_files import file_list, read
+
+LOG = logging.getLogger("xctrl")
+CATEGORY = "XCtrl/ControlNet-XS"
+CONTROLNET_XS = "XCTRL_CONTROLNET_XS"
+
+# Which SD family a ControlNet-XS made for an SD base was trained on, from its text context width.
+_SD_FAMILY_BY_CONTEXT = {768: "sd15", 1024: "sd21"}
+
+_ADVICE = {
+    "controlnet": "load it with ComfyUI's 'Load ControlNet Model' node",
+    "t2i_adapter": "load it with ComfyUI's 'Load ControlNet Model' node",
+    "controlnext_sd15": "load it with 'Load ControlNeXt (XCtrl)'",
+    "controlnext_sdxl_family": "load it with 'Load ControlNeXt (XCtrl)'",
+    "controlnext_svd_v1": "load it with 'Load ControlNeXt (XCtrl)'",
+}
+
+
+class LoadedControlNetXS:
+    """A ControlNet-XS file built into a control network managed by ComfyUI."""
+
+    def __init__(self, name, state_dict):
+        self.name = name
+        try:
+            self.format = xs_keys.detect_format(state_dict)
+        except xs_keys.ControlNetXSFormatError:
+            advice = _ADVICE.get(kind_of(state_dict), "pick a ControlNet-XS file (CVL-Heidelberg/ControlNet-XS, or a diffusers ControlNetXSAdapter)")
+            raise WeightFileError(f"{name} is not a ControlNet-XS model: it is {describe_state_dict(state_dict)}; {advice}.") from None
+        try:
+            config = xs_keys.read_config(state_dict)
+            self.patcher, self.config = control_patcher(state_dict, config.num_params)
+        except WeightFileError as e:  # ControlNetXSFormatError is one
+            raise WeightFileError(f"{name}: {e}") from e
+        self.description = xs_keys.describe(self.config)
+
+    def check_base(self, model):
+        """Raises, naming both, unless the MODEL is a UNet this control network was made for."""
+        cfg = self.config
+        family = model_family(model)
+        title = family_title(family)
+        made_for = _made_for(cfg)
+        if family not in _families(cfg):
+            raise WeightFileError(
+                f"{self.name} is a {self.description}, made for {made_for}, but the MODEL is {title}: "
+                f"use a ControlNet-XS made for {title}, or an {made_for} model."
+            )
+        unet = model.model.model_config.unet_config
+        widths = tuple(unet["model_channels"] * m for m in unet["channel_mult"])
+        want = {
+            "text context width": (cfg.context_dim, unet.get("context_dim")),
+            "UNet channel widths": (cfg.base_channels, widths),
+            "latent channels": (cfg.in_channels, unet.get("in_channels")),
+            "timestep embedding width": (cfg.model_channels, unet["model_channels"]),
+            "UNet input blocks": (cfg.num_input_blocks, len(model.model.diffusion_model.input_blocks)),
+        }
+        for what, (xs, base) in want.items():
+            if xs != base:
+                raise WeightFileError(
+                    f"{self.name} ({self.description}, made for {made_for}) does not fit this {title} MODEL: "
+                    f"its {what} is {xs}, the model's {base}. Use the ControlNet-XS made for this base model."
+                )
+
+
+def _families(cfg):
+    """model_family names of the bases a control network fits."""
+    if cfg.family == xs_keys.SDXL:
+        return ("sdxl",)
+    known = _SD_FAMILY_BY_CONTEXT.get(cfg.context_dim)
+    return (known,) if known else ("sd15", "sd21")
+
+
+def _made_for(cfg):
+    return " or ".join(family_title(f) for f in _families(cfg))
+
+
+class LoadControlNetXS:
+    DESCRIPTION = (
+        "Loads a ControlNet-XS control network (SD1.5, SD2.1, SDXL) from models/controlnet: the authors' "
+        ".ckpt / .safetensors (CVL-Heidelberg/ControlNet-XS) or a diffusers ControlNetXSAdapter file. "
+        "The architecture is read from the file."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "control_file": (file_list("controlnet"), {"tooltip": "A ControlNet-XS file, e.g. sdxl_encD_canny_48m.safetensors or a diffusers diffusion_pytorch_model.safetensors (renamed)."}),
+            }
+        }
+
+    RETURN_TYPES = (CONTROLNET_XS,)
+    RETURN_NAMES = ("controlnet_xs",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, control_file):
+        loaded = LoadedControlNetXS(control_file, read(control_file, "controlnet"))
+        LOG.info("[XCtrl] %s: %s (%s format)", control_file, loaded.description, loaded.format)
+        return (loaded,)
+
+
+class ApplyControlNetXS:
+    DESCRIPTION = (
+        "Applies ControlNet-XS to a MODEL: the control network runs in lock-step with the UNet encoder on every "
+        "sampler step in [start, end], for positive and negative alike. Connect the patched MODEL to any sampler; "
+        "chain several apply nodes to stack controls."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "controlnet_xs": (CONTROLNET_XS,),
+                "image": ("IMAGE", {"tooltip": "Condition image (canny edges, depth, ...), RGB in [0, 1]; resized to the generated image size. A batch of 1 serves every latent; otherwise one per latent."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Scales every control -> base connection (the authors' conditioning scale). 0 leaves the model untouched."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, controlnet_xs, image, strength, start_percent, end_percent):
+        if start_percent > end_percent:
+            raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
+        controlnet_xs.check_base(model)
+        hint = hints.image_to_nchw(image)
+        patched = model.clone()
+        ControlNetXSRunner(controlnet_xs.patcher, hint, strength, start_percent, end_percent).install(patched)
+        return (patched,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "XCtrl_LoadControlNetXS": LoadControlNetXS,
+    "XCtrl_ApplyControlNetXS": ApplyControlNetXS,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "XCtrl_LoadControlNetXS": "Load ControlNet-XS (XCtrl)",
+    "XCtrl_ApplyControlNetXS": "Apply ControlNet-XS (XCtrl)",
+}

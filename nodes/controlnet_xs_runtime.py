@@ -1,0 +1,212 @@
+"""Running ControlNet-XS inside ComfyUI's own UNet forward (thin glue).
+
+The control encoder must run in lock-step with the base encoder and trade features after
+every block (spec/controlnet_xs.md, section 1). Instead of re-implementing the UNet forward,
+the control stream rides on ComfyUI's hooks, so the base keeps every other pack's patches,
+wrappers, stock ControlNets and LoRAs:
+
+- APPLY_MODEL wrapper: decides from this call's sigma (with the model's own model_sampling)
+  whether the control is active.
+- DIFFUSION_MODEL wrapper: when active, opens a per-call state in ``transformer_options``
+  (UNet input x, timesteps, text context, SDXL ``y``, hint features per batch row) and
+  closes it when the UNet returns.
+- ``emb_patch``: with a learned time embedding the base runs on the mixed embedding (the
+  control's when mix = 1); the control blocks get that plus the base's ``label_emb(y)``.
+- ``input_block_patch`` after input block i: control block i (hint added after block 0),
+  ``h_b += enc_zero_convs_out[i](h_c) * s`` (reaches the skip and the next block), then
+  ``h_c = cat([h_c, enc_zero_convs_in[i](h_b)])`` (never scaled). After the last block the
+  control middle block runs.
+- ``output_block_patch`` before output block j's skip concatenation: the middle term (j = 0)
+  and ``dec_zero_convs_out[j](hs_c.pop()) * s``.
+
+Outside the active range, or with strength 0, nothing is stashed and every hook returns its
+input unchanged: the base output is bit for bit the unpatched one, own time embedding included.
+Several ControlNet-XS applied to one MODEL stack (each keyed by its own id).
+"""
+import uuid
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.ops
+import comfy.patcher_extension as pe
+from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
+
+from ..models.controlnet_xs import load_controlnet_xs, mix_time_embeddings
+from . import hints
+
+STASH = "xctrl_controlnet_xs"
+TIME_EMBEDDING_MIX = 1.0  # the released configs: the control's learned embedding replaces the base's
+_ACTIVE = "active"  # APPLY_MODEL -> DIFFUSION_MODEL marker
+_STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def control_patcher(state_dict, num_params):
+    """The control network with ComfyUI's casting ops, wrapped for model management.
+
+    Weights are stored in the dtype ComfyUI picks for a UNet of that size; manual_cast runs
+    each layer in the dtype of its input, i.e. the base UNet's compute dtype.
+    """
+    dtype = mm.unet_dtype(model_params=num_params, supported_dtypes=list(_STORAGE_DTYPES))
+    if dtype not in _STORAGE_DTYPES:  # e.g. --fp8_e4m3fn-unet: keep the small control net in fp16
+        dtype = torch.float16
+    # Own copies: tensors read from a safetensors file are views at arbitrary offsets of one
+    # buffer, and misaligned weights take other (slower, differently rounding) CPU kernels.
+    offload = mm.unet_offload_device()
+    state_dict = {k: v.to(device=offload, dtype=dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state_dict.items()}
+    net, config = load_controlnet_xs(state_dict, ops=comfy.ops.manual_cast)
+    patcher = comfy.model_patcher.ModelPatcher(net, load_device=mm.get_torch_device(), offload_device=offload)
+    return patcher, config
+
+
+class _Call:
+    """State of one UNet call while the control is active (lives in transformer_options)."""
+
+    def __init__(self, x, timesteps, context, y, unet, hint, scale):
+        self.x = x
+        self.timesteps = timesteps
+        self.context = context
+        self.y = y
+        self.unet = unet
+        self.hint = hint  # (rows, C_ctrl0, h, w): embedded hint of each batch row
+        self.scale = scale
+        self.emb = None  # set by the emb patch
+        self.h_c = None  # control stream entering the next block
+        self.hs_c = []  # control skips, popped by the decoder side
+        self.mid = None  # middle_block_out(control middle) for output block 0
+        self.next_block = 0
+
+
+class ControlNetXSRunner:
+    """One applied ControlNet-XS: control network, hint, strength, step range."""
+
+    def __init__(self, patcher, hint, strength, start_percent, end_percent):
+        self.uid = f"{STASH}_{uuid.uuid4().hex[:12]}"
+        self.patcher = patcher
+        self.hint = hint  # (B, 3, H, W) float32 on the CPU, RGB in [0, 1]
+        self.strength = float(strength)
+        self.percent_range = (float(start_percent), float(end_percent))
+        self._hint_key = None
+        self._hint_emb = None
+
+    # Patch objects live in model_options, which ModelPatcher.clone() deep-copies: share, don't copy.
+    def __deepcopy__(self, memo):
+        return self
+
+    @property
+    def net(self):
+        return self.patcher.model
+
+    def install(self, model):
+        """Adds wrappers, patches and the control network (for loading) to a cloned MODEL."""
+        model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.uid, self.apply_model_wrapper)
+        model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, self.uid, self.diffusion_model_wrapper)
+        model.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, self.uid, self.release)
+        model.set_additional_models(self.uid, [self.patcher])
+        model.set_model_emb_patch(_Hook(self, self.emb_patch))
+        model.set_model_input_block_patch(_Hook(self, self.input_patch))
+        model.set_model_output_block_patch(_Hook(self, self.output_patch))
+
+    def release(self, *args):
+        self._hint_key, self._hint_emb = None, None
+
+    # ------------------------------------------------------------------ wrappers
+    def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        if transformer_options is None:
+            transformer_options = {}
+        active = self.strength != 0.0 and self._active(executor.class_obj.model_sampling, t)
+        stash = dict(transformer_options.get(STASH, {}))
+        stash[self.uid] = _ACTIVE if active else None
+        transformer_options[STASH] = stash
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    def diffusion_model_wrapper(self, executor, x, timesteps, context=None, y=None, control=None, transformer_options=None, **kwargs):
+        stash = (transformer_options or {}).get(STASH, {})
+        if stash.get(self.uid) is not _ACTIVE:
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        rows = hints.rows_to_items(self.hint.shape[0], x.shape[0], transformer_options.get("cond_or_uncond"))
+        g = self._embedded_hint((x.shape[-2] * 8, x.shape[-1] * 8), x.device, x.dtype)
+        stash[self.uid] = _Call(x, timesteps, context, y, executor.class_obj, g[rows.to(g.device)], self.strength)
+        try:
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        finally:
+            stash[self.uid] = None  # frees the control skips
+
+    def _active(self, model_sampling, sigma):
+        start, end = self.percent_range
+        s = float(sigma.reshape(-1)[0])
+        return model_sampling.percent_to_sigma(end) <= s <= model_sampling.percent_to_sigma(start)
+
+    def _embedded_hint(self, size, device, dtype):
+        """input_hint_block of every hint image, resized to 8x the latent; cached for the run."""
+        key = (tuple(size), str(device), dtype)
+        if key != self._hint_key:
+            hint = hints.resize(self.hint, size).to(device=device, dtype=dtype)
+            self._hint_emb, self._hint_key = self.net.embed_hint(hint), key
+        return self._hint_emb
+
+    # ------------------------------------------------------------------ UNet hooks
+    def _call(self, transformer_options):
+        call = transformer_options.get(STASH, {}).get(self.uid)
+        return call if isinstance(call, _Call) else None
+
+    def emb_patch(self, emb, model_channels, transformer_options):
+        call = self._call(transformer_options)
+        if call is None:
+            return emb
+        ctrl_emb = self.net.time_embedding(timestep_embedding(call.timesteps, model_channels).to(call.x.dtype))
+        if ctrl_emb is not None:
+            emb = mix_time_embeddings(ctrl_emb.to(emb.dtype), emb, TIME_EMBEDDING_MIX)
+        # The UNet adds label_emb(y) after the emb patches; the control blocks need the sum too.
+        call.emb = emb if call.y is None else emb + call.unet.label_emb(call.y)
+        return emb
+
+    def input_patch(self, h, transformer_options):
+        call = self._call(transformer_options)
+        if call is None:
+            return h
+        kind, i = transformer_options["block"]
+        if call.emb is None or kind != "input" or i != call.next_block:
+            raise RuntimeError(
+                f"ControlNet-XS: the UNet ran {kind} block {i} while the control stream expected input block "
+                f"{call.next_block}{'' if call.emb is not None else ' and no timestep embedding reached it'}; "
+                "another node replaces the UNet's forward in a way ControlNet-XS cannot follow."
+            )
+        net = self.net
+        if i == 0:
+            h_c = net.control_block(0, call.x, call.emb, call.context) + call.hint  # hint after conv_in
+        else:
+            h_c = net.control_block(i, call.h_c, call.emb, call.context)
+        h = h + net.to_base_enc(i, h_c) * call.scale
+        call.hs_c.append(h_c)
+        call.h_c = net.concat_base(i, h_c, h)
+        call.next_block = i + 1
+        if call.next_block == net.num_input_blocks:
+            call.mid = net.to_base_mid(net.middle(call.h_c, call.emb, call.context))
+            call.h_c = None
+        return h
+
+    def output_patch(self, h, hsp, transformer_options):
+        call = self._call(transformer_options)
+        if call is None:
+            return h, hsp
+        j = transformer_options["block"][1]
+        if j == 0:
+            h = h + call.mid * call.scale
+            call.mid = None
+        return h + self.net.to_base_dec(j, call.hs_c.pop()) * call.scale, hsp
+
+
+class _Hook:
+    """A UNet patch calling one runner method; shared (not copied) by ModelPatcher.clone()."""
+
+    def __init__(self, runner, fn):
+        self.runner = runner
+        self.fn = fn
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, *args):
+        return self.fn(*args)

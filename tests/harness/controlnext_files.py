@@ -1,0 +1,59 @@
+"""Shared by the ControlNeXt integration tests: tiny module files and node calls."""
+import math
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from .layouts import load_layout
+
+LAYOUTS = {
+    "sd15": "controlnext_sd15_released.json",
+    "sdxl": "controlnext_sdxl.json",
+    "sd15_training": "controlnext_sd15_training.json",
+    "svd_v1": "controlnext_svd_v1.json",
+    "svd_v2": "controlnext_svd_v2.json",
+}
+# Channels at the injection point of the tiny models: SD1.5 middle block 64, SDXL conv_in 32.
+TINY_OUT = {"sd15": 64, "sdxl": 32}
+
+
+def controlnext_sd(variant, out_channels=None, seed=0, dtype=torch.float32):
+    """Random tensors with the released layout; the last conv resized to ``out_channels``."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in sorted(load_layout(LAYOUTS[variant])["keys"].items()):
+        shape = list(shape)
+        if out_channels and key.startswith("mid_convs.1."):
+            shape[0] = out_channels
+        if key == "scale":
+            t = torch.tensor(0.7)
+        elif key.endswith(".weight") and len(shape) in (2, 4):
+            t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+        elif key.endswith(".weight"):
+            t = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            t = 0.1 * torch.randn(shape, generator=g)
+        sd[key] = t.to(dtype)
+    return sd
+
+
+def write(controlnet_dir, name, sd):
+    path = os.path.join(controlnet_dir, name)
+    if name.endswith(".safetensors"):
+        save_file(sd, path)
+    else:
+        torch.save(sd, path)
+    return name
+
+
+def load(nodes_mod, name, unet="none"):
+    return nodes_mod.LoadControlNeXt().load(name, unet)[0]
+
+
+def apply(nodes_mod, model, cnx, image, strength=1.0, start=0.0, end=1.0, mask=None, unet_strength=1.0):
+    return nodes_mod.ApplyControlNeXt().apply(model, cnx, image, strength, start, end, mask, unet_strength)[0]
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
