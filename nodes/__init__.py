@@ -4,6 +4,7 @@ from .registry import collect
 
 NODE_MODULES = (
     "controlnext_nodes",
+    "preprocessor_nodes",
     "controlnet_xs_nodes",
 )
 

@@ -108,6 +108,8 @@ def run_prompt(prompt, outputs=None):
     Returns (executor, history-like outputs dict). Raises AssertionError with ComfyUI's
     validation message when the prompt is invalid.
     """
+    import inspect
+
     import execution
 
     load_nodes()
@@ -123,6 +125,9 @@ def run_prompt(prompt, outputs=None):
         def send_sync(self, event, data, sid=None):
             pass
 
-    executor = execution.PromptExecutor(_Server())
+    # 0.8.0's executor needs cache_args; 0.3.64 has cache_size instead.
+    params = inspect.signature(execution.PromptExecutor).parameters
+    kwargs = {"cache_args": {"lru": 0, "ram": 0}} if "cache_args" in params else {}
+    executor = execution.PromptExecutor(_Server(), **kwargs)
     executor.execute(prompt, "test", {}, outputs if outputs is not None else valid[2])
     return executor

@@ -1,0 +1,328 @@
+"""Preprocessor nodes inside ComfyUI: random-weight files with the real key layouts in a temp
+annotators folder, real photographs for canny, and the errors users see for missing (offline)
+and corrupt weight files."""
+import dataclasses
+import os
+import socket
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from harness.comfy_runtime import pack_module, run_prompt
+
+
+HED_FILE, BODY_FILE, DEPTH_FILE = "ControlNetHED.pth", "body_pose_model.pth", "depth_anything_v2_vits.pth"
+DET_FILE, POSE_FILE = "yolox_l.onnx", "dw-ll_ucoco_384.onnx"
+
+
+@pytest.fixture(scope="module")
+def pn(pack):
+    return pack_module("nodes.preprocessor_nodes")
+
+
+@pytest.fixture(scope="module")
+def am(pack):
+    return pack_module("nodes.annotator_models")
+
+
+@pytest.fixture(scope="module")
+def annotators(tmp_path_factory, pack, am):
+    """A temp annotators folder, first in the list (downloads would go there), with random
+    weights of the real layouts."""
+    import folder_paths
+
+    d = tmp_path_factory.mktemp("annotators")
+    folder_paths.add_model_folder_path("annotators", str(d), is_default=True)
+    hed = pack_module("preprocessors.hed")
+    body = pack_module("preprocessors.openpose_body")
+    dav2 = pack_module("preprocessors.depth_anything_v2")
+    torch.manual_seed(0)
+    net = hed.ControlNetHED_Apache2()
+    net.norm.data.uniform_(100, 150)
+    torch.save({k: v.half() for k, v in net.state_dict().items()}, d / HED_FILE)
+    net = body.BodyPoseNet()  # the real file has flat caffe names: conv1_1.weight, ...
+    torch.save({k.split(".", 1)[1]: v.half() for k, v in net.state_dict().items()}, d / BODY_FILE)
+    net = dav2.DepthAnythingV2Small()
+    with torch.no_grad():
+        net.pretrained.pos_embed.normal_(0, 0.02)
+        net.depth_head.scratch.output_conv2[2].bias.fill_(0.5)
+    torch.save(net.state_dict(), d / DEPTH_FILE)
+    yield d
+    am.free_models()
+
+
+def photographs():
+    """Real photographs: ComfyUI's example image and scikit-image's sample photos when installed."""
+    import folder_paths
+
+    images = []
+    path = os.path.join(folder_paths.get_input_directory(), "example.png")
+    if os.path.isfile(path):
+        images.append(cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB))
+    try:
+        from skimage import data
+
+        images += [data.astronaut(), data.coffee(), data.chelsea()]
+    except ImportError:
+        pass
+    if not images:
+        pytest.skip("no photograph available")
+    return images
+
+
+def to_image(arr):
+    return torch.from_numpy(np.ascontiguousarray(arr)).float().div(255.0)[None] if arr.ndim == 3 else torch.from_numpy(arr).float().div(255.0)
+
+
+def to_uint8(image):
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+
+
+# --------------------------------------------------------------------------------- canny
+
+
+def test_canny_equals_opencv_on_photographs(pn):
+    node = pn.Canny()
+    for photo in photographs():
+        (out,) = node.run(to_image(photo), "fixed", 100, 200, 0.33, 512, "input")
+        expected = cv2.Canny(photo, 100, 200)
+        got = to_uint8(out[0])
+        assert got.shape == photo.shape
+        np.testing.assert_array_equal(got[..., 0], expected)
+        np.testing.assert_array_equal(got[..., 2], expected)
+        grey = cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY)
+        v = float(np.median(grey))
+        lo, hi = int(max(0, 0.67 * v)), int(min(255, 1.33 * v))
+        (out,) = node.run(to_image(photo), "median", 0, 0, 0.33, 512, "input")
+        np.testing.assert_array_equal(to_uint8(out[0])[..., 1], cv2.Canny(grey, lo, hi))
+
+
+def test_canny_sizes_channels_and_batch(pn):
+    node = pn.Canny()
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 61, 89, 3), dtype=np.uint8)
+    (out,) = node.run(to_image(frames), "fixed", 50, 150, 0.33, 32, "resolution")
+    assert out.shape == (3, 32, 47, 3)
+    (grey,) = node.run(to_image(frames[..., :1]), "fixed", 100, 200, 0.33, 512, "input")  # greyscale IMAGE
+    np.testing.assert_array_equal(to_uint8(grey[0])[..., 0], cv2.Canny(np.repeat(frames[0, :, :, :1], 3, axis=2), 100, 200))
+    rgba = np.concatenate([frames, np.full(frames.shape[:3] + (1,), 7, np.uint8)], axis=3)
+    (out4,) = node.run(to_image(rgba), "fixed", 100, 200, 0.33, 512, "input")
+    (out3,) = node.run(to_image(frames), "fixed", 100, 200, 0.33, 512, "input")
+    assert torch.equal(out4, out3)
+    with pytest.raises(ValueError, match="empty"):
+        node.run(torch.zeros(0, 8, 8, 3), "fixed", 100, 200, 0.33, 512, "input")
+
+
+def test_canny_through_comfyui_executor(pack):
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 2, "color": 0xFF8000}},
+        "2": {"class_type": "XCtrl_Canny", "inputs": {"image": ["1", 0], "mode": "median", "low_threshold": 100,
+                                                      "high_threshold": 200, "sigma": 0.33, "resolution": 32, "output_size": "resolution"}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+    }
+    ex = run_prompt(prompt)
+    assert ex.success, ex.status_messages
+
+
+# --------------------------------------------------------------------------------- networks
+
+
+def test_hed_modes_sizes_and_batch(pn, annotators):
+    node = pn.HED()
+    rng = np.random.default_rng(1)
+    frames = to_image(rng.integers(0, 256, (2, 45, 67, 3), dtype=np.uint8))
+    (soft,) = node.run(frames, "soft", 64, "input")
+    assert soft.shape == (2, 45, 67, 3) and 0 <= soft.min() and soft.max() <= 1
+    (again,) = node.run(frames, "soft", 64, "input")
+    assert torch.equal(soft, again)
+    (single,) = node.run(frames[1:], "soft", 64, "input")
+    assert (single[0] - soft[1]).abs().max() <= 1 / 255 + 1e-6
+    (safe,) = node.run(frames, "safe", 64, "resolution")
+    assert safe.shape == (2, 64, 95, 3)
+    assert set(np.unique(to_uint8(safe))) <= {0, 127, 255}
+    (scribble,) = node.run(frames, "scribble", 64, "input")
+    assert set(np.unique(to_uint8(scribble))) <= {0, 255}
+
+
+def test_depth_renders_and_batch(pn, annotators):
+    node = pn.DepthAnythingV2()
+    rng = np.random.default_rng(2)
+    frames = to_image(rng.integers(0, 256, (2, 33, 47, 3), dtype=np.uint8))
+    (grey,) = node.run(frames, "grey", 42, "input")
+    assert grey.shape == (2, 33, 47, 3)
+    g = to_uint8(grey)
+    assert (g[..., 0] == g[..., 1]).all() and g[0].min() == 0 and g[0].max() == 255
+    (vir,) = node.run(frames, "viridis", 42, "resolution")
+    assert vir.shape == (2, 42, 60, 3)
+    (single,) = node.run(frames[:1], "grey", 42, "input")
+    assert np.abs(to_uint8(single[0]).astype(int) - g[0].astype(int)).max() <= 1
+
+
+def test_openpose_outputs_image_and_keypoints(pn, annotators):
+    node = pn.OpenPose()
+    # one narrow frame: the body network always sees a 184 px high image, which takes seconds on a CPU
+    frames = to_image(np.random.default_rng(3).integers(0, 256, (1, 60, 40, 3), dtype=np.uint8))
+    image, poses = node.run(frames, 32, "resolution")
+    assert image.shape == (1, 48, 32, 3)
+    assert len(poses) == 1 and all(p["canvas_width"] == 32 and p["canvas_height"] == 48 for p in poses)
+    assert all(isinstance(p["people"], list) for p in poses)
+
+
+def test_network_is_cached_between_runs_and_freeable(pn, am, annotators):
+    frames = to_image(np.zeros((1, 16, 16, 3), np.uint8))
+    pn.HED().run(frames, "soft", 16, "input")
+    first = am._torch_cache[HED_FILE][2]
+    pn.HED().run(frames, "soft", 16, "input")
+    assert am._torch_cache[HED_FILE][2] is first
+    am.free_models()
+    assert HED_FILE not in am._torch_cache
+
+
+# --------------------------------------------------------------------------------- DWPose
+
+
+def _constant_onnx(path, input_name, input_shape, outputs):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("ReduceMean", [input_name], ["m"], keepdims=1)]
+    inits = [numpy_helper.from_array(np.array([1, 1, 1], np.int64), "shape3"), numpy_helper.from_array(np.zeros((1, 1, 1), np.float32), "zero")]
+    nodes += [helper.make_node("Reshape", ["m", "shape3"], ["m3"]), helper.make_node("Mul", ["m3", "zero"], ["z"])]
+    outs = []
+    for name, value in outputs.items():
+        inits.append(numpy_helper.from_array(value.astype(np.float32), name + "_const"))
+        nodes.append(helper.make_node("Add", [name + "_const", "z"], [name]))
+        outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, list(value.shape)))
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, list(input_shape))], outs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.fixture(scope="module")
+def dwpose_files(annotators):
+    """yolox_l.onnx finding one person at (100, 50)-(180, 250) of a 400 x 300 image, and a pose
+    model putting keypoint k at crop pixel (k + 10, 2k + 20) with score 0.9."""
+    ratio = 640 / 400
+    x1, y1, x2, y2 = (v * ratio for v in (100.0, 50.0, 180.0, 250.0))
+    cx, cy, w, h = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+    gx, gy = int(cx // 16), int(cy // 16)
+    raw = np.zeros((1, 8400, 85), np.float32)
+    a = 6400 + gy * 40 + gx
+    raw[0, a, :5] = [cx / 16 - gx, cy / 16 - gy, np.log(w / 16), np.log(h / 16), 0.95]
+    raw[0, a, 5] = 0.95
+    sx = np.full((1, 133, 576), -0.1, np.float32)
+    sy = np.full((1, 133, 768), -0.1, np.float32)
+    for k in range(133):
+        sx[0, k, 2 * (k + 10)] = 0.9
+        sy[0, k, 2 * (2 * k + 20)] = 0.9
+    _constant_onnx(annotators / DET_FILE, "images", (1, 3, 640, 640), {"output": raw})
+    _constant_onnx(annotators / POSE_FILE, "input", (1, 3, 384, 288), {"simcc_x": sx, "simcc_y": sy})
+    return annotators
+
+
+@pytest.mark.parametrize("backend", ["auto", "opencv"])
+def test_dwpose_keypoints_known_answer(pn, dwpose_files, backend):
+    dwp = pack_module("preprocessors.dwpose")
+    frames = to_image(np.random.default_rng(4).integers(0, 256, (2, 300, 400, 3), dtype=np.uint8))
+    image, poses = pn.DWPose().run(frames, 300, "input", True, True, backend)
+    assert image.shape == (2, 300, 400, 3) and len(poses) == 2
+    (person,) = poses[0]["people"]
+    center, scale = dwp.box_center_scale([100, 50, 180, 250])
+    scale = dwp.fix_aspect_ratio(scale, 0.75)
+    nose = dwp.to_image_coords(np.array([10.0, 20.0]), center, scale)  # COCO 0 = OpenPose 0
+    np.testing.assert_allclose(person["pose_keypoints_2d"][:3], [nose[0], nose[1], 0.9], atol=0.2)
+    assert len(person["hand_left_keypoints_2d"]) == 63 and len(person["face_keypoints_2d"]) == 204
+    assert to_uint8(image).max() > 0  # something was drawn
+
+
+def test_render_pose_styles_and_alignment(pn):
+    body = np.zeros((18, 3))
+    body[:, 0] = np.linspace(0.3, 0.7, 18)
+    body[:, 1] = np.linspace(0.2, 0.8, 18)
+    body[:, 2] = 0.9
+    pose = {"people": [{"pose_keypoint_2d": None, "pose_keypoints_2d": (body * [200, 100, 1]).ravel().tolist()}],
+            "canvas_width": 200, "canvas_height": 100}
+    node = pn.RenderPose()
+    image, out = node.run([pose, pose], "openpose", 0, 0, True, True, True, 0.3)
+    assert image.shape == (2, 100, 200, 3) and to_uint8(image).max() == 255
+    image, _ = node.run(pose, "controlnext_svd_v2", 64, 48, True, True, True, 0.3)
+    assert image.shape == (1, 48, 64, 3)
+    # the reference is the same pose scaled by 0.5 around the top-left and shifted
+    ref_body = body.copy()
+    ref_body[:, :2] = body[:, :2] * 0.5 + [0.1, 0.2]
+    reference = {"people": [{"pose_keypoints_2d": (ref_body * [200, 100, 1]).ravel().tolist()}], "canvas_width": 200, "canvas_height": 100}
+    _, aligned = node.run([pose], "openpose", 0, 0, True, False, False, 0.3, reference_pose=[reference])
+    got = np.array(aligned[0]["people"][0]["pose_keypoints_2d"]).reshape(18, 3)
+    np.testing.assert_allclose(got[:, :2], ref_body[:, :2] * [200, 100], atol=1e-6)
+    with pytest.raises(ValueError, match="empty"):
+        node.run([], "openpose", 0, 0, True, True, True, 0.3)
+
+
+# --------------------------------------------------------------------------------- errors
+
+
+def test_missing_file_offline_error(pn, am, annotators, monkeypatch):
+    monkeypatch.setenv("XCTRL_OFFLINE", "1")
+    os.replace(annotators / HED_FILE, annotators / "hed.hidden")
+    try:
+        with pytest.raises(Exception) as e:
+            pn.HED().run(to_image(np.zeros((1, 16, 16, 3), np.uint8)), "soft", 16, "input")
+    finally:
+        os.replace(annotators / "hed.hidden", annotators / HED_FILE)
+    msg = str(e.value)
+    assert "ControlNetHED.pth" in msg and str(annotators) in msg
+    assert "https://huggingface.co/lllyasviel/Annotators/resolve/main/ControlNetHED.pth" in msg
+
+
+def test_missing_file_connection_refused_error(pn, am, annotators, monkeypatch):
+    monkeypatch.delenv("XCTRL_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    entry = am.af.KNOWN_FILES[DEPTH_FILE]
+    monkeypatch.setitem(am.af.KNOWN_FILES, DEPTH_FILE, dataclasses.replace(entry, url=f"http://127.0.0.1:{port}/{DEPTH_FILE}"))
+    os.replace(annotators / DEPTH_FILE, annotators / "depth.hidden")
+    try:
+        with pytest.raises(am.af.AnnotatorDownloadError) as e:
+            pn.DepthAnythingV2().run(to_image(np.zeros((1, 16, 16, 3), np.uint8)), "grey", 28, "input")
+        assert sorted(p.name for p in annotators.iterdir() if "partial" in p.name) == []
+    finally:
+        os.replace(annotators / "depth.hidden", annotators / DEPTH_FILE)
+    msg = str(e.value)
+    assert "depth_anything_v2_vits.pth is missing" in msg and "offline" in msg and str(annotators) in msg
+
+
+def test_corrupt_weight_file_error_and_server_side_recovery(pack, am, annotators):
+    path = annotators / HED_FILE
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 3])  # truncated download
+    try:
+        prompt = {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "XCtrl_HED", "inputs": {"image": ["1", 0], "mode": "soft", "resolution": 32, "output_size": "input"}},
+            "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+        }
+        ex = run_prompt(prompt)  # the executor reports the error; nothing escapes
+        assert not ex.success
+        errors = [d for kind, d in ex.status_messages if kind == "execution_error"]
+        assert errors and "ControlNetHED.pth" in errors[0]["exception_message"]
+        assert "Delete" in errors[0]["exception_message"] and "download" in errors[0]["exception_message"]
+    finally:
+        path.write_bytes(good)
+    am.free_models()
+    assert run_prompt(prompt).success  # the repaired file works on the next run
+
+
+def test_interrupt_stops_between_frames(pn):
+    import comfy.model_management as mm
+
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            pn.Canny().run(to_image(np.zeros((3, 16, 16, 3), np.uint8)), "fixed", 100, 200, 0.33, 512, "input")
+    finally:
+        mm.interrupt_current_processing(False)
