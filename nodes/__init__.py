@@ -5,6 +5,7 @@ from .registry import collect
 NODE_MODULES = (
     "controlnext_nodes",
     "preprocessor_nodes",
+    "mi_nodes",
     "controlnet_xs_nodes",
 )
 

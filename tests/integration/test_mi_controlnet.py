@@ -1,0 +1,515 @@
+"""MIControlNet glue (nodes/mi_runtime.py, nodes/mi_nodes.py) inside a real ComfyUI.
+
+Stock ControlNets are tiny random ones built with ComfyUI's own classes and applied with
+ComfyUI's own "Apply ControlNet (Advanced)" node. Independent oracle: each control network
+is run directly (its residuals times strength), the residuals are combined and injected with
+the formulas written out below in float64 (not via models/mi_balance.py), and the denoiser
+is run block by block in a plain loop adding the balanced terms at each control point
+(spec mi_controlnet.md; ComfyUI adds output[k] to the skip of input block k, 'middle' to h
+after the middle block, and on SD3 output[i] to the image tokens after joint block i).
+"""
+import logging
+
+import pytest
+import torch
+
+from harness import tiny_models as tm
+from harness.comfy_runtime import pack_module
+
+CFG = 2.0
+STRENGTHS = (0.8, 1.3, 0.6)
+
+
+# ---------------------------------------------------------------------------- hand formulas
+def reduce_dims(x, granularity, channel_dim):
+    return tuple(range(1, x.dim())) if granularity == "layer" else (channel_dim % x.dim(),)
+
+
+def hand_lambda_star(v1, v2, dims):
+    """Eq. 8: clip((v2 - v1) . v2 / ||v2 - v1||^2, 0, 1)."""
+    d = v2 - v1
+    return ((d * v2).sum(dims, keepdim=True) / (d * d).sum(dims, keepdim=True)).clamp(0.0, 1.0)
+
+
+def hand_lambda(s, cap=20.0):
+    """Eq. 9: s / (1 - s), cap when s >= cap / (cap + 1)."""
+    return torch.where(s >= cap / (cap + 1.0), torch.full_like(s, cap), s / (1.0 - s))
+
+
+def hand_combine(residuals, mode, dims):
+    """add_com folded in chain order; min_norm (k = 2): the weights swapped."""
+    out = residuals[0]
+    for r in residuals[1:]:
+        s = hand_lambda_star(out, r, dims)
+        out = (1 - s) * out + s * r if mode == "paper" else s * out + (1 - s) * r
+    return out
+
+
+def hand_inject(e, c, mode, dims):
+    """add_inj: e + lambda(e, c) c (paper) or e + lambda(c, e) c (min_norm)."""
+    s = hand_lambda_star(e, c, dims) if mode == "paper" else hand_lambda_star(c, e, dims)
+    return e + hand_lambda(s) * c
+
+
+def balanced(e, residuals, mode, granularity, channel_dim=1):
+    """e with the balanced combination of ``residuals`` (None = silent) injected, float64."""
+    rs = [r.double() for r in residuals if r is not None]
+    if not rs:
+        return e
+    dims = reduce_dims(e, granularity, channel_dim)
+    return hand_inject(e.double(), hand_combine(rs, mode, dims), mode, dims).to(e.dtype)
+
+
+# ---------------------------------------------------------------------------- reference denoisers
+def unet_reference(base, x, sigma, context, at, post_output=None):
+    """ComfyUI's UNet in a plain loop; ``at(kind, index, tensor)`` changes the feature at each
+    control point: ("input", i) after input block i, ("middle", 0) after the middle block,
+    ("skip", k) the skip of input block k where output block N-1-k takes it.
+    ``post_output(h, hsp)`` runs after that at each output block (another pack's patch)."""
+    from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed, timestep_embedding
+
+    dm, ms = base.diffusion_model, base.model_sampling
+    xc = ms.calculate_input(sigma, x)
+    emb = dm.time_embed(timestep_embedding(ms.timestep(sigma).float(), dm.model_channels).to(xc.dtype))
+    to = {}
+    h, hs = xc, []
+    for i, block in enumerate(dm.input_blocks):
+        to["block"] = ("input", i)
+        h = at("input", i, forward_timestep_embed(block, h, emb, context, to))
+        hs.append(h)
+    to["block"] = ("middle", 0)
+    h = at("middle", 0, forward_timestep_embed(dm.middle_block, h, emb, context, to))
+    for j, block in enumerate(dm.output_blocks):
+        to["block"] = ("output", j)
+        hsp = at("skip", len(hs) - 1, hs.pop())
+        if post_output is not None:
+            h, hsp = post_output(h, hsp)
+        h = torch.cat([h, hsp], dim=1)
+        h = forward_timestep_embed(block, h, emb, context, to, hs[-1].shape if hs else None)
+    return ms.calculate_denoised(sigma, dm.out(h), x)
+
+
+def mmdit_reference(base, x, sigma, context, y, at):
+    """ComfyUI's MMDiT in a plain loop; ``at("block", i, img)`` after joint block i."""
+    dm, ms = base.diffusion_model, base.model_sampling
+    xc = ms.calculate_input(sigma, x)
+    hw = xc.shape[-2:]
+    img = dm.x_embedder(xc) + dm.cropped_pos_embed(hw, device=xc.device).to(xc.dtype)
+    c = dm.t_embedder(ms.timestep(sigma).float(), dtype=img.dtype) + dm.y_embedder(y)
+    ctx = dm.context_embedder(context)
+    for i, block in enumerate(dm.joint_blocks):
+        ctx, img = block(ctx, img, c=c, use_checkpoint=False)
+        img = at("block", i, img)
+    out = dm.unpatchify(dm.final_layer(img, c), hw=hw)[:, :, :hw[0], :hw[1]]
+    return ms.calculate_denoised(sigma, out, x)
+
+
+def control_residuals(base, cnet, hint, x, sigma, context, strength, y=None):
+    """One stock control's residuals, computed by running its network directly."""
+    ms = base.model_sampling
+    out = cnet(x=ms.calculate_input(sigma, x), hint=hint, timesteps=ms.timestep(sigma).float(), context=context, y=y)
+    return {k: [r * strength for r in v] for k, v in out.items()}
+
+
+def reference_denoised(setup, controls, sigma, mode, granularity, post_output=None, input_residuals=()):
+    """CFG-combined denoised output; each row (cond, uncond) computed alone.
+    ``input_residuals``: an 'input' list (strength applied) of one more control."""
+    rows = []
+    sigma = sigma.reshape(1)
+    for cond in (setup["pos"], setup["neg"]):
+        ctx = cond[0][0]
+        y = cond[0][1].get("pooled_output")
+        res = [control_residuals(setup["base"], setup["cnets"][i].control_model, setup["hints"][i].movedim(-1, 1),
+                                 setup["x"], sigma, ctx, strength, y)
+               for i, (strength, start, end) in controls.items() if in_range(setup["base"], sigma, start, end)]
+
+        def at(kind, idx, e):
+            if kind == "middle":
+                return balanced(e, [r["middle"][0] for r in res], mode, granularity)
+            if kind == "skip":
+                return balanced(e, [r["output"][idx] for r in res], mode, granularity)
+            if kind == "block":
+                return balanced(e, [r["output"][idx] for r in res if idx < len(r["output"])], mode, granularity, -1)
+            if input_residuals:  # ComfyUI pops 'input' from the end: block i takes [len - 1 - i]
+                return balanced(e, [input_residuals[len(input_residuals) - 1 - idx]], mode, granularity)
+            return e  # stock ControlNets give no 'input' residuals
+
+        with torch.no_grad():
+            if setup["arch"] == "unet":
+                rows.append(unet_reference(setup["base"], setup["x"], sigma, ctx, at, post_output))
+            else:
+                rows.append(mmdit_reference(setup["base"], setup["x"], sigma, ctx, y, at))
+    cond, uncond = rows
+    return uncond + (cond - uncond) * CFG
+
+
+def in_range(base, sigma, start, end):
+    ms = base.model_sampling
+    return ms.percent_to_sigma(end) <= float(sigma) <= ms.percent_to_sigma(start)
+
+
+# ---------------------------------------------------------------------------- ComfyUI side
+def denoise_once(model, positive, negative, x, sigma, spy=None):
+    """The CFG denoised output at (x, sigma) through ComfyUI's sampling machinery (controls,
+    batching, patches), via a one-call custom sampler."""
+    import comfy.sample
+    import comfy.samplers
+
+    got = {}
+
+    def one_call(model_k, noise, sigmas, extra_args=None, callback=None, disable=None):
+        got["d"] = model_k(x.clone(), sigma.reshape(1).expand(x.shape[0]), **extra_args)
+        return noise
+
+    if spy is not None:
+        model = model.clone()
+
+        def wrapper(apply_model, args):
+            spy.append(list(args["cond_or_uncond"]))
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        model.set_model_unet_function_wrapper(wrapper)
+    comfy.sample.sample_custom(model, torch.zeros_like(x), CFG, comfy.samplers.KSAMPLER(one_call),
+                               torch.stack([sigma, torch.zeros(())]), positive, negative, torch.zeros_like(x))
+    return got["d"]
+
+
+def full_sample(model, positive, negative, latent, steps=3, seed=7, sampler="euler"):
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, 2.5, sampler, "normal", positive, negative, latent, disable_pbar=True)
+
+
+def apply_controls(setup, controls, positive=None, negative=None):
+    """ComfyUI's own Apply ControlNet (Advanced) for each {index: (strength, start, end)}, in order."""
+    import nodes
+
+    pos, neg = positive or setup["pos"], negative or setup["neg"]
+    for i, (strength, start, end) in controls.items():
+        pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(
+            pos, neg, setup["cnets"][i], setup["hints"][i], strength, start, end)
+    return pos, neg
+
+
+def run_node(model, pos, neg, mode="paper", granularity="layer", cap=20.0):
+    node = pack_module("nodes.mi_nodes").MIBalancedControl()
+    return node.apply(model, pos, neg, mode, granularity, cap)
+
+
+def spec(strengths, ranges=None):
+    ranges = ranges or {}
+    return {i: (s,) + ranges.get(i, (0.0, 1.0)) for i, s in enumerate(strengths)}
+
+
+def randn(seed, *shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------- tiny models
+def stock_controlnet(module, seed, **kwargs):
+    import comfy.controlnet
+    import comfy.model_management as mm
+
+    tm._init_weights(module, seed)  # comfy ops leave weights uninitialised; zero convs must not be zero
+    module.eval()
+    return comfy.controlnet.ControlNet(module, load_device=mm.get_torch_device(), manual_cast_dtype=None, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def sd15(pack):
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    patcher = tm.sd15(seed=0)
+    config = {k: v for k, v in tm.SD15_TINY.items() if k != "out_channels"}
+    cnets = [stock_controlnet(comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                                         dtype=torch.float32, device="cpu", **config), 10 + i)
+             for i in range(3)]
+    ms = patcher.model.model_sampling
+    return {
+        "arch": "unet", "patcher": patcher, "base": patcher.model, "cnets": cnets,
+        "hints": [torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(20 + i)) for i in range(3)],
+        "pos": tm.text_cond(patcher, seed=1), "neg": tm.text_cond(patcher, seed=2),
+        "x": randn(3, 1, 4, 16, 16) * 2.0, "latent": torch.zeros(1, 4, 16, 16),
+        "sigma": torch.tensor(float(ms.percent_to_sigma(0.3))),
+    }
+
+
+@pytest.fixture(scope="module")
+def sdxl(pack):
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    patcher = tm.sdxl(seed=8)
+    config = {k: v for k, v in tm.SDXL_TINY.items() if k != "out_channels"}
+    cnets = [stock_controlnet(comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
+                                                         dtype=torch.float32, device="cpu", **config), 60 + i)
+             for i in range(2)]
+    return {
+        "arch": "unet", "patcher": patcher, "base": patcher.model, "cnets": cnets,
+        "hints": [torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(70 + i)) for i in range(2)],
+        "pos": tm.text_cond(patcher, seed=9), "neg": tm.text_cond(patcher, seed=10), "latent": torch.zeros(1, 4, 8, 8),
+    }
+
+
+SD3_CONFIG = dict(tm.SD3_TINY, depth=4, context_embedder_config={
+    "target": "torch.nn.Linear", "params": {"in_features": 48, "out_features": 256}})
+
+
+@pytest.fixture(scope="module")
+def sd3(pack):
+    import comfy.cldm.mmdit
+    import comfy.ops
+    import comfy.supported_models as sm
+
+    patcher = tm._patcher(sm.SD3, SD3_CONFIG, seed=4)
+    unet_config = {k: v for k, v in patcher.model.model_config.unet_config.items() if k != "dtype"}
+
+    def cnet(num_blocks, seed):
+        module = comfy.cldm.mmdit.ControlNet(num_blocks=num_blocks, control_latent_channels=3, device="cpu",
+                                             dtype=torch.float32, operations=comfy.ops.disable_weight_init, **unet_config)
+        return stock_controlnet(module, seed, compression_ratio=1)
+
+    return {
+        # 2 blocks for depth 4: one residual tensor repeated ([o0, o0, o1]); 4 blocks: [o0, o1, o2]
+        "arch": "mmdit", "patcher": patcher, "base": patcher.model, "cnets": [cnet(2, 30), cnet(4, 31)],
+        "hints": [torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(40 + i)) for i in range(2)],
+        "pos": tm.text_cond(patcher, seed=5), "neg": tm.text_cond(patcher, seed=6),
+        "x": randn(7, 1, 16, 16, 16), "latent": torch.zeros(1, 16, 16, 16), "sigma": torch.tensor(0.7),
+    }
+
+
+# ---------------------------------------------------------------------------- SD1.5 UNet
+@pytest.mark.parametrize("n, mode, granularity", [
+    (2, "paper", "layer"), (1, "paper", "layer"), (3, "paper", "layer"), (2, "min_norm", "layer"), (2, "paper", "pixel"),
+])
+def test_sd15_matches_hand_computation(sd15, n, mode, granularity):
+    controls = spec(STRENGTHS[:n])
+    pos, neg = apply_controls(sd15, controls)
+    model, mpos, mneg = run_node(sd15["patcher"], pos, neg, mode, granularity)
+    spy = []
+    got = denoise_once(model, mpos, mneg, sd15["x"], sd15["sigma"], spy)
+    want = reference_denoised(sd15, controls, sd15["sigma"], mode, granularity)
+    stock = denoise_once(sd15["patcher"], pos, neg, sd15["x"], sd15["sigma"])
+    assert [0, 1] in spy or [1, 0] in spy, f"cond and uncond were not batched together: {spy}"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - stock).abs().max() > 1e-2  # the balancing changed something
+
+
+def test_sd15_sum_is_stock_bit_for_bit(sd15):
+    from comfy_extras import nodes_freelunch
+
+    controls = spec(STRENGTHS[:2], {1: (0.0, 0.6)})
+    pos, neg = apply_controls(sd15, controls)
+    runtime = pack_module("nodes.mi_runtime")
+    freeu = lambda m: _freeu(nodes_freelunch, m)  # noqa: E731
+    stock = full_sample(sd15["patcher"], pos, neg, sd15["latent"])
+    stock_freeu = full_sample(freeu(sd15["patcher"]), pos, neg, sd15["latent"])
+    assert not torch.equal(stock, stock_freeu)
+    # the node in sum mode
+    assert torch.equal(full_sample(*run_node(sd15["patcher"], pos, neg, "sum"), sd15["latent"]), stock)
+    # the balancing path itself in sum mode (our combination and injection, plain additions): also exact
+    model, mpos, mneg, found = runtime.apply_balance(sd15["patcher"], pos, neg, runtime.Balance("sum"))
+    assert found == 1
+    assert torch.equal(full_sample(model, mpos, mneg, sd15["latent"]), stock)
+    assert torch.equal(full_sample(freeu(model), mpos, mneg, sd15["latent"]), stock_freeu)
+    model, mpos, mneg, _ = runtime.apply_balance(freeu(sd15["patcher"]), pos, neg, runtime.Balance("sum"))
+    assert torch.equal(full_sample(model, mpos, mneg, sd15["latent"]), stock_freeu)
+
+
+def _freeu(nodes_freelunch, model):
+    cls = nodes_freelunch.FreeU_V2
+    if hasattr(cls, "patch"):  # classic node (0.3.x)
+        return cls().patch(model, 1.3, 1.4, 0.9, 0.2)[0]
+    return cls.execute(model, 1.3, 1.4, 0.9, 0.2)[0]
+
+
+def test_cond_and_uncond_balanced_independently(sd15):
+    pos, neg = apply_controls(sd15, spec(STRENGTHS[:2]))
+    model, mpos, mneg = run_node(sd15["patcher"], pos, neg)
+    batched_calls, separate_calls = [], []
+    batched = denoise_once(model, mpos, mneg, sd15["x"], sd15["sigma"], batched_calls)
+    # a copy of the control for the negative: ComfyUI no longer batches cond with uncond
+    mneg_alone = [[emb, dict(opts, control=opts["control"].copy())] for emb, opts in mneg]
+    separate = denoise_once(model, mpos, mneg_alone, sd15["x"], sd15["sigma"], separate_calls)
+    assert any(len(c) == 2 for c in batched_calls) and all(len(c) == 1 for c in separate_calls)
+    torch.testing.assert_close(batched, separate, rtol=1e-5, atol=1e-5)
+    stats = mpos[0][1]["control"].balance.report()["layers"]
+    assert all({"cond", "uncond"} <= set(kinds) for kinds in stats.values())
+    assert any(abs(k["cond"]["mean"] - k["uncond"]["mean"]) > 1e-3 for k in stats.values())
+
+
+def test_control_outside_its_range_drops_out(sd15):
+    late = torch.tensor(float(sd15["base"].model_sampling.percent_to_sigma(0.8)))
+    both = spec(STRENGTHS[:2], {1: (0.0, 0.5)})
+    pos, neg = apply_controls(sd15, both)
+    apos, aneg = apply_controls(sd15, {0: both[0]})
+    model, mpos, mneg = run_node(sd15["patcher"], pos, neg)
+    amodel, apos, aneg = run_node(sd15["patcher"], apos, aneg)
+    # late: control 1 is out of its range, the result is control 0 balanced alone
+    assert torch.equal(denoise_once(model, mpos, mneg, sd15["x"], late), denoise_once(amodel, apos, aneg, sd15["x"], late))
+    # early (sigma at 30 %): both take part
+    early = denoise_once(model, mpos, mneg, sd15["x"], sd15["sigma"])
+    assert (early - denoise_once(amodel, apos, aneg, sd15["x"], sd15["sigma"])).abs().max() > 1e-2
+    torch.testing.assert_close(early, reference_denoised(sd15, both, sd15["sigma"], "paper", "layer"),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_coexists_with_freeu(sd15):
+    from comfy_extras import nodes_freelunch
+
+    controls = spec(STRENGTHS[:2])
+    pos, neg = apply_controls(sd15, controls)
+    freeu_model = _freeu(nodes_freelunch, sd15["patcher"])
+    m_after, mpos, mneg = run_node(sd15["patcher"], pos, neg)
+    m_after = _freeu(nodes_freelunch, m_after)  # FreeU applied after the MI node
+    m_before, bpos, bneg = run_node(freeu_model, pos, neg)  # FreeU applied before it
+    args = (sd15["x"], sd15["sigma"])
+    after = denoise_once(m_after, mpos, mneg, *args)
+    assert torch.equal(after, denoise_once(m_before, bpos, bneg, *args))
+    # both effects present: FreeU runs after the balanced injection, as it runs after ComfyUI's addition
+    freeu_patch = freeu_model.model_options["transformer_options"]["patches"]["output_block_patch"][-1]
+    want = reference_denoised(sd15, controls, sd15["sigma"], "paper", "layer",
+                              post_output=lambda h, hsp: freeu_patch(h, hsp, {}))
+    torch.testing.assert_close(after, want, rtol=1e-4, atol=1e-4)
+    without_freeu = denoise_once(run_node(sd15["patcher"], pos, neg)[0], mpos, mneg, *args)
+    assert (after - without_freeu).abs().max() > 1e-2
+    assert (after - denoise_once(freeu_model, pos, neg, *args)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("mode, granularity, sampler", [
+    ("min_norm", "layer", "euler"), ("min_norm", "pixel", "heun"), ("paper", "pixel", "dpmpp_2m"),
+])
+def test_three_controls_full_run_finite(sd15, mode, granularity, sampler):
+    pos, neg = apply_controls(sd15, spec(STRENGTHS, {2: (0.2, 0.9)}))
+    model, mpos, mneg = run_node(sd15["patcher"], pos, neg, mode, granularity)
+    out = full_sample(model, mpos, mneg, sd15["latent"], steps=2, sampler=sampler)
+    assert torch.isfinite(out).all()
+    assert not torch.equal(out, full_sample(sd15["patcher"], pos, neg, sd15["latent"], steps=2, sampler=sampler))
+
+
+def fixed_input_control(residuals):
+    """A control giving fixed 'input' residuals (like a T2I adapter), to test that path."""
+    import comfy.controlnet
+
+    class FixedInputControl(comfy.controlnet.ControlBase):
+        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+            prev = None
+            if self.previous_controlnet is not None:
+                prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
+            own = {"input": [None if r is None else r.expand(x_noisy.shape[0], *r.shape[1:]).clone()
+                             for r in residuals]}
+            return self.control_merge(own, prev, None)
+
+        def copy(self):
+            c = FixedInputControl()
+            self.copy_to(c)
+            return c
+
+    return FixedInputControl()
+
+
+def test_input_residuals_injected_after_input_blocks(sd15):
+    import nodes
+
+    shapes = []
+    unet_reference(sd15["base"], sd15["x"], sd15["sigma"].reshape(1), sd15["pos"][0][0],
+                   lambda kind, i, e: shapes.append(e.shape) or e if kind == "input" else e)
+    residuals = [randn(50 + k, *shape) * 0.5 for k, shape in enumerate(reversed(shapes))]
+    residuals[3] = None  # a silent entry keeps the alignment
+    pos, neg = apply_controls(sd15, spec(STRENGTHS[:1]))
+    pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(
+        pos, neg, fixed_input_control(residuals), sd15["hints"][0], 0.7, 0.0, 1.0)
+    model, mpos, mneg = run_node(sd15["patcher"], pos, neg)
+    got = denoise_once(model, mpos, mneg, sd15["x"], sd15["sigma"])
+    want = reference_denoised(sd15, spec(STRENGTHS[:1]), sd15["sigma"], "paper", "layer",
+                              input_residuals=[None if r is None else r * 0.7 for r in residuals])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    layers = mpos[0][1]["control"].balance.report()["layers"]
+    assert {f"input {i}" for i in range(12) if i != 8} <= set(layers) and "input 8" not in layers
+    runtime = pack_module("nodes.mi_runtime")
+    summed = runtime.apply_balance(sd15["patcher"], pos, neg, runtime.Balance("sum"))[:3]
+    args = (sd15["x"], sd15["sigma"])
+    assert torch.equal(denoise_once(*summed, *args), denoise_once(sd15["patcher"], pos, neg, *args))
+
+
+def test_node_applied_twice_balances_each_control_once(sd15):
+    pos, neg = apply_controls(sd15, spec(STRENGTHS[:2]))
+    once = run_node(sd15["patcher"], pos, neg, "min_norm")
+    first = run_node(sd15["patcher"], pos, neg, "paper", "pixel", 5.0)
+    twice = run_node(*first, "min_norm")  # the second node's settings win
+    assert len(twice[1][0][1]["control"].members) == 2
+    args = (sd15["x"], sd15["sigma"])
+    torch.testing.assert_close(denoise_once(*twice, *args), denoise_once(*once, *args), rtol=0, atol=0)
+
+
+def test_lambda_stats_reported(sd15, caplog):
+    pos, neg = apply_controls(sd15, spec(STRENGTHS[:2]))
+    model, mpos, mneg = run_node(sd15["patcher"], pos, neg)
+    with caplog.at_level(logging.INFO, logger="xctrl.mi"):
+        out = full_sample(model, mpos, mneg, sd15["latent"], steps=2)
+    lines = [r.getMessage() for r in caplog.records if "MI balance" in r.getMessage()]
+    assert len(lines) == 1, lines  # once per sampling run
+    stats = mpos[0][1]["control"].balance.last_stats
+    n_in = len(sd15["base"].diffusion_model.input_blocks)
+    assert set(stats["layers"]) == {"middle"} | {f"skip {k}" for k in range(n_in)}
+    assert stats["sigma"] < float(sd15["sigma"])  # the last step
+    for kinds in stats["layers"].values():
+        for s in kinds.values():
+            assert 0.0 <= s["min"] <= s["mean"] <= s["max"] <= 20.0
+    assert "skip 0" in lines[0] and "middle" in lines[0]
+    text = pack_module("nodes.mi_nodes").MILambdaStats().stats(mpos, {"samples": out})["result"][0]
+    assert "skip 11" in text and "cond/uncond" in text
+
+
+def test_errors_are_clear(sd15):
+    pos, neg = apply_controls(sd15, spec(STRENGTHS[:1]))
+    _, mpos, mneg = run_node(sd15["patcher"], pos, neg)
+    import nodes
+
+    assert {"XCtrl_MIBalancedControl", "XCtrl_MILambdaStats"} <= set(nodes.NODE_CLASS_MAPPINGS)
+    with pytest.raises(RuntimeError, match="MODEL output"):
+        denoise_once(sd15["patcher"], mpos, mneg, sd15["x"], sd15["sigma"])
+    # no ControlNet applied: passed through unchanged
+    model, p, n = run_node(sd15["patcher"], sd15["pos"], sd15["neg"])
+    assert model is sd15["patcher"] and p is sd15["pos"] and n is sd15["neg"]
+
+
+def test_sdxl_controls_with_label_embedding(sdxl):
+    pos, neg = apply_controls(sdxl, spec(STRENGTHS[:2], {1: (0.0, 0.7)}))
+    stock = full_sample(sdxl["patcher"], pos, neg, sdxl["latent"], steps=2)
+    assert torch.equal(full_sample(*run_node(sdxl["patcher"], pos, neg, "sum"), sdxl["latent"], steps=2), stock)
+    runtime = pack_module("nodes.mi_runtime")
+    summed = runtime.apply_balance(sdxl["patcher"], pos, neg, runtime.Balance("sum"))[:3]
+    assert torch.equal(full_sample(*summed, sdxl["latent"], steps=2), stock)
+    model, mpos, mneg = run_node(sdxl["patcher"], pos, neg)
+    out = full_sample(model, mpos, mneg, sdxl["latent"], steps=2)
+    assert torch.isfinite(out).all() and not torch.equal(out, stock)
+    assert set(mpos[0][1]["control"].balance.last_stats["layers"]) == {"middle"} | {f"skip {k}" for k in range(9)}
+
+
+# ---------------------------------------------------------------------------- SD3 MMDiT
+@pytest.mark.parametrize("granularity", ["layer", "pixel"])
+def test_sd3_matches_hand_computation(sd3, granularity):
+    controls = spec(STRENGTHS[:2])
+    pos, neg = apply_controls(sd3, controls)
+    model, mpos, mneg = run_node(sd3["patcher"], pos, neg, "paper", granularity)
+    got = denoise_once(model, mpos, mneg, sd3["x"], sd3["sigma"])
+    want = reference_denoised(sd3, controls, sd3["sigma"], "paper", granularity)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    stock = denoise_once(sd3["patcher"], pos, neg, sd3["x"], sd3["sigma"])
+    assert (got - stock).abs().max() > 1e-3
+    layers = mpos[0][1]["control"].balance.report()["layers"]
+    assert set(layers) == {"block 0", "block 1", "block 2"}  # depth 4: output[i] after joint blocks 0..2
+
+
+def test_sd3_sum_is_stock_bit_for_bit(sd3):
+    pos, neg = apply_controls(sd3, spec(STRENGTHS[:2], {1: (0.0, 0.6)}))
+    runtime = pack_module("nodes.mi_runtime")
+    stock = full_sample(sd3["patcher"], pos, neg, sd3["latent"], steps=2)
+    assert torch.equal(full_sample(*run_node(sd3["patcher"], pos, neg, "sum"), sd3["latent"], steps=2), stock)
+    model, mpos, mneg, _ = runtime.apply_balance(sd3["patcher"], pos, neg, runtime.Balance("sum", channel_dim=-1))
+    assert torch.equal(full_sample(model, mpos, mneg, sd3["latent"], steps=2), stock)
+    balanced_run = full_sample(*run_node(sd3["patcher"], pos, neg, "min_norm"), sd3["latent"], steps=2)
+    assert torch.isfinite(balanced_run).all() and not torch.equal(balanced_run, stock)
