@@ -43,7 +43,7 @@ class MIBalancedControl:
                     "layer: one weight per layer and image (the paper). pixel: one weight per spatial position "
                     "(token on SD3), so silent and active regions of a control are balanced separately.")}),
                 "cap": ("FLOAT", {"default": mb.DEFAULT_CAP, "min": 0.0, "max": 1000.0, "step": 0.5, "tooltip": (
-                    "Largest injection weight lambda (the paper uses 20). 1 = plain addition.")}),
+                    "Largest injection weight lambda (the paper uses 20). 1 = a control is never added more strongly than by plain addition.")}),
             }
         }
 
