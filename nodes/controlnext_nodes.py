@@ -87,6 +87,7 @@ class ApplyControlNeXt:
             "optional": {
                 "mask": ("MASK", {"tooltip": "Where to apply the control (1 = full control)."}),
                 "unet_strength": ("FLOAT", {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.01, "tooltip": "Strength of the UNet weight file loaded with the module (ignored without one)."}),
+                "sd15_layout": (["refuse", "sd15_training"], {"default": "refuse", "tooltip": "An SDXL-layout file on an SD1.5 model: 'refuse' (no SD1.5-Training weights were released, so it is most likely an SDXL file) or 'sd15_training' for a module you trained with the ControlNeXt SD1.5-Training code."}),
             },
         }
 
@@ -94,7 +95,8 @@ class ApplyControlNeXt:
     FUNCTION = "apply"
     CATEGORY = CATEGORY
 
-    def apply(self, model, controlnext, image, strength, start_percent, end_percent, mask=None, unet_strength=1.0):
+    def apply(self, model, controlnext, image, strength, start_percent, end_percent, mask=None, unet_strength=1.0,
+              sd15_layout="refuse"):
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
         family = model_family(model)
@@ -112,10 +114,11 @@ class ApplyControlNeXt:
                 f"{family_title(family)}: load the ControlNeXt file made for {family_title(family)}, or use a "
                 f"{_family_label(controlnext.family)} checkpoint."
             ) from e
-        if variant == "sd15_training":
+        if variant == "sd15_training" and sd15_layout != "sd15_training":
             raise WeightFileError(
                 f"{controlnext.name} has the SDXL ControlNeXt layout but the MODEL is SD1.5. No SD1.5-Training weights "
-                "were released; this is most likely an SDXL ControlNeXt file: use an SDXL checkpoint."
+                "were released; this is most likely an SDXL ControlNeXt file: use an SDXL checkpoint (or, for a module "
+                "you trained with the SD1.5-Training code, set sd15_layout to sd15_training)."
             )
         _check_width(controlnext, variant, model)
         hint = hints.image_to_nchw(image)

@@ -51,8 +51,8 @@ def load(nodes_mod, name, unet="none"):
     return nodes_mod.LoadControlNeXt().load(name, unet)[0]
 
 
-def apply(nodes_mod, model, cnx, image, strength=1.0, start=0.0, end=1.0, mask=None, unet_strength=1.0):
-    return nodes_mod.ApplyControlNeXt().apply(model, cnx, image, strength, start, end, mask, unet_strength)[0]
+def apply(nodes_mod, model, cnx, image, strength=1.0, start=0.0, end=1.0, mask=None, unet_strength=1.0, sd15_layout="refuse"):
+    return nodes_mod.ApplyControlNeXt().apply(model, cnx, image, strength, start, end, mask, unet_strength, sd15_layout)[0]
 
 
 def rel_err(a, b):

@@ -70,6 +70,23 @@ def reference(base, family, sd, hint, x, sigma, ctx, y, strength, scale_learned=
         return ref.unet_denoised(base.model, x, sigma, ctx, y=y, hooks=hooks)
 
 
+def test_sd15_training_layout_parity_when_asked_for(nodes_mod, controlnet_dir):
+    """SD1.5-Training: after input block 3 (skip saved first), pool then normalize, s = strength."""
+    base = tm.sd15()
+    sd = controlnext_sd("sd15_training", 32, seed=8)  # tiny SD1.5: 32 channels at input block 3
+    cnx = load(nodes_mod, write(controlnet_dir, "sd15_training.safetensors", sd))
+    x, sigma, ctx, _, hint = inputs("sd15")
+    with pytest.raises(ValueError, match="sd15_training"):
+        apply(nodes_mod, base, cnx, hint)
+    got = denoise(apply(nodes_mod, base, cnx, hint, strength=0.6, sd15_layout="sd15_training"), x, sigma, ctx, [0, 1])
+    t = base.model.model_sampling.timestep(sigma).float()
+    with torch.no_grad():
+        c = ref.controlnext_feature(sd, "sd15_training", hint.movedim(-1, 1).expand(2, -1, -1, -1), t)
+        s = torch.full((2,), 0.6)
+        want = ref.unet_denoised(base.model, x, sigma, ctx, hooks={("input", 3): lambda h: ref.cross_norm_add(h, c, 1e-12, True, s)})
+    assert rel_err(got, want) < 1e-5
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_parity_with_reference_forward(family, nodes_mod, controlnet_dir):
     base = getattr(tm, family)()
