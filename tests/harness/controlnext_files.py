@@ -39,6 +39,9 @@ def controlnext_sd(variant, out_channels=None, seed=0, dtype=torch.float32):
 
 
 def write(controlnet_dir, name, sd):
+    """Saves into ``controlnet_dir`` under a "cnx_" name (other test modules register their own
+    controlnet folders in the same process: folder_paths returns the first file of a name)."""
+    name = "cnx_" + name
     path = os.path.join(controlnet_dir, name)
     if name.endswith(".safetensors"):
         save_file(sd, path)

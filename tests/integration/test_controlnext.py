@@ -187,12 +187,11 @@ def test_width_mismatch_is_caught_at_apply_time(nodes_mod, controlnet_dir):
 
 def test_loader_names_other_file_kinds(nodes_mod, controlnet_dir):
     xs = {k: torch.zeros(v, dtype=torch.float16) for k, v in load_layout("controlnet_xs_vislearn_sd21_14m.json")["keys"].items()}
-    write(controlnet_dir, "xs.safetensors", xs)
     with pytest.raises(ValueError, match="ControlNet-XS"):
-        load(nodes_mod, "xs.safetensors")
-    (controlnet_dir / "truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+        load(nodes_mod, write(controlnet_dir, "xs.safetensors", xs))
+    (controlnet_dir / "cnx_truncated.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
     with pytest.raises(ValueError, match="download it again"):
-        load(nodes_mod, "truncated.safetensors")
+        load(nodes_mod, "cnx_truncated.safetensors")
 
 
 @pytest.mark.parametrize("variant", sorted(LAYOUTS))
@@ -200,8 +199,7 @@ def test_loader_names_other_file_kinds(nodes_mod, controlnet_dir):
 def test_loader_accepts_every_released_layout(variant, fmt, nodes_mod, controlnet_dir):
     dtype = torch.float16 if fmt.endswith("fp16") else torch.float32
     name = f"released_{variant}.{fmt.split('_')[0]}"
-    write(controlnet_dir, name, controlnext_sd(variant, dtype=dtype))
-    loaded = load(nodes_mod, name)
+    loaded = load(nodes_mod, write(controlnet_dir, name, controlnext_sd(variant, dtype=dtype)))
     expected = {"sd15": "sd15", "svd_v1": "svd_v1"}.get(variant, "sdxl_family")
     assert loaded.family == expected
 
@@ -209,10 +207,10 @@ def test_loader_accepts_every_released_layout(variant, fmt, nodes_mod, controlne
 @pytest.mark.parametrize("layout", ["controlnext_sd15_unet_subset.json", "controlnext_sd15_unet_subset_upblocks.json",
                                     "controlnext_sdxl_unet_delta.json"])
 def test_loader_accepts_released_unet_weight_files(layout, nodes_mod, controlnet_dir):
-    name = "unet_" + layout.replace(".json", ".safetensors")
-    write(controlnet_dir, name, {k: torch.zeros(v, dtype=torch.float16) for k, v in load_layout(layout)["keys"].items()})
-    write(controlnet_dir, "with_unet_sd15.safetensors", controlnext_sd("sd15", dtype=torch.float16))
-    loaded = load(nodes_mod, "with_unet_sd15.safetensors", name)
+    name = write(controlnet_dir, "unet_" + layout.replace(".json", ".safetensors"),
+                 {k: torch.zeros(v, dtype=torch.float16) for k, v in load_layout(layout)["keys"].items()})
+    module = write(controlnet_dir, "with_unet_sd15.safetensors", controlnext_sd("sd15", dtype=torch.float16))
+    loaded = load(nodes_mod, module, name)
     assert loaded.unet_semantics == (("delta" if "sdxl" in layout else "replace"), "diffusers")
 
 
@@ -244,8 +242,8 @@ def test_unet_replacement_weights_compose_with_lora_in_either_order(nodes_mod, c
     keys = _attn_out_keys(base)
     g = torch.Generator().manual_seed(11)
     new = {d: torch.randn(base.model.diffusion_model.state_dict()[l].shape, generator=g) * 0.05 for d, l in keys.items()}
-    write(controlnet_dir, "unet_replace.safetensors", new)
-    cnx = load(nodes_mod, write(controlnet_dir, "with_unet.safetensors", controlnext_sd("sd15", 64)), "unet_replace.safetensors")
+    unet_file = write(controlnet_dir, "unet_replace.safetensors", new)
+    cnx = load(nodes_mod, write(controlnet_dir, "with_unet.safetensors", controlnext_sd("sd15", 64)), unet_file)
     hint = torch.rand(1, 64, 64, 3)
     lora = _lora(base, keys.values())
 
@@ -269,8 +267,8 @@ def test_unet_replacement_weights_compose_with_lora_in_either_order(nodes_mod, c
 
 def test_unet_weights_of_the_wrong_family_fail_at_apply_time(nodes_mod, controlnet_dir):
     layout = load_layout("controlnext_sdxl_unet_delta.json")["keys"]
-    write(controlnet_dir, "xl_delta.safetensors", {k: torch.zeros(v) for k, v in layout.items()})
-    cnx = load(nodes_mod, write(controlnet_dir, "with_xl_unet.safetensors", controlnext_sd("sd15", 64)), "xl_delta.safetensors")
+    unet_file = write(controlnet_dir, "xl_delta.safetensors", {k: torch.zeros(v) for k, v in layout.items()})
+    cnx = load(nodes_mod, write(controlnet_dir, "with_xl_unet.safetensors", controlnext_sd("sd15", 64)), unet_file)
     with pytest.raises(ValueError, match="another model family|SDXL"):
         apply(nodes_mod, tm.sd15(), cnx, torch.rand(1, 64, 64, 3))
 
