@@ -7,6 +7,7 @@ NODE_MODULES = (
     "preprocessor_nodes",
     "mi_nodes",
     "controlnet_xs_nodes",
+    "unet_weights_nodes",
 )
 
 NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, DISABLED = collect(__name__, NODE_MODULES)

@@ -1,0 +1,223 @@
+"""Fine-tuned UNet files: as weight patches on a base model, or (diffusers-named SVD) as the model.
+
+ControlNeXt-SVD v2 ships its fine-tuned UNet in diffusers naming
+(``unet/diffusion_pytorch_model.safetensors``); a community conversion to ComfyUI names
+(``controlnext-svd_v2-unet-fp16_converted.safetensors``) loads with ComfyUI's stock
+"Load Diffusion Model" node. ComfyUI's own diffusers detection does not cover SVD UNets, so
+the diffusers file needs XCtrl_LoadSVDUNet (as the model itself) or XCtrl_ApplyUNetWeights
+(as weight patches on a loaded SVD model).
+"""
+import logging
+
+import torch
+
+import comfy.sd
+import comfy.utils
+
+from ..models import svd_unet_keys as svk
+from ..models.checkpoint_io import WeightFileError
+from ..models.file_kinds import describe_state_dict
+from .model_family import family_title, model_family
+from .weight_files import file_list, read
+
+LOG = logging.getLogger("xctrl")
+CATEGORY = "XCtrl/UNet"
+UNET_FOLDERS = ("diffusion_models", "unet")
+CHECKPOINT_PREFIX = "model.diffusion_model."
+DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def unet_part(sd):
+    """The UNet tensors of a file, prefix-stripped. A full checkpoint (UNet under
+    "model.diffusion_model." next to VAE/text-encoder tensors) gives its UNet part."""
+    if any(k.startswith(CHECKPOINT_PREFIX) for k in sd) and not all(k.startswith(CHECKPOINT_PREFIX) for k in sd):
+        others = sum(not k.startswith(CHECKPOINT_PREFIX) for k in sd)
+        LOG.info("[XCtrl] full checkpoint: using its %d UNet tensors, ignoring %d others (VAE, text encoders)",
+                 len(sd) - others, others)
+        sd = {k: v for k, v in sd.items() if k.startswith(CHECKPOINT_PREFIX)}
+    return svk.strip_unet_prefix(sd)
+
+
+def _describe(sd):
+    if svk.naming_of(sd) == "unknown":
+        return describe_state_dict(sd)
+    return svk.describe_unet_file(sd)
+
+
+def key_map_for(model):
+    """{diffusers key: ComfyUI key} for the MODEL's UNet (SVD: XCtrl's mapping; SD1.x/2.x/SDXL:
+    ComfyUI's ``unet_to_diffusers``)."""
+    config = model.model.model_config.unet_config
+    if svk.is_svd_config(config):
+        return svk.svd_unet_key_map(config)
+    if "num_res_blocks" in config and "channel_mult" in config:
+        return comfy.utils.unet_to_diffusers(config)
+    raise WeightFileError(
+        f"UNet weight files apply to UNet models (SD1.5, SD2.x, SDXL, SVD); this MODEL is "
+        f"{family_title(model_family(model))}, which has no UNet."
+    )
+
+
+def base_weights(model, keys):
+    """{ComfyUI key: the model's own (unpatched) tensor} for ``keys`` without prefix."""
+    key_patches = model.get_key_patches("diffusion_model.")
+    out = {}
+    for k in keys:
+        entry = key_patches.get("diffusion_model." + k)
+        if entry is not None:
+            w = entry[0]
+            out[k] = w[0] if isinstance(w, tuple) else w
+    return out
+
+
+def unet_weight_diffs(model, sd, file_name):
+    """The file's UNet tensors as ``{ComfyUI key: W_file - W_model}`` (float32, CPU), keys
+    without the "diffusion_model." prefix. Unchanged tensors (zero difference) are left out.
+
+    Every key must exist in the MODEL with the same shape, else WeightFileError naming the
+    family or size mismatch.
+    """
+    sd = unet_part(sd)
+    if not sd:
+        raise WeightFileError(f"{file_name} holds no UNet tensors")
+    family = family_title(model_family(model))
+    what = _describe(sd)
+    try:
+        ldm = svk.keys_to_ldm(sd, key_map_for(model), f"this {family} MODEL", file_name)
+    except WeightFileError as e:
+        raise WeightFileError(f"{e}. {file_name} looks like {what}; the MODEL is {family}.") from e
+    base = base_weights(model, ldm)
+    missing = sorted(set(ldm) - set(base))
+    if missing:
+        raise WeightFileError(
+            f"{len(missing)} keys of {file_name} do not exist in this {family} MODEL (e.g. {', '.join(missing[:5])}): "
+            f"{file_name} looks like {what}; it is for another model family or architecture."
+        )
+    diffs, unchanged = {}, 0
+    for k, w in ldm.items():
+        b = base[k]
+        if tuple(w.shape) != tuple(b.shape):
+            raise WeightFileError(
+                f"{k}: {file_name} has shape {tuple(w.shape)} but this {family} MODEL has {tuple(b.shape)}. "
+                f"{file_name} looks like {what}; it is for another model (family or size)."
+            )
+        d = w.detach().to("cpu", torch.float32) - b.detach().to("cpu", torch.float32)
+        if torch.count_nonzero(d) == 0:
+            unchanged += 1
+            continue
+        diffs[k] = d
+    LOG.info("[XCtrl] %s: %d UNet tensors differ from the model, %d are identical", file_name, len(diffs), unchanged)
+    return diffs
+
+
+class ApplyUNetWeights:
+    DESCRIPTION = (
+        "Applies a full or partial fine-tuned UNet file to a MODEL as weight patches (W_file - W_model), so "
+        "LoRAs stack on top in any order and strength blends between the base (0) and the file's weights (1). "
+        "Diffusers or ComfyUI key names; SD1.5, SD2.x, SDXL and SVD (e.g. the ControlNeXt-SVD v2 fine-tuned UNet "
+        "on a base SVD model). Keeps float32 differences in RAM (4 bytes per changed parameter): for a full UNet, "
+        "loading it as the model itself (XCtrl Load SVD UNet, or Load Diffusion Model for ComfyUI-key files) is lighter."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "unet_file": (file_list(*UNET_FOLDERS), {"tooltip": "UNet weights from models/diffusion_models (or models/unet): .safetensors or .bin, diffusers or ComfyUI key names, complete or partial."}),
+                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "1 = the file's weights, 0 = the base model's, 0.5 = halfway."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    CATEGORY = CATEGORY
+
+    def apply(self, model, unet_file, strength):
+        sd = read(unet_file, *UNET_FOLDERS)
+        diffs = unet_weight_diffs(model, sd, unet_file)
+        patched = model.clone()
+        if strength != 0.0 and diffs:
+            patched.add_patches({"diffusion_model." + k: (d,) for k, d in diffs.items()}, strength)
+        return (patched,)
+
+
+def svd_ldm_state_dict(sd, file_name):
+    """A complete SVD UNet in ComfyUI names from a diffusers- or ComfyUI-named file."""
+    sd = unet_part(sd)
+    naming = svk.naming_of(sd)
+    if svk.is_svd_diffusers(sd):
+        config = svk.svd_config_from_diffusers(sd)
+        expected = set(svk.svd_unet_key_map(config).values())
+        try:
+            ldm = svk.full_unet_to_ldm(sd, config)
+        except WeightFileError as e:
+            raise WeightFileError(f"{file_name}: {e}") from e
+        missing = sorted(expected - set(ldm))
+        if missing:
+            raise WeightFileError(
+                f"{file_name} is an incomplete diffusers SVD UNet: {len(missing)} tensors are missing "
+                f"(e.g. {', '.join(missing[:5])}). Apply a partial file with XCtrl Apply UNet Weights instead."
+            )
+        return ldm
+    if naming == "ldm" and any(".time_stack." in k for k in sd):
+        return sd  # already ComfyUI names (the stock Load Diffusion Model node loads these too)
+    raise WeightFileError(
+        f"{file_name} is not a Stable Video Diffusion UNet: it looks like {_describe(sd)}. "
+        "Other UNets load with ComfyUI's Load Diffusion Model / Load Checkpoint nodes."
+    )
+
+
+class LoadSVDUNet:
+    DESCRIPTION = (
+        "Loads a Stable Video Diffusion UNet saved by diffusers (UNetSpatioTemporalConditionModel, e.g. the "
+        "ControlNeXt-SVD v2 unet/diffusion_pytorch_model.safetensors or .bin), which ComfyUI's Load Diffusion Model "
+        "node does not recognise, as a MODEL. ComfyUI-key SVD files (e.g. controlnext-svd_v2-unet-fp16_converted) "
+        "load here too, or with the stock Load Diffusion Model node."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "unet_file": (file_list(*UNET_FOLDERS), {"tooltip": "A complete SVD UNet from models/diffusion_models (or models/unet), diffusers or ComfyUI key names."}),
+                "weight_dtype": (list(DTYPES), {"default": "default", "tooltip": "default: ComfyUI's choice for this device."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = CATEGORY
+
+    def load(self, unet_file, weight_dtype="default"):
+        ldm = svd_ldm_state_dict(read(unet_file, *UNET_FOLDERS), unet_file)
+        keys = set(ldm)
+        options = {} if DTYPES[weight_dtype] is None else {"dtype": DTYPES[weight_dtype]}
+        model = comfy.sd.load_diffusion_model_state_dict(ldm, model_options=options)
+        if model is None:
+            cin = ldm.get("input_blocks.0.0.weight")
+            raise WeightFileError(
+                f"ComfyUI did not recognise {unet_file} as an SVD model (model_channels "
+                f"{None if cin is None else int(cin.shape[0])}): only the standard SVD architecture (320 channels, "
+                "1024-wide image context, 8 input channels) loads."
+            )
+        if model_family(model) != "svd":
+            raise WeightFileError(f"{unet_file} loaded as {family_title(model_family(model))}, not as SVD")
+        have = set(model.model.diffusion_model.state_dict())
+        if have != keys:
+            extra, absent = sorted(keys - have), sorted(have - keys)
+            raise WeightFileError(
+                f"{unet_file} does not match ComfyUI's SVD model: {len(extra)} file tensors unused "
+                f"(e.g. {', '.join(extra[:3])}), {len(absent)} model tensors not in the file (e.g. {', '.join(absent[:3])})"
+            )
+        return (model,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "XCtrl_ApplyUNetWeights": ApplyUNetWeights,
+    "XCtrl_LoadSVDUNet": LoadSVDUNet,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "XCtrl_ApplyUNetWeights": "Apply UNet Weights (XCtrl)",
+    "XCtrl_LoadSVDUNet": "Load SVD UNet, diffusers or ComfyUI keys (XCtrl)",
+}
