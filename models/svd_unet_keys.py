@@ -31,8 +31,8 @@ Pure Python + torch; no ComfyUI import.
 import re
 
 from .checkpoint_io import WeightFileError
+from .unet_weight_files import strip_unet_prefix
 
-UNET_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 # ResBlock sub-layers: diffusers name -> ComfyUI name.
 _RESNET = (
@@ -243,14 +243,6 @@ def svd_config_from_diffusers(sd):
 
 
 # ---- converting ---------------------------------------------------------------------------------
-
-
-def strip_unet_prefix(sd):
-    """Removes "model.diffusion_model." / "diffusion_model." when every key has it."""
-    for p in UNET_PREFIXES:
-        if sd and all(k.startswith(p) for k in sd):
-            return {k[len(p):]: v for k, v in sd.items()}
-    return dict(sd)
 
 
 def naming_of(sd):
