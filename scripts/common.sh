@@ -120,3 +120,16 @@ overlay_path() {
 root_pythonpath() {
     if [ "$1" = "$2" ]; then echo "${PYTHONPATH:-}"; else echo "$(overlay_path "$1")${PYTHONPATH:+:$PYTHONPATH}"; fi
 }
+
+# The frontend tests drive Debian's Chromium (Playwright's own browser download is not used).
+# Installed when missing and apt-get can run as root; otherwise those tests skip, loudly.
+ensure_chromium() {
+    command -v chromium >/dev/null 2>&1 && return 0
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "Installing Chromium for the frontend tests (apt-get) ..."
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } >/dev/null 2>&1 \
+            || echo "WARNING: could not install chromium: the frontend tests will be skipped"
+    else
+        echo "WARNING: chromium is not installed (apt-get install chromium chromium-driver): the frontend tests will be skipped"
+    fi
+}

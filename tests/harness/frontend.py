@@ -1,0 +1,105 @@
+"""Headless Chromium (Debian's ``chromium`` package) driven by Playwright against the real
+ComfyUI frontend served by a test server.
+
+Playwright's own browser download is not used: ``executable_path`` points at the system
+Chromium, started with a fresh profile and without any background networking.
+"""
+import os
+import shutil
+import tempfile
+
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "test-artifacts")
+
+
+def chromium_path():
+    env = os.environ.get("XCTRL_CHROMIUM")
+    for path in ((env,) if env else ()) + CHROMIUM_CANDIDATES:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return shutil.which("chromium")
+
+
+def unavailable_reason():
+    """None when a browser test can run, else the one-line reason."""
+    if not chromium_path():
+        return ("NO CHROMIUM: frontend tests skipped (apt-get install -y chromium chromium-driver, "
+                "pip install playwright; or set XCTRL_CHROMIUM)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "NO PLAYWRIGHT: frontend tests skipped (pip install playwright; its browser download is not needed)"
+    return None
+
+
+class Browser:
+    """One persistent-profile Chromium context with one page; close() removes the profile."""
+
+    def __init__(self, width=1600, height=1000):
+        from playwright.sync_api import sync_playwright
+
+        self._pw = sync_playwright().start()
+        self._profile = tempfile.mkdtemp(prefix="xctrl_chromium_")
+        self.context = self._pw.chromium.launch_persistent_context(
+            self._profile, executable_path=chromium_path(), headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": width, "height": height})
+        self.page = self.context.pages[0] if self.context.pages else self.context.new_page()
+        self.console_errors = []
+        self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
+
+    def open_comfyui(self, url, timeout_ms=180000):
+        self.page.goto(url, timeout=timeout_ms)
+        self.page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=timeout_ms)
+        # Dismiss first-run dialogs (templates browser, release notes) if any.
+        self.page.keyboard.press("Escape")
+
+    def screenshot(self, *parts):
+        path = os.path.join(ARTIFACTS, *parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.page.screenshot(path=path)
+        return path
+
+    def close(self):
+        try:
+            self.context.close()
+        finally:
+            self._pw.stop()
+            shutil.rmtree(self._profile, ignore_errors=True)
+
+
+# JavaScript run in the page -----------------------------------------------------------------
+LOAD_WORKFLOW_JS = """
+async ([pack, name]) => {
+  const r = await fetch(`/api/workflow_templates/${pack}/${name}.json`);
+  if (!r.ok) return {error: `template fetch ${r.status}`};
+  const wf = await r.json();
+  const types = [...new Set(wf.nodes.map(n => n.type))];
+  const missing = types.filter(t => !(t in LiteGraph.registered_node_types));
+  await window.app.loadGraphData(wf);
+  const invalid = [];
+  for (const node of window.app.graph._nodes) {
+    for (const w of node.widgets || []) {
+      let values = w.options && w.options.values;
+      if (typeof values === 'function') values = values();
+      if (Array.isArray(values) && !values.includes(w.value)) invalid.push(`${node.type}.${w.name}=${w.value}`);
+      if (typeof w.value === 'number' && !Number.isFinite(w.value)) invalid.push(`${node.type}.${w.name}=${w.value}`);
+    }
+  }
+  return {missing, invalid, count: window.app.graph._nodes.length, expected: wf.nodes.length};
+}
+"""
+
+SET_WIDGETS_JS = """
+(overrides) => {
+  let n = 0;
+  for (const node of window.app.graph._nodes)
+    for (const w of node.widgets || [])
+      if (w.name in overrides && typeof w.value === typeof overrides[w.name]) { w.value = overrides[w.name]; n++; }
+  window.app.graph.setDirtyCanvas(true, true);
+  return n;
+}
+"""
+
+QUEUE_JS = "async () => { await window.app.queuePrompt(0, 1); return true; }"

@@ -1,0 +1,516 @@
+"""The example workflows (workflows/*.json) written from API-format descriptions, so that the UI
+files and the prompts the tests run never drift apart.
+
+``WORKFLOWS`` describes each graph in API terms: node id -> (class_type, inputs, title), where an
+input is a widget value or a link ``[node_id, output_slot]``; widgets left out get the node's
+default. ``to_ui`` turns one into the frontend's "Workflow JSON 0.4" using the server's
+``/object_info`` (widgets_values in input order, the hidden "control_after_generate" value after
+seed widgets, the upload widget's value after LoadImage's file, a left-to-right layout by
+dependency depth, the links array); ``to_api`` is the inverse, the conversion the frontend makes
+when it queues a prompt (virtual nodes such as Note are dropped).
+
+Regenerate after a node's inputs change (the workflows test fails until then)::
+
+    python tests/harness/workflow_builder.py /path/to/ComfyUI
+"""
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PACK_DIR = os.path.dirname(os.path.dirname(HERE))
+WORKFLOW_DIR = os.path.join(PACK_DIR, "workflows")
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
+SEED_NAMES = ("seed", "noise_seed")
+
+IMAGE = "example.png"  # ships in ComfyUI/input/
+POSE_VIDEO = "pose_video.mp4"  # the user's driving video, in ComfyUI/input/
+NEGATIVE = "lowres, blurry, bad anatomy, extra limbs, watermark, text"
+
+
+def _sd_text(clip, positive, negative=NEGATIVE):
+    return {
+        "pos": ("CLIPTextEncode", {"text": positive, "clip": clip}, "Positive prompt"),
+        "neg": ("CLIPTextEncode", {"text": negative, "clip": clip}, "Negative prompt"),
+    }
+
+
+def _sample_and_save(model, pos, neg, latent, vae, prefix, steps, cfg, sampler="dpmpp_2m", scheduler="karras"):
+    return {
+        "sampler": ("KSampler", {"model": model, "seed": 42, "steps": steps, "cfg": cfg, "sampler_name": sampler,
+                                 "scheduler": scheduler, "positive": pos, "negative": neg, "latent_image": latent,
+                                 "denoise": 1.0}, None),
+        "decode": ("VAEDecode", {"samples": ["sampler", 0], "vae": vae}, None),
+        "save": ("SaveImage", {"images": ["decode", 0], "filename_prefix": prefix}, None),
+    }
+
+
+def _note(text):
+    return {"note": ("Note", {"text": text}, "Files and notes")}
+
+
+def controlnext_sd15_pose():
+    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, None),
+         "image": ("LoadImage", {"image": IMAGE}, "Person photo (pose source)"),
+         "pose": ("XCtrl_DWPose", {"image": ["image", 0], "resolution": 512, "draw_hands": False, "draw_face": False}, None),
+         "preview": ("PreviewImage", {"images": ["pose", 0]}, "Pose"),
+         "cnx": ("XCtrl_LoadControlNeXt", {"control_file": "controlnext_sd15_deepfashion_pose.safetensors",
+                                           "unet_weights": "controlnext_sd15_deepfashion_pose_unet.safetensors"}, None),
+         "apply": ("XCtrl_ApplyControlNeXt", {"model": ["ckpt", 0], "controlnext": ["cnx", 0], "image": ["pose", 0],
+                                              "strength": 1.0}, None),
+         "latent": ("EmptyLatentImage", {"width": 512, "height": 768, "batch_size": 1}, None)}
+    g.update(_sd_text(["ckpt", 1], "a woman in an elegant white dress, full body, fashion photo, plain background"))
+    g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2], "xctrl/controlnext_sd15_pose", 25, 7.0))
+    g.update(_note("ControlNeXt SD1.5 pose (Pbihao/ControlNeXt, ControlNeXt-SD1.5/deepfashion_pose).\n"
+                   "models/checkpoints: v1-5-pruned-emaonly.safetensors\n"
+                   "models/controlnet: controlnet.safetensors renamed to controlnext_sd15_deepfashion_pose.safetensors, "
+                   "unet.safetensors renamed to controlnext_sd15_deepfashion_pose_unet.safetensors\n"
+                   "Pose: DWPose body only, drawn OpenPose style. Trained on DeepFashion (one person, plain background)."))
+    return g
+
+
+def _controlnext_sdxl(kind):
+    canny = kind == "canny"
+    name = "anime_canny" if canny else "vidit_depth"
+    pre = (("XCtrl_Canny", {"image": ["image", 0], "mode": "median", "sigma": 0.33}, None) if canny else
+           ("XCtrl_DepthAnythingV2", {"image": ["image", 0], "render": "viridis"}, None))
+    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, None),
+         "image": ("LoadImage", {"image": IMAGE}, "Source image"),
+         "hint": pre,
+         "preview": ("PreviewImage", {"images": ["hint", 0]}, "Condition"),
+         "cnx": ("XCtrl_LoadControlNeXt", {"control_file": f"controlnext_sdxl_{name}.safetensors",
+                                           "unet_weights": f"controlnext_sdxl_{name}_unet.safetensors"}, None),
+         "apply": ("XCtrl_ApplyControlNeXt", {"model": ["ckpt", 0], "controlnext": ["cnx", 0], "image": ["hint", 0],
+                                              "strength": 0.35 if canny else 1.0}, None),
+         "latent": ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None)}
+    g.update(_sd_text(["ckpt", 1], "anime illustration of a girl in a garden, detailed, vivid colours" if canny else
+                      "a cosy living room with large windows, warm evening light, photo"))
+    g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2],
+                              f"xctrl/controlnext_sdxl_{kind}", 30, 6.0))
+    g.update(_note(f"ControlNeXt SDXL {kind} (Pbihao/ControlNeXt, ControlAny-SDXL/{name}).\n"
+                   "models/checkpoints: sd_xl_base_1.0.safetensors\n"
+                   f"models/controlnet: controlnet.safetensors renamed to controlnext_sdxl_{name}.safetensors, "
+                   f"unet.safetensors renamed to controlnext_sdxl_{name}_unet.safetensors\n" +
+                   ("Canny with median thresholds (as trained); strength 0.35 as the authors suggest for canny." if canny else
+                    "Depth rendered with the viridis colormap (as trained); strength 1.0.")))
+    return g
+
+
+def controlnext_sdxl_canny():
+    return _controlnext_sdxl("canny")
+
+
+def controlnext_sdxl_depth():
+    return _controlnext_sdxl("depth")
+
+
+def controlnext_svd_v2_pose_video():
+    g = {"ckpt": ("ImageOnlyCheckpointLoader", {"ckpt_name": "svd_xt_1_1.safetensors"}, "SVD-XT 1.1 (CLIP vision + VAE)"),
+         "unet": ("UNETLoader", {"unet_name": "controlnext-svd_v2-unet-fp16_converted.safetensors", "weight_dtype": "default"},
+                  "ControlNeXt-SVD v2 UNet"),
+         "cfg_guidance": ("VideoLinearCFGGuidance", {"model": ["unet", 0], "min_cfg": 1.0}, None),
+         "ref": ("LoadImage", {"image": IMAGE}, "Reference image (first frame)"),
+         "video": ("LoadVideo", {"file": POSE_VIDEO}, "Driving video (poses)"),
+         "frames": ("GetVideoComponents", {"video": ["video", 0]}, None),
+         "clip_frames": ("ImageFromBatch", {"image": ["frames", 0], "batch_index": 0, "length": 14}, "First 14 frames"),
+         "ref_pose": ("XCtrl_DWPose", {"image": ["ref", 0], "resolution": 512}, "Reference pose"),
+         "poses": ("XCtrl_DWPose", {"image": ["clip_frames", 0], "resolution": 512}, "Driving poses"),
+         "render": ("XCtrl_RenderPose", {"pose_keypoint": ["poses", 1], "style": "controlnext_svd_v2", "width": 576,
+                                         "height": 1024, "reference_pose": ["ref_pose", 1]}, "Pose frames (aligned)"),
+         "preview": ("PreviewImage", {"images": ["render", 0]}, "Pose frames"),
+         "cnx": ("XCtrl_LoadControlNeXt", {"control_file": "controlnext-svd_v2-controlnet-fp16.safetensors",
+                                           "unet_weights": "none"}, None),
+         "apply": ("XCtrl_ApplyControlNeXt", {"model": ["cfg_guidance", 0], "controlnext": ["cnx", 0],
+                                              "image": ["render", 0], "strength": 1.0}, None),
+         "cond": ("SVD_img2vid_Conditioning", {"clip_vision": ["ckpt", 1], "init_image": ["ref", 0], "vae": ["ckpt", 2],
+                                               "width": 576, "height": 1024, "video_frames": 14, "motion_bucket_id": 127,
+                                               "fps": 6, "augmentation_level": 0.02}, None),
+         "sampler": ("KSampler", {"model": ["apply", 0], "seed": 42, "steps": 25, "cfg": 3.0, "sampler_name": "euler",
+                                  "scheduler": "karras", "positive": ["cond", 0], "negative": ["cond", 1],
+                                  "latent_image": ["cond", 2], "denoise": 1.0}, None),
+         "decode": ("VAEDecode", {"samples": ["sampler", 0], "vae": ["ckpt", 2]}, None),
+         "save": ("SaveAnimatedWEBP", {"images": ["decode", 0], "filename_prefix": "xctrl/controlnext_svd_v2", "fps": 6.0,
+                                       "lossless": False, "quality": 90, "method": "default"}, None)}
+    g.update(_note("ControlNeXt-SVD v2: animate the reference image with the poses of the driving video.\n"
+                   "models/checkpoints: svd_xt_1_1.safetensors (stabilityai/stable-video-diffusion-img2vid-xt-1-1)\n"
+                   "models/diffusion_models: controlnext-svd_v2-unet-fp16_converted.safetensors\n"
+                   "models/controlnet: controlnext-svd_v2-controlnet-fp16.safetensors (Kijai/ControlNeXt-SVD-V2-Comfy)\n"
+                   "input/: your driving video as pose_video.mp4 (video_frames = frames taken from it = 14)."))
+    return g
+
+
+def controlnet_xs_sdxl_canny():
+    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, None),
+         "image": ("LoadImage", {"image": IMAGE}, "Source image"),
+         "hint": ("XCtrl_Canny", {"image": ["image", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 200}, None),
+         "preview": ("PreviewImage", {"images": ["hint", 0]}, "Edges"),
+         "xs": ("XCtrl_LoadControlNetXS", {"control_file": "sdxl_encD_canny_48m.safetensors"}, None),
+         "apply": ("XCtrl_ApplyControlNetXS", {"model": ["ckpt", 0], "controlnet_xs": ["xs", 0], "image": ["hint", 0],
+                                              "strength": 1.0}, None),
+         "latent": ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None)}
+    g.update(_sd_text(["ckpt", 1], "a futuristic city street at dusk, neon signs, photo"))
+    g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2], "xctrl/controlnet_xs_sdxl_canny", 30, 6.0))
+    g.update(_note("ControlNet-XS SDXL canny (CVL-Heidelberg/ControlNet-XS).\n"
+                   "models/checkpoints: sd_xl_base_1.0.safetensors\nmodels/controlnet: sdxl_encD_canny_48m.safetensors\n"
+                   "(sdxl_encD_canny_20m.safetensors works the same way.)"))
+    return g
+
+
+def controlnet_xs_sd21_depth():
+    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "v2-1_512-ema-pruned.safetensors"}, None),
+         "image": ("LoadImage", {"image": IMAGE}, "Source image"),
+         "hint": ("XCtrl_DepthAnythingV2", {"image": ["image", 0], "render": "grey"}, None),
+         "preview": ("PreviewImage", {"images": ["hint", 0]}, "Depth"),
+         "xs": ("XCtrl_LoadControlNetXS", {"control_file": "sd21_encD_depth_14m.ckpt"}, None),
+         "apply": ("XCtrl_ApplyControlNetXS", {"model": ["ckpt", 0], "controlnet_xs": ["xs", 0], "image": ["hint", 0],
+                                              "strength": 1.0}, None),
+         "latent": ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, None)}
+    g.update(_sd_text(["ckpt", 1], "a stone bridge over a river in autumn, photo"))
+    g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2], "xctrl/controlnet_xs_sd21_depth", 30, 7.0))
+    g.update(_note("ControlNet-XS SD2.1 depth (CVL-Heidelberg/ControlNet-XS) on SD2.1-base 512 (eps).\n"
+                   "models/checkpoints: v2-1_512-ema-pruned.safetensors (stabilityai/stable-diffusion-2-1-base)\n"
+                   "models/controlnet: sd21_encD_depth_14m.ckpt\nDepth: Depth Anything V2 Small, grey, white = near."))
+    return g
+
+
+def mi_sd15_pose_canny():
+    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, None),
+         "image_pose": ("LoadImage", {"image": IMAGE}, "Pose source"),
+         "image_canny": ("LoadImage", {"image": IMAGE}, "Edge source"),
+         "pose": ("XCtrl_DWPose", {"image": ["image_pose", 0], "resolution": 512, "draw_hands": False, "draw_face": False}, None),
+         "canny": ("XCtrl_Canny", {"image": ["image_canny", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 200}, None),
+         "cn_pose": ("ControlNetLoader", {"control_net_name": "control_v11p_sd15_openpose.pth"}, None),
+         "cn_canny": ("ControlNetLoader", {"control_net_name": "control_v11p_sd15_canny.pth"}, None),
+         "apply_pose": ("ControlNetApplyAdvanced", {"positive": ["pos", 0], "negative": ["neg", 0], "control_net": ["cn_pose", 0],
+                                                    "image": ["pose", 0], "strength": 1.0, "start_percent": 0.0,
+                                                    "end_percent": 1.0}, "Apply ControlNet (pose)"),
+         "apply_canny": ("ControlNetApplyAdvanced", {"positive": ["apply_pose", 0], "negative": ["apply_pose", 1],
+                                                     "control_net": ["cn_canny", 0], "image": ["canny", 0], "strength": 1.0,
+                                                     "start_percent": 0.0, "end_percent": 1.0}, "Apply ControlNet (canny)"),
+         "mi": ("XCtrl_MIBalancedControl", {"model": ["ckpt", 0], "positive": ["apply_canny", 0], "negative": ["apply_canny", 1],
+                                            "mode": "paper", "granularity": "layer", "cap": 20.0}, None),
+         "latent": ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, None),
+         "stats": ("XCtrl_MILambdaStats", {"positive": ["mi", 1], "samples": ["sampler", 0]}, None)}
+    g.update(_sd_text(["ckpt", 1], "a dancer on a stage, dramatic light, photo"))
+    g.update(_sample_and_save(["mi", 0], ["mi", 1], ["mi", 2], ["latent", 0], ["ckpt", 2], "xctrl/mi_sd15_pose_canny", 25, 7.0))
+    g.update(_note("MIControlNet balanced pose + canny with stock ControlNets (lllyasviel/ControlNet-v1-1).\n"
+                   "models/checkpoints: v1-5-pruned-emaonly.safetensors\n"
+                   "models/controlnet: control_v11p_sd15_openpose.pth, control_v11p_sd15_canny.pth\n"
+                   "mode paper = the paper's formulas; sum = stock ComfyUI addition (to compare)."))
+    return g
+
+
+def mi_sd35_canny_depth():
+    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "sd3.5_large.safetensors"}, "SD3.5 Large (MMDiT + VAE)"),
+         "clip": ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors", "type": "sd3"}, None),
+         "image_canny": ("LoadImage", {"image": IMAGE}, "Edge source"),
+         "image_depth": ("LoadImage", {"image": IMAGE}, "Depth source"),
+         "canny": ("XCtrl_Canny", {"image": ["image_canny", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 200}, None),
+         "depth": ("XCtrl_DepthAnythingV2", {"image": ["image_depth", 0], "render": "grey"}, None),
+         "cn_canny": ("ControlNetLoader", {"control_net_name": "sd3.5_large_controlnet_canny.safetensors"}, None),
+         "cn_depth": ("ControlNetLoader", {"control_net_name": "sd3.5_large_controlnet_depth.safetensors"}, None),
+         "apply_canny": ("ControlNetApplyAdvanced", {"positive": ["pos", 0], "negative": ["neg", 0], "control_net": ["cn_canny", 0],
+                                                     "image": ["canny", 0], "strength": 0.8, "start_percent": 0.0,
+                                                     "end_percent": 1.0, "vae": ["ckpt", 2]}, "Apply ControlNet (canny)"),
+         "apply_depth": ("ControlNetApplyAdvanced", {"positive": ["apply_canny", 0], "negative": ["apply_canny", 1],
+                                                     "control_net": ["cn_depth", 0], "image": ["depth", 0], "strength": 0.8,
+                                                     "start_percent": 0.0, "end_percent": 1.0, "vae": ["ckpt", 2]},
+                         "Apply ControlNet (depth)"),
+         "mi": ("XCtrl_MIBalancedControl", {"model": ["ckpt", 0], "positive": ["apply_depth", 0], "negative": ["apply_depth", 1],
+                                            "mode": "paper", "granularity": "layer", "cap": 20.0}, None),
+         "latent": ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None)}
+    g.update(_sd_text(["clip", 0], "a red vintage car parked in front of a brick house, photo"))
+    g.update(_sample_and_save(["mi", 0], ["mi", 1], ["mi", 2], ["latent", 0], ["ckpt", 2], "xctrl/mi_sd35_canny_depth", 40, 4.0,
+                              sampler="euler", scheduler="sgm_uniform"))
+    g.update(_note("MIControlNet balanced canny + depth on SD3.5 Large with Stability's ControlNets "
+                   "(stabilityai/stable-diffusion-3.5-controlnets).\n"
+                   "models/checkpoints: sd3.5_large.safetensors\nmodels/text_encoders: clip_l.safetensors, clip_g.safetensors\n"
+                   "models/controlnet: sd3.5_large_controlnet_canny.safetensors, sd3.5_large_controlnet_depth.safetensors\n"
+                   "T5-XXL is left out to fit 16 GB; for better prompt following use TripleCLIPLoader with t5xxl_fp16.safetensors."))
+    return g
+
+
+WORKFLOWS = {
+    "controlnext_sd15_pose": controlnext_sd15_pose,
+    "controlnext_sdxl_canny": controlnext_sdxl_canny,
+    "controlnext_sdxl_depth": controlnext_sdxl_depth,
+    "controlnext_svd_v2_pose_video": controlnext_svd_v2_pose_video,
+    "controlnet_xs_sdxl_canny": controlnet_xs_sdxl_canny,
+    "controlnet_xs_sd21_depth": controlnet_xs_sd21_depth,
+    "mi_sd15_pose_canny": mi_sd15_pose_canny,
+    "mi_sd35_canny_depth": mi_sd35_canny_depth,
+}
+
+# The widget values the end-to-end tests lower to run on a CPU in bounded time (by input name).
+TEST_OVERRIDES = {
+    "width": 64, "height": 64, "steps": 1, "video_frames": 3, "length": 3, "batch_size": 1,
+}
+
+
+# ----------------------------------------------------------------------------- conversion
+def _is_link(v):
+    return isinstance(v, list) and len(v) == 2 and isinstance(v[0], (str, int)) and isinstance(v[1], int)
+
+
+def _input_specs(info):
+    """[(name, type, options, optional)] in the order the frontend creates slots/widgets."""
+    out = []
+    order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            spec = info["input"][section][name]
+            typ = spec[0]
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            out.append((name, "COMBO" if isinstance(typ, list) else typ, opts, section == "optional"))
+    return out
+
+
+def _is_widget(typ, opts):
+    return typ in WIDGET_TYPES and not opts.get("forceInput")
+
+
+def _default(typ, opts, info_spec):
+    if "default" in opts:
+        return opts["default"]
+    if typ == "COMBO":
+        options = info_spec[0] if isinstance(info_spec[0], list) else opts.get("options", [])
+        return options[0] if options else ""
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[typ]
+
+
+def _has_seed_control(name, typ, opts):
+    return typ == "INT" and (opts.get("control_after_generate") or name in SEED_NAMES)
+
+
+def widget_values(class_type, inputs, info):
+    values = []
+    for name, typ, opts, optional in _input_specs(info):
+        if not _is_widget(typ, opts):
+            continue
+        section = "optional" if optional else "required"
+        v = inputs.get(name, _default(typ, opts, info["input"][section][name]))
+        values.append(v)
+        if _has_seed_control(name, typ, opts):
+            values.append("fixed")
+        if opts.get("image_upload"):
+            values.append("image")
+    return values
+
+
+def _depths(graph):
+    memo = {}
+
+    def depth(nid):
+        if nid not in memo:
+            memo[nid] = 0
+            ups = [v[0] for v in graph[nid][1].values() if _is_link(v)]
+            memo[nid] = 1 + max((depth(u) for u in ups), default=-1)
+        return memo[nid]
+
+    return {nid: depth(nid) for nid in graph}
+
+
+def _node_height(n_slots):
+    return 46 + 24 * n_slots
+
+
+def to_ui(graph, object_info):
+    """API-style description -> UI workflow JSON (version 0.4)."""
+    ids = {key: i + 1 for i, key in enumerate(graph)}
+    depths = _depths(graph)
+    links, nodes = [], []
+    out_links = {}
+    next_link = 1
+    # links first (so outputs can list them)
+    node_inputs = {}
+    for key, (cls, inputs, _title) in graph.items():
+        if cls in VIRTUAL_NODES:
+            node_inputs[key] = []
+            continue
+        info = object_info[cls]
+        slots = []
+        for name, typ, opts, optional in _input_specs(info):
+            if _is_widget(typ, opts):
+                continue
+            v = inputs.get(name)
+            link_id = None
+            if v is not None:
+                if not _is_link(v):
+                    raise ValueError(f"{key}.{name}: {cls} takes a link here, got {v!r}")
+                src, slot = v
+                link_id = next_link
+                next_link += 1
+                links.append([link_id, ids[src], slot, ids[key], len(slots), info_type(object_info, graph, src, slot)])
+                out_links.setdefault((src, slot), []).append(link_id)
+            elif not optional:
+                raise ValueError(f"{key}.{name}: required input of {cls} not connected")
+            slots.append({"name": name, "type": typ, "link": link_id})
+        unknown = set(inputs) - {s[0] for s in _input_specs(info)}
+        if unknown:
+            raise ValueError(f"{key}: {cls} has no inputs {sorted(unknown)}")
+        node_inputs[key] = slots
+    columns = {}
+    order = sorted(graph, key=lambda k: (depths[k], list(graph).index(k)))
+    for rank, key in enumerate(order):
+        cls, inputs, title = graph[key]
+        col = depths[key] if cls not in VIRTUAL_NODES else 0
+        if cls in VIRTUAL_NODES:
+            node = {"id": ids[key], "type": cls, "pos": None, "size": [400, 200], "flags": {}, "order": rank, "mode": 0,
+                    "inputs": [], "outputs": [], "properties": {}, "widgets_values": [inputs["text"]]}
+            h = 200
+        else:
+            info = object_info[cls]
+            outputs = []
+            for slot, (otype, oname) in enumerate(zip(info["output"], info["output_name"])):
+                ls = out_links.get((key, slot), [])
+                outputs.append({"name": oname, "type": otype, "links": ls, "slot_index": slot})
+            wv = widget_values(cls, inputs, info)
+            h = _node_height(max(len(node_inputs[key]) + len(wv), len(outputs)))
+            if cls in ("LoadImage", "PreviewImage", "SaveImage", "SaveAnimatedWEBP", "LoadVideo"):
+                h += 260
+            node = {"id": ids[key], "type": cls, "pos": None, "size": [330, h], "flags": {}, "order": rank, "mode": 0,
+                    "inputs": node_inputs[key], "outputs": outputs, "properties": {"Node name for S&R": cls},
+                    "widgets_values": wv}
+        if title:
+            node["title"] = title
+        y = columns.get(col, 40)
+        node["pos"] = [40 + 380 * col, y]
+        columns[col] = y + h + 50
+        nodes.append(node)
+    nodes.sort(key=lambda n: n["id"])
+    return {
+        "last_node_id": len(graph), "last_link_id": next_link - 1, "nodes": nodes, "links": links, "groups": [],
+        "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}}, "version": 0.4,
+    }
+
+
+def info_type(object_info, graph, src, slot):
+    return object_info[graph[src][0]]["output"][slot]
+
+
+def to_api(ui, object_info):
+    """UI workflow JSON -> API prompt {id: {class_type, inputs}}, as the frontend converts it."""
+    links = {l[0]: l for l in ui["links"]}
+    prompt = {}
+    for node in ui["nodes"]:
+        if node["type"] in VIRTUAL_NODES or node.get("mode", 0) in (2, 4):
+            continue
+        info = object_info.get(node["type"])
+        if info is None:
+            raise KeyError(f"node {node['id']}: unknown node type {node['type']}")
+        inputs = {}
+        values = list(node.get("widgets_values") or [])
+        linked = {i["name"]: i.get("link") for i in node.get("inputs", [])}
+        for name, typ, opts, optional in _input_specs(info):
+            if name in linked and linked[name] is not None:
+                l = links[linked[name]]
+                inputs[name] = [str(l[1]), l[2]]
+                if _is_widget(typ, opts) and values:  # a widget converted to an input keeps its value slot
+                    values.pop(0)
+                continue
+            if not _is_widget(typ, opts):
+                continue
+            if not values:
+                raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name}")
+            inputs[name] = values.pop(0)
+            if _has_seed_control(name, typ, opts) and values and values[0] in ("fixed", "increment", "decrement", "randomize"):
+                values.pop(0)
+            if opts.get("image_upload") and values and values[0] == "image":
+                values.pop(0)
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
+
+def api_prompt(name, object_info, overrides=None):
+    """The API twin of one workflow (what the frontend queues), with ``overrides`` by input name."""
+    prompt = to_api(to_ui(WORKFLOWS[name](), object_info), object_info)
+    for node in prompt.values():
+        for k in list(node["inputs"]):
+            if overrides and k in overrides and not _is_link(node["inputs"][k]):
+                node["inputs"][k] = overrides[k]
+    return prompt
+
+
+# ----------------------------------------------------------------------------- files
+def write_test_inputs(folder, comfy_root):
+    """example.png (ComfyUI's own example photo, 64 x 64 here) and a 6-frame pose_video.mp4."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    src = os.path.join(comfy_root, "input", "example.png")
+    img = Image.open(src).convert("RGB") if os.path.isfile(src) else Image.new("RGB", (64, 64), (120, 90, 60))
+    img.resize((64, 64)).save(os.path.join(folder, IMAGE))
+    rng = np.random.default_rng(0)
+    with av.open(os.path.join(folder, POSE_VIDEO), "w") as c:
+        st = c.add_stream("mpeg4", rate=6)
+        st.width, st.height, st.pix_fmt = 64, 64, "yuv420p"
+        for _ in range(6):
+            frame = av.VideoFrame.from_ndarray((rng.random((64, 64, 3)) * 255).astype(np.uint8), format="rgb24")
+            for packet in st.encode(frame):
+                c.mux(packet)
+        for packet in st.encode():
+            c.mux(packet)
+
+
+def write_thumbnail(ui, path):
+    """A small picture of the graph: node boxes with titles, links as lines (JPEG)."""
+    from PIL import Image, ImageDraw
+
+    xs = [n["pos"][0] + n["size"][0] for n in ui["nodes"]]
+    ys = [n["pos"][1] + n["size"][1] for n in ui["nodes"]]
+    scale = min(1.0, 1400 / max(xs), 1000 / max(ys))
+    w, h = int(max(xs) * scale) + 40, int(max(ys) * scale) + 40
+    img = Image.new("RGB", (w, h), (32, 32, 36))
+    d = ImageDraw.Draw(img)
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    for l in ui["links"]:
+        a, b = by_id[l[1]], by_id[l[3]]
+        x0, y0 = (a["pos"][0] + a["size"][0]) * scale, (a["pos"][1] + 30 + 24 * l[2]) * scale
+        x1, y1 = b["pos"][0] * scale, (b["pos"][1] + 30 + 24 * l[4]) * scale
+        d.line([(x0, y0), (x1, y1)], fill=(120, 170, 230), width=2)
+    for n in ui["nodes"]:
+        x, y = n["pos"][0] * scale, n["pos"][1] * scale
+        bw, bh = n["size"][0] * scale, n["size"][1] * scale
+        ours = n["type"].startswith("XCtrl")
+        d.rectangle([x, y, x + bw, y + bh], fill=(60, 52, 80) if ours else (53, 53, 58), outline=(150, 150, 160))
+        d.rectangle([x, y, x + bw, y + 22 * scale + 8], fill=(110, 70, 160) if ours else (80, 80, 90))
+        title = n.get("title") or n["type"]
+        d.text((x + 6, y + 4), title[:40], fill=(240, 240, 240))
+        if n["type"] in VIRTUAL_NODES:
+            for i, line in enumerate(n["widgets_values"][0].split("\n")[:8]):
+                d.text((x + 6, y + 30 + 12 * i), line[:60], fill=(200, 200, 200))
+    img.save(path, "JPEG", quality=88)
+
+
+def write_all(object_info, folder=WORKFLOW_DIR):
+    os.makedirs(folder, exist_ok=True)
+    for name, build in WORKFLOWS.items():
+        ui = to_ui(build(), object_info)
+        with open(os.path.join(folder, name + ".json"), "w") as f:
+            json.dump(ui, f, indent=2)
+            f.write("\n")
+        write_thumbnail(ui, os.path.join(folder, name + ".jpg"))
+    return sorted(WORKFLOWS)
+
+
+def main(argv):
+    """Starts the real server with the stand-ins (so file lists are valid) and writes workflows/."""
+    sys.path.insert(0, os.path.dirname(HERE))
+    from harness import standins
+    from harness.server import ComfyServer
+
+    root = argv[1]
+    server = ComfyServer(root)
+    standins.link_into(standins.ensure(root), server.models_dir)
+    with server:
+        info = server.get("/object_info")
+    for name in write_all(info):
+        print("wrote", os.path.join(WORKFLOW_DIR, name + ".json"))
+
+
+if __name__ == "__main__":
+    main(sys.argv)
