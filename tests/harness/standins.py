@@ -47,9 +47,11 @@ default ``~/.cache/xctrl-nodes/standins``; ``XCTRL_STANDIN_DIR`` names a ready f
 subprocess, then linked into each test server's
 models folder. Run by hand: ``python tests/harness/standins.py /path/to/ComfyUI [out_dir]``.
 """
+import contextlib
 import hashlib
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -137,6 +139,32 @@ def link_into(standin_dir, models_dir):
             dst = os.path.join(models_dir, folder, name)
             if not os.path.lexists(dst):
                 os.symlink(os.path.join(standin_dir, folder, name), dst)
+
+
+@contextlib.contextmanager
+def server(comfy_root, prepare=None):
+    """A real ComfyUI server with every stand-in linked into its models folder and the
+    workflows' input files in place; offline for annotator downloads. ``prepare(server)``
+    runs before start (e.g. to add a corrupt file). Always stopped and cleaned up."""
+    from .server import ComfyServer
+    from . import workflow_builder as wb
+
+    old = os.environ.get("XCTRL_OFFLINE")
+    os.environ["XCTRL_OFFLINE"] = "1"  # the annotators are there; never try the network
+    srv = ComfyServer(comfy_root)
+    link_into(ensure(comfy_root), srv.models_dir)
+    wb.write_test_inputs(os.path.join(srv.base, "input"), comfy_root)
+    if prepare is not None:
+        prepare(srv)
+    try:
+        with srv:
+            yield srv
+    finally:
+        if old is None:
+            os.environ.pop("XCTRL_OFFLINE", None)
+        else:
+            os.environ["XCTRL_OFFLINE"] = old
+        shutil.rmtree(srv.base, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- generation

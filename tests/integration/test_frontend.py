@@ -6,7 +6,6 @@ Screenshots go to test-artifacts/frontend/<ComfyUI version>/ (git-ignored).
 """
 import json
 import os
-import shutil
 import time
 
 import pytest
@@ -28,22 +27,8 @@ NAMES = sorted(wb.WORKFLOWS)
 
 @pytest.fixture(scope="module")
 def fe_server(comfy_root):
-    from harness.server import ComfyServer
-
-    old = os.environ.get("XCTRL_OFFLINE")
-    os.environ["XCTRL_OFFLINE"] = "1"
-    server = ComfyServer(comfy_root)
-    standins.link_into(standins.ensure(comfy_root), server.models_dir)
-    wb.write_test_inputs(os.path.join(server.base, "input"), comfy_root)
-    try:
-        with server:
-            yield server
-    finally:
-        if old is None:
-            os.environ.pop("XCTRL_OFFLINE", None)
-        else:
-            os.environ["XCTRL_OFFLINE"] = old
-        shutil.rmtree(server.base, ignore_errors=True)
+    with standins.server(comfy_root) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ lowered (TEST_OVERRIDES) so that a run takes seconds to a few minutes on a CPU.
 import asyncio
 import json
 import os
-import shutil
 
 import pytest
 
@@ -26,26 +25,15 @@ def standin_dir(comfy_root):
 
 
 @pytest.fixture(scope="module")
-def wf_server(comfy_root, standin_dir):
+def wf_server(comfy_root):
     """A server of its own, with the stand-ins, the input files and a corrupt control file."""
-    from harness.server import ComfyServer
 
-    old = os.environ.get("XCTRL_OFFLINE")
-    os.environ["XCTRL_OFFLINE"] = "1"  # the annotators are there; never try the network
-    server = ComfyServer(comfy_root)
-    standins.link_into(standin_dir, server.models_dir)
-    with open(os.path.join(server.models_dir, "controlnet", CORRUPT), "wb") as f:
-        f.write(b"\x00\x01 this is not a safetensors file" * 64)
-    wb.write_test_inputs(os.path.join(server.base, "input"), comfy_root)
-    try:
-        with server:
-            yield server
-    finally:
-        if old is None:
-            os.environ.pop("XCTRL_OFFLINE", None)
-        else:
-            os.environ["XCTRL_OFFLINE"] = old
-        shutil.rmtree(server.base, ignore_errors=True)
+    def add_corrupt_file(server):
+        with open(os.path.join(server.models_dir, "controlnet", CORRUPT), "wb") as f:
+            f.write(b"\x00\x01 this is not a safetensors file" * 64)
+
+    with standins.server(comfy_root, add_corrupt_file) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
