@@ -24,10 +24,10 @@ else
     for ROOT in "${ROOTS[@]}"; do
         i=$((i + 1))
         echo "=== ComfyUI $(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$ROOT/comfyui_version.py") integration tests ($ROOT) ==="
-        # The slow end-to-end workflow runs on the real server: primary runtime only.
-        SERVER_WORKFLOWS=$([ "$i" = 1 ] && echo 1 || echo 0)
-        [ "$i" = 1 ] || echo "(workflow server runs: primary ComfyUI only; workflow validation runs here too)"
-        XCTRL_SERVER_WORKFLOWS="${XCTRL_SERVER_WORKFLOWS:-$SERVER_WORKFLOWS}" XCTRL_COMFYUI_ROOT="$ROOT" PYTHONPATH="$(root_pythonpath "$ROOT" "${ROOTS[0]}")" "$PY" -m pytest -c tests/pytest.ini --rootdir tests tests/integration -q --junitxml="$RESULTS/comfy$i.xml" "$@"
+        # The slow end-to-end workflow runs (real server, real frontend): primary runtime only.
+        PRIMARY=$([ "$i" = 1 ] && echo 1 || echo 0)
+        [ "$i" = 1 ] || echo "(workflow server and browser runs: primary ComfyUI only; workflow validation runs here too)"
+        XCTRL_SERVER_WORKFLOWS="${XCTRL_SERVER_WORKFLOWS:-$PRIMARY}" XCTRL_FRONTEND_TESTS="${XCTRL_FRONTEND_TESTS:-$PRIMARY}" XCTRL_COMFYUI_ROOT="$ROOT" PYTHONPATH="$(root_pythonpath "$ROOT" "${ROOTS[0]}")" "$PY" -m pytest -c tests/pytest.ini --rootdir tests tests/integration -q --junitxml="$RESULTS/comfy$i.xml" "$@"
     done
 fi
 

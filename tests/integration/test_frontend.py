@@ -15,9 +15,9 @@ from harness import workflow_builder as wb
 from harness.comfy_runtime import PACK_FOLDER_NAME, comfyui_version
 
 _REASON = frontend.unavailable_reason()
-if not _REASON and os.environ.get("XCTRL_FRONTEND_TESTS") != "1":
-    _REASON = ("frontend tests are opt-in (one server + Chromium run per workflow, too slow for this 2-core CI): "
-               "set XCTRL_FRONTEND_TESTS=1 to run them")
+if not _REASON and os.environ.get("XCTRL_FRONTEND_TESTS", "1") != "1":
+    _REASON = ("frontend tests run on the primary ComfyUI only (~6 min of browser runs on 2 cores): "
+               "set XCTRL_FRONTEND_TESTS=1 to run them here")
 if _REASON:
     print(f"\n!!! {_REASON} !!!")
     pytest.skip(_REASON, allow_module_level=True)
