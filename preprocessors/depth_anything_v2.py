@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .image_io import uint8_rgb_batch
 from .weights import load_exact
 
 WEIGHT_FILE = "depth_anything_v2_vits.pth"
@@ -267,7 +268,7 @@ def network_size(height, width, input_size=INPUT_SIZE):
 
 def prepare(images, input_size=INPUT_SIZE):
     """(B, H, W, 3) uint8 RGB -> (B, 3, h, w) float32 normalised tensor at the network size."""
-    images = _as_batch(images)
+    images = uint8_rgb_batch(images, "Depth Anything")
     h, w = images.shape[1:3]
     nh, nw = network_size(h, w, input_size)
     mean, std = np.array(MEAN, np.float32), np.array(STD, np.float32)
@@ -284,21 +285,10 @@ def estimate_depth(net, images, input_size=INPUT_SIZE, output_hw=None):
     """Relative inverse depth (larger = nearer), float32 numpy (B, H', W'): (B, H, W, 3) uint8
     RGB frames of one size, on the network's device and dtype; resized bilinearly
     (align_corners=True) to `output_hw` (default: the input H, W)."""
-    images = _as_batch(images)
+    images = uint8_rgb_batch(images, "Depth Anything")
     out_h, out_w = output_hw if output_hw is not None else images.shape[1:3]
     param = next(net.parameters())
     x = prepare(images, input_size).to(device=param.device, dtype=param.dtype)
     depth = net(x).float()
     depth = F.interpolate(depth[:, None], (int(out_h), int(out_w)), mode="bilinear", align_corners=True)[:, 0]
     return depth.cpu().numpy()
-
-
-def _as_batch(images):
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[None]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise ValueError(f"Depth Anything expects uint8 RGB images (H, W, 3) or (B, H, W, 3), got {images.dtype} {images.shape}.")
-    if 0 in images.shape[:3]:
-        raise ValueError(f"Depth Anything got an empty batch or a zero-size image: shape {images.shape}.")
-    return images

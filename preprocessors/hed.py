@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .image_io import uint8_rgb_batch
 from .weights import load_exact
 
 WEIGHT_FILE = "ControlNetHED.pth"
@@ -76,7 +77,7 @@ def hed_soft_edges(net, images):
     Runs on the network's device and dtype; the average and sigmoid are taken in float64 on
     the CPU like the reference.
     """
-    images = _as_batch(images)
+    images = uint8_rgb_batch(images, "HED")
     param = next(net.parameters())
     x = torch.from_numpy(images).to(device=param.device, dtype=param.dtype).permute(0, 3, 1, 2)
     h, w = images.shape[1:3]
@@ -135,14 +136,3 @@ _DIRECTIONS = [
         [[0, 0, 1], [0, 1, 0], [1, 0, 0]],
     )
 ]
-
-
-def _as_batch(images):
-    images = np.asarray(images)
-    if images.ndim == 3:
-        images = images[None]
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-        raise ValueError(f"HED expects uint8 RGB images (H, W, 3) or (B, H, W, 3), got {images.dtype} {images.shape}.")
-    if 0 in images.shape[:3]:
-        raise ValueError(f"HED got an empty batch or a zero-size image: shape {images.shape}.")
-    return images

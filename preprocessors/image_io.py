@@ -71,6 +71,18 @@ def check_image_batch(image):
         raise ValueError(f"IMAGE must have 1, 3 or 4 channels, got {c} (shape {tuple(image.shape)}).")
 
 
+def uint8_rgb_batch(images, who):
+    """(H, W, 3) or (B, H, W, 3) uint8 RGB -> a (B, H, W, 3) array; ``who`` names the network in errors."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"{who} expects uint8 RGB images (H, W, 3) or (B, H, W, 3), got {images.dtype} {images.shape}.")
+    if 0 in images.shape[:3]:
+        raise ValueError(f"{who} got an empty batch or a zero-size image: shape {images.shape}.")
+    return images
+
+
 def scaled_size(height, width, resolution):
     """(H, W) after scaling the shorter side to `resolution` (unchanged when resolution <= 0)."""
     if resolution <= 0:
