@@ -1,8 +1,17 @@
 """XCtrl: ControlNeXt, ControlNet-XS and MIControlNet for ComfyUI.
 
-ComfyUI imports this package from custom_nodes/ and reads NODE_CLASS_MAPPINGS.
+ComfyUI imports this package from custom_nodes/ and calls ``comfy_entrypoint`` (the V3 node
+API): the extension lists every node class of ``nodes/``.
 """
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+from comfy_api.latest import ComfyExtension
 
-WEB_DIRECTORY = None
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+from .nodes import NODES
+
+
+class XCtrlExtension(ComfyExtension):
+    async def get_node_list(self):
+        return list(NODES)
+
+
+async def comfy_entrypoint():
+    return XCtrlExtension()

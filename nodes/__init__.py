@@ -1,5 +1,5 @@
-"""All node modules of the pack. Node IDs start with ``XCtrl`` so they never collide with
-ComfyUI core, comfyui_controlnet_aux or ComfyUI-Advanced-ControlNet."""
+"""All node modules of the pack. Node IDs start with ``XCtrl_`` so they never collide with
+ComfyUI core, comfyui_controlnet_aux or ComfyUI-Advanced-ControlNet (a test checks it)."""
 from .registry import collect
 
 NODE_MODULES = (
@@ -10,4 +10,4 @@ NODE_MODULES = (
     "unet_weights_nodes",
 )
 
-NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, DISABLED = collect(__name__, NODE_MODULES)
+NODES, DISABLED = collect(__name__, NODE_MODULES)

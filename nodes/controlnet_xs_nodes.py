@@ -8,17 +8,21 @@ variant and is not offered.
 """
 import logging
 
+from comfy_api.latest import io
+
 from ..models import controlnet_xs_keys as xs_keys
 from ..models.checkpoint_io import WeightFileError
 from ..models.file_kinds import describe_state_dict, kind_of
 from . import hints
-from .controlnet_xs_runtime import ControlNetXSRunner, control_patcher
+from .control_runner import control_patcher
+from .controlnet_xs_runtime import ControlNetXSRunner, build_control_net
 from .model_family import family_title, model_family
 from .weight_files import file_list, read
 
 LOG = logging.getLogger("xctrl")
 CATEGORY = "XCtrl/ControlNet-XS"
 CONTROLNET_XS = "XCTRL_CONTROLNET_XS"
+ControlNetXSType = io.Custom(CONTROLNET_XS)
 
 # Which SD family a ControlNet-XS made for an SD base was trained on, from its text context width.
 _SD_FAMILY_BY_CONTEXT = {768: "sd15", 1024: "sd21"}
@@ -44,10 +48,18 @@ class LoadedControlNetXS:
             raise WeightFileError(f"{name} is not a ControlNet-XS model: it is {describe_state_dict(state_dict)}; {advice}.") from None
         try:
             config = xs_keys.read_config(state_dict)
-            self.patcher, self.config = control_patcher(state_dict, config.num_params)
+            self.net, self.config = build_control_net(state_dict, config.num_params)
         except WeightFileError as e:  # ControlNetXSFormatError is one
             raise WeightFileError(f"{name}: {e}") from e
         self.description = xs_keys.describe(self.config)
+        self._patchers = {}
+
+    def patcher_for(self, model):
+        """The control network managed on the MODEL's load/offload devices (one per device pair)."""
+        key = (str(model.load_device), str(model.offload_device))
+        if key not in self._patchers:
+            self._patchers[key] = control_patcher(self.net, model)
+        return self._patchers[key]
 
     def check_base(self, model):
         """Raises, naming both, unless the MODEL is a UNet this control network was made for."""
@@ -89,71 +101,67 @@ def _made_for(cfg):
     return " or ".join(family_title(f) for f in _families(cfg))
 
 
-class LoadControlNetXS:
-    DESCRIPTION = (
-        "Loads a ControlNet-XS control network (SD1.5, SD2.1, SDXL) from models/controlnet: the authors' "
-        ".ckpt / .safetensors (CVL-Heidelberg/ControlNet-XS) or a diffusers ControlNetXSAdapter file. "
-        "The architecture is read from the file."
-    )
+class LoadControlNetXS(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_LoadControlNetXS",
+            display_name="Load ControlNet-XS (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "Loads a ControlNet-XS control network (SD1.5, SD2.1, SDXL) from models/controlnet: the authors' "
+                ".ckpt / .safetensors (CVL-Heidelberg/ControlNet-XS) or a diffusers ControlNetXSAdapter file. "
+                "The architecture is read from the file."
+            ),
+            inputs=[
+                io.Combo.Input("control_file", options=file_list("controlnet"), tooltip="A ControlNet-XS file, e.g. sdxl_encD_canny_48m.safetensors or a diffusers diffusion_pytorch_model.safetensors (renamed)."),
+            ],
+            outputs=[ControlNetXSType.Output(display_name="controlnet_xs")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "control_file": (file_list("controlnet"), {"tooltip": "A ControlNet-XS file, e.g. sdxl_encD_canny_48m.safetensors or a diffusers diffusion_pytorch_model.safetensors (renamed)."}),
-            }
-        }
-
-    RETURN_TYPES = (CONTROLNET_XS,)
-    RETURN_NAMES = ("controlnet_xs",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-
-    def load(self, control_file):
+    def execute(cls, control_file):
         loaded = LoadedControlNetXS(control_file, read(control_file, "controlnet"))
         LOG.info("[XCtrl] %s: %s (%s format)", control_file, loaded.description, loaded.format)
-        return (loaded,)
+        return io.NodeOutput(loaded)
 
 
-class ApplyControlNetXS:
-    DESCRIPTION = (
-        "Applies ControlNet-XS to a MODEL: the control network runs in lock-step with the UNet encoder on every "
-        "sampler step in [start, end], for positive and negative alike. Connect the patched MODEL to any sampler; "
-        "chain several apply nodes to stack controls."
-    )
+class ApplyControlNetXS(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_ApplyControlNetXS",
+            display_name="Apply ControlNet-XS (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "Applies ControlNet-XS to a MODEL: the control network runs in lock-step with the UNet encoder on every "
+                "sampler step in [start, end], for positive and negative alike. Connect the patched MODEL to any sampler; "
+                "chain several apply nodes to stack controls."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                ControlNetXSType.Input("controlnet_xs"),
+                io.Image.Input("image", tooltip="Condition image (canny edges, depth, ...), RGB in [0, 1]; resized to the generated image size. A batch of 1 serves every latent; otherwise one per latent."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="Scales every control -> base connection (the authors' conditioning scale). 0 leaves the model untouched."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+            ],
+            outputs=[io.Model.Output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "controlnet_xs": (CONTROLNET_XS,),
-                "image": ("IMAGE", {"tooltip": "Condition image (canny edges, depth, ...), RGB in [0, 1]; resized to the generated image size. A batch of 1 serves every latent; otherwise one per latent."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Scales every control -> base connection (the authors' conditioning scale). 0 leaves the model untouched."}),
-                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-            }
-        }
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "apply"
-    CATEGORY = CATEGORY
-
-    def apply(self, model, controlnet_xs, image, strength, start_percent, end_percent):
+    def validate_inputs(cls, start_percent, end_percent):
         if start_percent > end_percent:
-            raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
+            return f"start_percent ({start_percent}) is after end_percent ({end_percent}): set start_percent <= end_percent"
+        return True
+
+    @classmethod
+    def execute(cls, model, controlnet_xs, image, strength, start_percent, end_percent):
         controlnet_xs.check_base(model)
         hint = hints.image_to_nchw(image)
         patched = model.clone()
-        ControlNetXSRunner(controlnet_xs.patcher, hint, strength, start_percent, end_percent).install(patched)
-        return (patched,)
+        ControlNetXSRunner(controlnet_xs.patcher_for(model), hint, strength, start_percent, end_percent).install(patched)
+        return io.NodeOutput(patched)
 
 
-NODE_CLASS_MAPPINGS = {
-    "XCtrl_LoadControlNetXS": LoadControlNetXS,
-    "XCtrl_ApplyControlNetXS": ApplyControlNetXS,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "XCtrl_LoadControlNetXS": "Load ControlNet-XS (XCtrl)",
-    "XCtrl_ApplyControlNetXS": "Apply ControlNet-XS (XCtrl)",
-}
+NODES = [LoadControlNetXS, ApplyControlNetXS]

@@ -6,7 +6,7 @@ the control stream rides on ComfyUI's hooks, so the base keeps every other pack'
 wrappers, stock ControlNets and LoRAs:
 
 - APPLY_MODEL wrapper: decides from this call's sigma (with the model's own model_sampling)
-  whether the control is active.
+  whether the control is active, and stashes the image size the latents decode to.
 - DIFFUSION_MODEL wrapper: when active, opens a per-call state in ``transformer_options``
   (UNet input x, timesteps, text context, SDXL ``y``, hint features per batch row) and
   closes it when the UNet returns.
@@ -23,30 +23,28 @@ Outside the active range, or with strength 0, nothing is stashed and every hook 
 input unchanged: the base output is bit for bit the unpatched one, own time embedding included.
 Several ControlNet-XS applied to one MODEL stack (each keyed by its own id).
 """
-import uuid
-
 import torch
 
 import comfy.model_management as mm
-import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension as pe
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
 from ..models.controlnet_xs import load_controlnet_xs, mix_time_embeddings
 from . import hints
+from .control_runner import ControlRunner, FrameCache, image_size
 
 STASH = "xctrl_controlnet_xs"
 TIME_EMBEDDING_MIX = 1.0  # the released configs: the control's learned embedding replaces the base's
-_ACTIVE = "active"  # APPLY_MODEL -> DIFFUSION_MODEL marker
 _STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def control_patcher(state_dict, num_params):
-    """The control network with ComfyUI's casting ops, wrapped for model management.
+def build_control_net(state_dict, num_params):
+    """The control network with ComfyUI's casting ops, on the offload device.
 
     Weights are stored in the dtype ComfyUI picks for a UNet of that size; manual_cast runs
-    each layer in the dtype of its input, i.e. the base UNet's compute dtype.
+    each layer in the dtype of its input, i.e. the base UNet's compute dtype. The apply node
+    wraps it for model management on the MODEL's devices (control_runner.control_patcher).
     """
     dtype = mm.unet_dtype(model_params=num_params, supported_dtypes=list(_STORAGE_DTYPES))
     if dtype not in _STORAGE_DTYPES:  # e.g. --fp8_e4m3fn-unet: keep the small control net in fp16
@@ -55,9 +53,7 @@ def control_patcher(state_dict, num_params):
     # buffer, and misaligned weights take other (slower, differently rounding) CPU kernels.
     offload = mm.unet_offload_device()
     state_dict = {k: v.to(device=offload, dtype=dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state_dict.items()}
-    net, config = load_controlnet_xs(state_dict, ops=comfy.ops.manual_cast)
-    patcher = comfy.model_patcher.ModelPatcher(net, load_device=mm.get_torch_device(), offload_device=offload)
-    return patcher, config
+    return load_controlnet_xs(state_dict, ops=comfy.ops.manual_cast)
 
 
 class _Call:
@@ -78,21 +74,15 @@ class _Call:
         self.next_block = 0
 
 
-class ControlNetXSRunner:
+class ControlNetXSRunner(ControlRunner):
     """One applied ControlNet-XS: control network, hint, strength, step range."""
 
-    def __init__(self, patcher, hint, strength, start_percent, end_percent):
-        self.uid = f"{STASH}_{uuid.uuid4().hex[:12]}"
-        self.patcher = patcher
-        self.hint = hint  # (B, 3, H, W) float32 on the CPU, RGB in [0, 1]
-        self.strength = float(strength)
-        self.percent_range = (float(start_percent), float(end_percent))
-        self._hint_key = None
-        self._hint_emb = None
+    STASH = STASH
+    NODE = "Apply ControlNet-XS (XCtrl)"
 
-    # Patch objects live in model_options, which ModelPatcher.clone() deep-copies: share, don't copy.
-    def __deepcopy__(self, memo):
-        return self
+    def __init__(self, patcher, hint, strength, start_percent, end_percent):
+        super().__init__(patcher, hint, strength, start_percent, end_percent)
+        self._hint_emb = FrameCache()
 
     @property
     def net(self):
@@ -100,51 +90,43 @@ class ControlNetXSRunner:
 
     def install(self, model):
         """Adds wrappers, patches and the control network (for loading) to a cloned MODEL."""
+        super().install(model)
         model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.uid, self.apply_model_wrapper)
         model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, self.uid, self.diffusion_model_wrapper)
-        model.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, self.uid, self.release)
-        model.set_additional_models(self.uid, [self.patcher])
         model.set_model_emb_patch(_Hook(self, self.emb_patch))
         model.set_model_input_block_patch(_Hook(self, self.input_patch))
         model.set_model_output_block_patch(_Hook(self, self.output_patch))
 
     def release(self, *args):
-        self._hint_key, self._hint_emb = None, None
+        self._hint_emb.clear()
 
     # ------------------------------------------------------------------ wrappers
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         if transformer_options is None:
             transformer_options = {}
-        active = self.strength != 0.0 and self._active(executor.class_obj.model_sampling, t)
+        active = self.strength != 0.0 and self.active(executor.class_obj.model_sampling, t)
         stash = dict(transformer_options.get(STASH, {}))
-        stash[self.uid] = _ACTIVE if active else None
+        stash[self.uid] = image_size(executor.class_obj, x) if active else None
         transformer_options[STASH] = stash
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     def diffusion_model_wrapper(self, executor, x, timesteps, context=None, y=None, control=None, transformer_options=None, **kwargs):
         stash = (transformer_options or {}).get(STASH, {})
-        if stash.get(self.uid) is not _ACTIVE:
+        size = stash.get(self.uid)
+        if not isinstance(size, tuple):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        rows = hints.rows_to_items(self.hint.shape[0], x.shape[0], transformer_options.get("cond_or_uncond"))
-        g = self._embedded_hint((x.shape[-2] * 8, x.shape[-1] * 8), x.device, x.dtype)
-        stash[self.uid] = _Call(x, timesteps, context, y, executor.class_obj, g[rows.to(g.device)], self.strength)
+        rows = hints.BatchLayout(x.shape[0], transformer_options).items(self.hint.shape[0])
+        g = self._embedded_hint(rows, size, x.device, x.dtype)
+        stash[self.uid] = _Call(x, timesteps, context, y, executor.class_obj, g, self.strength)
         try:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         finally:
             stash[self.uid] = None  # frees the control skips
 
-    def _active(self, model_sampling, sigma):
-        start, end = self.percent_range
-        s = float(sigma.reshape(-1)[0])
-        return model_sampling.percent_to_sigma(end) <= s <= model_sampling.percent_to_sigma(start)
-
-    def _embedded_hint(self, size, device, dtype):
-        """input_hint_block of every hint image, resized to 8x the latent; cached for the run."""
-        key = (tuple(size), str(device), dtype)
-        if key != self._hint_key:
-            hint = hints.resize(self.hint, size).to(device=device, dtype=dtype)
-            self._hint_emb, self._hint_key = self.net.embed_hint(hint), key
-        return self._hint_emb
+    def _embedded_hint(self, rows, size, device, dtype):
+        """input_hint_block of each row's hint image, resized to the image size; cached per frame for the run."""
+        return self._hint_emb.get(rows.tolist(), (tuple(size), str(device), dtype),
+                                  lambda idx: (self.net.embed_hint(hints.resize(self.hint[idx], size).to(device=device, dtype=dtype)),))[0]
 
     # ------------------------------------------------------------------ UNet hooks
     def _call(self, transformer_options):

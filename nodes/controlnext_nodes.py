@@ -1,18 +1,22 @@
-"""ControlNeXt nodes: load a control module (+ optional UNet weights), apply it to a MODEL."""
-import torch
-
+"""ControlNeXt nodes: load a control module (+ optional UNet weights), apply it to a MODEL,
+and run SVD videos longer than one window the authors' way."""
 import comfy.utils
+from comfy_api.latest import io
 
 from ..models import controlnext as cnx
 from ..models import unet_weight_files as uwf
+from ..models import video_windows as vw
 from ..models.checkpoint_io import WeightFileError
 from . import hints
 from .controlnext_runtime import ControlNeXtRunner, module_patcher
+from .long_video_runtime import NODE as LONG_VIDEO_NODE
+from .long_video_runtime import LongVideoError, LongVideoWindows
 from .model_family import compute_dtype, family_title, model_family, unet_block_channels
 from .weight_files import NONE, file_list, read
 
 CATEGORY = "XCtrl/ControlNeXt"
 CONTROLNEXT = "XCTRL_CONTROLNEXT"
+ControlNeXtType = io.Custom(CONTROLNEXT)
 UNET_FOLDERS = ("controlnet", "diffusion_models")
 
 # Which ControlNeXt member a base model family selects (resolve_variant's base names).
@@ -31,95 +35,78 @@ class LoadedControlNeXt:
         self.unet_semantics = uwf.parse_unet_weight_file(unet_sd) if unet_sd is not None else None
         self._patchers = {}
 
-    def module_patcher(self, variant, dtype):
-        key = (variant, dtype)
+    def module_patcher(self, variant, model):
+        """The module for a variant, on the MODEL's compute dtype and devices (built once per combination)."""
+        key = (variant, compute_dtype(model), str(model.load_device), str(model.offload_device))
         if key not in self._patchers:
-            self._patchers[key] = module_patcher(self.state_dict, variant, dtype)
+            self._patchers[key] = module_patcher(self.state_dict, variant, model)
         return self._patchers[key]
 
 
-class LoadControlNeXt:
-    DESCRIPTION = (
-        "Loads a ControlNeXt control module (SD1.5, SDXL, SVD v1/v2; .safetensors or .bin) from models/controlnet, "
-        "optionally with its UNet weight file (the 'unet.safetensors' released next to it)."
-    )
+class LoadControlNeXt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_LoadControlNeXt",
+            display_name="Load ControlNeXt (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "Loads a ControlNeXt control module (SD1.5, SDXL, SVD v1/v2; .safetensors or .bin) from models/controlnet, "
+                "optionally with its UNet weight file (the 'unet.safetensors' released next to it)."
+            ),
+            inputs=[
+                io.Combo.Input("control_file", options=file_list("controlnet"), tooltip="The control module, e.g. controlnet.safetensors of a ControlNeXt release."),
+                io.Combo.Input("unet_weights", options=[NONE] + file_list(*UNET_FOLDERS), tooltip="Optional fine-tuned UNet weights released with the module (SD1.5: replacement attention weights; SDXL: deltas). From models/controlnet or models/diffusion_models."),
+            ],
+            outputs=[ControlNeXtType.Output(display_name="controlnext")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "control_file": (file_list("controlnet"), {"tooltip": "The control module, e.g. controlnet.safetensors of a ControlNeXt release."}),
-                "unet_weights": ([NONE] + file_list(*UNET_FOLDERS), {"tooltip": "Optional fine-tuned UNet weights released with the module (SD1.5: replacement attention weights; SDXL: deltas). From models/controlnet or models/diffusion_models."}),
-            }
-        }
-
-    RETURN_TYPES = (CONTROLNEXT,)
-    RETURN_NAMES = ("controlnext",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-
-    def load(self, control_file, unet_weights):
+    def execute(cls, control_file, unet_weights):
         sd = read(control_file, "controlnet")
         try:
             unet_sd = None if unet_weights == NONE else read(unet_weights, *UNET_FOLDERS)
-            return (LoadedControlNeXt(control_file, sd, None if unet_sd is None else unet_weights, unet_sd),)
+            return io.NodeOutput(LoadedControlNeXt(control_file, sd, None if unet_sd is None else unet_weights, unet_sd))
         except WeightFileError as e:
             raise WeightFileError(f"{control_file}: {e}") from e
 
 
-class ApplyControlNeXt:
-    DESCRIPTION = (
-        "Applies ControlNeXt to a MODEL: the control feature is cross-normalized and added inside the denoiser at the "
-        "point the weights were trained for, on every sampler step in [start, end]. Connect the patched MODEL to any sampler."
-    )
+class ApplyControlNeXt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_ApplyControlNeXt",
+            display_name="Apply ControlNeXt (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "Applies ControlNeXt to a MODEL: the control feature is cross-normalized and added inside the denoiser at the "
+                "point the weights were trained for, on every sampler step in [start, end]. Connect the patched MODEL to any sampler."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                ControlNeXtType.Input("controlnext"),
+                io.Image.Input("image", tooltip="Condition image (pose, edges, depth, ...), RGB in [0, 1]; resized to the generated image size. A batch of 1 serves every latent; otherwise one per latent."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="Control strength. SD1.5 released: multiplies the learned scale. SDXL: the scale itself (authors: ~0.35 for canny, 1.0 for dense conditions)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                io.Mask.Input("mask", optional=True, tooltip="Where to apply the control (1 = full control)."),
+                io.Float.Input("unet_strength", optional=True, default=1.0, min=-2.0, max=2.0, step=0.01, tooltip="Strength of the UNet weight file loaded with the module (ignored without one)."),
+                io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse", tooltip="An SDXL-layout file on an SD1.5 model: 'refuse' (no SD1.5-Training weights were released, so it is most likely an SDXL file) or 'sd15_training' for a module you trained with the ControlNeXt SD1.5-Training code."),
+                io.Boolean.Input("reference_pose_per_window", optional=True, default=True, tooltip="SVD v2 under context windows (XCtrl Long Video, ComfyUI's Context Windows, AnimateDiff-Evolved context options): every window gets pose frame 0 (the reference image's pose) at its first position, as the authors' long-video loop does. Off: every frame gets its own pose. Other variants always use their own frame's image."),
+            ],
+            outputs=[io.Model.Output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "controlnext": (CONTROLNEXT,),
-                "image": ("IMAGE", {"tooltip": "Condition image (pose, edges, depth, ...), RGB in [0, 1]; resized to the generated image size. A batch of 1 serves every latent; otherwise one per latent."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip": "Control strength. SD1.5 released: multiplies the learned scale. SDXL: the scale itself (authors: ~0.35 for canny, 1.0 for dense conditions)."}),
-                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001}),
-            },
-            "optional": {
-                "mask": ("MASK", {"tooltip": "Where to apply the control (1 = full control)."}),
-                "unet_strength": ("FLOAT", {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.01, "tooltip": "Strength of the UNet weight file loaded with the module (ignored without one)."}),
-                "sd15_layout": (["refuse", "sd15_training"], {"default": "refuse", "tooltip": "An SDXL-layout file on an SD1.5 model: 'refuse' (no SD1.5-Training weights were released, so it is most likely an SDXL file) or 'sd15_training' for a module you trained with the ControlNeXt SD1.5-Training code."}),
-            },
-        }
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "apply"
-    CATEGORY = CATEGORY
-
-    def apply(self, model, controlnext, image, strength, start_percent, end_percent, mask=None, unet_strength=1.0,
-              sd15_layout="refuse"):
+    def validate_inputs(cls, start_percent, end_percent):
         if start_percent > end_percent:
-            raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent})")
-        family = model_family(model)
-        base = _BASE_FOR_FAMILY.get(family)
-        if base is None:
-            raise WeightFileError(
-                f"{controlnext.name} is a ControlNeXt {_family_label(controlnext.family)} module; it cannot control a "
-                f"{family_title(family)} model. Use a ControlNeXt model made for your base model."
-            )
-        try:
-            variant = cnx.resolve_variant(controlnext.family, base)
-        except WeightFileError as e:
-            raise WeightFileError(
-                f"{controlnext.name} is a ControlNeXt {_family_label(controlnext.family)} module but the MODEL is "
-                f"{family_title(family)}: load the ControlNeXt file made for {family_title(family)}, or use a "
-                f"{_family_label(controlnext.family)} checkpoint."
-            ) from e
-        if variant == "sd15_training" and sd15_layout != "sd15_training":
-            raise WeightFileError(
-                f"{controlnext.name} has the SDXL ControlNeXt layout but the MODEL is SD1.5. No SD1.5-Training weights "
-                "were released; this is most likely an SDXL ControlNeXt file: use an SDXL checkpoint (or, for a module "
-                "you trained with the SD1.5-Training code, set sd15_layout to sd15_training)."
-            )
+            return f"start_percent ({start_percent}) is after end_percent ({end_percent}): set start_percent <= end_percent"
+        return True
+
+    @classmethod
+    def execute(cls, model, controlnext, image, strength, start_percent, end_percent, mask=None, unet_strength=1.0,
+                sd15_layout="refuse", reference_pose_per_window=True):
+        variant = _variant_for(controlnext, model, sd15_layout)
         _check_width(controlnext, variant, model)
         hint = hints.image_to_nchw(image)
         mask_t = None
@@ -129,11 +116,82 @@ class ApplyControlNeXt:
         if controlnext.unet_sd is not None and unet_strength != 0.0:
             add_unet_weight_patches(patched, controlnext, unet_strength)
         runner = ControlNeXtRunner(
-            controlnext.module_patcher(variant, compute_dtype(model)), variant, hint, strength,
-            start_percent, end_percent, mask_t,
+            controlnext.module_patcher(variant, model), variant, hint, strength,
+            start_percent, end_percent, mask_t, reference_pose_per_window,
         )
         runner.install(patched)
-        return (patched,)
+        return io.NodeOutput(patched)
+
+
+class ControlNeXtSVDLongVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_ControlNeXtSVDLongVideo",
+            display_name=LONG_VIDEO_NODE,
+            category=CATEGORY,
+            description=(
+                "Makes an SVD MODEL denoise videos longer than one window the way the ControlNeXt-SVD v2 authors do: at every "
+                "sampler step the video runs in windows of frames_per_window frames overlapping by overlap frames (the last "
+                "window moved back to end at the last frame), each window from the same sigma, fused by a flat average that "
+                "leaves out position 0 of every window not starting at frame 0. With Apply ControlNeXt (SVD v2) every window "
+                "gets the reference pose (frame 0) at its first position. Any sampler and scheduler."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An SVD model (e.g. the ControlNeXt-SVD v2 UNet), before or after Apply ControlNeXt."),
+                io.Int.Input("frames_per_window", default=24, min=1, max=4096, tooltip="Frames the UNet sees per call (the authors' script: 24). A video this short or shorter is one window."),
+                io.Int.Input("overlap", default=6, min=0, max=4095, tooltip="Frames shared by consecutive windows (the authors' script: 6); at least 1, fewer than frames_per_window."),
+                io.Combo.Input("cfg_ramp", options=["constant", "linear"], default="constant", tooltip="constant: the sampler's cfg on every frame (the authors' script). linear: per window position, cfg rises from min_cfg (position 0) to the sampler's cfg (last position) before the windows are fused, as the reference pipeline's min/max guidance does."),
+                io.Float.Input("min_cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="cfg at window position 0 with cfg_ramp = linear; ignored with constant."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, frames_per_window, overlap):
+        try:
+            vw.check_window_settings(frames_per_window, overlap)
+        except vw.WindowError as e:
+            return f"{e}. The authors' setting is frames_per_window 24, overlap 6."
+        return True
+
+    @classmethod
+    def execute(cls, model, frames_per_window, overlap, cfg_ramp="constant", min_cfg=1.0):
+        family = model_family(model)
+        if family != "svd":
+            raise LongVideoError(
+                f"{LONG_VIDEO_NODE} windows Stable Video Diffusion models; this MODEL is {family_title(family)}. "
+                "Connect an SVD model (e.g. the ControlNeXt-SVD v2 UNet)."
+            )
+        patched = model.clone()
+        LongVideoWindows(frames_per_window, overlap, min_cfg if cfg_ramp == "linear" else None).install(patched)
+        return io.NodeOutput(patched)
+
+
+def _variant_for(controlnext, model, sd15_layout):
+    """The ControlNeXt variant for this file on this MODEL, or a WeightFileError saying what to load."""
+    family = model_family(model)
+    base = _BASE_FOR_FAMILY.get(family)
+    if base is None:
+        raise WeightFileError(
+            f"{controlnext.name} is a ControlNeXt {_family_label(controlnext.family)} module; it cannot control a "
+            f"{family_title(family)} model. Use a ControlNeXt model made for your base model."
+        )
+    try:
+        variant = cnx.resolve_variant(controlnext.family, base)
+    except WeightFileError as e:
+        raise WeightFileError(
+            f"{controlnext.name} is a ControlNeXt {_family_label(controlnext.family)} module but the MODEL is "
+            f"{family_title(family)}: load the ControlNeXt file made for {family_title(family)}, or use a "
+            f"{_family_label(controlnext.family)} checkpoint."
+        ) from e
+    if variant == "sd15_training" and sd15_layout != "sd15_training":
+        raise WeightFileError(
+            f"{controlnext.name} has the SDXL ControlNeXt layout but the MODEL is SD1.5. No SD1.5-Training weights "
+            "were released; this is most likely an SDXL ControlNeXt file: use an SDXL checkpoint (or, for a module "
+            "you trained with the SD1.5-Training code, set sd15_layout to sd15_training)."
+        )
+    return variant
 
 
 def _check_width(controlnext, variant, model):
@@ -177,11 +235,4 @@ def add_unet_weight_patches(model, controlnext, strength):
     model.add_patches({"diffusion_model." + k: (d,) for k, d in deltas.items()}, strength)
 
 
-NODE_CLASS_MAPPINGS = {
-    "XCtrl_LoadControlNeXt": LoadControlNeXt,
-    "XCtrl_ApplyControlNeXt": ApplyControlNeXt,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "XCtrl_LoadControlNeXt": "Load ControlNeXt (XCtrl)",
-    "XCtrl_ApplyControlNeXt": "Apply ControlNeXt (XCtrl)",
-}
+NODES = [LoadControlNeXt, ApplyControlNeXt, ControlNeXtSVDLongVideo]

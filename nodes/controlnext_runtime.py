@@ -9,48 +9,46 @@ runners and other packs' patches coexist.
 Cost (issue: no wasted work): the module runs once per distinct (hint, timestep) per step,
 however cond and uncond are batched, and its timestep-independent stem once per run.
 """
-import uuid
-
 import torch
 
-import comfy.model_management as mm
-import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension as pe
 
 from ..models import controlnext as cnx
 from ..models.cross_norm import control_to_tokens, cross_normalize, cross_normalize_tokens
 from . import hints
+from .control_runner import ControlRunner, FrameCache, control_patcher, image_size
+from .model_family import compute_dtype
 
 STASH = "xctrl_controlnext"
 PATCH_SIZE_KEY = "xctrl_patch_size"
 
 
-class ControlNeXtRunner:
+class ControlNeXtRunner(ControlRunner):
     """One applied ControlNeXt: module, hint, strength, step range, mask."""
 
-    def __init__(self, module_patcher, variant, hint, strength, start_percent, end_percent, mask=None):
-        self.uid = f"{STASH}_{uuid.uuid4().hex[:12]}"
-        self.module_patcher = module_patcher
+    STASH = STASH
+    NODE = "Apply ControlNeXt (XCtrl)"
+
+    def __init__(self, module_patcher, variant, hint, strength, start_percent, end_percent, mask=None,
+                 reference_pose_per_window=True):
+        super().__init__(module_patcher, hint, strength, start_percent, end_percent)
         self.variant = cnx.get_variant(variant)
-        self.hint = hint  # (B, 3, H, W) float32 on the CPU
         self.mask = mask  # (B, 1, H, W) float32 or None
-        self.strength = float(strength)
-        self.percent_range = (float(start_percent), float(end_percent))
+        # ControlNeXt-SVD v2's long-video loop gives window position 0 the reference pose (frame 0).
+        self.reference_first = bool(reference_pose_per_window) and self.variant.name == "svd_v2"
         self.learned_scale = module_patcher.model.learned_scale()
-        self._stem_key = None
-        self._stem = None
+        self._stems = FrameCache()
         self._features = {}  # (hint index, timestep) -> (1, C, h, w) feature of the current step
 
-    # Patch objects live in model_options, which ModelPatcher.clone() deep-copies: share, don't copy.
-    def __deepcopy__(self, memo):
-        return self
+    @property
+    def module_patcher(self):
+        return self.patcher
 
     def install(self, model):
         """Adds the wrapper, the injection patch and the module (for loading) to a cloned MODEL."""
+        super().install(model)
         model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.uid, self.apply_model_wrapper)
-        model.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, self.uid, self.release)
-        model.set_additional_models(self.uid, [self.module_patcher])
         hook = self.variant.injection_hook
         if hook == cnx.OUTPUT_BLOCK_PATCH:
             model.set_model_output_block_patch(OutputBlockInjection(self))
@@ -61,10 +59,21 @@ class ControlNeXtRunner:
             model.set_model_patch_replace(JointBlockInjection(self, previous), "dit", "double_block", 0)
 
     def release(self, *args):
-        self._stem_key, self._stem, self._features = None, None, {}
+        self._stems.clear()
+        self._features = {}
+
+    def check_sampling(self, latent_shape, model_options):
+        if (model_options or {}).get("transformer_options", {}).get(hints.WINDOW) and self.variant.name != "svd_v2":
+            raise ValueError(
+                f"{self.NODE}: XCtrl Long Video runs the authors' ControlNeXt-SVD v2 window loop, but this module is "
+                f"ControlNeXt {self.variant.title}: use the SVD v2 control module (or remove the Long Video node)."
+            )
+        super().check_sampling(latent_shape, model_options)
 
     # ------------------------------------------------------------------ per model call
-    def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+    def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        if transformer_options is None:
+            transformer_options = {}
         entry = self._entry(executor.class_obj, x, t, transformer_options)
         stash = dict(transformer_options.get(STASH, {}))
         stash[self.uid] = entry
@@ -74,47 +83,39 @@ class ControlNeXtRunner:
             transformer_options[PATCH_SIZE_KEY] = embedder.patch_size[0]
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-    def _active(self, model_sampling, sigma):
-        start, end = self.percent_range
-        s_start, s_end = model_sampling.percent_to_sigma(start), model_sampling.percent_to_sigma(end)
-        s = float(sigma.reshape(-1)[0])
-        return s_end <= s <= s_start
-
     def _entry(self, base_model, x, sigma, transformer_options):
-        """(features per row, scale per row, mask per row) for this call, or None when inactive."""
-        if self.strength == 0.0 or not self._active(base_model.model_sampling, sigma):
+        """(features per row, scale per row, mask per row, latent size) for this call, or None when inactive."""
+        if self.strength == 0.0 or not self.active(base_model.model_sampling, sigma):
             return None
         rows = x.shape[0]
-        cond_or_uncond = transformer_options.get("cond_or_uncond", [0])
-        hint_idx = hints.rows_to_items(self.hint.shape[0], rows, cond_or_uncond)
-        mask_idx = None if self.mask is None else hints.rows_to_items(self.mask.shape[0], rows, cond_or_uncond, "mask")
+        layout = hints.BatchLayout(rows, transformer_options)
+        scale = cnx.injection_scales(self.variant, self.strength, layout.uncond, self.learned_scale)
+        if not bool((scale != 0).any()):
+            return None  # e.g. a call with only SVD v2's uncond rows: nothing to add, nothing to compute
+        hint_idx = layout.items(self.hint.shape[0], reference_first=self.reference_first)
+        mask = None
+        if self.mask is not None:
+            mask = self.mask[layout.items(self.mask.shape[0], "mask")].to(x.device)  # masks follow the latent
         sigma_rows = sigma.reshape(-1).expand(rows) if sigma.numel() == 1 else sigma.reshape(-1)
-        if self.variant.timestep_mode == "index":
-            steps = base_model.model_sampling.timestep(sigma_rows).float()
-        else:
-            steps = cnx.control_timesteps(self.variant, sigma_rows)
-        image_size = (x.shape[-2] * 8, x.shape[-1] * 8)
-        feats = self._features_for(hint_idx, steps, image_size, x.device)
-        uncond = hints.uncond_rows(rows, cond_or_uncond)
-        scale = cnx.injection_scales(self.variant, self.strength, uncond, self.learned_scale).to(x.device)
-        mask = None if mask_idx is None else self.mask[mask_idx].to(x.device)
-        return feats, scale, mask, tuple(x.shape[-2:])
+        steps = cnx.control_timesteps(self.variant, sigma_rows, base_model.model_sampling.timestep(sigma_rows).float())
+        self._stems.capacity = layout.per_chunk if layout.window is not None else None
+        feats = self._features_for(hint_idx, steps, image_size(base_model, x), x.device)
+        return feats, scale.to(x.device), mask, tuple(x.shape[-2:])
 
-    def _features_for(self, hint_idx, steps, image_size, device):
+    def _features_for(self, hint_idx, steps, size, device):
+        """The control feature of each row; the module runs once on the (hint, timestep) pairs
+        this call needs that the step has not computed yet (cond and uncond rows share them, and
+        so do the overlapping frames of consecutive windows)."""
         module = self.module_patcher.model
         dtype = next(module.parameters()).dtype
-        stem_key = (image_size, str(device), dtype)
-        if stem_key != self._stem_key:
-            hint = hints.resize(self.hint, image_size).to(device=device, dtype=dtype)
-            self._stem, self._stem_key, self._features = module.stem(hint), stem_key, {}
         keys = [(int(i), float(s)) for i, s in zip(hint_idx.tolist(), steps.tolist())]
-        current = {s for _, s in keys}
-        self._features = {k: v for k, v in self._features.items() if k[1] in current}  # keep this step only
+        self._features = {k: v for k, v in self._features.items() if k in set(keys)}  # this call's only
         todo = sorted({k for k in keys if k not in self._features})
         if todo:
-            idx = torch.tensor([i for i, _ in todo], device=device)
+            frames = [i for i, _ in todo]
+            stem = self._stems.get(frames, (tuple(size), str(device), dtype),
+                                   lambda idx: module.stem(hints.resize(self.hint[idx], size).to(device=device, dtype=dtype)))
             ts = torch.tensor([s for _, s in todo], device=device, dtype=torch.float32)
-            stem = tuple(part[idx] for part in self._stem)
             out = module.forward_from_stem(stem, ts)
             for n, k in enumerate(todo):
                 self._features[k] = out[n:n + 1]
@@ -183,7 +184,8 @@ class JointBlockInjection:
         return extra["original_block"](args)
 
 
-def module_patcher(state_dict, variant, dtype):
-    """Builds the control module with ComfyUI's casting ops and wraps it for model management."""
-    module = cnx.build_controlnext(state_dict, variant, ops=comfy.ops.manual_cast, dtype=dtype)
-    return comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+def module_patcher(state_dict, variant, model):
+    """Builds the control module with ComfyUI's casting ops in the MODEL's compute dtype and wraps
+    it for model management on the MODEL's devices."""
+    module = cnx.build_controlnext(state_dict, variant, ops=comfy.ops.manual_cast, dtype=compute_dtype(model))
+    return control_patcher(module, model)

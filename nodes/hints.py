@@ -1,16 +1,45 @@
-"""Condition images (hints) and masks: layout, resizing, and mapping to batch rows.
+"""Condition images (hints) and masks: layout, resizing, and which one each batch row gets.
 
 ComfyUI batches cond and uncond (and several prompts) as chunks of one model call:
-``transformer_options["cond_or_uncond"]`` lists one entry per chunk, each chunk holding the
-whole latent batch. A hint batch of 1 serves every row; a hint batch equal to the latent
-batch gives hint i to row i of every chunk; anything else is an error naming both sizes.
+``transformer_options["cond_or_uncond"]`` lists one entry per chunk (0 = cond, 1 = uncond),
+each chunk holding the latent batch, or the frames of one context window when the video runs
+in windows. A hint batch of 1 serves every row; a hint batch equal to the latent batch (the
+video's frames) gives hint i to latent i; anything else is an error naming both sizes
+(docs/comfyui_hooks.md, "Batch rows").
 """
 import torch
 import torch.nn.functional as F
 
+# transformer_options key set by XCtrl Long Video for each window: a Window.
+WINDOW = "xctrl_window"
+
 
 class HintBatchError(ValueError):
     pass
+
+
+class Window:
+    """The frames of the video one model call sees (a context window)."""
+
+    def __init__(self, frames, full_length=None, source="xctrl"):
+        self.frames = [int(f) for f in frames]
+        self.full_length = full_length
+        self.source = source
+
+
+def current_window(transformer_options):
+    """The window of this call from XCtrl Long Video, ComfyUI's context windows
+    (``context_window.index_list``) or AnimateDiff-Evolved (``ad_params.sub_idxs``), else None."""
+    to = transformer_options or {}
+    if isinstance(to.get(WINDOW), Window):
+        return to[WINDOW]
+    core = to.get("context_window")
+    if core is not None and getattr(core, "index_list", None) is not None:
+        return Window(core.index_list, getattr(core, "total_frames", None) or None, "comfyui")
+    ad = to.get("ad_params")
+    if isinstance(ad, dict) and ad.get("sub_idxs") is not None:
+        return Window(ad["sub_idxs"], ad.get("full_length"), "animatediff")
+    return None
 
 
 def image_to_nchw(image):
@@ -30,24 +59,59 @@ def resize(x, size):
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
 
 
-def rows_to_items(n_items, rows, cond_or_uncond, what="condition image"):
-    """Index of the hint (or mask) for each of ``rows`` batch rows (a LongTensor)."""
-    chunks = max(1, len(cond_or_uncond or [0]))
-    per_chunk = rows // chunks
-    if n_items == 1:
-        return torch.zeros(rows, dtype=torch.long)
-    if per_chunk % n_items != 0:
-        raise HintBatchError(
-            f"the {what} batch has {n_items} images but the latent batch has {per_chunk}: "
-            f"give 1 {what} (used for every latent) or exactly {per_chunk}"
-        )
-    # n_items == per_chunk: image i for latent i. A divisor of it (e.g. the frames of one
-    # video for a batch of several videos) repeats, as ComfyUI's stock ControlNet does.
-    return torch.arange(rows, dtype=torch.long) % n_items
+def check_batch(n_items, latents, what="condition image", windowed=False):
+    """Raises HintBatchError unless ``n_items`` images can serve a latent batch of ``latents``:
+    1 (for all), exactly one per latent, or (without windows) a divisor of it (e.g. the frames of
+    one video for a batch of several videos, which repeat, as ComfyUI's stock ControlNet does)."""
+    if n_items == 1 or n_items == latents or (not windowed and latents % n_items == 0):
+        return
+    missing_reference = " (one short: is the reference image's pose, frame 0, missing?)" if n_items == latents - 1 else ""
+    raise HintBatchError(
+        f"the {what} batch has {n_items} images but the latent batch has {latents}{missing_reference}: "
+        f"give 1 {what} (used for every latent) or exactly {latents}"
+    )
 
 
-def uncond_rows(rows, cond_or_uncond):
-    """One bool per row: True where the row belongs to an uncond (negative) chunk."""
-    chunks = list(cond_or_uncond or [0])
-    per_chunk = rows // len(chunks)
-    return [bool(chunks[r // per_chunk] == 1) for r in range(rows)]
+class BatchLayout:
+    """Per row of one model call: its chunk kind (cond/uncond) and the latent (video frame) it is.
+
+    ``rows`` = chunks x frames per chunk. Under a context window the frames of a chunk are the
+    window's frames of the video, else 0..per_chunk-1.
+    """
+
+    def __init__(self, rows, transformer_options):
+        to = transformer_options or {}
+        self.kinds = list(to.get("cond_or_uncond") or [0])
+        if rows % len(self.kinds):
+            raise HintBatchError(f"{rows} batch rows do not split into {len(self.kinds)} cond/uncond chunks")
+        self.rows = rows
+        self.per_chunk = rows // len(self.kinds)
+        self.window = current_window(to)
+        if self.window is not None and len(self.window.frames) != self.per_chunk:
+            self.window = None  # not this call's layout (e.g. a nested model call)
+        self.uncond = [self.kinds[r // self.per_chunk] == 1 for r in range(rows)]
+
+    def frames(self, reference_first=False):
+        """Latent (video frame) index of each row; with ``reference_first`` position 0 of a window
+        that does not start at frame 0 is frame 0 (the reference pose, as ControlNeXt-SVD v2's loop)."""
+        frames = self.window.frames if self.window is not None else list(range(self.per_chunk))
+        if reference_first and self.window is not None:
+            frames = [0] + frames[1:]
+        return torch.tensor(frames * len(self.kinds), dtype=torch.long)
+
+    def latent_count(self):
+        """Size of the whole latent batch the rows belong to (the video length under windows)."""
+        if self.window is None:
+            return self.per_chunk
+        return self.window.full_length or (max(self.window.frames) + 1)
+
+    def items(self, n_items, what="condition image", reference_first=False):
+        """Index into a batch of ``n_items`` hints (or masks) for each row (LongTensor)."""
+        if n_items == 1:
+            return torch.zeros(self.rows, dtype=torch.long)
+        windowed = self.window is not None
+        latents = self.latent_count()
+        if windowed and self.window.full_length is None:
+            latents = max(latents, n_items)  # ComfyUI 0.3.64's windows do not say the video length
+        check_batch(n_items, latents, what, windowed)
+        return self.frames(reference_first) % n_items

@@ -2,6 +2,8 @@
 to a conditioning by ComfyUI's own "Apply ControlNet" nodes (see mi_runtime for how)."""
 import logging
 
+from comfy_api.latest import io
+
 from ..models import mi_balance as mb
 from .mi_runtime import CHANNEL_DIM, Balance, BalancedControl, apply_balance, architecture, format_stats
 from .model_family import family_title, model_family
@@ -17,44 +19,45 @@ MODE_TOOLTIP = (
     "bit (the node passes everything through unchanged). The paper does not settle which of paper/min_norm its "
     "authors ran."
 )
+DESCRIPTION = (
+    "MIControlNet (Minimal Impact ControlNet): balances stacked ControlNets. Put it after your Apply ControlNet "
+    "nodes (a ControlNet applied after it is added plainly) and connect its MODEL, positive and negative to the "
+    "sampler. Each ControlNet keeps its own strength and "
+    "start/end (one outside its range drops out); their residuals are combined per layer in the order they were "
+    "applied (add_com), and injected into the denoiser with a balanced weight (add_inj) instead of ComfyUI's plain "
+    "addition. Works with SD1.5/SD2.x/SDXL ControlNets and SD3/SD3.5 ControlNets, and with other model patches "
+    "such as FreeU (which then sees the features with the control injected, as usual). The mean weight per layer "
+    "of the last step is logged after sampling (see also 'MI Lambda Stats')."
+)
 
 
-class MIBalancedControl:
-    DESCRIPTION = (
-        "MIControlNet (Minimal Impact ControlNet): balances stacked ControlNets. Put it after your Apply ControlNet "
-        "nodes (a ControlNet applied after it is added plainly) and connect its MODEL, positive and negative to the "
-        "sampler. Each ControlNet keeps its own strength and "
-        "start/end (one outside its range drops out); their residuals are combined per layer in the order they were "
-        "applied (add_com), and injected into the denoiser with a balanced weight (add_inj) instead of ComfyUI's plain "
-        "addition. Works with SD1.5/SD2.x/SDXL ControlNets and SD3/SD3.5 ControlNets, and with other model patches "
-        "such as FreeU (which then sees the features with the control injected, as usual). The mean weight per layer "
-        "of the last step is logged after sampling (see also 'MI Lambda Stats')."
-    )
+class MIBalancedControl(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_MIBalancedControl",
+            display_name="MI Balanced Control (XCtrl)",
+            category=CATEGORY,
+            description=DESCRIPTION,
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive", tooltip="Conditioning with ControlNets applied (Apply ControlNet)."),
+                io.Conditioning.Input("negative"),
+                io.Combo.Input("mode", options=list(mb.MODES), default="paper", tooltip=MODE_TOOLTIP),
+                io.Combo.Input("granularity", options=list(mb.GRANULARITIES), default="layer", tooltip=(
+                    "layer: one weight per layer and image (the paper). pixel: one weight per spatial position "
+                    "(token on SD3), so silent and active regions of a control are balanced separately.")),
+                io.Float.Input("cap", default=mb.DEFAULT_CAP, min=0.0, max=1000.0, step=0.5, tooltip=(
+                    "Largest injection weight lambda (the paper uses 20). 1 = a control is never added more strongly than by plain addition.")),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive"),
+                     io.Conditioning.Output(display_name="negative")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "positive": ("CONDITIONING", {"tooltip": "Conditioning with ControlNets applied (Apply ControlNet)."}),
-                "negative": ("CONDITIONING",),
-                "mode": (list(mb.MODES), {"default": "paper", "tooltip": MODE_TOOLTIP}),
-                "granularity": (list(mb.GRANULARITIES), {"default": "layer", "tooltip": (
-                    "layer: one weight per layer and image (the paper). pixel: one weight per spatial position "
-                    "(token on SD3), so silent and active regions of a control are balanced separately.")}),
-                "cap": ("FLOAT", {"default": mb.DEFAULT_CAP, "min": 0.0, "max": 1000.0, "step": 0.5, "tooltip": (
-                    "Largest injection weight lambda (the paper uses 20). 1 = a control is never added more strongly than by plain addition.")}),
-            }
-        }
-
-    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("model", "positive", "negative")
-    FUNCTION = "apply"
-    CATEGORY = CATEGORY
-
-    def apply(self, model, positive, negative, mode, granularity, cap):
+    def execute(cls, model, positive, negative, mode, granularity, cap):
         if mode == "sum":
-            return (model, positive, negative)
+            return io.NodeOutput(model, positive, negative)
         arch = architecture(model)
         if arch is None:
             raise ValueError(
@@ -65,41 +68,39 @@ class MIBalancedControl:
         patched, pos, neg, found = apply_balance(model, positive, negative, balance)
         if not found:
             LOG.warning("[XCtrl] MI Balanced Control: no ControlNet is applied to positive or negative; nothing to balance")
-            return (model, positive, negative)
-        return (patched, pos, neg)
+            return io.NodeOutput(model, positive, negative)
+        return io.NodeOutput(patched, pos, neg)
 
 
-class MILambdaStats:
-    DESCRIPTION = (
-        "Shows what MI Balanced Control did in the last sampling step: the mean injection weight lambda per layer "
-        "(cond / uncond rows; 1 = plain addition, < 1 damped, > 1 amplified). Connect the positive conditioning that "
-        "went to the sampler and the sampler's LATENT output (so it runs after sampling)."
-    )
+class MILambdaStats(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_MILambdaStats",
+            display_name="MI Lambda Stats (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "Shows what MI Balanced Control did in the last sampling step: the mean injection weight lambda per layer "
+                "(cond / uncond rows; 1 = plain addition, < 1 damped, > 1 amplified). Connect the positive conditioning that "
+                "went to the sampler and the sampler's LATENT output (so it runs after sampling)."
+            ),
+            inputs=[io.Conditioning.Input("positive"), io.Latent.Input("samples")],
+            outputs=[io.String.Output(display_name="stats")],
+            is_output_node=True,
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"positive": ("CONDITIONING",), "samples": ("LATENT",)}}
-
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("stats",)
-    FUNCTION = "stats"
-    CATEGORY = CATEGORY
-    OUTPUT_NODE = True
-
-    def stats(self, positive, samples):
-        lines = []
-        for balance in dict.fromkeys(opts["control"].balance for _, opts in positive
-                                     if isinstance(opts.get("control"), BalancedControl)):
-            lines.append(format_stats(balance.last_stats, balance))
-        text = "\n".join(lines) or "No MI Balanced Control in this conditioning."
-        return {"ui": {"text": [text]}, "result": (text,)}
+    def execute(cls, positive, samples):
+        text = lambda_stats_text(positive)
+        return io.NodeOutput(text, ui={"text": [text]})
 
 
-NODE_CLASS_MAPPINGS = {
-    "XCtrl_MIBalancedControl": MIBalancedControl,
-    "XCtrl_MILambdaStats": MILambdaStats,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "XCtrl_MIBalancedControl": "MI Balanced Control (XCtrl)",
-    "XCtrl_MILambdaStats": "MI Lambda Stats (XCtrl)",
-}
+def lambda_stats_text(positive):
+    lines = []
+    for balance in dict.fromkeys(opts["control"].balance for _, opts in positive
+                                 if isinstance(opts.get("control"), BalancedControl)):
+        lines.append(format_stats(balance.last_stats, balance))
+    return "\n".join(lines) or "No MI Balanced Control in this conditioning."
+
+
+NODES = [MIBalancedControl, MILambdaStats]

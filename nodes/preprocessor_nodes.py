@@ -12,6 +12,7 @@ import numpy as np
 
 import comfy.model_management as mm
 import comfy.utils
+from comfy_api.latest import io
 
 from ..preprocessors import canny as canny_mod
 from ..preprocessors import depth_anything_v2 as dav2
@@ -21,27 +22,32 @@ from ..preprocessors import hed as hed_mod
 from ..preprocessors import openpose_body
 from ..preprocessors.frames import OUTPUT_SIZES, batched_at_resolution, chunks, output_hw, resize
 from ..preprocessors.image_io import image_to_uint8, scaled_size, uint8_to_image
-from ..preprocessors.pose_align import align_poses
 from ..preprocessors.pose_draw import draw_openpose, draw_svd_v2
 from ..preprocessors.pose_format import PoseFrame, from_openpose_json, to_openpose_json
+from ..preprocessors.pose_sequence import every_nth, prepare_sequence, without_parts
 from . import annotator_models as am
 
 CATEGORY = "XCtrl/Preprocessors"
 POSE_KEYPOINT = "POSE_KEYPOINT"  # list of OpenPose JSON dicts, one per frame (as comfyui_controlnet_aux)
+PoseKeypoint = io.Custom(POSE_KEYPOINT)
 NET_CHUNK = 4  # frames per network call
 
 OUTPUT_SIZE_TIP = (
     "Size of the output. input: the input image's width x height (the map lines up with the image). "
     "resolution: shorter side = resolution, aspect ratio kept (e.g. 1280x720 at 512 -> 910x512)."
 )
+STRIDE_TIP = (
+    "Use every n-th input frame (1 = all). ControlNeXt-SVD v2's reference run takes every 2nd frame of the "
+    "driving video (sample_stride 2); the outputs then hold only those frames."
+)
 
 
 def _output_size_input():
-    return (list(OUTPUT_SIZES), {"default": "input", "tooltip": OUTPUT_SIZE_TIP})
+    return io.Combo.Input("output_size", options=list(OUTPUT_SIZES), default="input", tooltip=OUTPUT_SIZE_TIP)
 
 
 def _resolution_input(default, tip, step=8):
-    return ("INT", {"default": default, "min": 0, "max": 16384, "step": step, "tooltip": tip})
+    return io.Int.Input("resolution", default=default, min=0, max=16384, step=step, tooltip=tip)
 
 
 def _for_frames(count, chunk, work):
@@ -63,32 +69,32 @@ def _to_image(maps):
 # ---------------------------------------------------------------------------------------------
 
 
-class Canny:
-    DESCRIPTION = (
-        "Canny edges (white on black, RGB) as the control models were trained with. fixed: cv2.Canny(RGB, low, high) "
-        "as lllyasviel's annotator. median: the thresholds ControlNeXt-SDXL's canny models were trained with, "
-        "low = (1 - sigma) * median, high = (1 + sigma) * median of the grey image, Canny on the grey image."
-    )
+class Canny(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_Canny",
+            display_name="Canny Edges (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "Canny edges (white on black, RGB) as the control models were trained with. fixed: cv2.Canny(RGB, low, high) "
+                "as lllyasviel's annotator. median: the thresholds ControlNeXt-SDXL's canny models were trained with, "
+                "low = (1 - sigma) * median, high = (1 + sigma) * median of the grey image, Canny on the grey image."
+            ),
+            inputs=[
+                io.Image.Input("image"),
+                io.Combo.Input("mode", options=["fixed", "median"], default="fixed", tooltip="fixed: low/high thresholds. median: ControlNeXt SDXL's automatic thresholds from the grey median and sigma."),
+                io.Int.Input("low_threshold", default=100, min=0, max=1000, tooltip="fixed mode: lower hysteresis threshold."),
+                io.Int.Input("high_threshold", default=200, min=0, max=1000, tooltip="fixed mode: upper hysteresis threshold."),
+                io.Float.Input("sigma", default=0.33, min=0.0, max=1.0, step=0.01, tooltip="median mode: thresholds (1 -/+ sigma) x median. ControlNeXt SDXL used 0.33."),
+                _resolution_input(512, "Used only with output_size = resolution: the edges are computed on the image scaled so its shorter side is this many pixels, and that is the output size. With output_size = input, edges are computed at the input size (identical to cv2.Canny)."),
+                _output_size_input(),
+            ],
+            outputs=[io.Image.Output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "image": ("IMAGE",),
-                "mode": (["fixed", "median"], {"default": "fixed", "tooltip": "fixed: low/high thresholds. median: ControlNeXt SDXL's automatic thresholds from the grey median and sigma."}),
-                "low_threshold": ("INT", {"default": 100, "min": 0, "max": 1000, "tooltip": "fixed mode: lower hysteresis threshold."}),
-                "high_threshold": ("INT", {"default": 200, "min": 0, "max": 1000, "tooltip": "fixed mode: upper hysteresis threshold."}),
-                "sigma": ("FLOAT", {"default": 0.33, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "median mode: thresholds (1 -/+ sigma) x median. ControlNeXt SDXL used 0.33."}),
-                "resolution": _resolution_input(512, "Used only with output_size = resolution: the edges are computed on the image scaled so its shorter side is this many pixels, and that is the output size. With output_size = input, edges are computed at the input size (identical to cv2.Canny)."),
-                "output_size": _output_size_input(),
-            }
-        }
-
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-    CATEGORY = CATEGORY
-
-    def run(self, image, mode, low_threshold, high_threshold, sigma, resolution, output_size):
+    def execute(cls, image, mode, low_threshold, high_threshold, sigma, resolution, output_size):
         frames = image_to_uint8(image)
         oh, ow = output_hw(frames.shape[1], frames.shape[2], resolution, output_size)
         out = np.empty((len(frames), oh, ow, 3), np.uint8)
@@ -99,34 +105,32 @@ class Canny:
                 out[i] = canny_mod.canny(f, low_threshold, high_threshold) if mode == "fixed" else canny_mod.canny_median(f, sigma)
 
         _for_frames(len(frames), 1, work)
-        return (_to_image(out),)
+        return io.NodeOutput(_to_image(out))
 
 
-class HED:
-    DESCRIPTION = (
-        "HED soft edges with lllyasviel's Apache-2.0 network (ControlNetHED.pth, 29 MB, downloaded to models/annotators "
-        "on first use). soft: the edge probability; safe: three levels (0, 127, 255); scribble: thinned, blurred and "
-        "thresholded to binary strokes (ControlNet scribble/sketch style)."
-    )
+class HED(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_HED",
+            display_name="HED Soft Edges / Scribble (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "HED soft edges with lllyasviel's Apache-2.0 network (ControlNetHED.pth, 29 MB, downloaded to models/annotators "
+                "on first use). soft: the edge probability; safe: three levels (0, 127, 255); scribble: thinned, blurred and "
+                "thresholded to binary strokes (ControlNet scribble/sketch style)."
+            ),
+            inputs=[
+                io.Image.Input("image"),
+                io.Combo.Input("mode", options=list(hed_mod.MODES), default="soft"),
+                _resolution_input(512, "The network runs on the image scaled so its shorter side is this many pixels (padded to a multiple of 64, padding cropped); edge thickness follows this scale. 0 = input size."),
+                _output_size_input(),
+            ],
+            outputs=[io.Image.Output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "image": ("IMAGE",),
-                "mode": (list(hed_mod.MODES), {"default": "soft"}),
-                "resolution": _resolution_input(512, "The network runs on the image scaled so its shorter side is this many pixels (padded to a multiple of 64, padding cropped); edge thickness follows this scale. 0 = input size."),
-                "output_size": _output_size_input(),
-            }
-        }
-
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-    CATEGORY = CATEGORY
-
-    def run(self, image, mode, resolution, output_size):
-        if mode not in hed_mod.MODES:
-            raise ValueError(f"HED mode must be one of {hed_mod.MODES}, got {mode!r}.")
+    def execute(cls, image, mode, resolution, output_size):
         frames = image_to_uint8(image)
         net = am.torch_network(hed_mod.WEIGHT_FILE, hed_mod.build_hed)
         oh, ow = output_hw(frames.shape[1], frames.shape[2], resolution, output_size)
@@ -134,43 +138,37 @@ class HED:
 
         def work(start, stop):
             soft = batched_at_resolution(frames[start:stop], resolution, lambda b: hed_mod.hed_soft_edges(net, b), (oh, ow))
-            for j, edge in enumerate(soft, start=start):
-                # the mode is applied at the output size: no grey pixels from resizing a binary map
-                if mode == "safe":
-                    edge = hed_mod.safe_step(edge)
-                edge = (edge * 255.0).clip(0, 255).astype(np.uint8)
-                out[j] = hed_mod.scribble(edge) if mode == "scribble" else edge
+            out[start:stop] = hed_mod.edges_from_soft(soft, mode)  # at the output size: binary maps stay binary
 
         _for_frames(len(frames), NET_CHUNK, work)
-        return (_to_image(out),)
+        return io.NodeOutput(_to_image(out))
 
 
-class DepthAnythingV2:
+class DepthAnythingV2(io.ComfyNode):
     RENDERS = ("grey", "viridis", "viridis_near_bright")
-    DESCRIPTION = (
-        "Relative depth with Depth Anything V2 Small (depth_anything_v2_vits.pth, Apache-2.0, 99 MB, downloaded to "
-        "models/annotators on first use). grey: white = near (ControlNet depth models). viridis: the colormap the "
-        "ControlNeXt depth models were trained on (near = dark purple, far = yellow); viridis_near_bright: reversed."
-    )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "image": ("IMAGE",),
-                "render": (list(cls.RENDERS), {"default": "grey", "tooltip": "grey for ControlNet depth models; viridis for ControlNeXt depth models."}),
-                "resolution": _resolution_input(518, "Network input: the image is scaled (bicubic) so its shorter side is this many pixels, rounded to a multiple of 14 (518 = the size the model was trained at; larger = finer detail, slower). The depth map is then resized bilinearly to the output size.", step=14),
-                "output_size": _output_size_input(),
-            }
-        }
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_DepthAnythingV2",
+            display_name="Depth Anything V2 Small (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "Relative depth with Depth Anything V2 Small (depth_anything_v2_vits.pth, Apache-2.0, 99 MB, downloaded to "
+                "models/annotators on first use). grey: white = near (ControlNet depth models). viridis: the colormap the "
+                "ControlNeXt depth models were trained on (near = dark purple, far = yellow); viridis_near_bright: reversed."
+            ),
+            inputs=[
+                io.Image.Input("image"),
+                io.Combo.Input("render", options=list(cls.RENDERS), default="grey", tooltip="grey for ControlNet depth models; viridis for ControlNeXt depth models."),
+                _resolution_input(518, "Network input: the image is scaled (bicubic) so its shorter side is this many pixels, rounded to a multiple of 14 (518 = the size the model was trained at; larger = finer detail, slower). The depth map is then resized bilinearly to the output size.", step=14),
+                _output_size_input(),
+            ],
+            outputs=[io.Image.Output()],
+        )
 
-    RETURN_TYPES = ("IMAGE",)
-    FUNCTION = "run"
-    CATEGORY = CATEGORY
-
-    def run(self, image, render, resolution, output_size):
-        if render not in self.RENDERS:
-            raise ValueError(f"render must be one of {self.RENDERS}, got {render!r}.")
+    @classmethod
+    def execute(cls, image, render, resolution, output_size):
         frames = image_to_uint8(image)
         net = am.torch_network(dav2.WEIGHT_FILE, dav2.build_depth_anything_v2)
         input_size = max(dav2.PATCH, int(round(resolution / dav2.PATCH)) * dav2.PATCH) if resolution > 0 else dav2.INPUT_SIZE
@@ -186,69 +184,69 @@ class DepthAnythingV2:
                     out[j] = depth_render.render_viridis(d, near="dark" if render == "viridis" else "bright")
 
         _for_frames(len(frames), NET_CHUNK, work)
-        return (_to_image(out),)
+        return io.NodeOutput(_to_image(out))
 
 
-class OpenPose:
-    DESCRIPTION = (
-        "OpenPose body keypoints (18 points; CMU model body_pose_model.pth, 209 MB, NON-COMMERCIAL licence, downloaded "
-        "to models/annotators on first use). Outputs the skeleton drawn as lllyasviel's annotator draws it and the "
-        "keypoints as OpenPose JSON (one dict per frame; canvas = output size)."
-    )
+class OpenPose(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_OpenPose",
+            display_name="OpenPose Body (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "OpenPose body keypoints (18 points; CMU model body_pose_model.pth, 209 MB, NON-COMMERCIAL licence, downloaded "
+                "to models/annotators on first use). Outputs the skeleton drawn as lllyasviel's annotator draws it and the "
+                "keypoints as OpenPose JSON (one dict per frame; canvas = output size)."
+            ),
+            inputs=[
+                io.Image.Input("image"),
+                _resolution_input(512, "Detection runs on the image scaled so its shorter side is this many pixels. The skeleton is drawn at the output size from the detected (normalised) keypoints."),
+                _output_size_input(),
+                io.Int.Input("frame_stride", optional=True, default=1, min=1, max=1024, tooltip=STRIDE_TIP),
+            ],
+            outputs=[io.Image.Output(display_name="image"), PoseKeypoint.Output(display_name="pose_keypoint")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "image": ("IMAGE",),
-                "resolution": _resolution_input(512, "Detection runs on the image scaled so its shorter side is this many pixels. The skeleton is drawn at the output size from the detected (normalised) keypoints."),
-                "output_size": _output_size_input(),
-            }
-        }
-
-    RETURN_TYPES = ("IMAGE", POSE_KEYPOINT)
-    RETURN_NAMES = ("image", "pose_keypoint")
-    FUNCTION = "run"
-    CATEGORY = CATEGORY
-
-    def run(self, image, resolution, output_size):
-        frames = image_to_uint8(image)
+    def execute(cls, image, resolution, output_size, frame_stride=1):
+        frames = image_to_uint8(image)[every_nth(image.shape[0], frame_stride)]
         net = am.torch_network(openpose_body.WEIGHT_FILE, openpose_body.build_body_pose)
-        return _pose_outputs(frames, resolution, output_size, lambda f: openpose_body.detect_body(net, f), hands=False, face=False, threshold=0.0)
+        return io.NodeOutput(*_pose_outputs(frames, resolution, output_size, lambda f: openpose_body.detect_body(net, f),
+                                            hands=False, face=False, threshold=0.0))
 
 
-class DWPose:
-    DESCRIPTION = (
-        "DWPose whole-body keypoints (body, hands, face; Apache-2.0; yolox_l.onnx 217 MB + dw-ll_ucoco_384.onnx 134 MB, "
-        "downloaded to models/annotators on first use). Runs with onnxruntime when installed (CUDA provider on a CUDA "
-        "device when available), else OpenCV's DNN module. Outputs the OpenPose-style drawing and the keypoints as "
-        "OpenPose JSON (one dict per frame; canvas = output size); XCtrl Render Pose draws them in other styles."
-    )
+class DWPose(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_DWPose",
+            display_name="DWPose Whole Body (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "DWPose whole-body keypoints (body, hands, face; Apache-2.0; yolox_l.onnx 217 MB + dw-ll_ucoco_384.onnx 134 MB, "
+                "downloaded to models/annotators on first use). Runs with onnxruntime when installed (CUDA provider on a CUDA "
+                "device when available), else OpenCV's DNN module. Outputs the OpenPose-style drawing and the keypoints as "
+                "OpenPose JSON (one dict per frame; canvas = output size); XCtrl Render Pose draws them in other styles."
+            ),
+            inputs=[
+                io.Image.Input("image"),
+                _resolution_input(512, "Detection runs on the image scaled so its shorter side is this many pixels (the person detector then letterboxes it to 640x640). The skeleton is drawn at the output size from the normalised keypoints."),
+                _output_size_input(),
+                io.Boolean.Input("draw_hands", default=True),
+                io.Boolean.Input("draw_face", default=True),
+                io.Combo.Input("backend", optional=True, options=list(dwp.BACKENDS), default="auto", tooltip="auto: onnxruntime if installed, else OpenCV DNN."),
+                io.Int.Input("frame_stride", optional=True, default=1, min=1, max=1024, tooltip=STRIDE_TIP),
+            ],
+            outputs=[io.Image.Output(display_name="image"), PoseKeypoint.Output(display_name="pose_keypoint")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "image": ("IMAGE",),
-                "resolution": _resolution_input(512, "Detection runs on the image scaled so its shorter side is this many pixels (the person detector then letterboxes it to 640x640). The skeleton is drawn at the output size from the normalised keypoints."),
-                "output_size": _output_size_input(),
-                "draw_hands": ("BOOLEAN", {"default": True}),
-                "draw_face": ("BOOLEAN", {"default": True}),
-            },
-            "optional": {
-                "backend": (list(dwp.BACKENDS), {"default": "auto", "tooltip": "auto: onnxruntime if installed, else OpenCV DNN."}),
-            },
-        }
-
-    RETURN_TYPES = ("IMAGE", POSE_KEYPOINT)
-    RETURN_NAMES = ("image", "pose_keypoint")
-    FUNCTION = "run"
-    CATEGORY = CATEGORY
-
-    def run(self, image, resolution, output_size, draw_hands, draw_face, backend="auto"):
-        frames = image_to_uint8(image)
+    def execute(cls, image, resolution, output_size, draw_hands, draw_face, backend="auto", frame_stride=1):
+        frames = image_to_uint8(image)[every_nth(image.shape[0], frame_stride)]
         model = dwp.DWPose(am.onnx_network(dwp.DETECTOR_FILE, backend), am.onnx_network(dwp.POSE_FILE, backend))
-        return _pose_outputs(frames, resolution, output_size, model, hands=draw_hands, face=draw_face, threshold=dwp.KEYPOINT_THRESHOLD)
+        return io.NodeOutput(*_pose_outputs(frames, resolution, output_size, model, hands=draw_hands, face=draw_face,
+                                            threshold=dwp.KEYPOINT_THRESHOLD))
 
 
 def _pose_outputs(frames, resolution, output_size, detect, hands, face, threshold):
@@ -266,50 +264,46 @@ def _pose_outputs(frames, resolution, output_size, detect, hands, face, threshol
             poses[i] = to_openpose_json(pose)
 
     _for_frames(len(frames), 1, work)
-    return (_to_image(out), poses)
+    return _to_image(out), poses
 
 
-class RenderPose:
+class RenderPose(io.ComfyNode):
     STYLES = ("openpose", "controlnext_svd_v2")
-    DESCRIPTION = (
-        "Draws pose keypoints (OpenPose JSON from XCtrl OpenPose / DWPose or other packs) as a control image. "
-        "openpose: lllyasviel's annotator style (ControlNet, ControlNeXt SD1.5 pose). controlnext_svd_v2: the style "
-        "ControlNeXt-SVD-v2 was trained on (one person per frame, confidence-scaled colours, BGR order). With a "
-        "reference_pose, the sequence is first aligned to it (one linear fit over the sequence, as ControlNeXt-SVD-v2)."
-    )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "pose_keypoint": (POSE_KEYPOINT,),
-                "style": (list(cls.STYLES), {"default": "openpose"}),
-                "width": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8, "tooltip": "Output width; 0 = the canvas width of the keypoints (of the reference pose when aligning; of the first frame otherwise)."}),
-                "height": ("INT", {"default": 0, "min": 0, "max": 16384, "step": 8, "tooltip": "Output height; 0 = the canvas height, as for width."}),
-                "draw_body": ("BOOLEAN", {"default": True}),
-                "draw_hands": ("BOOLEAN", {"default": True}),
-                "draw_face": ("BOOLEAN", {"default": True}),
-                "threshold": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "openpose style: keypoints with confidence <= threshold are not drawn (DWPose uses 0.3; use 0 for XCtrl OpenPose keypoints). The svd_v2 style has its own fixed rule."}),
-            },
-            "optional": {
-                "reference_pose": (POSE_KEYPOINT, {"tooltip": "Pose of the reference image (its first frame is used): the sequence is scaled and shifted onto it, as ControlNeXt-SVD-v2 prepares its poses."}),
-            },
-        }
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_RenderPose",
+            display_name="Render Pose (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "Draws pose keypoints (OpenPose JSON from XCtrl OpenPose / DWPose or other packs) as a control image. "
+                "openpose: lllyasviel's annotator style (ControlNet, ControlNeXt SD1.5 pose). controlnext_svd_v2: the style "
+                "ControlNeXt-SVD-v2 was trained on (one person per frame, confidence-scaled colours, BGR order). With a "
+                "reference_pose, the sequence is first aligned to it (one linear fit over the sequence, as ControlNeXt-SVD-v2); "
+                "prepend_reference then puts the reference pose itself first, as the ControlNeXt-SVD v2 condition sequence."
+            ),
+            inputs=[
+                PoseKeypoint.Input("pose_keypoint"),
+                io.Combo.Input("style", options=list(cls.STYLES), default="openpose"),
+                io.Int.Input("width", default=0, min=0, max=16384, step=8, tooltip="Output width; 0 = the canvas width of the keypoints (of the reference pose when aligning; of the first frame otherwise)."),
+                io.Int.Input("height", default=0, min=0, max=16384, step=8, tooltip="Output height; 0 = the canvas height, as for width."),
+                io.Boolean.Input("draw_body", default=True),
+                io.Boolean.Input("draw_hands", default=True),
+                io.Boolean.Input("draw_face", default=True),
+                io.Float.Input("threshold", default=0.3, min=0.0, max=1.0, step=0.01, tooltip="openpose style: keypoints with confidence <= threshold are not drawn (DWPose uses 0.3; use 0 for XCtrl OpenPose keypoints). The svd_v2 style has its own fixed rule."),
+                PoseKeypoint.Input("reference_pose", optional=True, tooltip="Pose of the reference image (its first frame is used): the sequence is scaled and shifted onto it, as ControlNeXt-SVD-v2 prepares its poses."),
+                io.Boolean.Input("prepend_reference", optional=True, default=False, tooltip="With a reference_pose: output frame 0 is the reference pose itself, then the aligned sequence (ControlNeXt-SVD v2's condition sequence: video frames = pose frames, frame 0 reconstructs the reference image)."),
+            ],
+            outputs=[io.Image.Output(display_name="image"), PoseKeypoint.Output(display_name="pose_keypoint")],
+        )
 
-    RETURN_TYPES = ("IMAGE", POSE_KEYPOINT)
-    RETURN_NAMES = ("image", "pose_keypoint")
-    FUNCTION = "run"
-    CATEGORY = CATEGORY
-
-    def run(self, pose_keypoint, style, width, height, draw_body, draw_hands, draw_face, threshold, reference_pose=None):
-        if style not in self.STYLES:
-            raise ValueError(f"style must be one of {self.STYLES}, got {style!r}.")
+    @classmethod
+    def execute(cls, pose_keypoint, style, width, height, draw_body, draw_hands, draw_face, threshold,
+                reference_pose=None, prepend_reference=False):
         frames = [from_openpose_json(d) for d in _pose_list(pose_keypoint, "pose_keypoint")]
-        if style == "controlnext_svd_v2" or reference_pose is not None:
-            frames = [dwp.most_confident_person(f) for f in frames]
-        if reference_pose is not None:
-            reference = dwp.most_confident_person(from_openpose_json(_pose_list(reference_pose, "reference_pose")[0]))
-            frames = align_poses(frames, reference)
+        reference = None if reference_pose is None else from_openpose_json(_pose_list(reference_pose, "reference_pose")[0])
+        frames = prepare_sequence(frames, reference, one_person=style == "controlnext_svd_v2", prepend_reference=prepend_reference)
         ow, oh = int(width or frames[0].width), int(height or frames[0].height)
         out = np.empty((len(frames), oh, ow, 3), np.uint8)
 
@@ -318,11 +312,10 @@ class RenderPose:
                 if style == "openpose":
                     out[i] = draw_openpose(frames[i], ow, oh, body=draw_body, hands=draw_hands, face=draw_face, threshold=threshold)
                 else:
-                    f = frames[i] if (draw_body and draw_hands and draw_face) else _without_parts(frames[i], draw_body, draw_hands, draw_face)
-                    out[i] = draw_svd_v2(f, ow, oh)
+                    out[i] = draw_svd_v2(without_parts(frames[i], draw_body, draw_hands, draw_face), ow, oh)
 
         _for_frames(len(frames), 1, work)
-        return (_to_image(out), [to_openpose_json(PoseFrame(ow, oh, f.people)) for f in frames])
+        return io.NodeOutput(_to_image(out), [to_openpose_json(PoseFrame(ow, oh, f.people)) for f in frames])
 
 
 def _pose_list(value, name):
@@ -332,29 +325,4 @@ def _pose_list(value, name):
     return items
 
 
-def _without_parts(frame, body, hands, face):
-    from ..preprocessors.pose_format import Person
-
-    people = []
-    for p in frame.people:
-        people.append(Person(p.body if body else np.zeros_like(p.body), p.left_hand if hands else None,
-                             p.right_hand if hands else None, p.face if face else None))
-    return PoseFrame(frame.width, frame.height, people)
-
-
-NODE_CLASS_MAPPINGS = {
-    "XCtrl_Canny": Canny,
-    "XCtrl_HED": HED,
-    "XCtrl_DepthAnythingV2": DepthAnythingV2,
-    "XCtrl_OpenPose": OpenPose,
-    "XCtrl_DWPose": DWPose,
-    "XCtrl_RenderPose": RenderPose,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "XCtrl_Canny": "Canny Edges (XCtrl)",
-    "XCtrl_HED": "HED Soft Edges / Scribble (XCtrl)",
-    "XCtrl_DepthAnythingV2": "Depth Anything V2 Small (XCtrl)",
-    "XCtrl_OpenPose": "OpenPose Body (XCtrl)",
-    "XCtrl_DWPose": "DWPose Whole Body (XCtrl)",
-    "XCtrl_RenderPose": "Render Pose (XCtrl)",
-}
+NODES = [Canny, HED, DepthAnythingV2, OpenPose, DWPose, RenderPose]

@@ -13,6 +13,7 @@ import torch
 
 import comfy.sd
 import comfy.utils
+from comfy_api.latest import io
 
 from ..models import svd_unet_keys as svk
 from ..models.checkpoint_io import WeightFileError
@@ -110,36 +111,36 @@ def unet_weight_diffs(model, sd, file_name):
     return diffs
 
 
-class ApplyUNetWeights:
-    DESCRIPTION = (
-        "Applies a full or partial fine-tuned UNet file to a MODEL as weight patches (W_file - W_model), so "
-        "LoRAs stack on top in any order and strength blends between the base (0) and the file's weights (1). "
-        "Diffusers or ComfyUI key names; SD1.5, SD2.x, SDXL and SVD (e.g. the ControlNeXt-SVD v2 fine-tuned UNet "
-        "on a base SVD model). Keeps float32 differences in RAM (4 bytes per changed parameter): for a full UNet, "
-        "loading it as the model itself (XCtrl Load SVD UNet, or Load Diffusion Model for ComfyUI-key files) is lighter."
-    )
+class ApplyUNetWeights(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_ApplyUNetWeights",
+            display_name="Apply UNet Weights (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "Applies a full or partial fine-tuned UNet file to a MODEL as weight patches (W_file - W_model), so "
+                "LoRAs stack on top in any order and strength blends between the base (0) and the file's weights (1). "
+                "Diffusers or ComfyUI key names; SD1.5, SD2.x, SDXL and SVD (e.g. the ControlNeXt-SVD v2 fine-tuned UNet "
+                "on a base SVD model). Keeps float32 differences in RAM (4 bytes per changed parameter): for a full UNet, "
+                "loading it as the model itself (XCtrl Load SVD UNet, or Load Diffusion Model for ComfyUI-key files) is lighter."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("unet_file", options=file_list(*UNET_FOLDERS), tooltip="UNet weights from models/diffusion_models (or models/unet): .safetensors or .bin, diffusers or ComfyUI key names, complete or partial."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip="1 = the file's weights, 0 = the base model's, 0.5 = halfway."),
+            ],
+            outputs=[io.Model.Output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "unet_file": (file_list(*UNET_FOLDERS), {"tooltip": "UNet weights from models/diffusion_models (or models/unet): .safetensors or .bin, diffusers or ComfyUI key names, complete or partial."}),
-                "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": "1 = the file's weights, 0 = the base model's, 0.5 = halfway."}),
-            }
-        }
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "apply"
-    CATEGORY = CATEGORY
-
-    def apply(self, model, unet_file, strength):
+    def execute(cls, model, unet_file, strength):
         sd = read(unet_file, *UNET_FOLDERS)
         diffs = unet_weight_diffs(model, sd, unet_file)
         patched = model.clone()
         if strength != 0.0 and diffs:
             patched.add_patches({"diffusion_model." + k: (d,) for k, d in diffs.items()}, strength)
-        return (patched,)
+        return io.NodeOutput(patched)
 
 
 def svd_ldm_state_dict(sd, file_name):
@@ -168,28 +169,28 @@ def svd_ldm_state_dict(sd, file_name):
     )
 
 
-class LoadSVDUNet:
-    DESCRIPTION = (
-        "Loads a Stable Video Diffusion UNet saved by diffusers (UNetSpatioTemporalConditionModel, e.g. the "
-        "ControlNeXt-SVD v2 unet/diffusion_pytorch_model.safetensors or .bin), which ComfyUI's Load Diffusion Model "
-        "node does not recognise, as a MODEL. ComfyUI-key SVD files (e.g. controlnext-svd_v2-unet-fp16_converted) "
-        "load here too, or with the stock Load Diffusion Model node."
-    )
+class LoadSVDUNet(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_LoadSVDUNet",
+            display_name="Load SVD UNet, diffusers or ComfyUI keys (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "Loads a Stable Video Diffusion UNet saved by diffusers (UNetSpatioTemporalConditionModel, e.g. the "
+                "ControlNeXt-SVD v2 unet/diffusion_pytorch_model.safetensors or .bin), which ComfyUI's Load Diffusion Model "
+                "node does not recognise, as a MODEL. ComfyUI-key SVD files (e.g. controlnext-svd_v2-unet-fp16_converted) "
+                "load here too, or with the stock Load Diffusion Model node."
+            ),
+            inputs=[
+                io.Combo.Input("unet_file", options=file_list(*UNET_FOLDERS), tooltip="A complete SVD UNet from models/diffusion_models (or models/unet), diffusers or ComfyUI key names."),
+                io.Combo.Input("weight_dtype", options=list(DTYPES), default="default", tooltip="default: ComfyUI's choice for this device."),
+            ],
+            outputs=[io.Model.Output()],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "unet_file": (file_list(*UNET_FOLDERS), {"tooltip": "A complete SVD UNet from models/diffusion_models (or models/unet), diffusers or ComfyUI key names."}),
-                "weight_dtype": (list(DTYPES), {"default": "default", "tooltip": "default: ComfyUI's choice for this device."}),
-            }
-        }
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "load"
-    CATEGORY = CATEGORY
-
-    def load(self, unet_file, weight_dtype="default"):
+    def execute(cls, unet_file, weight_dtype="default"):
         ldm = svd_ldm_state_dict(read(unet_file, *UNET_FOLDERS), unet_file)
         keys = set(ldm)
         options = {} if DTYPES[weight_dtype] is None else {"dtype": DTYPES[weight_dtype]}
@@ -210,14 +211,7 @@ class LoadSVDUNet:
                 f"{unet_file} does not match ComfyUI's SVD model: {len(extra)} file tensors unused "
                 f"(e.g. {', '.join(extra[:3])}), {len(absent)} model tensors not in the file (e.g. {', '.join(absent[:3])})"
             )
-        return (model,)
+        return io.NodeOutput(model)
 
 
-NODE_CLASS_MAPPINGS = {
-    "XCtrl_ApplyUNetWeights": ApplyUNetWeights,
-    "XCtrl_LoadSVDUNet": LoadSVDUNet,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "XCtrl_ApplyUNetWeights": "Apply UNet Weights (XCtrl)",
-    "XCtrl_LoadSVDUNet": "Load SVD UNet, diffusers or ComfyUI keys (XCtrl)",
-}
+NODES = [ApplyUNetWeights, LoadSVDUNet]

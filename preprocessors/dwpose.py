@@ -230,14 +230,6 @@ def to_pose_frame(keypoints, scores, width, height, threshold=KEYPOINT_THRESHOLD
     return frame
 
 
-def most_confident_person(frame):
-    """The frame with only its person of highest mean body score (ControlNeXt-SVD-v2 keeps one)."""
-    if len(frame.people) <= 1:
-        return frame
-    best = max(frame.people, key=lambda p: float(np.mean(p.body[:, 2])))
-    return PoseFrame(frame.width, frame.height, [best])
-
-
 # ---------------------------------------------------------------------------------------------
 # Running the two networks
 

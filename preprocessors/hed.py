@@ -89,16 +89,28 @@ def hed_soft_edges(net, images):
 
 def hed_edges(net, images, mode="soft"):
     """HED map(s) as uint8: (H, W, 3) -> (H, W); (B, H, W, 3) -> (B, H, W)."""
-    if mode not in MODES:
-        raise ValueError(f"HED mode must be one of {MODES}, got {mode!r}.")
+    _check_mode(mode)
     single = isinstance(images, np.ndarray) and images.ndim == 3
-    edge = hed_soft_edges(net, images)
+    out = edges_from_soft(hed_soft_edges(net, images), mode)
+    return out[0] if single else out
+
+
+def edges_from_soft(edge, mode="soft"):
+    """The mode applied to soft edge maps in [0, 1] (B, H, W) -> uint8 (B, H, W). Apply it at the
+    size the map is shown at, so binary maps stay binary."""
+    _check_mode(mode)
+    edge = np.asarray(edge)
     if mode == "safe":
         edge = safe_step(edge)
     out = (edge * 255.0).clip(0, 255).astype(np.uint8)
     if mode == "scribble":
         out = np.stack([scribble(e) for e in out])
-    return out[0] if single else out
+    return out
+
+
+def _check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"HED mode must be one of {MODES}, got {mode!r}.")
 
 
 def safe_step(x, step=2):

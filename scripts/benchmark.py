@@ -784,7 +784,7 @@ class Bench:
             for size_name in {"sd15": ["sd15_53m"], "sd21": ["sd21_14m"], "sdxl": ["sdxl_20m", "sdxl_48m"]}.get(family, []):
                 loaded = self.load_xs(size_name, seed=31)
                 model = self.apply_xs(base, loaded, image)
-                net = loaded.patcher.model
+                net = loaded.net
                 label = f"+ ControlNet-XS {size_name.split('_')[1].upper()}"
                 c = Config(f"xs_{size_name}", label, model, pos, neg, param_count(net), [net])
                 c.per_run_work = True

@@ -131,3 +131,20 @@ def run_prompt(prompt, outputs=None):
     executor = execution.PromptExecutor(_Server(), **kwargs)
     executor.execute(prompt, "test", {}, outputs if outputs is not None else valid[2])
     return executor
+
+
+def pack_node_classes():
+    """{node id: class} of every node the pack registers (its V3 extension's node list)."""
+    return {cls.GET_SCHEMA().node_id: cls for cls in load_nodes().NODES}
+
+
+def node_result(node_class, *args, **kwargs):
+    """Runs a V3 node's execute directly; returns its outputs as a tuple."""
+    return node_class.execute(*args, **kwargs).result
+
+
+def combo_options(node_class, name):
+    """The choices of a combo input, as the node's V1 info lists them (either layout)."""
+    inputs = node_class.INPUT_TYPES()
+    spec = inputs.get("required", {}).get(name) or inputs.get("optional", {}).get(name)
+    return spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])

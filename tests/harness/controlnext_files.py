@@ -5,6 +5,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
+from .comfy_runtime import node_result
 from .layouts import load_layout
 
 LAYOUTS = {
@@ -51,11 +52,11 @@ def write(controlnet_dir, name, sd):
 
 
 def load(nodes_mod, name, unet="none"):
-    return nodes_mod.LoadControlNeXt().load(name, unet)[0]
+    return node_result(nodes_mod.LoadControlNeXt, name, unet)[0]
 
 
 def apply(nodes_mod, model, cnx, image, strength=1.0, start=0.0, end=1.0, mask=None, unet_strength=1.0, sd15_layout="refuse"):
-    return nodes_mod.ApplyControlNeXt().apply(model, cnx, image, strength, start, end, mask, unet_strength, sd15_layout)[0]
+    return node_result(nodes_mod.ApplyControlNeXt, model, cnx, image, strength, start, end, mask, unet_strength, sd15_layout)[0]
 
 
 def rel_err(a, b):

@@ -106,39 +106,68 @@ def controlnext_sdxl_depth():
     return _controlnext_sdxl("depth")
 
 
-def controlnext_svd_v2_pose_video():
+SVD_W, SVD_H = 576, 1024  # the authors' reference resolution (portrait)
+
+
+def _controlnext_svd_v2(frames, driving_frames, long_video):
+    """ControlNeXt-SVD v2 with the authors' settings: reference image resized to cover 576x1024 and
+    center-cropped; poses of every 2nd driving frame aligned to the reference pose, with the
+    reference pose as frame 0; fps 7 (the model sees 6), motion bucket 128, augmentation 0.02;
+    constant CFG 3, 25 Euler steps on the Karras schedule (the reference scheduler's sigmas)."""
     g = {"ckpt": ("ImageOnlyCheckpointLoader", {"ckpt_name": "svd_xt_1_1.safetensors"}, "SVD-XT 1.1 (CLIP vision + VAE)"),
          "unet": ("UNETLoader", {"unet_name": "controlnext-svd_v2-unet-fp16_converted.safetensors", "weight_dtype": "default"},
                   "ControlNeXt-SVD v2 UNet"),
-         "cfg_guidance": ("VideoLinearCFGGuidance", {"model": ["unet", 0], "min_cfg": 1.0}, None),
          "ref": ("LoadImage", {"image": IMAGE}, "Reference image (first frame)"),
+         "ref_crop": ("ImageScale", {"image": ["ref", 0], "upscale_method": "bilinear", "width": SVD_W, "height": SVD_H,
+                                     "crop": "center"}, "Reference: cover 576x1024, center crop"),
          "video": ("LoadVideo", {"file": POSE_VIDEO}, "Driving video (poses)"),
          "frames": ("GetVideoComponents", {"video": ["video", 0]}, None),
-         "clip_frames": ("ImageFromBatch", {"image": ["frames", 0], "batch_index": 0, "length": 14}, "First 14 frames"),
-         "ref_pose": ("XCtrl_DWPose", {"image": ["ref", 0], "resolution": 512}, "Reference pose"),
-         "poses": ("XCtrl_DWPose", {"image": ["clip_frames", 0], "resolution": 512}, "Driving poses"),
-         "render": ("XCtrl_RenderPose", {"pose_keypoint": ["poses", 1], "style": "controlnext_svd_v2", "width": 576,
-                                         "height": 1024, "reference_pose": ["ref_pose", 1]}, "Pose frames (aligned)"),
+         "clip_frames": ("ImageFromBatch", {"image": ["frames", 0], "batch_index": 0, "length": driving_frames},
+                         f"Driving frames 0-{driving_frames - 1}"),
+         "ref_pose": ("XCtrl_DWPose", {"image": ["ref_crop", 0], "resolution": 512}, "Reference pose"),
+         "poses": ("XCtrl_DWPose", {"image": ["clip_frames", 0], "resolution": 512, "frame_stride": 2},
+                   "Driving poses (every 2nd frame)"),
+         "render": ("XCtrl_RenderPose", {"pose_keypoint": ["poses", 1], "style": "controlnext_svd_v2", "width": SVD_W,
+                                         "height": SVD_H, "reference_pose": ["ref_pose", 1], "prepend_reference": True},
+                    f"Pose frames: reference pose + {frames - 1} aligned"),
          "preview": ("PreviewImage", {"images": ["render", 0]}, "Pose frames"),
          "cnx": ("XCtrl_LoadControlNeXt", {"control_file": "controlnext-svd_v2-controlnet-fp16.safetensors",
                                            "unet_weights": "none"}, None),
-         "apply": ("XCtrl_ApplyControlNeXt", {"model": ["cfg_guidance", 0], "controlnext": ["cnx", 0],
+         "apply": ("XCtrl_ApplyControlNeXt", {"model": ["unet", 0], "controlnext": ["cnx", 0],
                                               "image": ["render", 0], "strength": 1.0}, None),
-         "cond": ("SVD_img2vid_Conditioning", {"clip_vision": ["ckpt", 1], "init_image": ["ref", 0], "vae": ["ckpt", 2],
-                                               "width": 576, "height": 1024, "video_frames": 14, "motion_bucket_id": 127,
-                                               "fps": 6, "augmentation_level": 0.02}, None),
-         "sampler": ("KSampler", {"model": ["apply", 0], "seed": 42, "steps": 25, "cfg": 3.0, "sampler_name": "euler",
-                                  "scheduler": "karras", "positive": ["cond", 0], "negative": ["cond", 1],
-                                  "latent_image": ["cond", 2], "denoise": 1.0}, None),
-         "decode": ("VAEDecode", {"samples": ["sampler", 0], "vae": ["ckpt", 2]}, None),
-         "save": ("SaveAnimatedWEBP", {"images": ["decode", 0], "filename_prefix": "xctrl/controlnext_svd_v2", "fps": 6.0,
-                                       "lossless": False, "quality": 90, "method": "default"}, None)}
-    g.update(_note("ControlNeXt-SVD v2: animate the reference image with the poses of the driving video.\n"
-                   "models/checkpoints: svd_xt_1_1.safetensors (stabilityai/stable-video-diffusion-img2vid-xt-1-1)\n"
-                   "models/diffusion_models: controlnext-svd_v2-unet-fp16_converted.safetensors\n"
-                   "models/controlnet: controlnext-svd_v2-controlnet-fp16.safetensors (Kijai/ControlNeXt-SVD-V2-Comfy)\n"
-                   "input/: your driving video as pose_video.mp4 (video_frames = frames taken from it = 14)."))
+         "cond": ("SVD_img2vid_Conditioning", {"clip_vision": ["ckpt", 1], "init_image": ["ref_crop", 0], "vae": ["ckpt", 2],
+                                               "width": SVD_W, "height": SVD_H, "video_frames": frames,
+                                               "motion_bucket_id": 128, "fps": 7, "augmentation_level": 0.02}, None)}
+    model = ["apply", 0]
+    if long_video:
+        g["windows"] = ("XCtrl_ControlNeXtSVDLongVideo", {"model": model, "frames_per_window": 24, "overlap": 6,
+                                                          "cfg_ramp": "constant"}, "Windows of 24, overlap 6")
+        model = ["windows", 0]
+    g.update({
+        "sampler": ("KSampler", {"model": model, "seed": 42, "steps": 25, "cfg": 3.0, "sampler_name": "euler",
+                                 "scheduler": "karras", "positive": ["cond", 0], "negative": ["cond", 1],
+                                 "latent_image": ["cond", 2], "denoise": 1.0}, None),
+        "decode": ("VAEDecode", {"samples": ["sampler", 0], "vae": ["ckpt", 2]}, None),
+        "save": ("SaveAnimatedWEBP", {"images": ["decode", 0], "filename_prefix": "xctrl/controlnext_svd_v2", "fps": 15.0,
+                                      "lossless": False, "quality": 90, "method": "default"}, None)})
+    g.update(_note(
+        ("ControlNeXt-SVD v2 long video: the authors' windows of 24 frames, overlap 6.\n" if long_video else
+         "ControlNeXt-SVD v2: animate the reference image with the poses of the driving video.\n") +
+        "models/checkpoints: svd_xt_1_1.safetensors (stabilityai/stable-video-diffusion-img2vid-xt-1-1)\n"
+        "models/diffusion_models: controlnext-svd_v2-unet-fp16_converted.safetensors\n"
+        "models/controlnet: controlnext-svd_v2-controlnet-fp16.safetensors (Kijai/ControlNeXt-SVD-V2-Comfy)\n"
+        f"input/: your driving video as pose_video.mp4. video_frames = pose frames = 1 + every 2nd of the first "
+        f"{driving_frames} driving frames = {frames}; change both together.\n"
+        "Reference settings: fps 7 (the model sees 6), motion bucket 128, augmentation 0.02, cfg 3, 25 steps euler/karras."))
     return g
+
+
+def controlnext_svd_v2_pose_video():
+    return _controlnext_svd_v2(14, 26, long_video=False)
+
+
+def controlnext_svd_v2_long_video():
+    return _controlnext_svd_v2(72, 142, long_video=True)
 
 
 def controlnet_xs_sdxl_canny():
@@ -237,6 +266,7 @@ WORKFLOWS = {
     "controlnext_sdxl_canny": controlnext_sdxl_canny,
     "controlnext_sdxl_depth": controlnext_sdxl_depth,
     "controlnext_svd_v2_pose_video": controlnext_svd_v2_pose_video,
+    "controlnext_svd_v2_long_video": controlnext_svd_v2_long_video,
     "controlnet_xs_sdxl_canny": controlnet_xs_sdxl_canny,
     "controlnet_xs_sd21_depth": controlnet_xs_sd21_depth,
     "mi_sd15_pose_canny": mi_sd15_pose_canny,
@@ -246,6 +276,7 @@ WORKFLOWS = {
 # The widget values the end-to-end tests lower to run on a CPU in bounded time (by input name).
 TEST_OVERRIDES = {
     "width": 64, "height": 64, "steps": 1, "video_frames": 3, "length": 3, "batch_size": 1,
+    "frames_per_window": 2, "overlap": 1,  # 3 frames in 2 windows: the long-video path runs
 }
 
 
@@ -412,8 +443,10 @@ def to_api(ui, object_info):
                 continue
             if not _is_widget(typ, opts):
                 continue
-            if not values:
-                raise ValueError(f"node {node['id']} ({node['type']}): no widget value for {name}")
+            if not values:  # a widget added after the file was saved: the frontend keeps its default
+                section = "optional" if optional else "required"
+                inputs[name] = _default(typ, opts, info["input"][section][name])
+                continue
             inputs[name] = values.pop(0)
             if _has_seed_control(name, typ, opts) and values and values[0] in ("fixed", "increment", "decrement", "randomize"):
                 values.pop(0)

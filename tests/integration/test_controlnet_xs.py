@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from harness import comfy_runtime, tiny_models, xs_reference
+from harness.comfy_runtime import node_result, pack_node_classes
 from harness.layouts import load_layout
 from pure.test_controlnet_xs_reference import vislearn_to_diffusers
 
@@ -34,7 +35,8 @@ def controlnet_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def xs_nodes(pack):
-    return pack.NODE_CLASS_MAPPINGS["XCtrl_LoadControlNetXS"], pack.NODE_CLASS_MAPPINGS["XCtrl_ApplyControlNetXS"]
+    classes = pack_node_classes()
+    return classes["XCtrl_LoadControlNetXS"], classes["XCtrl_ApplyControlNetXS"]
 
 
 def save(folder, name, sd):
@@ -50,11 +52,11 @@ def save(folder, name, sd):
 
 
 def load(xs_nodes, controlnet_dir, name, sd):
-    return xs_nodes[0]().load(save(controlnet_dir, name, sd))[0]
+    return node_result(xs_nodes[0], save(controlnet_dir, name, sd))[0]
 
 
 def apply(xs_nodes, base, loaded, hint, strength=0.7, start=0.0, end=1.0):
-    return xs_nodes[1]().apply(base, loaded, hint, strength, start, end)[0]
+    return node_result(xs_nodes[1], base, loaded, hint, strength, start, end)[0]
 
 
 BASES = {"sd15": xs_reference.sd15_768, "sd21": xs_reference.sd21, "sdxl": tiny_models.sdxl, "sdxl_learned": tiny_models.sdxl}
@@ -224,7 +226,7 @@ def test_a_controlnext_file_gets_a_clear_loader_error(xs_nodes, controlnet_dir):
     sd = {k: torch.zeros(v, dtype=torch.float16) for k, v in keys.items()}
     save(controlnet_dir, "not_xs_controlnext.safetensors", sd)
     with pytest.raises(ValueError, match=r"not_xs_controlnext\.safetensors is not a ControlNet-XS model: it is a ControlNeXt.*Load ControlNeXt"):
-        xs_nodes[0]().load("not_xs_controlnext.safetensors")
+        node_result(xs_nodes[0], "not_xs_controlnext.safetensors")
 
 
 RELEASED = {  # spec section 3: control widths, learned time embedding, parameters (millions)
@@ -244,11 +246,11 @@ def test_every_released_layout_loads_through_the_loader_node(model, fmt, xs_node
     ext = ".ckpt" if fmt == "vislearn" and not model.startswith("sdxl") else ".safetensors"  # as released
     name = save(controlnet_dir, f"released_{fmt}_{model}{ext}", sd)
     del sd
-    loaded = xs_nodes[0]().load(name)[0]
+    loaded = node_result(xs_nodes[0], name)[0]
     widths, learned, params = RELEASED[model]
     cfg = loaded.config
     assert (cfg.ctrl_channels, cfg.learned_time_embedding) == (widths, learned)
-    assert round(sum(p.numel() for p in loaded.patcher.model.parameters()) / 1e6, 2) == params
+    assert round(sum(p.numel() for p in loaded.net.parameters()) / 1e6, 2) == params
     os.remove(os.path.join(controlnet_dir, name))
 
 

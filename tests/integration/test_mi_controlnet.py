@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from harness import tiny_models as tm
-from harness.comfy_runtime import pack_module
+from harness.comfy_runtime import node_result, pack_module
 
 CFG = 2.0
 STRENGTHS = (0.8, 1.3, 0.6)
@@ -193,8 +193,7 @@ def apply_controls(setup, controls, positive=None, negative=None):
 
 
 def run_node(model, pos, neg, mode="paper", granularity="layer", cap=20.0):
-    node = pack_module("nodes.mi_nodes").MIBalancedControl()
-    return node.apply(model, pos, neg, mode, granularity, cap)
+    return node_result(pack_module("nodes.mi_nodes").MIBalancedControl, model, pos, neg, mode, granularity, cap)
 
 
 def spec(strengths, ranges=None):
@@ -459,7 +458,7 @@ def test_lambda_stats_reported(sd15, caplog):
         for s in kinds.values():
             assert 0.0 <= s["min"] <= s["mean"] <= s["max"] <= 20.0
     assert "skip 0" in lines[0] and "middle" in lines[0]
-    text = pack_module("nodes.mi_nodes").MILambdaStats().stats(mpos, {"samples": out})["result"][0]
+    text = node_result(pack_module("nodes.mi_nodes").MILambdaStats, mpos, {"samples": out})[0]
     assert "skip 11" in text and "cond/uncond" in text
 
 

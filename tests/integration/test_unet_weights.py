@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from harness import tiny_models as tm
-from harness.comfy_runtime import pack_module
+from harness.comfy_runtime import combo_options, node_result, pack_module
 
 FRAMES = 3
 # The smallest SVD that ComfyUI's model detection recognises (320 channels, 1024-wide context):
@@ -120,7 +120,7 @@ def test_node_registration(pack):
 
     for node_id in ("XCtrl_ApplyUNetWeights", "XCtrl_LoadSVDUNet"):
         assert node_id in nodes.NODE_CLASS_MAPPINGS
-        assert nodes.NODE_CLASS_MAPPINGS[node_id].CATEGORY.startswith("XCtrl/")
+        assert nodes.NODE_CLASS_MAPPINGS[node_id].GET_SCHEMA().category.startswith("XCtrl/")
 
 
 # ---- (b), (c), (e): weight patches on the tiny SVD -------------------------------------------------
@@ -150,9 +150,9 @@ def tiny_files(unet_dir, keys_mod, svd):
 
 
 def test_apply_full_diffusers_file_gives_the_files_weights(nodes_mod, tiny_files, svd):
-    assert tiny_files["diffusers"] in nodes_mod.ApplyUNetWeights.INPUT_TYPES()["required"]["unet_file"][0]
+    assert tiny_files["diffusers"] in combo_options(nodes_mod.ApplyUNetWeights, "unet_file")
     base, orig = svd
-    patched = nodes_mod.ApplyUNetWeights().apply(base, tiny_files["diffusers"], 1.0)[0]
+    patched = node_result(nodes_mod.ApplyUNetWeights, base, tiny_files["diffusers"], 1.0)[0]
     got = effective(patched)
     assert set(got) == set(tiny_files["ft"])
     assert worst(got, tiny_files["ft"])[0] < 2e-6  # W + (W_file - W) in fp32
@@ -164,13 +164,13 @@ def test_apply_full_diffusers_file_gives_the_files_weights(nodes_mod, tiny_files
 
 @pytest.mark.parametrize("which", ["ldm", "diffusers_bin"])
 def test_comfyui_keys_and_bin_files_work_too(which, nodes_mod, tiny_files, svd):
-    got = effective(nodes_mod.ApplyUNetWeights().apply(svd[0], tiny_files[which], 1.0)[0])
+    got = effective(node_result(nodes_mod.ApplyUNetWeights, svd[0], tiny_files[which], 1.0)[0])
     assert worst(got, tiny_files["ft"])[0] < 2e-6
 
 
 def test_strength_half_gives_halfway_weights(nodes_mod, tiny_files, svd):
     base, orig = svd
-    got = effective(nodes_mod.ApplyUNetWeights().apply(base, tiny_files["diffusers"], 0.5)[0])
+    got = effective(node_result(nodes_mod.ApplyUNetWeights, base, tiny_files["diffusers"], 0.5)[0])
     assert worst(got, {k: orig[k] + 0.5 * (w - orig[k]) for k, w in tiny_files["ft"].items()})[0] < 2e-6
 
 
@@ -182,7 +182,9 @@ def test_composes_with_lora_in_either_order(nodes_mod, tiny_files, svd):
     keys = ["input_blocks.1.1.proj_in.weight", "input_blocks.1.1.time_stack.0.attn1.to_q.weight",
             "middle_block.1.transformer_blocks.0.attn2.to_out.0.weight", "label_emb.0.0.weight"]
     lora, delta = lora_for(keys, shapes)
-    apply = nodes_mod.ApplyUNetWeights().apply
+    def apply(*args):
+        return node_result(nodes_mod.ApplyUNetWeights, *args)
+
     lora_first = apply(comfy.sd.load_lora_for_models(base, None, lora, 1.0, 0)[0], tiny_files["diffusers"], 1.0)[0]
     unet_first = comfy.sd.load_lora_for_models(apply(base, tiny_files["diffusers"], 1.0)[0], None, lora, 1.0, 0)[0]
     a, b = effective(lora_first), effective(unet_first)
@@ -199,7 +201,7 @@ def test_partial_file(nodes_mod, unet_dir, keys_mod, tiny_files, svd):
     key_map = keys_mod.invert(keys_mod.svd_unet_key_map(tm.SVD_TINY))
     name = write(unet_dir, "tiny_partial.safetensors", {key_map[k]: ft[k] for k in part_keys})
     base, orig = svd
-    got = effective(nodes_mod.ApplyUNetWeights().apply(base, name, 1.0)[0])
+    got = effective(node_result(nodes_mod.ApplyUNetWeights, base, name, 1.0)[0])
     for k in orig:
         if k in part_keys:
             torch.testing.assert_close(got[k], ft[k], rtol=0, atol=2e-6)
@@ -216,7 +218,7 @@ def test_sd15_files_use_comfyuis_mapping(nodes_mod, unet_dir, sd15):
     to_diff = {l: d for d, l in comfy.utils.unet_to_diffusers(sd15.model.model_config.unet_config).items() if l in orig}
     assert set(to_diff) == set(orig)
     name = write(unet_dir, "sd15_ft_diffusers.safetensors", {to_diff[k]: v for k, v in ft.items()})
-    got = effective(nodes_mod.ApplyUNetWeights().apply(sd15, name, 1.0)[0])
+    got = effective(node_result(nodes_mod.ApplyUNetWeights, sd15, name, 1.0)[0])
     assert worst(got, ft)[0] < 2e-6
 
 
@@ -226,7 +228,7 @@ def test_sd15_files_use_comfyuis_mapping(nodes_mod, unet_dir, sd15):
 def test_sd15_file_on_svd_model(nodes_mod, unet_dir, svd, sd15):
     name = write(unet_dir, "sd15_unet.safetensors", sd15.model.diffusion_model.state_dict())
     with pytest.raises(ValueError) as e:
-        nodes_mod.ApplyUNetWeights().apply(svd[0], name, 1.0)
+        node_result(nodes_mod.ApplyUNetWeights, svd[0], name, 1.0)
     msg = str(e.value)
     assert "no counterpart in this SVD (Stable Video Diffusion) MODEL" in msg
     assert "another model family" in msg and name in msg and "input_blocks.4.0.skip_connection.weight" in msg
@@ -234,7 +236,7 @@ def test_sd15_file_on_svd_model(nodes_mod, unet_dir, svd, sd15):
 
 def test_svd_file_on_sd15_model(nodes_mod, tiny_files, sd15):
     with pytest.raises(ValueError) as e:
-        nodes_mod.ApplyUNetWeights().apply(sd15, tiny_files["diffusers"], 1.0)
+        node_result(nodes_mod.ApplyUNetWeights, sd15, tiny_files["diffusers"], 1.0)
     msg = str(e.value)
     assert "an SVD (Stable Video Diffusion) UNet (diffusers key names" in msg and "the MODEL is SD1.5" in msg
     assert "temporal_transformer_blocks" in msg or "spatial_res_block" in msg
@@ -243,20 +245,20 @@ def test_svd_file_on_sd15_model(nodes_mod, tiny_files, sd15):
 def test_shape_mismatch_names_key_and_shapes(nodes_mod, unet_dir, svd):
     name = write(unet_dir, "wrong_shape.safetensors", {"conv_in.weight": torch.zeros(64, 4, 3, 3)})
     with pytest.raises(ValueError, match=r"input_blocks\.0\.0\.weight: .* shape \(64, 4, 3, 3\) .* has \(64, 8, 3, 3\)"):
-        nodes_mod.ApplyUNetWeights().apply(svd[0], name, 1.0)
+        node_result(nodes_mod.ApplyUNetWeights, svd[0], name, 1.0)
 
 
 def test_loader_refuses_non_svd_and_undetectable(nodes_mod, unet_dir, keys_mod, tiny_files, sd15):
     name = write(unet_dir, "sd15_for_loader.safetensors", sd15.model.diffusion_model.state_dict())
     with pytest.raises(ValueError, match="not a Stable Video Diffusion UNet"):
-        nodes_mod.LoadSVDUNet().load(name, "default")
+        node_result(nodes_mod.LoadSVDUNet, name, "default")
     for name in (tiny_files["diffusers"], tiny_files["ldm"]):  # both namings reach ComfyUI's detection
         with pytest.raises(ValueError, match="did not recognise .* as an SVD model .*model_channels 64"):
-            nodes_mod.LoadSVDUNet().load(name, "default")
+            node_result(nodes_mod.LoadSVDUNet, name, "default")
     sd = to_diffusers(keys_mod, tiny_files["ft"], tm.SVD_TINY)
     del sd["mid_block.attentions.0.temporal_transformer_blocks.0.attn1.to_q.weight"]
     with pytest.raises(ValueError, match="incomplete diffusers SVD UNet: 1 tensors are missing"):
-        nodes_mod.LoadSVDUNet().load(write(unet_dir, "incomplete.safetensors", sd), "default")
+        node_result(nodes_mod.LoadSVDUNet, write(unet_dir, "incomplete.safetensors", sd), "default")
 
 
 # ---- (a), (c): as the model itself (ComfyUI-detectable SVD size) ----------------------------------
@@ -291,7 +293,7 @@ def detectable(unet_dir, keys_mod):
 def test_loader_and_stock_unet_loader_build_the_same_model(nodes_mod, detectable):
     import nodes
 
-    ours = nodes_mod.LoadSVDUNet().load(detectable["diffusers"], "default")[0]
+    ours = node_result(nodes_mod.LoadSVDUNet, detectable["diffusers"], "default")[0]
     stock = nodes.UNETLoader().load_unet(detectable["comfy"], "default")[0]
     for m in (ours, stock):
         assert type(m.model.model_config).__name__ == "SVD_img2vid"

@@ -82,6 +82,8 @@ def in_process_folders(pack, standin_dir, tmp_path_factory, comfy_root):
 
 def _node_info(cls):
     """The parts of /object_info the conversion reads, from this process's node classes."""
+    if hasattr(cls, "GET_NODE_INFO_V1"):  # V3 nodes: exactly what /object_info serves
+        return cls.GET_NODE_INFO_V1()
     inputs = cls.INPUT_TYPES()
     return {"input": inputs, "input_order": {k: list(v) for k, v in inputs.items()}, "output": list(cls.RETURN_TYPES),
             "output_name": list(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES)}
@@ -106,6 +108,28 @@ def test_workflow_converts_to_a_valid_prompt(name, in_process_folders):
     assert outputs, f"{name} has no output node"
     ours = {n["class_type"] for n in prompt.values() if n["class_type"].startswith("XCtrl")}
     assert ours, f"{name} uses none of the pack's nodes"
+
+
+LEGACY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "legacy_workflows")
+LEGACY = sorted(f[:-5] for f in os.listdir(LEGACY_DIR) if f.endswith(".json"))
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_workflows_saved_with_the_first_release_still_load(name, in_process_folders):
+    """Workflow files users saved with XCtrl 0.1.0 (tests/data/legacy_workflows) still convert to a
+    valid prompt: node IDs, input names and widget order are unchanged; inputs added since keep
+    their defaults, as the frontend gives them to widgets a file does not mention."""
+    import execution
+    import nodes
+
+    with open(os.path.join(LEGACY_DIR, name + ".json")) as f:
+        ui = json.load(f)
+    info = {cls: _node_info(nodes.NODE_CLASS_MAPPINGS[cls]) for cls in {n["type"] for n in ui["nodes"]}
+            if cls in nodes.NODE_CLASS_MAPPINGS}
+    assert not {n["type"] for n in ui["nodes"]} - set(info) - set(wb.VIRTUAL_NODES)
+    prompt = wb.to_api(ui, info)
+    ok, error, _, node_errors = asyncio.run(execution.validate_prompt("legacy-" + name, prompt, None))
+    assert ok, f"{name}: {error} {json.dumps(node_errors)[:3000]}"
 
 
 # ----------------------------------------------------------------------------- execution

@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
+from xctrl.preprocessors.pose_sequence import most_confident_person
 from xctrl.preprocessors import dwpose as dwp
 from xctrl.preprocessors.pose_format import PoseFrame, Person
 
@@ -156,7 +157,7 @@ def test_to_pose_frame_normalises_and_marks_weak_hand_and_face_points_missing():
 def test_most_confident_person():
     a = Person(body=np.full((18, 3), 0.4))
     b = Person(body=np.full((18, 3), 0.7))
-    frame = dwp.most_confident_person(PoseFrame(10, 10, [a, b]))
+    frame = most_confident_person(PoseFrame(10, 10, [a, b]))
     assert frame.people == [b]
 
 

@@ -29,12 +29,12 @@ def fake(tmp_path):
 
 def test_missing_optional_dependency_disables_only_that_module(fake, caplog):
     pkg = fake({
-        "good": "NODE_CLASS_MAPPINGS = {'XCtrl_A': int}\nNODE_DISPLAY_NAME_MAPPINGS = {'XCtrl_A': 'A'}\n",
-        "needs_ort": "import onnxruntime_not_installed_xyz\nNODE_CLASS_MAPPINGS = {'XCtrl_B': int}\n",
+        "good": "class A:\n    pass\nNODES = [A]\n",
+        "needs_ort": "import onnxruntime_not_installed_xyz\nNODES = []\n",
     })
     with caplog.at_level(logging.WARNING, logger="xctrl"):
-        classes, names, disabled = collect(pkg, ["good", "needs_ort"])
-    assert classes == {"XCtrl_A": int} and names == {"XCtrl_A": "A"}
+        classes, disabled = collect(pkg, ["good", "needs_ort"])
+    assert [c.__name__ for c in classes] == ["A"]
     assert list(disabled) == ["needs_ort"]
     assert "onnxruntime_not_installed_xyz" in disabled["needs_ort"]
     reasons = [r for r in caplog.records if "disabled" in r.getMessage()]
@@ -42,18 +42,12 @@ def test_missing_optional_dependency_disables_only_that_module(fake, caplog):
 
 
 def test_missing_module_of_the_pack_itself_is_raised(fake):
-    pkg = fake({"broken": "from . import does_not_exist_in_pack\nNODE_CLASS_MAPPINGS = {}\n"})
+    pkg = fake({"broken": "from . import does_not_exist_in_pack\nNODES = []\n"})
     with pytest.raises(ImportError):
         collect(pkg, ["broken"])
 
 
-def test_node_ids_must_be_namespaced_and_unique(fake):
-    pkg = fake({
-        "a": "NODE_CLASS_MAPPINGS = {'LoadImage': int}\n",
-        "b": "NODE_CLASS_MAPPINGS = {'XCtrl_X': int}\n",
-        "c": "NODE_CLASS_MAPPINGS = {'XCtrl_X': float}\n",
-    })
-    with pytest.raises(ValueError, match="prefix"):
-        collect(pkg, ["a"])
-    with pytest.raises(ValueError, match="duplicate"):
-        collect(pkg, ["b", "c"])
+def test_nodes_keep_module_order(fake):
+    pkg = fake({"a": "class A:\n    pass\nNODES = [A]\n", "b": "class B:\n    pass\nclass C:\n    pass\nNODES = [B, C]\n"})
+    classes, _ = collect(pkg, ["b", "a"])
+    assert [c.__name__ for c in classes] == ["B", "C", "A"]

@@ -1,0 +1,133 @@
+"""What the ControlNeXt and ControlNet-XS runners share: one applied control on a MODEL.
+
+A runner lives in the MODEL's options (wrappers, patches), which ``ModelPatcher.clone()``
+deep-copies: runners are shared between clones, never copied. Each has its own id (its key
+for wrappers, callbacks and the per-call stash), the control network's ModelPatcher (loaded
+and offloaded with the UNet, on the UNet's own devices), the hint batch, a strength and a
+step range, and checks the hint batch against the latent batch before the first step.
+"""
+import uuid
+
+import torch
+
+import comfy.model_patcher
+import comfy.patcher_extension as pe
+
+from . import hints
+
+
+class ControlRunner:
+    STASH = "xctrl"  # transformer_options key of the per-call state (per subclass)
+    NODE = "XCtrl"  # the node users apply it with, for error messages
+
+    def __init__(self, patcher, hint, strength, start_percent, end_percent):
+        self.uid = f"{self.STASH}_{uuid.uuid4().hex[:12]}"
+        self.patcher = patcher
+        self.hint = hint  # (B, 3, H, W) float32 on the CPU, RGB in [0, 1]
+        self.strength = float(strength)
+        self.percent_range = (float(start_percent), float(end_percent))
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def install(self, model):
+        """Wrappers and callbacks every runner needs, on a cloned MODEL."""
+        model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, self.uid, self.outer_sample_wrapper)
+        model.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, self.uid, self.release)
+        model.set_additional_models(self.uid, [self.patcher])
+
+    def release(self, *args):
+        """Drops per-run caches when sampling ends."""
+
+    def outer_sample_wrapper(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        """Before anything is loaded or sampled: the checks that need the latent batch."""
+        options = executor.class_obj.model_options
+        self.check_sampling(noise.shape, options)
+        check_core_context_windows(options, noise.shape[0], sigmas, self.NODE)
+        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
+    def check_sampling(self, latent_shape, model_options):
+        try:
+            hints.check_batch(self.hint.shape[0], latent_shape[0], windowed=windowed(model_options))
+        except hints.HintBatchError as e:
+            raise hints.HintBatchError(f"{self.NODE}: {e}") from None
+
+    def active(self, model_sampling, sigma):
+        """Whether sigma lies in the [start_percent, end_percent] range of sampling."""
+        start, end = self.percent_range
+        s = float(sigma.reshape(-1)[0])
+        return model_sampling.percent_to_sigma(end) <= s <= model_sampling.percent_to_sigma(start)
+
+
+def windowed(model_options):
+    """Whether sampling runs the video in context windows (XCtrl Long Video or ComfyUI's)."""
+    to = (model_options or {}).get("transformer_options", {})
+    return bool(to.get(hints.WINDOW)) or (model_options or {}).get("context_handler") is not None
+
+
+def check_core_context_windows(model_options, latents, sigmas, node):
+    """ComfyUI 0.3.64's context-window handler fails on the first step for any latent batch > 1
+    (it compares the sigma schedule with the per-row timestep, fixed in later versions): say so
+    before sampling instead of letting it crash inside KSampler."""
+    handler = (model_options or {}).get("context_handler")
+    set_step = getattr(handler, "set_step", None)
+    if set_step is None or latents < 2 or not isinstance(sigmas, torch.Tensor) or sigmas.numel() < 2:
+        return
+    try:
+        set_step(sigmas[:1].expand(latents * 2), {"transformer_options": {"sample_sigmas": sigmas}})
+    except Exception:  # noqa: BLE001 - any failure of the probe is the crash sampling would hit
+        raise RuntimeError(
+            f"{node}: ComfyUI's Context Windows cannot run a batch of {latents} latents on this ComfyUI version (its "
+            "window handler fails on the first step; fixed in ComfyUI 0.8). For ControlNeXt-SVD long videos use "
+            "'ControlNeXt-SVD Long Video (XCtrl)' instead, or update ComfyUI."
+        ) from None
+
+
+def control_patcher(module, model):
+    """Wraps a control network for model management on the MODEL's own load/offload devices, so
+    that a UNet placed on another GPU (e.g. by a multi-GPU pack) takes its control along."""
+    return comfy.model_patcher.ModelPatcher(module, load_device=model.load_device, offload_device=model.offload_device)
+
+
+class FrameCache:
+    """Per-frame results of a timestep-independent function of the hints, kept for a run.
+
+    ``get(indices, key, compute)`` returns ``compute(missing frame indices)`` stacked with the
+    cached frames in ``indices`` order; results are tuples of tensors with the frames first.
+    ``capacity`` bounds the frames kept (None: all); frames beyond it are computed when needed.
+    ``key`` (image size, device, dtype) changes empty the cache.
+    """
+
+    def __init__(self, capacity=None):
+        self.capacity = capacity
+        self.clear()
+
+    def clear(self):
+        self._key, self._frames = None, {}
+
+    def get(self, indices, key, compute):
+        if key != self._key:
+            self._key, self._frames = key, {}
+        wanted = list(dict.fromkeys(int(i) for i in indices))
+        missing = [i for i in wanted if i not in self._frames]
+        fresh = {}
+        if missing:
+            out = compute(torch.tensor(missing))
+            for n, i in enumerate(missing):
+                fresh[i] = tuple(part[n:n + 1] for part in out)
+                if self.capacity is None or len(self._frames) < self.capacity:
+                    self._frames[i] = fresh[i]
+        parts = [self._frames.get(i) or fresh[i] for i in (int(j) for j in indices)]
+        return tuple(torch.cat(p, dim=0) for p in zip(*parts))
+
+
+def latent_scale(base_model):
+    """Pixels per latent pixel of the model's VAE (8 for SD1.x/2.x, SDXL, SVD and SD3)."""
+    return int(getattr(base_model.latent_format, "spacial_downscale_ratio", 8))
+
+
+def image_size(base_model, x):
+    """The image size (H, W) a latent batch ``x`` decodes to."""
+    s = latent_scale(base_model)
+    return (x.shape[-2] * s, x.shape[-1] * s)
+
