@@ -1,10 +1,14 @@
 """ControlNeXt nodes: load a control module (+ optional UNet weights), apply it to a MODEL,
-and run SVD videos longer than one window the authors' way."""
+run SVD videos longer than one window and condition SVD the authors' way."""
+import torch
+
+import comfy.model_management as mm
 import comfy.utils
 from comfy_api.latest import io
 
 from ..models import controlnext as cnx
 from ..models import unet_weight_files as uwf
+from ..models import svd_reference
 from ..models import video_windows as vw
 from ..models.checkpoint_io import WeightFileError
 from . import hints
@@ -168,6 +172,49 @@ class ControlNeXtSVDLongVideo(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
+class SVDReferenceConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_SVDReferenceConditioning",
+            display_name="SVD Conditioning, reference pipeline (XCtrl)",
+            category=CATEGORY,
+            description=(
+                "Stable Video Diffusion image-to-video conditioning as the ControlNeXt-SVD v2 (diffusers) pipeline makes it: "
+                "the reference image resized to cover width x height and center-cropped; CLIP vision sees the whole image "
+                "squashed to 224 x 224 with the pipeline's antialiased resize (ComfyUI's SVD_img2vid_Conditioning crops it "
+                "to a centered square, losing head and feet of a portrait); the noise augmentation is added in [-1, 1] "
+                "pixel space (ComfyUI's node adds twice as much) from a seed. Same outputs as SVD_img2vid_Conditioning."
+            ),
+            inputs=[
+                io.ClipVision.Input("clip_vision"),
+                io.Image.Input("init_image"),
+                io.Vae.Input("vae"),
+                io.Int.Input("width", default=576, min=16, max=16384, step=8),
+                io.Int.Input("height", default=1024, min=16, max=16384, step=8),
+                io.Int.Input("video_frames", default=14, min=1, max=4096, tooltip="Frames to generate = pose frames (the reference pose plus the aligned driving poses)."),
+                io.Int.Input("motion_bucket_id", default=128, min=1, max=1023, tooltip="The reference pipeline uses 128."),
+                io.Int.Input("fps", default=7, min=1, max=1024, tooltip="The model sees fps - 1; the reference pipeline's fps id is 6."),
+                io.Float.Input("augmentation_level", default=0.02, min=0.0, max=10.0, step=0.01, tooltip="Noise added to the reference image, std in [-1, 1] pixel space (the reference pipeline: 0.02); also the model's time id."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the augmentation noise."),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative"),
+                     io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, clip_vision, init_image, vae, width, height, video_frames, motion_bucket_id, fps, augmentation_level, seed=0):
+        pixels = comfy.utils.common_upscale(init_image[..., :3].movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)
+        pooled = clip_vision.encode_image(svd_reference.clip_pixels(pixels)).image_embeds.unsqueeze(0)
+        noisy = svd_reference.augment(pixels, augmentation_level, torch.Generator().manual_seed(seed))
+        latent = vae.encode(noisy)
+        ids = {"motion_bucket_id": motion_bucket_id, "fps": fps, "augmentation_level": augmentation_level}
+        positive = [[pooled, dict(ids, concat_latent_image=latent)]]
+        negative = [[torch.zeros_like(pooled), dict(ids, concat_latent_image=torch.zeros_like(latent))]]
+        samples = torch.zeros([video_frames, 4, height // 8, width // 8], device=mm.intermediate_device())
+        return io.NodeOutput(positive, negative, {"samples": samples})
+
+
 def _variant_for(controlnext, model, sd15_layout):
     """The ControlNeXt variant for this file on this MODEL, or a WeightFileError saying what to load."""
     family = model_family(model)
@@ -235,4 +282,4 @@ def add_unet_weight_patches(model, controlnext, strength):
     model.add_patches({"diffusion_model." + k: (d,) for k, d in deltas.items()}, strength)
 
 
-NODES = [LoadControlNeXt, ApplyControlNeXt, ControlNeXtSVDLongVideo]
+NODES = [LoadControlNeXt, ApplyControlNeXt, ControlNeXtSVDLongVideo, SVDReferenceConditioning]

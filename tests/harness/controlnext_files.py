@@ -1,12 +1,11 @@
 """Shared by the ControlNeXt integration tests: tiny module files and node calls."""
-import math
 import os
 
 import torch
 from safetensors.torch import save_file
 
 from .comfy_runtime import node_result
-from .layouts import load_layout
+from .random_weights import random_layout
 
 LAYOUTS = {
     "sd15": "controlnext_sd15_released.json",
@@ -21,22 +20,8 @@ TINY_OUT = {"sd15": 64, "sdxl": 32}
 
 def controlnext_sd(variant, out_channels=None, seed=0, dtype=torch.float32):
     """Random tensors with the released layout; the last conv resized to ``out_channels``."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for key, shape in sorted(load_layout(LAYOUTS[variant])["keys"].items()):
-        shape = list(shape)
-        if out_channels and key.startswith("mid_convs.1."):
-            shape[0] = out_channels
-        if key == "scale":
-            t = torch.tensor(0.7)
-        elif key.endswith(".weight") and len(shape) in (2, 4):
-            t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-        elif key.endswith(".weight"):
-            t = 1 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            t = 0.1 * torch.randn(shape, generator=g)
-        sd[key] = t.to(dtype)
-    return sd
+    resize = {"mid_convs.1.": out_channels} if out_channels else None
+    return random_layout(LAYOUTS[variant], seed, dtype, resize=resize)
 
 
 def write(controlnet_dir, name, sd):

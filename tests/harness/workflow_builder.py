@@ -135,9 +135,10 @@ def _controlnext_svd_v2(frames, driving_frames, long_video):
                                            "unet_weights": "none"}, None),
          "apply": ("XCtrl_ApplyControlNeXt", {"model": ["unet", 0], "controlnext": ["cnx", 0],
                                               "image": ["render", 0], "strength": 1.0}, None),
-         "cond": ("SVD_img2vid_Conditioning", {"clip_vision": ["ckpt", 1], "init_image": ["ref_crop", 0], "vae": ["ckpt", 2],
-                                               "width": SVD_W, "height": SVD_H, "video_frames": frames,
-                                               "motion_bucket_id": 128, "fps": 7, "augmentation_level": 0.02}, None)}
+         "cond": ("XCtrl_SVDReferenceConditioning", {"clip_vision": ["ckpt", 1], "init_image": ["ref_crop", 0], "vae": ["ckpt", 2],
+                                                     "width": SVD_W, "height": SVD_H, "video_frames": frames,
+                                                     "motion_bucket_id": 128, "fps": 7, "augmentation_level": 0.02, "seed": 42},
+                  "SVD conditioning as the reference pipeline")}
     model = ["apply", 0]
     if long_video:
         g["windows"] = ("XCtrl_ControlNeXtSVDLongVideo", {"model": model, "frames_per_window": 24, "overlap": 6,
@@ -158,7 +159,9 @@ def _controlnext_svd_v2(frames, driving_frames, long_video):
         "models/controlnet: controlnext-svd_v2-controlnet-fp16.safetensors (Kijai/ControlNeXt-SVD-V2-Comfy)\n"
         f"input/: your driving video as pose_video.mp4. video_frames = pose frames = 1 + every 2nd of the first "
         f"{driving_frames} driving frames = {frames}; change both together.\n"
-        "Reference settings: fps 7 (the model sees 6), motion bucket 128, augmentation 0.02, cfg 3, 25 steps euler/karras."))
+        "Reference settings: fps 7 (the model sees 6), motion bucket 128, augmentation 0.02, cfg 3, 25 steps euler/karras; "
+        "ComfyUI's SVD_img2vid_Conditioning works too, but crops the image to a square for CLIP vision and adds twice "
+        "the augmentation noise."))
     return g
 
 

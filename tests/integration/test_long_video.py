@@ -276,3 +276,57 @@ def test_animatediff_context_options_give_each_window_its_poses(pack):
     assert layout.items(1).tolist() == [0] * 8
     with pytest.raises(ValueError, match="8 images but the latent batch has 9.*reference"):
         layout.items(8)
+
+
+# ----------------------------------------------------------------------------- reference settings
+def test_euler_karras_is_the_reference_schedulers_sigma_schedule(pack):
+    """The authors sample with SVD-XT 1.1's EulerDiscreteScheduler (use_karras_sigmas, sigma_min
+    0.002, sigma_max 700, rho 7, a final 0): ComfyUI's 'karras' scheduler for an SVD model gives
+    the same 26 sigmas, so KSampler euler/karras/25 steps follows the reference's steps."""
+    import numpy as np
+
+    import comfy.samplers
+
+    steps, rho, lo, hi = 25, 7.0, 0.002, 700.0
+    ramp = np.linspace(0, 1, steps)
+    want = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+    want = torch.tensor(np.concatenate([want, [0.0]]), dtype=torch.float32)
+    got = comfy.samplers.calculate_sigmas(tm.svd().model.model_sampling, "karras", steps)
+    torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=0)
+
+
+def test_conditioning_fps_7_is_fps_id_6(pack):
+    """The reference pipeline feeds fps id 6 (hard-coded); ComfyUI's SVD conditioning subtracts 1."""
+    model = tm.svd().model
+    ids = model.encode_adm(fps=7, motion_bucket_id=128, augmentation_level=0.02)
+    want = torch.cat([model.embedder(torch.Tensor([v])) for v in (6, 128, 0.02)]).flatten()
+    torch.testing.assert_close(ids.flatten(), want)
+
+
+def test_reference_conditioning_node_feeds_clip_and_vae_as_the_pipeline(nodes_mod, pack):
+    """XCtrl's SVD conditioning: CLIP gets the whole cover-cropped image squashed to 224 with the
+    pipeline's resize, the VAE gets it with the augmentation noise in [-1, 1] space (seeded)."""
+    import comfy.utils
+
+    sr = pack_module("models.svd_reference")
+    seen = {}
+
+    class Clip:
+        def encode_image(self, image):
+            seen["clip"] = image
+            return type("Out", (), {"image_embeds": torch.ones(1, 32)})()
+
+    class Vae:
+        def encode(self, pixels):
+            seen["vae"] = pixels
+            return torch.ones(1, 4, pixels.shape[1] // 8, pixels.shape[2] // 8)
+
+    image = torch.rand(1, 80, 120, 3, generator=torch.Generator().manual_seed(0))  # landscape: cropped to portrait
+    pos, neg, latent = node_result(nodes_mod.SVDReferenceConditioning, Clip(), image, Vae(), 64, 96, 5, 128, 7, 0.02, 3)
+    cropped = comfy.utils.common_upscale(image.movedim(-1, 1), 64, 96, "bilinear", "center").movedim(1, -1)
+    torch.testing.assert_close(seen["clip"], sr.clip_pixels(cropped))
+    noise = torch.randn(cropped.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(seen["vae"], cropped + 0.01 * noise)
+    assert pos[0][1]["fps"] == 7 and pos[0][1]["motion_bucket_id"] == 128 and pos[0][1]["augmentation_level"] == 0.02
+    assert torch.equal(neg[0][0], torch.zeros(1, 1, 32)) and not neg[0][1]["concat_latent_image"].any()
+    assert latent["samples"].shape == (5, 4, 12, 8)

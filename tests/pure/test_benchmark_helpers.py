@@ -1,6 +1,9 @@
-"""Pure helpers of scripts/benchmark.py: run order, medians, ratios, target checks, tables."""
+"""Pure helpers of the benchmark (scripts/bench/stats.py): run order, medians, ratios, target
+checks, tables; the report's generated blocks."""
+import importlib
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -9,10 +12,8 @@ PACK = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def bm():
-    spec = importlib.util.spec_from_file_location("xctrl_benchmark_script", os.path.join(PACK, "scripts", "benchmark.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # imports no ComfyUI and no torch at module level
-    return mod
+    sys.path.insert(0, os.path.join(PACK, "scripts"))
+    return importlib.import_module("bench.stats")  # imports no ComfyUI and no torch
 
 
 def test_interleaved_order_runs_every_configuration_once_per_repeat(bm):
@@ -59,7 +60,16 @@ def test_markdown_table_and_number_format(bm):
     assert bm.fmt(2.0, 1, " s") == "2.0 s"
 
 
-def test_arguments_quick_defaults_and_validation(bm, tmp_path):
+@pytest.fixture(scope="module")
+def cli():
+    spec = importlib.util.spec_from_file_location("xctrl_benchmark_script", os.path.join(PACK, "scripts", "benchmark.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # imports no ComfyUI and no torch at module level
+    return mod
+
+
+def test_arguments_quick_defaults_and_validation(cli, tmp_path):
+    bm = cli
     a = bm.parse_args(["--comfyui", str(tmp_path), "--quick"])
     assert (a.repeats, a.frames, a.pre_frames, a.sdxl_controlnet, a.sdxl_cn2) == (1, 2, 1, "off", False)
     a = bm.parse_args(["--comfyui", str(tmp_path)])
@@ -73,3 +83,19 @@ def test_arguments_quick_defaults_and_validation(bm, tmp_path):
 def test_spread_of_repeats(bm):
     assert bm.spread([10.0, 11.0, 12.0]) == pytest.approx(100 * 2 / 11)
     assert bm.spread([5.0]) is None and bm.spread([]) is None
+
+
+def test_report_blocks_replace_only_their_own_text(tmp_path):
+    sys.path.insert(0, os.path.join(PACK, "scripts"))
+    report = importlib.import_module("bench.report")
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# Benchmarks\n\nhand-written intro\n")
+    report.replace_block(str(path), "main", "table v1")
+    report.replace_block(str(path), "long_video", "lv v1")
+    text = path.read_text().replace("<!-- /generated:main -->", "<!-- /generated:main -->\n\nhand-written reading")
+    path.write_text(text)
+    report.replace_block(str(path), "main", "table v2")
+    out = path.read_text()
+    assert "hand-written intro" in out and "hand-written reading" in out and "lv v1" in out
+    assert "table v2" in out and "table v1" not in out
+    assert out.index("table v2") < out.index("lv v1")
