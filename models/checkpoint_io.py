@@ -60,10 +60,3 @@ def pickle_errors():
 def _tensor_dict(d):
     return any(isinstance(v, torch.Tensor) for v in d.values())
 
-
-def strip_prefix(sd, prefixes):
-    """Removes the first matching prefix from keys when every key has it."""
-    for p in prefixes:
-        if sd and all(k.startswith(p) for k in sd):
-            return {k[len(p):]: v for k, v in sd.items()}
-    return sd

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Tuple
 
+from .families import family_of_context_width, family_title
 from .checkpoint_io import WeightFileError
 
 VISLEARN = "vislearn"
@@ -298,8 +299,9 @@ class XSConfig:
     @property
     def base_name(self):
         if self.family == SDXL:
-            return "SDXL"
-        return {768: "SD1.5", 1024: "SD2.1"}.get(self.context_dim, "SD")
+            return family_title("sdxl")
+        family = family_of_context_width(self.context_dim)
+        return family_title(family) if family in ("sd15", "sd21") else "SD"
 
 
 def heads_for(family, context_dim, channels):

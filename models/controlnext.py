@@ -31,16 +31,16 @@ TIME_PROJ_DIM = 128  # sinusoidal embedding width
 TIME_EMBED_DIM = 256  # time_embedding.linear_2 output
 SDXL_FAMILY = "sdxl_family"
 
-# Scale semantics (spec section 2, column "s"), see injection_scales().
+# Scale semantics (docs/controlnext.md, "Cross normalization"), see injection_scales().
 LEARNED_X_STRENGTH = "learned_x_strength"  # sd15: learned `scale` * strength
-STRENGTH = "strength"  # sdxl, sd15_training
-SIGMOID_LEARNED_X13 = "sigmoid_learned_x1.3"  # svd_v1: sigmoid(scale) * 1.3
-STRENGTH_X02 = "strength_x0.2"  # svd_v2
+STRENGTH = "strength"  # sdxl, sd15_training, sd3
+SIGMOID_LEARNED_X13 = "sigmoid_learned_x1.3"  # svd_v1: sigmoid(scale) * 1.3; uncond rows sigmoid(0) * 1.3
+STRENGTH_X02 = "strength_x0.2"  # svd_v2: 0.2 * strength on cond rows, uncond rows none
 
-# ComfyUI patch hooks (spec comfyui.md "UNetModel").
-OUTPUT_BLOCK_PATCH = "output_block_patch"
-INPUT_BLOCK_PATCH_AFTER_SKIP = "input_block_patch_after_skip"
-DIT_DOUBLE_BLOCK_0 = "dit_double_block_0"  # replacement of MMDiT joint block 0 (its input is the patch embedding)
+# The timestep the control module is given (control_timesteps()).
+MODEL_TIMESTEP = "model_timestep"  # the denoiser's own timestep (0..999 index for SD1.5 / SDXL / SD3)
+QUARTER_LN_SIGMA = "0.25_ln_sigma"  # SVD: 0.25 * ln(sigma)
+
 TOKENS = "tokens"  # MMDiT: per-channel statistics over the token axis
 
 
@@ -56,88 +56,40 @@ class Variant:
     mid_residual: bool  # mid_convs.0 = x + [conv, ReLU, GN, conv, GN](x), else [conv, ReLU, conv]
     out_channels: int
     has_learned_scale: bool
-    params: int
-    # Injection (how the glue uses the output)
+    # Numerics of the injection (where it happens is the glue's: nodes/controlnext_runtime.py)
     eps: float
     order: str  # cross-normalization order
     scale_mode: str
-    injection: tuple  # ComfyUI transformer_options["block"] where h is changed
-    injection_hook: str
-    injection_note: str
-    timestep_mode: str  # "index": model_sampling.timestep(sigma); "0.25ln_sigma": 0.25 * ln(sigma)
-    cfg: str  # "both": control on cond and uncond rows; "cond_only": uncond rows get none
+    timestep: str  # MODEL_TIMESTEP or QUARTER_LN_SIGMA
 
 
 _SDXL_STAGES = ((128, 128, 4), (128, 256, 8))
+# The module of the SDXL release, shared (keys and shapes) by SVD v2, SD1.5-Training and XCtrl's SD3 format.
+_SDXL_MODULE = dict(family=SDXL_FAMILY, embedding_paddings=(1, 1, 1), embedding_maxpool=False, stages=_SDXL_STAGES,
+                    mid_residual=True, out_channels=320, has_learned_scale=False)
 
 VARIANTS = {
     v.name: v
     for v in (
-        Variant(
-            name="sd15", title="SD1.5 (released)", family="sd15",
-            embedding_paddings=(), embedding_maxpool=False,
-            stages=((3, 128, 1), (128, 256, 8), (256, 256, 8)), mid_residual=False,
-            out_channels=1280, has_learned_scale=True, params=5_352_327,
-            eps=1e-12, order=POOL_THEN_NORM, scale_mode=LEARNED_X_STRENGTH,
-            injection=("output", 0), injection_hook=OUTPUT_BLOCK_PATCH,
-            injection_note="middle-block output: h at the start of output block 0",
-            timestep_mode="index", cfg="both",
-        ),
-        Variant(
-            name="sd15_training", title="SD1.5-Training", family=SDXL_FAMILY,
-            embedding_paddings=(1, 1, 1), embedding_maxpool=False,
-            stages=_SDXL_STAGES, mid_residual=True,
-            out_channels=320, has_learned_scale=False, params=3_526_400,
-            eps=1e-12, order=POOL_THEN_NORM, scale_mode=STRENGTH,
-            injection=("input", 3), injection_hook=INPUT_BLOCK_PATCH_AFTER_SKIP,
-            injection_note="after input block 3 (down_blocks[0] with its downsampler), after the skip was saved",
-            timestep_mode="index", cfg="both",
-        ),
-        Variant(
-            name="sdxl", title="SDXL", family=SDXL_FAMILY,
-            embedding_paddings=(1, 1, 1), embedding_maxpool=False,
-            stages=_SDXL_STAGES, mid_residual=True,
-            out_channels=320, has_learned_scale=False, params=3_526_400,
-            eps=1e-12, order=NORM_THEN_POOL, scale_mode=STRENGTH,
-            injection=("input", 0), injection_hook=INPUT_BLOCK_PATCH_AFTER_SKIP,
-            injection_note="after input block 0 (conv_in), after the skip was saved",
-            timestep_mode="index", cfg="both",
-        ),
-        Variant(
-            name="svd_v1", title="SVD v1", family="svd_v1",
-            embedding_paddings=(1, 0, 0), embedding_maxpool=True,
-            stages=((128, 128, 4), (128, 256, 8), (256, 256, 8)), mid_residual=True,
-            out_channels=1280, has_learned_scale=True, params=5_610_177,
-            eps=1e-5, order=NORM_THEN_POOL, scale_mode=SIGMOID_LEARNED_X13,
-            injection=("input", 11), injection_hook=INPUT_BLOCK_PATCH_AFTER_SKIP,
-            injection_note="after input block 11 (all down blocks), before the middle block, after the skip was saved",
-            timestep_mode="0.25ln_sigma", cfg="both",
-        ),
-        Variant(
-            name="svd_v2", title="SVD v2", family=SDXL_FAMILY,
-            embedding_paddings=(1, 0, 0), embedding_maxpool=False,
-            stages=_SDXL_STAGES, mid_residual=True,
-            out_channels=320, has_learned_scale=False, params=3_526_400,
-            eps=1e-5, order=NORM_THEN_POOL, scale_mode=STRENGTH_X02,
-            injection=("input", 3), injection_hook=INPUT_BLOCK_PATCH_AFTER_SKIP,
-            injection_note="after input block 3 (down_blocks[0] with its downsampler), after the skip was saved",
-            timestep_mode="0.25ln_sigma", cfg="cond_only",
-        ),
-        # UNOFFICIAL: the authors released no SD3 code or weights (spec section 3, "SD3 / MMDiT").
-        # XCtrl's format: the SDXL module's keys, `mid_convs.1` producing the MMDiT hidden
-        # width (e.g. 1536 for SD3 Medium, 2432 for SD3.5 Large) at 1/8 of the image size;
-        # the feature is average-pooled to the patch grid and added to the image tokens right
-        # after patch + positional embedding, cross-normalized per channel over the tokens.
-        Variant(
-            name="sd3", title="SD3 / SD3.5 MMDiT (unofficial)", family=SDXL_FAMILY,
-            embedding_paddings=(1, 1, 1), embedding_maxpool=False,
-            stages=_SDXL_STAGES, mid_residual=True,
-            out_channels=1536, has_learned_scale=False, params=3_526_400 + 256 * (1536 - 320) + (1536 - 320),
-            eps=1e-12, order=TOKENS, scale_mode=STRENGTH,
-            injection=("double_block", 0), injection_hook=DIT_DOUBLE_BLOCK_0,
-            injection_note="image tokens after patch + positional embedding (input of joint block 0)",
-            timestep_mode="index", cfg="both",
-        ),
+        Variant(name="sd15", title="SD1.5 (released)", family="sd15", embedding_paddings=(), embedding_maxpool=False,
+                stages=((3, 128, 1), (128, 256, 8), (256, 256, 8)), mid_residual=False, out_channels=1280,
+                has_learned_scale=True, eps=1e-12, order=POOL_THEN_NORM, scale_mode=LEARNED_X_STRENGTH,
+                timestep=MODEL_TIMESTEP),
+        Variant(name="sd15_training", title="SD1.5-Training", **_SDXL_MODULE,
+                eps=1e-12, order=POOL_THEN_NORM, scale_mode=STRENGTH, timestep=MODEL_TIMESTEP),
+        Variant(name="sdxl", title="SDXL", **_SDXL_MODULE,
+                eps=1e-12, order=NORM_THEN_POOL, scale_mode=STRENGTH, timestep=MODEL_TIMESTEP),
+        Variant(name="svd_v1", title="SVD v1", family="svd_v1", embedding_paddings=(1, 0, 0), embedding_maxpool=True,
+                stages=((128, 128, 4), (128, 256, 8), (256, 256, 8)), mid_residual=True, out_channels=1280,
+                has_learned_scale=True, eps=1e-5, order=NORM_THEN_POOL, scale_mode=SIGMOID_LEARNED_X13,
+                timestep=QUARTER_LN_SIGMA),
+        Variant(name="svd_v2", title="SVD v2", **dict(_SDXL_MODULE, embedding_paddings=(1, 0, 0)),
+                eps=1e-5, order=NORM_THEN_POOL, scale_mode=STRENGTH_X02, timestep=QUARTER_LN_SIGMA),
+        # UNOFFICIAL: the authors released no SD3 code or weights. XCtrl's format: the SDXL module's
+        # keys, `mid_convs.1` producing the MMDiT hidden width (e.g. 1536 for SD3 Medium, 2432 for
+        # SD3.5 Large); cross-normalized per channel over the image tokens (docs/controlnext.md).
+        Variant(name="sd3", title="SD3 / SD3.5 MMDiT (unofficial)", **dict(_SDXL_MODULE, out_channels=1536),
+                eps=1e-12, order=TOKENS, scale_mode=STRENGTH, timestep=MODEL_TIMESTEP),
     )
 }
 
@@ -190,7 +142,9 @@ def detect_variant(state_dict):
     """
     sd = strip_common_prefix(state_dict)
     if _ANCHOR not in sd or "mid_convs.1.weight" not in sd or "down_res.0.conv1.weight" not in sd:
-        raise WeightFileError(f"not a ControlNeXt control module: this looks like {_describe(sd)}")
+        raise WeightFileError(
+            "not a ControlNeXt control module (it has no time_embedding.linear_1, mid_convs.1 and down_res.0 weights)"
+        )
     out_channels = sd["mid_convs.1.weight"].shape[0]
     has_embedding = "embedding.0.weight" in sd
     has_scale = "scale" in sd
@@ -221,9 +175,8 @@ def resolve_variant(detected, base_model):
         raise ValueError(f"base_model must be one of {BASE_MODELS}, got {base_model!r}")
     name = _BY_BASE.get((detected, base_model))
     if name is None:
-        made_for = {"sd15": "SD1.5", "svd_v1": "SVD (v1)"}.get(detected, detected)
         raise WeightFileError(
-            f"This ControlNeXt module is made for {made_for} and cannot control a {base_model} model: "
+            f"This ControlNeXt module is made for {module_family_title(detected)} and cannot control a {base_model} model: "
             "load the ControlNeXt file that matches your base model"
         )
     return name
@@ -400,7 +353,7 @@ def build_controlnext(state_dict, variant=None, ops=nn, dtype=None, device=None)
     v = get_variant(variant)
     if v.family != detected:
         raise WeightFileError(
-            f"This file is a ControlNeXt {_family_title(detected)} module, not the {v.title} one that was asked for: "
+            f"This file is a ControlNeXt {module_family_title(detected)} module, not the {v.title} one that was asked for: "
             "pick the variant that matches the file (and the file that matches your base model)"
         )
     out_channels = int(sd["mid_convs.1.weight"].shape[0])
@@ -412,7 +365,16 @@ def build_controlnext(state_dict, variant=None, ops=nn, dtype=None, device=None)
     return model
 
 
-def _family_title(family):
+def check_file_layout(state_dict, family):
+    """Raises WeightFileError unless the file has exactly its family's keys and shapes (any output width)."""
+    sd = strip_common_prefix(state_dict)
+    representative = {"sd15": "sd15", "svd_v1": "svd_v1", SDXL_FAMILY: "sdxl"}[family]
+    out_channels = int(sd["mid_convs.1.weight"].shape[0])
+    _check_layout(ControlNeXt(representative, device="meta", out_channels=out_channels), sd)
+
+
+def module_family_title(family):
+    """What a file family (detect_variant) is made for, in words."""
     return {"sd15": "SD1.5", "svd_v1": "SVD v1", SDXL_FAMILY: "SDXL-layout (SDXL / SVD v2 / SD1.5-Training)"}[family]
 
 
@@ -434,28 +396,23 @@ def _check_layout(model, sd):
     if problems:
         raise WeightFileError(
             f"The weights do not match the ControlNeXt {model.variant.title} control module: {'; '.join(problems)}. "
-            f"The file looks like {_describe(sd)}. Use the control module file (controlnet.safetensors / .bin, not "
-            "the UNet file), unmodified, with the variant that matches it."
+            "Use the control module file (controlnet.safetensors / .bin, not the UNet file), unmodified, with the "
+            "variant that matches it."
         )
-
-
-def _describe(sd):
-    from .file_kinds import describe_state_dict  # lazy: file_kinds imports this module
-
-    return describe_state_dict(sd)
 
 
 # ---------------------------------------------------------------------------- sampling helpers
 
 
 def control_timesteps(variant, sigma, model_timestep=None):
-    """The timestep the control module expects, per the variant's ``timestep_mode``.
+    """The timestep the control module expects, per the variant's ``timestep`` rule.
 
-    "index": the model's timestep (ComfyUI ``model_sampling.timestep(sigma)``), passed as
-    ``model_timestep``; "0.25ln_sigma": ``0.25 * ln(sigma)`` (SVD).
+    MODEL_TIMESTEP: the denoiser's own timestep for this sigma (e.g. ComfyUI's
+    ``model_sampling.timestep(sigma)``), passed as ``model_timestep``; QUARTER_LN_SIGMA:
+    ``0.25 * ln(sigma)`` (SVD).
     """
     v = get_variant(variant)
-    if v.timestep_mode == "index":
+    if v.timestep == MODEL_TIMESTEP:
         if model_timestep is None:
             raise ValueError(f"ControlNeXt {v.title} needs the model's timestep index (model_sampling.timestep(sigma))")
         return model_timestep

@@ -5,6 +5,7 @@ messages ("a T2I-Adapter", ...). Only key names and a few shapes are read.
 """
 from .checkpoint_io import WeightFileError
 from .controlnext import SDXL_FAMILY, detect_variant, strip_common_prefix
+from .families import base_of_context_width
 from .unet_weight_files import DELTA, is_unet_weight_file, parse_unet_weight_file
 
 KINDS = (
@@ -22,9 +23,6 @@ KINDS = (
     "controlnext_unet_weights",
     "unknown",
 )
-
-_CONTEXT_DIMS = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}
-
 
 def kind_of(sd):
     """One of :data:`KINDS`."""
@@ -54,7 +52,7 @@ def _base_from_context(sd):
     """"SD1.5" / "SD2.x" / "SDXL" from a cross-attention key width, or ""."""
     for k, v in sd.items():
         if k.endswith("attn2.to_k.weight") and v.dim() == 2:
-            return _CONTEXT_DIMS.get(int(v.shape[1]), "")
+            return base_of_context_width(int(v.shape[1]))
     return ""
 
 

@@ -31,7 +31,8 @@ Pure Python + torch; no ComfyUI import.
 import re
 
 from .checkpoint_io import WeightFileError
-from .unet_weight_files import strip_unet_prefix
+from .families import base_of_context_width
+from .unet_weight_files import naming_of, strip_unet_prefix, to_ldm_keys
 
 
 # ResBlock sub-layers: diffusers name -> ComfyUI name.
@@ -177,18 +178,6 @@ def svd_unet_key_map(config):
     return out
 
 
-def invert(key_map):
-    """{ComfyUI key: diffusers key}; raises if two diffusers keys share a ComfyUI key."""
-    inv = {}
-    for d, l in key_map.items():
-        if l in inv:
-            raise ValueError(f"{l} is the image of both {inv[l]} and {d}")
-        inv[l] = d
-    return inv
-
-
-# ---- reading a diffusers-named SVD UNet -----------------------------------------------------------
-
 def _indices(keys, prefix):
     pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
     return sorted({int(m.group(1)) for k in keys for m in [pat.match(k)] if m})
@@ -245,42 +234,10 @@ def svd_config_from_diffusers(sd):
 # ---- converting ---------------------------------------------------------------------------------
 
 
-def naming_of(sd):
-    """"diffusers", "ldm", "mixed" or "unknown" from the block names of (prefix-stripped) keys."""
-    diff = any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "time_embedding.")) for k in sd)
-    ldm = any(k.startswith(("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.")) for k in sd)
-    if diff and ldm:
-        return "mixed"
-    return "diffusers" if diff else "ldm" if ldm else "unknown"
-
-
-def keys_to_ldm(sd, key_map, model_title="this model", file_title="the file"):
-    """Renames every key of ``sd`` (diffusers names of ``key_map`` or already ComfyUI names) to
-    ComfyUI names. Raises WeightFileError listing keys with no counterpart; nothing is dropped."""
-    sd = strip_unet_prefix(sd)
-    ldm_names = set(key_map.values())
-    out, unmapped = {}, []
-    for k, v in sd.items():
-        name = key_map.get(k, k if k in ldm_names else None)
-        if name is None:
-            unmapped.append(k)
-            continue
-        if name in out:
-            raise WeightFileError(f"{file_title} sets {name} twice (under two names)")
-        out[name] = v
-    if unmapped:
-        shown = ", ".join(sorted(unmapped)[:6])
-        raise WeightFileError(
-            f"{len(unmapped)} of {len(sd)} keys of {file_title} have no counterpart in {model_title} "
-            f"(e.g. {shown}): the file is for another model family or architecture"
-        )
-    return out
-
-
 def full_unet_to_ldm(sd, config):
     """A complete or partial SVD UNet state dict (diffusers or ComfyUI names, optionally with a
     "model.diffusion_model." / "diffusion_model." prefix) in ComfyUI names."""
-    return keys_to_ldm(sd, svd_unet_key_map(config), "an SVD UNet of this configuration", "the SVD UNet file")
+    return to_ldm_keys(sd, svd_unet_key_map(config), "the SVD UNet file", "an SVD UNet of this configuration")
 
 
 def describe_unet_file(sd):
@@ -293,7 +250,7 @@ def describe_unet_file(sd):
         family = "a UNet"
         for k, v in sd.items():
             if k.endswith("attn2.to_k.weight") and v.dim() == 2:
-                base = {768: "SD1.5", 1024: "SD2.x", 2048: "SDXL"}.get(int(v.shape[1]))
+                base = base_of_context_width(int(v.shape[1]))
                 if base:
                     family = f"a {base} UNet"
                 break

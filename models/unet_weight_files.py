@@ -1,14 +1,17 @@
-"""ControlNeXt UNet weight files: partial attention weights that go with a control module.
+"""UNet weight files: key naming and renaming, and ControlNeXt's partial attention weights.
 
-Two kinds were released (spec controlnext.md section 3):
+One pipeline for every UNet file the pack applies (docs/weight_files.md): strip a common
+prefix, tell the naming (:func:`naming_of`), rename to ComfyUI's diffusion-model names with a
+{diffusers name: ComfyUI name} map (:func:`to_ldm_keys`; ComfyUI's own map for SD1.x/2.x/SDXL,
+models/svd_unet_keys.py for SVD), then turn the tensors into weight differences.
+
+ControlNeXt released two kinds of partial files:
 - SD1.5 ``unet.safetensors``: ABSOLUTE replacement weights for every ``attn1``/``attn2``
   ``to_out.0`` (or only the up-block ones), diffusers naming.
 - SDXL ``unet.safetensors``: ADDITIVE deltas (W_finetuned - W_base) for every
   ``attn2.to_out.0``, diffusers naming; LDM (ComfyUI) names are accepted too.
-
-Both are turned into weight deltas for ComfyUI diff patches, so that LoRAs stack on top in
-any order. Keys are returned in ComfyUI's diffusion-model naming without the
-"diffusion_model." prefix (the naming of ``comfy.utils.unet_to_diffusers`` values).
+Both become weight deltas for ComfyUI diff patches, so that LoRAs stack on top in any order.
+Keys are in ComfyUI's diffusion-model naming without the "diffusion_model." prefix.
 """
 import re
 
@@ -22,8 +25,6 @@ DIFFUSERS = "diffusers"
 LDM = "ldm"
 
 _ATTN_OUT = re.compile(r"^(.+)\.transformer_blocks\.(\d+)\.(attn[12])\.to_out\.0\.(weight|bias)$")
-_DIFFUSERS_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.")
-_LDM_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.")
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "unet.")
 
 
@@ -33,6 +34,15 @@ def strip_unet_prefix(sd):
         if sd and all(k.startswith(p) for k in sd):
             return {k[len(p):]: v for k, v in sd.items()}
     return dict(sd)
+
+
+def naming_of(sd):
+    """"diffusers", "ldm", "mixed" or "unknown" from the block names of (prefix-stripped) keys."""
+    diff = any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "time_embedding.")) for k in sd)
+    ldm = any(k.startswith(("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.")) for k in sd)
+    if diff and ldm:
+        return "mixed"
+    return DIFFUSERS if diff else LDM if ldm else "unknown"
 
 
 def is_unet_weight_file(sd):
@@ -52,17 +62,12 @@ def parse_unet_weight_file(sd):
         raise WeightFileError("the ControlNeXt UNet weight file is empty")
     foreign = [k for k in sd if not _ATTN_OUT.match(k)]
     if foreign:
-        from .file_kinds import describe_state_dict  # lazy: file_kinds imports this module
-
         raise WeightFileError(
             f"not a ControlNeXt UNet weight file: {len(foreign)} keys are not attention to_out weights "
-            f"(e.g. {', '.join(sorted(foreign)[:3])}); it looks like {describe_state_dict(sd)}"
+            f"(e.g. {', '.join(sorted(foreign)[:3])})"
         )
-    if all(k.startswith(_DIFFUSERS_ROOTS) for k in sd):
-        naming = DIFFUSERS
-    elif all(k.startswith(_LDM_ROOTS) for k in sd):
-        naming = LDM
-    else:
+    naming = naming_of(sd)
+    if naming not in (DIFFUSERS, LDM):
         raise WeightFileError(
             "the ControlNeXt UNet weight file mixes diffusers (down_blocks/mid_block/up_blocks) and LDM "
             "(input_blocks/middle_block/output_blocks) key names: it was edited or merged wrongly"
@@ -81,31 +86,27 @@ def parse_unet_weight_file(sd):
     )
 
 
-def to_ldm_keys(sd, diffusers_to_ldm):
-    """Renames every key to ComfyUI's UNet naming using ``diffusers_to_ldm`` {diffusers: ldm}.
+def to_ldm_keys(sd, key_map, file_title="the UNet weight file", model_title="this model"):
+    """Renames every key to ComfyUI's UNet naming with ``key_map`` {diffusers name: ComfyUI name}.
 
-    Keys already in LDM naming (the mapping's values) are kept. Any key the mapping does not
-    know raises: nothing is dropped silently.
+    Keys already in ComfyUI naming (the map's values) are kept. Any key the map does not know
+    raises, listing some: nothing is dropped silently.
     """
     sd = strip_unet_prefix(sd)
-    ldm_names = set(diffusers_to_ldm.values())
+    ldm_names = set(key_map.values())
     out, unmapped = {}, []
     for k, v in sd.items():
-        if k in diffusers_to_ldm:
-            name = diffusers_to_ldm[k]
-        elif k in ldm_names:
-            name = k
-        else:
+        name = key_map.get(k, k if k in ldm_names else None)
+        if name is None:
             unmapped.append(k)
             continue
         if name in out:
-            raise WeightFileError(f"the UNet weight file sets {name} twice (under two names)")
+            raise WeightFileError(f"{file_title} sets {name} twice (under two names)")
         out[name] = v
     if unmapped:
         raise WeightFileError(
-            f"{len(unmapped)} of {len(sd)} keys of the ControlNeXt UNet weight file have no counterpart in this model "
-            f"(e.g. {', '.join(sorted(unmapped)[:3])}): the file is for another model family "
-            "(SD1.5 files need an SD1.5 model, SDXL files an SDXL model)"
+            f"{len(unmapped)} of {len(sd)} keys of {file_title} have no counterpart in {model_title} "
+            f"(e.g. {', '.join(sorted(unmapped)[:6])}): the file is for another model family or architecture"
         )
     return out
 

@@ -12,29 +12,17 @@ from comfy_api.latest import io
 
 from ..models import controlnet_xs_keys as xs_keys
 from ..models.checkpoint_io import WeightFileError
-from ..models.file_kinds import describe_state_dict, kind_of
+from ..models.families import family_of_context_width
 from . import hints
 from .control_runner import control_patcher
 from .controlnet_xs_runtime import ControlNetXSRunner, build_control_net
 from .model_family import family_title, model_family
-from .weight_files import file_list, read
+from .weight_files import file_list, read, wrong_file
 
 LOG = logging.getLogger("xctrl")
 CATEGORY = "XCtrl/ControlNet-XS"
 CONTROLNET_XS = "XCTRL_CONTROLNET_XS"
 ControlNetXSType = io.Custom(CONTROLNET_XS)
-
-# Which SD family a ControlNet-XS made for an SD base was trained on, from its text context width.
-_SD_FAMILY_BY_CONTEXT = {768: "sd15", 1024: "sd21"}
-
-_ADVICE = {
-    "controlnet": "load it with ComfyUI's 'Load ControlNet Model' node",
-    "t2i_adapter": "load it with ComfyUI's 'Load ControlNet Model' node",
-    "controlnext_sd15": "load it with 'Load ControlNeXt (XCtrl)'",
-    "controlnext_sdxl_family": "load it with 'Load ControlNeXt (XCtrl)'",
-    "controlnext_svd_v1": "load it with 'Load ControlNeXt (XCtrl)'",
-}
-
 
 class LoadedControlNetXS:
     """A ControlNet-XS file built into a control network managed by ComfyUI."""
@@ -44,8 +32,8 @@ class LoadedControlNetXS:
         try:
             self.format = xs_keys.detect_format(state_dict)
         except xs_keys.ControlNetXSFormatError:
-            advice = _ADVICE.get(kind_of(state_dict), "pick a ControlNet-XS file (CVL-Heidelberg/ControlNet-XS, or a diffusers ControlNetXSAdapter)")
-            raise WeightFileError(f"{name} is not a ControlNet-XS model: it is {describe_state_dict(state_dict)}; {advice}.") from None
+            raise wrong_file(name, state_dict, "a ControlNet-XS model", where="choose a ControlNet-XS file "
+                             "(CVL-Heidelberg/ControlNet-XS, or a diffusers ControlNetXSAdapter)") from None
         try:
             config = xs_keys.read_config(state_dict)
             self.net, self.config = build_control_net(state_dict, config.num_params)
@@ -93,8 +81,8 @@ def _families(cfg):
     """model_family names of the bases a control network fits."""
     if cfg.family == xs_keys.SDXL:
         return ("sdxl",)
-    known = _SD_FAMILY_BY_CONTEXT.get(cfg.context_dim)
-    return (known,) if known else ("sd15", "sd21")
+    known = family_of_context_width(cfg.context_dim)
+    return (known,) if known in ("sd15", "sd21") else ("sd15", "sd21")
 
 
 def _made_for(cfg):

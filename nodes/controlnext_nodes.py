@@ -11,12 +11,14 @@ from ..models import unet_weight_files as uwf
 from ..models import svd_reference
 from ..models import video_windows as vw
 from ..models.checkpoint_io import WeightFileError
+from ..models.file_kinds import kind_of
 from . import hints
-from .controlnext_runtime import ControlNeXtRunner, module_patcher
+from .controlnext_runtime import INJECTIONS, ControlNeXtRunner, module_patcher
 from .long_video_runtime import NODE as LONG_VIDEO_NODE
 from .long_video_runtime import LongVideoError, LongVideoWindows
+from .unet_patches import base_weights, to_model_keys
 from .model_family import compute_dtype, family_title, model_family, unet_block_channels
-from .weight_files import NONE, file_list, read
+from .weight_files import NONE, file_list, read, wrong_file
 
 CATEGORY = "XCtrl/ControlNeXt"
 CONTROLNEXT = "XCTRL_CONTROLNEXT"
@@ -33,10 +35,21 @@ class LoadedControlNeXt:
     def __init__(self, name, state_dict, unet_name=None, unet_sd=None):
         self.name = name
         self.state_dict = cnx.strip_common_prefix(state_dict)
-        self.family = cnx.detect_variant(self.state_dict)  # raises with what the file is instead
+        try:
+            self.family = cnx.detect_variant(self.state_dict)
+            cnx.check_file_layout(self.state_dict, self.family)
+        except WeightFileError as e:
+            if kind_of(state_dict).startswith("controlnext_") and not uwf.is_unet_weight_file(state_dict):
+                raise WeightFileError(f"{name}: {e}") from None  # a ControlNeXt module, altered
+            raise wrong_file(name, state_dict, "a ControlNeXt control module") from None
         self.unet_name = unet_name
         self.unet_sd = unet_sd
-        self.unet_semantics = uwf.parse_unet_weight_file(unet_sd) if unet_sd is not None else None
+        self.unet_semantics = None
+        if unet_sd is not None:
+            try:
+                self.unet_semantics = uwf.parse_unet_weight_file(unet_sd)
+            except WeightFileError as e:
+                raise wrong_file(unet_name, unet_sd, "a ControlNeXt UNet weight file", str(e)) from None
         self._patchers = {}
 
     def module_patcher(self, variant, model):
@@ -68,11 +81,8 @@ class LoadControlNeXt(io.ComfyNode):
     @classmethod
     def execute(cls, control_file, unet_weights):
         sd = read(control_file, "controlnet")
-        try:
-            unet_sd = None if unet_weights == NONE else read(unet_weights, *UNET_FOLDERS)
-            return io.NodeOutput(LoadedControlNeXt(control_file, sd, None if unet_sd is None else unet_weights, unet_sd))
-        except WeightFileError as e:
-            raise WeightFileError(f"{control_file}: {e}") from e
+        unet_sd = None if unet_weights == NONE else read(unet_weights, *UNET_FOLDERS)
+        return io.NodeOutput(LoadedControlNeXt(control_file, sd, None if unet_sd is None else unet_weights, unet_sd))
 
 
 class ApplyControlNeXt(io.ComfyNode):
@@ -221,16 +231,16 @@ def _variant_for(controlnext, model, sd15_layout):
     base = _BASE_FOR_FAMILY.get(family)
     if base is None:
         raise WeightFileError(
-            f"{controlnext.name} is a ControlNeXt {_family_label(controlnext.family)} module; it cannot control a "
+            f"{controlnext.name} is a ControlNeXt {cnx.module_family_title(controlnext.family)} module; it cannot control a "
             f"{family_title(family)} model. Use a ControlNeXt model made for your base model."
         )
     try:
         variant = cnx.resolve_variant(controlnext.family, base)
     except WeightFileError as e:
         raise WeightFileError(
-            f"{controlnext.name} is a ControlNeXt {_family_label(controlnext.family)} module but the MODEL is "
+            f"{controlnext.name} is a ControlNeXt {cnx.module_family_title(controlnext.family)} module but the MODEL is "
             f"{family_title(family)}: load the ControlNeXt file made for {family_title(family)}, or use a "
-            f"{_family_label(controlnext.family)} checkpoint."
+            f"{cnx.module_family_title(controlnext.family)} checkpoint."
         ) from e
     if variant == "sd15_training" and sd15_layout != "sd15_training":
         raise WeightFileError(
@@ -249,34 +259,20 @@ def _check_width(controlnext, variant, model):
     if model_family(model) == "sd3":
         need = model.model.diffusion_model.x_embedder.proj.weight.shape[0]  # hidden size of the tokens
     else:
-        need = unet_block_channels(model).get(v.injection)
+        need = unet_block_channels(model).get(INJECTIONS[variant].block)
     if need is not None and need != have:
         raise WeightFileError(
             f"{controlnext.name} outputs {have} channels but this {family_title(model_family(model))} model has {need} "
-            f"at the ControlNeXt {v.title} injection point ({v.injection_note}): the file is for a different model."
+            f"at the ControlNeXt {v.title} injection point ({INJECTIONS[variant].where}): the file is for a different model."
         )
-
-
-def _family_label(family):
-    return {"sd15": "SD1.5", "svd_v1": "SVD v1", cnx.SDXL_FAMILY: "SDXL (or SVD v2)"}.get(family, family)
 
 
 def add_unet_weight_patches(model, controlnext, strength):
     """The UNet weight file as ComfyUI diff patches, so LoRAs stack on top in any order."""
-    semantics, naming = controlnext.unet_semantics
-    sd = uwf.strip_unet_prefix(controlnext.unet_sd)
-    if naming == uwf.DIFFUSERS:
-        mapping = {k: v for k, v in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items()}
-        sd = uwf.to_ldm_keys(sd, mapping)
-    base = {}
-    key_patches = model.get_key_patches("diffusion_model.")
-    for k in sd:
-        entry = key_patches.get("diffusion_model." + k)
-        if entry is not None:
-            w = entry[0]
-            base[k] = w[0] if isinstance(w, tuple) else w
+    semantics, _ = controlnext.unet_semantics
+    sd = to_model_keys(model, controlnext.unet_sd, controlnext.unet_name)
     try:
-        deltas = uwf.weight_patches(sd, base, semantics)
+        deltas = uwf.weight_patches(sd, base_weights(model, sd), semantics)
     except WeightFileError as e:
         raise WeightFileError(f"{controlnext.unet_name}: {e}") from e
     model.add_patches({"diffusion_model." + k: (d,) for k, d in deltas.items()}, strength)

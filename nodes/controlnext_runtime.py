@@ -6,8 +6,9 @@ injection point adds the cross-normalized feature. The two talk through the call
 ``transformer_options`` under ``STASH``, keyed by runner, so several ControlNeXt
 runners and other packs' patches coexist.
 
-Cost (issue: no wasted work): the module runs once per distinct (hint, timestep) per step,
-however cond and uncond are batched, and its timestep-independent stem once per run.
+Cost: the module runs once per distinct (hint, timestep) per step, however cond and uncond are
+batched and however the video is windowed, and its timestep-independent stem once per run and
+frame (at most one window's frames are kept: docs/long_video.md, "How the glue does it").
 """
 import torch
 
@@ -23,6 +24,31 @@ from .model_family import compute_dtype
 STASH = "xctrl_controlnext"
 PATCH_SIZE_KEY = "xctrl_patch_size"
 
+# ComfyUI hooks (docs/comfyui_hooks.md) at each variant's injection point (docs/controlnext.md).
+OUTPUT_BLOCK_PATCH = "output_block_patch"
+INPUT_BLOCK_PATCH_AFTER_SKIP = "input_block_patch_after_skip"
+DIT_DOUBLE_BLOCK_0 = "dit_double_block_0"  # replacement of MMDiT joint block 0 (its input is the patch embedding)
+
+
+class Injection:
+    """Where a variant's feature is added: the hook, the ``transformer_options["block"]`` it acts
+    at, and the place in words (for error messages)."""
+
+    def __init__(self, hook, block, where):
+        self.hook, self.block, self.where = hook, block, where
+
+
+_AFTER_INPUT_3 = "after input block 3 (down_blocks[0] with its downsampler), after the skip was saved"
+INJECTIONS = {
+    "sd15": Injection(OUTPUT_BLOCK_PATCH, ("output", 0), "middle-block output: h at the start of output block 0"),
+    "sd15_training": Injection(INPUT_BLOCK_PATCH_AFTER_SKIP, ("input", 3), _AFTER_INPUT_3),
+    "sdxl": Injection(INPUT_BLOCK_PATCH_AFTER_SKIP, ("input", 0), "after input block 0 (conv_in), after the skip was saved"),
+    "svd_v1": Injection(INPUT_BLOCK_PATCH_AFTER_SKIP, ("input", 11),
+                        "after input block 11 (all down blocks), before the middle block, after the skip was saved"),
+    "svd_v2": Injection(INPUT_BLOCK_PATCH_AFTER_SKIP, ("input", 3), _AFTER_INPUT_3),
+    "sd3": Injection(DIT_DOUBLE_BLOCK_0, ("double_block", 0), "image tokens after patch + positional embedding (input of joint block 0)"),
+}
+
 
 class ControlNeXtRunner(ControlRunner):
     """One applied ControlNeXt: module, hint, strength, step range, mask."""
@@ -34,6 +60,7 @@ class ControlNeXtRunner(ControlRunner):
                  reference_pose_per_window=True):
         super().__init__(module_patcher, hint, strength, start_percent, end_percent)
         self.variant = cnx.get_variant(variant)
+        self.injection = INJECTIONS[self.variant.name]
         self.mask = mask  # (B, 1, H, W) float32 or None
         # ControlNeXt-SVD v2's long-video loop gives window position 0 the reference pose (frame 0).
         self.reference_first = bool(reference_pose_per_window) and self.variant.name == "svd_v2"
@@ -49,10 +76,10 @@ class ControlNeXtRunner(ControlRunner):
         """Adds the wrapper, the injection patch and the module (for loading) to a cloned MODEL."""
         super().install(model)
         model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.uid, self.apply_model_wrapper)
-        hook = self.variant.injection_hook
-        if hook == cnx.OUTPUT_BLOCK_PATCH:
+        hook = self.injection.hook
+        if hook == OUTPUT_BLOCK_PATCH:
             model.set_model_output_block_patch(OutputBlockInjection(self))
-        elif hook == cnx.INPUT_BLOCK_PATCH_AFTER_SKIP:
+        elif hook == INPUT_BLOCK_PATCH_AFTER_SKIP:
             model.set_model_input_block_patch_after_skip(InputBlockInjection(self))
         else:  # MMDiT: wrap joint block 0, chaining any replacement already there (another pack's)
             previous = model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(("double_block", 0))
@@ -124,7 +151,7 @@ class ControlNeXtRunner(ControlRunner):
     # ------------------------------------------------------------------ at the injection point
     def inject(self, h, transformer_options):
         entry = transformer_options.get(STASH, {}).get(self.uid)
-        if entry is None or transformer_options.get("block") != self.variant.injection:
+        if entry is None or transformer_options.get("block") != self.injection.block:
             return h
         feats, scale, mask, _ = entry
         if feats.shape[0] != h.shape[0]:

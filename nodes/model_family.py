@@ -1,7 +1,7 @@
 """Which base-model family a ComfyUI MODEL is, for choosing variants and clear errors."""
 import comfy.supported_models as sm
 
-TITLES = {"sd15": "SD1.5", "sd21": "SD2.x", "sdxl": "SDXL", "svd": "SVD (Stable Video Diffusion)", "sd3": "SD3 / SD3.5"}
+from ..models.families import family_title  # noqa: F401  (the vocabulary; re-exported for the nodes)
 
 
 def model_family(model_patcher):
@@ -12,10 +12,6 @@ def model_family(model_patcher):
         if isinstance(config, cls):
             return name
     return type(config).__name__
-
-
-def family_title(family):
-    return TITLES.get(family, family)
 
 
 def compute_dtype(model_patcher):

@@ -12,63 +12,19 @@ import logging
 import torch
 
 import comfy.sd
-import comfy.utils
 from comfy_api.latest import io
 
 from ..models import svd_unet_keys as svk
+from ..models import unet_weight_files as uwf
 from ..models.checkpoint_io import WeightFileError
-from ..models.file_kinds import describe_state_dict
 from .model_family import family_title, model_family
+from .unet_patches import base_weights, describe, to_model_keys, unet_part
 from .weight_files import file_list, read
 
 LOG = logging.getLogger("xctrl")
 CATEGORY = "XCtrl/UNet"
 UNET_FOLDERS = ("diffusion_models", "unet")
-CHECKPOINT_PREFIX = "model.diffusion_model."
 DTYPES = {"default": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def unet_part(sd):
-    """The UNet tensors of a file, prefix-stripped. A full checkpoint (UNet under
-    "model.diffusion_model." next to VAE/text-encoder tensors) gives its UNet part."""
-    if any(k.startswith(CHECKPOINT_PREFIX) for k in sd) and not all(k.startswith(CHECKPOINT_PREFIX) for k in sd):
-        others = sum(not k.startswith(CHECKPOINT_PREFIX) for k in sd)
-        LOG.info("[XCtrl] full checkpoint: using its %d UNet tensors, ignoring %d others (VAE, text encoders)",
-                 len(sd) - others, others)
-        sd = {k: v for k, v in sd.items() if k.startswith(CHECKPOINT_PREFIX)}
-    return svk.strip_unet_prefix(sd)
-
-
-def _describe(sd):
-    if svk.naming_of(sd) == "unknown":
-        return describe_state_dict(sd)
-    return svk.describe_unet_file(sd)
-
-
-def key_map_for(model):
-    """{diffusers key: ComfyUI key} for the MODEL's UNet (SVD: XCtrl's mapping; SD1.x/2.x/SDXL:
-    ComfyUI's ``unet_to_diffusers``)."""
-    config = model.model.model_config.unet_config
-    if svk.is_svd_config(config):
-        return svk.svd_unet_key_map(config)
-    if "num_res_blocks" in config and "channel_mult" in config:
-        return comfy.utils.unet_to_diffusers(config)
-    raise WeightFileError(
-        f"UNet weight files apply to UNet models (SD1.5, SD2.x, SDXL, SVD); this MODEL is "
-        f"{family_title(model_family(model))}, which has no UNet."
-    )
-
-
-def base_weights(model, keys):
-    """{ComfyUI key: the model's own (unpatched) tensor} for ``keys`` without prefix."""
-    key_patches = model.get_key_patches("diffusion_model.")
-    out = {}
-    for k in keys:
-        entry = key_patches.get("diffusion_model." + k)
-        if entry is not None:
-            w = entry[0]
-            out[k] = w[0] if isinstance(w, tuple) else w
-    return out
 
 
 def unet_weight_diffs(model, sd, file_name):
@@ -78,15 +34,9 @@ def unet_weight_diffs(model, sd, file_name):
     Every key must exist in the MODEL with the same shape, else WeightFileError naming the
     family or size mismatch.
     """
-    sd = unet_part(sd)
-    if not sd:
-        raise WeightFileError(f"{file_name} holds no UNet tensors")
     family = family_title(model_family(model))
-    what = _describe(sd)
-    try:
-        ldm = svk.keys_to_ldm(sd, key_map_for(model), f"this {family} MODEL", file_name)
-    except WeightFileError as e:
-        raise WeightFileError(f"{e}. {file_name} looks like {what}; the MODEL is {family}.") from e
+    what = describe(sd)
+    ldm = to_model_keys(model, sd, file_name)
     base = base_weights(model, ldm)
     missing = sorted(set(ldm) - set(base))
     if missing:
@@ -146,7 +96,7 @@ class ApplyUNetWeights(io.ComfyNode):
 def svd_ldm_state_dict(sd, file_name):
     """A complete SVD UNet in ComfyUI names from a diffusers- or ComfyUI-named file."""
     sd = unet_part(sd)
-    naming = svk.naming_of(sd)
+    naming = uwf.naming_of(sd)
     if svk.is_svd_diffusers(sd):
         config = svk.svd_config_from_diffusers(sd)
         expected = set(svk.svd_unet_key_map(config).values())
@@ -164,7 +114,7 @@ def svd_ldm_state_dict(sd, file_name):
     if naming == "ldm" and any(".time_stack." in k for k in sd):
         return sd  # already ComfyUI names (the stock Load Diffusion Model node loads these too)
     raise WeightFileError(
-        f"{file_name} is not a Stable Video Diffusion UNet: it looks like {_describe(sd)}. "
+        f"{file_name} is not a Stable Video Diffusion UNet: it looks like {describe(sd)}. "
         "Other UNets load with ComfyUI's Load Diffusion Model / Load Checkpoint nodes."
     )
 

@@ -8,13 +8,15 @@
 import cv2
 import numpy as np
 
+from .image_io import uint8_rgb_batch
+
 
 def canny(image, low=100, high=200):
     """(H, W, 3) uint8 RGB -> (H, W, 3) uint8 edge map (255 on edges, 0 elsewhere).
 
     Exactly `cv2.Canny(image, low, high)` (OpenCV swaps the thresholds when low > high).
     """
-    _check_rgb_uint8(image)
+    _check_rgb(image)
     _check_thresholds(low, high)
     return _to_rgb(cv2.Canny(image, low, high))
 
@@ -46,7 +48,7 @@ def _grey(image):
     """RGB uint8 -> grey uint8 (OpenCV's RGB2GRAY weights); 2-D uint8 passes through."""
     if isinstance(image, np.ndarray) and image.ndim == 2 and image.dtype == np.uint8 and image.size:
         return image
-    _check_rgb_uint8(image)
+    _check_rgb(image)
     return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
 
 
@@ -59,9 +61,8 @@ def _check_thresholds(low, high):
         raise ValueError(f"Canny thresholds must be >= 0, got low={low}, high={high}.")
 
 
-def _check_rgb_uint8(image):
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+def _check_rgb(image):
+    if not isinstance(image, np.ndarray) or image.ndim != 3:
         desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"Canny expects a uint8 RGB image of shape (H, W, 3), got {desc}.")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"The image has zero size ({image.shape[0]} x {image.shape[1]} pixels).")
+        raise ValueError(f"Canny expects one uint8 RGB image (H, W, 3), got {desc}.")
+    uint8_rgb_batch(image, "Canny")

@@ -1,12 +1,10 @@
-"""Batches of frames: output sizes, batched processing at a resolution, and per-frame timing.
+"""Batches of frames: output sizes and batched processing at a resolution.
 
 Output size rule shared by the XCtrl preprocessor nodes (`output_size` input):
 - "input": the map has the input image's H x W.
 - "resolution": the shorter side equals `resolution`, aspect ratio kept, each side rounded
   (e.g. 1280 x 720 at resolution 512 -> 910 x 512); resolution <= 0 keeps the input size.
 """
-import time
-
 import cv2
 import numpy as np
 
@@ -39,9 +37,7 @@ def batched_at_resolution(images, resolution, fn, output_hw_=None, multiple=64):
     """The `resolution` convention over a batch: (B, H, W, 3) uint8 frames scaled so the shorter
     side is `resolution`, edge-padded (bottom/right) to a multiple of `multiple`, passed to
     `fn(batch) -> (B, H', W'[, C])` maps of the padded size; the padding is cropped and each map
-    resized (INTER_AREA shrinking, INTER_LINEAR enlarging) to `output_hw_` (default: the scaled size).
-
-    Per frame this equals image_io.process_at_resolution."""
+    resized (INTER_AREA shrinking, INTER_LINEAR enlarging) to `output_hw_` (default: the scaled size)."""
     images = np.asarray(images)
     b, h, w = images.shape[:3]
     th, tw = scaled_size(h, w, resolution)
@@ -65,21 +61,3 @@ def chunks(count, size):
     """[(start, stop)] covering range(count) in pieces of at most `size` (>= 1)."""
     size = max(1, int(size))
     return [(s, min(count, s + size)) for s in range(0, count, size)]
-
-
-def per_frame_seconds(run, frames, warmup=1, repeats=3):
-    """Median wall time per frame of `run(frames)` over `repeats` calls after `warmup` calls.
-
-    For the benchmark script: e.g. `per_frame_seconds(lambda x: node.run(x, ...), image_512)`
-    with a (B, 512, 512, 3) IMAGE; returns seconds per frame (float)."""
-    n = len(frames)
-    if n == 0:
-        raise ValueError("per_frame_seconds needs at least one frame.")
-    for _ in range(max(0, warmup)):
-        run(frames)
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        run(frames)
-        times.append((time.perf_counter() - t0) / n)
-    return float(np.median(times))

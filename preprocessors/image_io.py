@@ -1,4 +1,4 @@
-"""ComfyUI IMAGE tensors <-> uint8 RGB arrays, and the `resolution` convention.
+"""ComfyUI IMAGE tensors <-> uint8 RGB arrays, and the sizes of the `resolution` convention.
 
 ComfyUI IMAGE: torch float tensor `B x H x W x C` in [0, 1]. Channel handling:
 - C == 3: used as is.
@@ -10,18 +10,12 @@ came from uint8 round-trips exactly (truncation would turn 0.2 * 255 = 50.999...
 
 `resolution` convention (as comfyui_controlnet_aux): scale the shorter side to
 `resolution` (INTER_AREA when shrinking, INTER_CUBIC when enlarging; sizes rounded), pad the
-bottom and right edges (edge mode) to a multiple of 64, process, crop the padding. The size that
-comes out is chosen with `output_size`:
-- "input" (default): resized back to the input's H x W, so the map lines up with the image.
-- "processed": the scaled size (shorter side == resolution), before padding.
-`resolution <= 0` processes at the input size (still padded and cropped).
+bottom and right edges (edge mode) to a multiple of 64, process, crop the padding
+(frames.batched_at_resolution; the output size rule is in frames.py). `resolution <= 0`
+processes at the input size (still padded and cropped).
 """
-import cv2
 import numpy as np
 import torch
-
-OUTPUT_SIZES = ("input", "processed")
-
 
 def image_to_uint8(image):
     """(B, H, W, C) float IMAGE tensor -> (B, H, W, 3) uint8 numpy array (RGB)."""
@@ -97,39 +91,6 @@ def pad_to_multiple(image, multiple=64, mode="edge"):
     pad_h, pad_w = -h % multiple, -w % multiple
     pads = [(0, pad_h), (0, pad_w)] + [(0, 0)] * (image.ndim - 2)
     return np.pad(image, pads, mode=mode)
-
-
-def process_at_resolution(image, resolution, fn, output_size="input", multiple=64):
-    """Runs `fn` on `image` (uint8 H x W x 3) following the `resolution` convention.
-
-    `fn` takes the padded uint8 image and returns a map of the same H x W (2-D or H x W x C,
-    any dtype). The padding is cropped; see the module docstring for `output_size`.
-    """
-    if output_size not in OUTPUT_SIZES:
-        raise ValueError(f"output_size must be one of {OUTPUT_SIZES}, got {output_size!r}.")
-    _check_uint8_image(image)
-    h, w = image.shape[:2]
-    th, tw = scaled_size(h, w, resolution)
-    if (th, tw) != (h, w):
-        enlarge = th * tw > h * w
-        image = cv2.resize(image, (tw, th), interpolation=cv2.INTER_CUBIC if enlarge else cv2.INTER_AREA)
-    padded = pad_to_multiple(image, multiple)
-    result = fn(padded)
-    if result.shape[:2] != padded.shape[:2]:
-        raise ValueError(f"The processing step returned shape {result.shape[:2]} for input {padded.shape[:2]}.")
-    result = np.ascontiguousarray(result[:th, :tw])
-    if output_size == "input" and (th, tw) != (h, w):
-        shrink = th * tw > h * w
-        result = cv2.resize(result, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    return result
-
-
-def _check_uint8_image(image):
-    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"Expected a uint8 RGB image of shape (H, W, 3), got {desc}.")
-    if image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"The image has zero size ({image.shape[0]} x {image.shape[1]} pixels).")
 
 
 def _hwc3(a):

@@ -9,6 +9,12 @@ from safetensors.torch import save_file
 from harness import tiny_models as tm
 from harness.comfy_runtime import combo_options, node_result, pack_module
 
+
+def invert(key_map):
+    inv = {v: k for k, v in key_map.items()}
+    assert len(inv) == len(key_map), "two diffusers keys map to one ComfyUI key"
+    return inv
+
 FRAMES = 3
 # The smallest SVD that ComfyUI's model detection recognises (320 channels, 1024-wide context):
 # ComfyUI's stock loader cannot detect the tiny SVD, so the "as the model itself" paths use this.
@@ -46,7 +52,7 @@ def write(unet_dir, name, sd):
 
 
 def to_diffusers(keys_mod, ldm_sd, config):
-    inv = keys_mod.invert(keys_mod.svd_unet_key_map(config))
+    inv = invert(keys_mod.svd_unet_key_map(config))
     return {inv[k]: v for k, v in ldm_sd.items()}
 
 
@@ -109,7 +115,7 @@ def test_every_comfyui_key_is_the_image_of_one_diffusers_key(config, keys_mod, p
     model = mc.get_model({}, device="meta")
     have = set(model.diffusion_model.state_dict())
     key_map = keys_mod.svd_unet_key_map(model.model_config.unet_config)
-    assert len(keys_mod.invert(key_map)) == len(key_map)
+    assert len(invert(key_map)) == len(key_map)
     assert set(key_map.values()) == have
     if config["channel_mult"] == [1, 2, 4, 4]:
         assert len(have) == 1428
@@ -198,7 +204,7 @@ def test_partial_file(nodes_mod, unet_dir, keys_mod, tiny_files, svd):
     ft = tiny_files["ft"]
     part_keys = ["input_blocks.4.1.time_stack.0.ff_in.net.0.proj.weight", "output_blocks.5.0.time_mixer.mix_factor",
                  "out.2.bias"]
-    key_map = keys_mod.invert(keys_mod.svd_unet_key_map(tm.SVD_TINY))
+    key_map = invert(keys_mod.svd_unet_key_map(tm.SVD_TINY))
     name = write(unet_dir, "tiny_partial.safetensors", {key_map[k]: ft[k] for k in part_keys})
     base, orig = svd
     got = effective(node_result(nodes_mod.ApplyUNetWeights, base, name, 1.0)[0])

@@ -139,7 +139,7 @@ def test_read_config(fmt, model):
 def test_describe():
     assert describe(read_config(meta_sd(layout("vislearn", "sdxl_20m")))) == "ControlNet-XS SDXL 20M (control widths 16,32,64)"
     assert describe(read_config(meta_sd(layout("diffusers", "sd21_14m")))) == (
-        "ControlNet-XS SD2.1 14M (control widths 4,8,16,16, learned time embedding)"
+        "ControlNet-XS SD2.x 14M (control widths 4,8,16,16, learned time embedding)"
     )
     assert describe(read_config(meta_sd(layout("vislearn", "sd15_53m")))).startswith("ControlNet-XS SD1.5 53M ")
 

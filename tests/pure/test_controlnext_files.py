@@ -115,12 +115,13 @@ def test_unknown_names_its_first_keys():
     assert kind_of({}) == "unknown"
 
 
-def test_wrong_file_in_controlnext_loader_is_named():
+def test_wrong_file_in_controlnext_builder_is_refused():
+    """The pure builder says what is missing; the loader node names the file kind (integration tests)."""
     lora = SYNTHETIC["lora"][0]
-    with pytest.raises(WeightFileError, match="this looks like a LoRA"):
+    with pytest.raises(WeightFileError, match="not a ControlNeXt control module"):
         build_controlnext(lora)
     unet_file = meta_state_dict(load_layout("controlnext_sdxl_unet_delta.json"))
-    with pytest.raises(WeightFileError, match="ControlNeXt UNet weight file"):
+    with pytest.raises(WeightFileError, match="not a ControlNeXt control module"):
         build_controlnext(unet_file, "sdxl")
 
 
@@ -158,7 +159,7 @@ def test_parse_refuses_unclear_files():
     }
     with pytest.raises(WeightFileError, match="mixes diffusers"):
         parse_unet_weight_file(mixed)
-    with pytest.raises(WeightFileError, match="not a ControlNeXt UNet weight file.*LoRA"):
+    with pytest.raises(WeightFileError, match="not a ControlNeXt UNet weight file: .* not attention to_out"):
         parse_unet_weight_file(SYNTHETIC["lora"][1])
     ambiguous = {"down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0.weight": t(320, 320)}
     with pytest.raises(WeightFileError, match="unrecognised"):

@@ -6,7 +6,6 @@ import torch
 from xctrl.preprocessors.image_io import (
     image_to_uint8,
     pad_to_multiple,
-    process_at_resolution,
     scaled_size,
     uint8_to_image,
 )
@@ -68,31 +67,3 @@ def test_scaled_size_and_padding():
     padded = pad_to_multiple(np.arange(6, dtype=np.uint8).reshape(2, 3, 1), 4)
     assert padded.shape == (4, 4, 1)
     assert padded[:, :, 0].tolist() == [[0, 1, 2, 2], [3, 4, 5, 5], [3, 4, 5, 5], [3, 4, 5, 5]]
-
-
-def test_process_at_resolution_sizes_and_padding():
-    image = np.zeros((100, 150, 3), np.uint8)
-    image[:, 75:] = 200
-    seen = []
-
-    def fn(x):
-        seen.append(x.shape)
-        return x[:, :, 0].copy()
-
-    out = process_at_resolution(image, 128, fn, output_size="processed")
-    assert seen[-1] == (128, 192, 3)  # 128 x 192 is already a multiple of 64
-    assert out.shape == (128, 192)
-    out = process_at_resolution(image, 100, fn, output_size="processed")
-    assert seen[-1] == (128, 192, 3)  # 100 x 150 padded to multiples of 64
-    assert out.shape == (100, 150)
-    assert np.array_equal(out, image[:, :, 0])  # processed at native size: crop gives the input back
-    out = process_at_resolution(image, 64, fn, output_size="input")
-    assert out.shape == (100, 150)
-    assert out[50, 10] == 0 and out[50, 140] == 200
-
-
-def test_process_at_resolution_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="output_size"):
-        process_at_resolution(np.zeros((8, 8, 3), np.uint8), 64, lambda x: x, output_size="other")
-    with pytest.raises(ValueError, match="zero size"):
-        process_at_resolution(np.zeros((0, 8, 3), np.uint8), 64, lambda x: x)

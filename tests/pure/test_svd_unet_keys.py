@@ -13,6 +13,7 @@ import torch
 
 from xctrl.models import svd_unet_keys as svk
 from xctrl.models.checkpoint_io import WeightFileError
+from xctrl.models.unet_weight_files import naming_of
 
 # ComfyUI's SVD_img2vid unet_config (supported_models.py + model_detection) for the released model.
 SVD = dict(
@@ -76,6 +77,13 @@ ABSENT = [
 ]
 
 
+def invert(key_map):
+    """{ComfyUI key: diffusers key}; the map must be one to one."""
+    inv = {v: k for k, v in key_map.items()}
+    assert len(inv) == len(key_map), "two diffusers keys map to one ComfyUI key"
+    return inv
+
+
 @pytest.fixture(scope="module")
 def svd_map():
     return svk.svd_unet_key_map(SVD)
@@ -89,7 +97,7 @@ def test_hand_picked_pairs(svd_map):
 
 
 def test_bijective_and_counts(svd_map):
-    inv = svk.invert(svd_map)  # raises if two diffusers keys share a ComfyUI key
+    inv = invert(svd_map)  # raises if two diffusers keys share a ComfyUI key
     assert len(inv) == len(svd_map) == 1428  # ComfyUI's SVD_img2vid UNet has 1428 tensors
     assert svk.svd_unet_key_map(TINY).__len__() == 1424  # no skip connections in the input blocks
     # Per video res block 10 spatial + 10 temporal tensors + mix factor (+2 with a shortcut).
@@ -143,7 +151,7 @@ def test_deeper_transformers_and_int_res_blocks():
                                   transformer_depth_output=[2] * 9 + [0] * 3, transformer_depth_middle=2))
     assert m["down_blocks.0.attentions.1.transformer_blocks.1.attn1.to_q.weight"] == "input_blocks.2.1.transformer_blocks.1.attn1.to_q.weight"
     assert m["mid_block.attentions.0.temporal_transformer_blocks.1.norm_in.weight"] == "middle_block.1.time_stack.1.norm_in.weight"
-    svk.invert(m)
+    invert(m)
 
 
 def test_not_svd_config():
@@ -179,7 +187,7 @@ def _values(key_map, seed=0):
 
 def test_full_unet_round_trip(svd_map):
     ldm = _values(svd_map)
-    inv = svk.invert(svd_map)
+    inv = invert(svd_map)
     diffusers = {inv[k]: v for k, v in ldm.items()}
     out = svk.full_unet_to_ldm(diffusers, SVD)
     assert set(out) == set(ldm) and all(out[k] is ldm[k] for k in ldm)
@@ -218,11 +226,11 @@ def test_config_from_non_svd_file():
 
 
 def test_naming_and_description(svd_map):
-    inv = svk.invert(svd_map)
-    assert svk.naming_of({k: 0 for k in svd_map}) == "diffusers"
-    assert svk.naming_of({k: 0 for k in inv}) == "ldm"
-    assert svk.naming_of({"conv_in.weight": 0, "input_blocks.1.0.in_layers.0.weight": 0}) == "mixed"
-    assert svk.naming_of({"lora_unet_x.lora_up.weight": 0}) == "unknown"
+    inv = invert(svd_map)
+    assert naming_of({k: 0 for k in svd_map}) == "diffusers"
+    assert naming_of({k: 0 for k in inv}) == "ldm"
+    assert naming_of({"conv_in.weight": 0, "input_blocks.1.0.in_layers.0.weight": 0}) == "mixed"
+    assert naming_of({"lora_unet_x.lora_up.weight": 0}) == "unknown"
     sd15 = {"input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.empty(320, 768)}
     assert svk.describe_unet_file(sd15).startswith("a SD1.5 UNet (ComfyUI/LDM key names")
     assert svk.describe_unet_file({k: torch.empty(1) for k in svd_map}).startswith("an SVD")
