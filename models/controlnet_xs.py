@@ -101,15 +101,17 @@ def attention(q, k, v, heads):
 
 
 class CrossAttention(nn.Module):
-    """to_q/to_k/to_v without bias, to_out.0 with bias; self-attention when context is None."""
+    """to_q/to_k/to_v without bias, to_out.0 with bias; self-attention when context is None.
+    ``inner``: the attention width (heads x head size), ``dim`` unless the weights say otherwise."""
 
-    def __init__(self, dim, context_dim, heads, ops=nn, **factory):
+    def __init__(self, dim, context_dim, heads, ops=nn, inner=None, **factory):
         super().__init__()
+        inner = inner or dim
         self.heads = heads
-        self.to_q = ops.Linear(dim, dim, bias=False, **factory)
-        self.to_k = ops.Linear(context_dim, dim, bias=False, **factory)
-        self.to_v = ops.Linear(context_dim, dim, bias=False, **factory)
-        self.to_out = nn.Sequential(ops.Linear(dim, dim, **factory))
+        self.to_q = ops.Linear(dim, inner, bias=False, **factory)
+        self.to_k = ops.Linear(context_dim, inner, bias=False, **factory)
+        self.to_v = ops.Linear(context_dim, inner, bias=False, **factory)
+        self.to_out = nn.Sequential(ops.Linear(inner, dim, **factory))
 
     def forward(self, x, context=None):
         context = x if context is None else context
@@ -138,11 +140,11 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """ldm BasicTransformerBlock: self-attn, cross-attn on the text context, GEGLU feed-forward."""
 
-    def __init__(self, dim, heads, context_dim, ops=nn, **factory):
+    def __init__(self, dim, heads, context_dim, ops=nn, inner=None, **factory):
         super().__init__()
-        self.attn1 = CrossAttention(dim, dim, heads, ops, **factory)
+        self.attn1 = CrossAttention(dim, dim, heads, ops, inner, **factory)
         self.ff = FeedForward(dim, ops=ops, **factory)
-        self.attn2 = CrossAttention(dim, context_dim, heads, ops, **factory)
+        self.attn2 = CrossAttention(dim, context_dim, heads, ops, inner, **factory)
         self.norm1 = ops.LayerNorm(dim, **factory)
         self.norm2 = ops.LayerNorm(dim, **factory)
         self.norm3 = ops.LayerNorm(dim, **factory)
@@ -156,7 +158,7 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm, proj_in (1x1 conv or Linear), transformer blocks, proj_out, + input."""
 
-    def __init__(self, channels, heads, depth, context_dim, use_linear, norm_eps, ops=nn, **factory):
+    def __init__(self, channels, heads, depth, context_dim, use_linear, norm_eps, ops=nn, inner=None, **factory):
         super().__init__()
         self.use_linear = use_linear
         self.norm = ops.GroupNorm(group_count(channels), channels, eps=norm_eps, **factory)
@@ -167,7 +169,7 @@ class SpatialTransformer(nn.Module):
             self.proj_in = ops.Conv2d(channels, channels, 1, **factory)
             self.proj_out = ops.Conv2d(channels, channels, 1, **factory)
         self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(channels, heads, context_dim, ops, **factory) for _ in range(depth)
+            TransformerBlock(channels, heads, context_dim, ops, inner, **factory) for _ in range(depth)
         )
 
     def forward(self, x, context):
@@ -217,9 +219,10 @@ class ControlUNetEncoder(nn.Module):
         else:
             self.time_embed = None
 
-        def transformer(channels, heads, depth):
+        def transformer(channels, heads, depth, inner):
             return SpatialTransformer(
-                channels, heads, depth, cfg.context_dim, cfg.use_linear_projection, cfg.transformer_norm_eps, ops, **factory
+                channels, heads, depth, cfg.context_dim, cfg.use_linear_projection, cfg.transformer_norm_eps, ops, inner,
+                **factory
             )
 
         blocks = [ControlBlock([ops.Conv2d(cfg.in_channels, cfg.ctrl_channels[0], 3, padding=1, **factory)])]
@@ -230,7 +233,8 @@ class ControlUNetEncoder(nn.Module):
                 continue
             layers = [ResBlock(cfg.ctrl_in(i), cfg.ctrl_out(i), cfg.time_embed_dim, ops, **factory)]
             if cfg.transformer_depth[level]:
-                layers.append(transformer(cfg.ctrl_out(i), cfg.num_heads[level], cfg.transformer_depth[level]))
+                layers.append(transformer(cfg.ctrl_out(i), cfg.num_heads[level], cfg.transformer_depth[level],
+                                          cfg.attention_width(level)))
             blocks.append(ControlBlock(layers))
         self.input_blocks = nn.ModuleList(blocks)
 
@@ -238,7 +242,7 @@ class ControlUNetEncoder(nn.Module):
         c_mid = cfg.ctrl_channels[-1]
         middle = [ResBlock(cfg.ctrl_out(last) + cfg.base_out(last), c_mid, cfg.time_embed_dim, ops, **factory)]
         if cfg.transformer_depth_middle:
-            middle.append(transformer(c_mid, cfg.num_heads_middle, cfg.transformer_depth_middle))
+            middle.append(transformer(c_mid, cfg.num_heads_middle, cfg.transformer_depth_middle, cfg.attention_width()))
         middle.append(ResBlock(c_mid, c_mid, cfg.time_embed_dim, ops, **factory))
         self.middle_block = ControlBlock(middle)
 

@@ -253,6 +253,17 @@ class XSConfig:
     model_channels: int = 320  # width of the sinusoidal timestep embedding (time_embed input)
     time_embed_dim: int = 1280  # width of emb (time_embed output, res-block emb input)
     num_params: int = field(default=0, compare=False)  # tensors' elements in the file (informative)
+    # Attention width (to_q outputs) per level and in the middle; () / 0 = the level's control width.
+    # The authors' SD1.x code gives 8 heads of max(8, C // 8) channels, so a layer narrower than 64
+    # attends wider than it is (16 channels: 64); read from the weights.
+    attn_inner: Tuple[int, ...] = ()
+    attn_inner_middle: int = 0
+
+    def attention_width(self, level=None):
+        """The attention width of a level's transformers (``level`` None: the middle block's)."""
+        if level is None:
+            return self.attn_inner_middle or self.ctrl_channels[-1]
+        return (self.attn_inner[level] if self.attn_inner else 0) or self.ctrl_channels[level]
 
     @property
     def num_levels(self):
@@ -305,7 +316,7 @@ class XSConfig:
 
 
 def heads_for(family, context_dim, channels):
-    """Attention heads of a control transformer of width C (spec section 3; not in the weights).
+    """Attention heads of a control transformer of width C (docs/controlnet_xs.md; not in the weights).
 
     SD1.5 (context 768): 8 heads; SD2.1 (context 1024): head size largest divisor of C <= 8;
     SDXL: head size largest divisor of C <= 64 (``C // min(C, 8)`` and ``C // min(C, 64)``
@@ -371,9 +382,12 @@ def read_config(sd):
     for level in range(num_levels):
         heads.append(heads_for(family, context_dim, ctrl[level]) if depth[level] else 0)
     mid_heads = heads_for(family, context_dim, ctrl[-1]) if depth_mid else 0
-    for c, h in list(zip(ctrl, heads)) + [(ctrl[-1], mid_heads)]:
+    inner = [_shape(vis, f"{cm}input_blocks.{1 + 3 * lv}.1.transformer_blocks.0.attn1.to_q.weight")[0] if depth[lv] else 0
+             for lv in range(num_levels)]
+    inner_mid = _shape(vis, f"{cm}middle_block.1.transformer_blocks.0.attn1.to_q.weight")[0] if depth_mid else 0
+    for c, h in list(zip(inner, heads)) + [(inner_mid, mid_heads)]:
         if h and c % h:
-            raise ControlNetXSFormatError(f"ControlNet-XS control width {c} is not divisible into {h} attention heads.")
+            raise ControlNetXSFormatError(f"ControlNet-XS attention width {c} is not divisible into {h} attention heads.")
 
     learned = f"{cm}time_embed.0.weight" in vis
     emb_shape = _shape(vis, f"{cm}input_blocks.1.0.emb_layers.1.weight")
@@ -396,6 +410,8 @@ def read_config(sd):
         model_channels=model_channels,
         time_embed_dim=emb_shape[1],
         num_params=num_params,
+        attn_inner=tuple(i if i != c else 0 for i, c in zip(inner, ctrl)) if any(i and i != c for i, c in zip(inner, ctrl)) else (),
+        attn_inner_middle=inner_mid if inner_mid != ctrl[-1] else 0,
     )
 
 

@@ -21,12 +21,15 @@ NEAR_OPTIONS = ("dark", "bright")
 
 
 def normalize_depth(depth):
-    """2-D float map -> uint8 0..255 by min-max (truncating cast); a constant map gives zeros."""
+    """2-D float map -> uint8 0..255 by min-max (truncating cast); a constant map gives zeros.
+
+    "Constant" allows float32 rounding (a range below 1e-6 of the values): a flat prediction
+    resized bilinearly would otherwise come out as full-range noise."""
     d = _as_2d(depth)
     lo, hi = float(d.min()), float(d.max())
     if not np.isfinite(lo) or not np.isfinite(hi):
         raise ValueError("The depth map contains NaN or infinite values.")
-    if hi - lo <= 0:
+    if hi - lo <= 1e-6 * max(abs(hi), abs(lo)):
         return np.zeros(d.shape, np.uint8)
     return ((d - lo) / (hi - lo) * 255.0).astype(np.uint8)
 

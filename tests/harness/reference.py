@@ -1,7 +1,7 @@
 """Hand-written reference forwards, independent of the pack's production code.
 
 They run ComfyUI's UNet block by block in a plain loop (ComfyUI's blocks are the base
-model, not the code under test) and apply each method exactly as the spec states, with
+model, not the code under test) and apply each method exactly as docs/ describes it, with
 the control networks written functionally on the state-dict tensors.
 """
 import math
@@ -12,14 +12,28 @@ import torch.nn.functional as F
 
 # --------------------------------------------------------------------------- UNet loop
 def unet_denoised(base_model, x, sigma, context, y=None, hooks=None, c_concat=None, num_video_frames=None, extra=None):
-    """ComfyUI's BaseModel.apply_model, unrolled. ``hooks``: {("input", i) | ("middle", 0) |
-    ("output", j): fn(h, hsp_or_None) -> h} applied where the spec says:
-    ("input", i): to h after input block i AFTER its skip was saved (the next block only);
-    ("output", j): to h at the start of output block j, before the skip concatenation.
+    """ComfyUI's BaseModel.apply_model for a UNetModel, unrolled, with hook points where the
+    methods change features (the one hand-written UNet loop of the tests; without hooks it equals
+    ComfyUI's apply_model bit for bit, tested). ``hooks``: {point: fn}, points in block order:
+
+    - ("emb",): fn(emb) -> emb, the time embedding before the class/ADM embedding is added;
+    - ("input", i, "skip"): fn(h) after input block i, before its skip is saved (reaches both);
+    - ("input", i): fn(h) after the skip was saved (reaches the next block only);
+    - ("middle", 0): fn(h) after the middle block;
+    - ("output", j): fn(h) at the start of output block j, before the skip is taken;
+    - ("skip", k): fn(hsp), the skip of input block k when its output block takes it;
+    - ("output", j, "pair"): fn(h, hsp) -> (h, hsp) after those (another pack's output patch).
     """
     from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed, timestep_embedding
 
     hooks = hooks or {}
+
+    def hook(point, *values):
+        fn = hooks.get(point)
+        if fn is None:
+            return values if len(values) > 1 else values[0]
+        return fn(*values)
+
     dm = base_model.diffusion_model
     ms = base_model.model_sampling
     xc = ms.calculate_input(sigma, x)
@@ -29,25 +43,24 @@ def unet_denoised(base_model, x, sigma, context, y=None, hooks=None, c_concat=No
     kw = dict(extra or {})
     if num_video_frames is not None:
         kw["num_video_frames"] = num_video_frames
-        kw["image_only_indicator"] = torch.zeros(x.shape[0] // num_video_frames, num_video_frames)
+        kw["image_only_indicator"] = torch.zeros(1)
     to = {}
-    emb = dm.time_embed(timestep_embedding(t, dm.model_channels).to(xc.dtype))
+    emb = hook(("emb",), dm.time_embed(timestep_embedding(t, dm.model_channels).to(xc.dtype)))
     if y is not None:
         emb = emb + dm.label_emb(y)
     h, hs = xc, []
     for i, block in enumerate(dm.input_blocks):
         to["block"] = ("input", i)
-        h = forward_timestep_embed(block, h, emb, context, to, **kw)
+        h = hook(("input", i, "skip"), forward_timestep_embed(block, h, emb, context, to, **kw))
         hs.append(h)
-        if ("input", i) in hooks:
-            h = hooks[("input", i)](h)
+        h = hook(("input", i), h)
     to["block"] = ("middle", 0)
-    h = forward_timestep_embed(dm.middle_block, h, emb, context, to, **kw)
+    h = hook(("middle", 0), forward_timestep_embed(dm.middle_block, h, emb, context, to, **kw))
     for j, block in enumerate(dm.output_blocks):
         to["block"] = ("output", j)
-        if ("output", j) in hooks:
-            h = hooks[("output", j)](h)
-        hsp = hs.pop()
+        h = hook(("output", j), h)
+        hsp = hook(("skip", len(hs) - 1), hs.pop())
+        h, hsp = hook(("output", j, "pair"), h, hsp)
         h = torch.cat([h, hsp], dim=1)
         out_shape = hs[-1].shape if hs else None
         h = forward_timestep_embed(block, h, emb, context, to, out_shape, **kw)
@@ -74,8 +87,8 @@ def _res(sd, p, x, temb_act, groups):
 
 
 def controlnext_feature(sd, variant, hint, t):
-    """The control module output, per spec section 3, functionally. ``variant`` names the
-    spec's variants ("sd15", "sdxl", "sd15_training", "svd_v1", "svd_v2")."""
+    """The control module output (docs/controlnext.md, "Variants"), functionally. ``variant``:
+    "sd15", "sdxl", "sd15_training", "svd_v1" or "svd_v2"."""
     temb = F.linear(sinusoid(t), sd["time_embedding.linear_1.weight"], sd["time_embedding.linear_1.bias"])
     temb = F.linear(F.silu(temb), sd["time_embedding.linear_2.weight"], sd["time_embedding.linear_2.bias"])
     temb_act = F.silu(temb)
@@ -105,7 +118,7 @@ def controlnext_feature(sd, variant, hint, t):
 
 
 def cross_norm_add(h, c, eps, pool_first, s):
-    """h + c_hat * s, spec section 2; s per sample (B,)."""
+    """h + c_hat * s (docs/controlnext.md, "Cross normalization"); s per sample (B,)."""
     def stats(z):
         z = z.float()
         return z.mean(dim=(1, 2, 3), keepdim=True), z.std(dim=(1, 2, 3), keepdim=True)

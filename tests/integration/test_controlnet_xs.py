@@ -8,7 +8,7 @@ import torch
 from harness import comfy_runtime, tiny_models, xs_reference
 from harness.comfy_runtime import node_result, pack_node_classes
 from harness.layouts import load_layout
-from pure.test_controlnet_xs_reference import vislearn_to_diffusers
+from harness.xs_reference import vislearn_to_diffusers
 
 LATENT = 16  # latent side (SD1.5's /8 level is 2x2): hints are 128x128
 
@@ -271,3 +271,13 @@ def test_sampling_end_to_end(xs_nodes, controlnet_dir):
     out, plain = run(patched), run(base)
     assert out.shape == latent.shape and torch.isfinite(out).all()
     assert (out - plain).abs().max() > 1e-3 * plain.abs().max()
+
+
+def test_control_network_follows_the_models_devices(xs_nodes, controlnet_dir):
+    base = xs_reference.sd15_768()
+    elsewhere = base.clone()
+    elsewhere.load_device, elsewhere.offload_device = torch.device("cuda", 1), torch.device("cpu", 0)
+    loaded = load(xs_nodes, controlnet_dir, "devices_sd15.safetensors", xs_reference.xs_state_dict("sd15", seed=11))
+    patched = apply(xs_nodes, elsewhere, loaded, torch.rand(1, 64, 64, 3))
+    (net,) = [m for models in patched.additional_models.values() for m in models]
+    assert (net.load_device, net.offload_device) == (torch.device("cuda", 1), torch.device("cpu", 0))

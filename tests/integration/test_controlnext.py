@@ -377,3 +377,17 @@ def test_injection_points_follow_the_released_code(pack):
         "sd3": ("dit_double_block_0", ("double_block", 0)),
     }
     assert {k: (v.hook, v.block) for k, v in runtime.INJECTIONS.items()} == table
+
+
+def test_control_module_follows_the_models_devices(controlnet_dir, nodes_mod):
+    """A UNet that a multi-GPU pack placed on another device takes its control module along."""
+    base = tm.sdxl()
+    elsewhere = base.clone()
+    elsewhere.load_device, elsewhere.offload_device = torch.device("cuda", 1), torch.device("cpu", 0)
+    cnx = load(nodes_mod, write(controlnet_dir, "devices_sdxl.safetensors", controlnext_sd("sdxl", TINY_OUT["sdxl"])))
+    patched = apply(nodes_mod, elsewhere, cnx, torch.rand(1, 64, 64, 3))
+    (module,) = [m for models in patched.additional_models.values() for m in models]
+    assert (module.load_device, module.offload_device) == (torch.device("cuda", 1), torch.device("cpu", 0))
+    plain = apply(nodes_mod, base, cnx, torch.rand(1, 64, 64, 3))
+    (module,) = [m for models in plain.additional_models.values() for m in models]
+    assert (module.load_device, module.offload_device) == (base.load_device, base.offload_device)

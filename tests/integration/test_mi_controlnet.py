@@ -13,6 +13,7 @@ import logging
 import pytest
 import torch
 
+from harness import reference as ref
 from harness import tiny_models as tm
 from harness.comfy_runtime import node_result, pack_module
 
@@ -62,31 +63,18 @@ def balanced(e, residuals, mode, granularity, channel_dim=1):
 
 # ---------------------------------------------------------------------------- reference denoisers
 def unet_reference(base, x, sigma, context, at, post_output=None):
-    """ComfyUI's UNet in a plain loop; ``at(kind, index, tensor)`` changes the feature at each
-    control point: ("input", i) after input block i, ("middle", 0) after the middle block,
-    ("skip", k) the skip of input block k where output block N-1-k takes it.
+    """The tests' UNet loop (harness/reference.py) with ``at(kind, index, tensor)`` at each control
+    point: ("input", i) after input block i (skip and next block), ("middle", 0) after the middle
+    block, ("skip", k) the skip of input block k where its output block takes it.
     ``post_output(h, hsp)`` runs after that at each output block (another pack's patch)."""
-    from comfy.ldm.modules.diffusionmodules.openaimodel import forward_timestep_embed, timestep_embedding
-
-    dm, ms = base.diffusion_model, base.model_sampling
-    xc = ms.calculate_input(sigma, x)
-    emb = dm.time_embed(timestep_embedding(ms.timestep(sigma).float(), dm.model_channels).to(xc.dtype))
-    to = {}
-    h, hs = xc, []
-    for i, block in enumerate(dm.input_blocks):
-        to["block"] = ("input", i)
-        h = at("input", i, forward_timestep_embed(block, h, emb, context, to))
-        hs.append(h)
-    to["block"] = ("middle", 0)
-    h = at("middle", 0, forward_timestep_embed(dm.middle_block, h, emb, context, to))
-    for j, block in enumerate(dm.output_blocks):
-        to["block"] = ("output", j)
-        hsp = at("skip", len(hs) - 1, hs.pop())
-        if post_output is not None:
-            h, hsp = post_output(h, hsp)
-        h = torch.cat([h, hsp], dim=1)
-        h = forward_timestep_embed(block, h, emb, context, to, hs[-1].shape if hs else None)
-    return ms.calculate_denoised(sigma, dm.out(h), x)
+    dm = base.diffusion_model
+    hooks = {("middle", 0): lambda h: at("middle", 0, h)}
+    for i in range(len(dm.input_blocks)):
+        hooks[("input", i, "skip")] = lambda h, i=i: at("input", i, h)
+        hooks[("skip", i)] = lambda hsp, i=i: at("skip", i, hsp)
+    if post_output is not None:
+        hooks.update({("output", j, "pair"): post_output for j in range(len(dm.output_blocks))})
+    return ref.unet_denoised(base, x, sigma, context, hooks=hooks)
 
 
 def mmdit_reference(base, x, sigma, context, y, at):

@@ -134,6 +134,14 @@ def test_canny_through_comfyui_executor(pack):
     }
     ex = run_prompt(prompt)
     assert ex.success, ex.status_messages
+    import folder_paths
+    from PIL import Image
+
+    shown = ex.history_result["outputs"]["3"]["images"]
+    assert len(shown) == 2  # one uniform colour: no edge anywhere
+    for item in shown:
+        path = os.path.join(folder_paths.get_directory_by_type(item["type"]), item["subfolder"], item["filename"])
+        assert np.asarray(Image.open(path)).shape == (32, 43, 3) and not np.asarray(Image.open(path)).any()  # 64x48 -> 43x32
 
 
 # --------------------------------------------------------------------------------- networks
@@ -336,3 +344,78 @@ def test_interrupt_stops_between_frames(pn):
             node_result(pn.Canny, to_image(np.zeros((3, 16, 16, 3), np.uint8)), "fixed", 100, 200, 0.33, 512, "input")
     finally:
         mm.interrupt_current_processing(False)
+
+
+# --------------------------------------------------------------------------------- known answers
+@pytest.fixture
+def constant_network(annotators, am):
+    """Swaps a network file for one whose output is known, restores the random one after."""
+    import shutil
+
+    saved = []
+
+    def install(name, state_dict):
+        path = annotators / name
+        backup = annotators / (name + ".random")
+        shutil.copy(path, backup)
+        saved.append((path, backup))
+        torch.save(state_dict, path)
+
+    yield install
+    for path, backup in saved:
+        shutil.move(backup, path)
+    am.free_models()
+
+
+def zeroed(net, **biases):
+    """The network's state dict with every tensor 0, but the named biases set to a value."""
+    sd = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+    for key, value in biases.items():
+        sd[key.replace("__", ".")] = torch.full_like(sd[key.replace("__", ".")], value)
+    return sd
+
+
+@pytest.mark.parametrize("bias, soft, safe, scribble", [(1.0, 186, 255, 255), (-1.0, 68, 0, 0)])
+def test_hed_modes_on_a_constant_network(bias, soft, safe, scribble, pn, constant_network):
+    """Zero weights: every side output is its projection bias, so the soft map is sigmoid(bias)
+    everywhere: 255 * sigmoid(1) = 186.4 -> 186; safe floor(3 * 0.731) / 2 = 1 -> 255;
+    scribble: 186 > 127 survives thinning -> 255 (and all 0 for the negative bias)."""
+    hed = pack_module("preprocessors.hed")
+    net = hed.ControlNetHED_Apache2()
+    biases = {f"block{i}__projection__bias": bias for i in range(1, 6)}
+    constant_network(HED_FILE, zeroed(net, **biases))
+    frames = to_image(np.random.default_rng(4).integers(0, 256, (2, 40, 56, 3), dtype=np.uint8))
+    for mode, value in (("soft", soft), ("safe", safe), ("scribble", scribble)):
+        (out,) = node_result(pn.HED, frames, mode, 32, "input")
+        assert out.shape == (2, 40, 56, 3)
+        assert set(np.unique(to_uint8(out)).tolist()) == {value}, mode
+
+
+def test_depth_of_a_constant_network_is_flat(pn, constant_network):
+    """A network that predicts the same depth everywhere renders as a flat map: grey 0 (a constant
+    map normalises to 0), viridis near = dark the colormap's 255 end, near = bright its 0 end."""
+    import cv2
+
+    dav2 = pack_module("preprocessors.depth_anything_v2")
+    net = dav2.DepthAnythingV2Small()
+    constant_network(DEPTH_FILE, zeroed(net, depth_head__scratch__output_conv2__2__bias=0.7))
+    frames = to_image(np.random.default_rng(5).integers(0, 256, (1, 30, 44, 3), dtype=np.uint8))
+    (grey,) = node_result(pn.DepthAnythingV2, frames, "grey", 28, "input")
+    assert set(np.unique(to_uint8(grey)).tolist()) == {0}
+    viridis = cv2.applyColorMap(np.array([[0, 255]], np.uint8), cv2.COLORMAP_VIRIDIS)[0, :, ::-1]
+    (dark,) = node_result(pn.DepthAnythingV2, frames, "viridis", 28, "input")
+    (bright,) = node_result(pn.DepthAnythingV2, frames, "viridis_near_bright", 28, "input")
+    assert (to_uint8(dark) == viridis[1]).all() and (to_uint8(bright) == viridis[0]).all()
+
+
+def test_openpose_on_a_constant_network_finds_nobody(pn, constant_network):
+    """Zero weights: flat heatmaps have no peaks, so no person and a black drawing."""
+    body = pack_module("preprocessors.openpose_body")
+    sd = {k.split(".", 1)[1]: v for k, v in zeroed(body.BodyPoseNet()).items()}
+    constant_network(BODY_FILE, sd)
+    frames = to_image(np.random.default_rng(6).integers(0, 256, (2, 48, 32, 3), dtype=np.uint8))
+    image, poses = node_result(pn.OpenPose, frames, 32, "input")
+    assert image.shape == (2, 48, 32, 3) and not image.any()
+    assert [p["people"] for p in poses] == [[], []]
+    image, poses = node_result(pn.OpenPose, frames, 32, "input", 2)  # frame_stride 2: every 2nd frame
+    assert image.shape[0] == 1 and len(poses) == 1

@@ -18,7 +18,7 @@ from xctrl.models.controlnet_xs_keys import (
     to_vislearn,
 )
 
-from pure.test_controlnet_xs_reference import MODELS, layout, meta_sd, shapes, vislearn_to_diffusers, vislearn_used
+from harness.xs_reference import MODELS, layout, meta_sd, shapes, vislearn_to_diffusers, vislearn_used
 
 
 # ---- format detection and conversion ---------------------------------------------------------

@@ -1,6 +1,6 @@
 """ControlNet-XS control network: strict loading of the released layouts, and numbers.
 
-Numbers are checked against the plain functional reference in test_controlnet_xs_reference.py
+Numbers are checked against the plain functional reference in tests/harness/xs_reference.py
 (F.conv2d, F.group_norm with the rule's group count, explicit softmax attention), which reads
 the weights by their vislearn names. Configs are tiny; the released layouts
 are only loaded (meta tensors), never run.
@@ -15,7 +15,7 @@ from torch import nn
 from xctrl.models.controlnet_xs import ControlNetXS, ResBlock, load_controlnet_xs, mix_time_embeddings
 from xctrl.models.controlnet_xs_keys import ControlNetXSFormatError, XSConfig, read_config, to_vislearn
 
-from pure.test_controlnet_xs_reference import (  # noqa: E402
+from harness.xs_reference import (  # noqa: E402
     MODELS,
     layout,
     meta_sd,
@@ -32,31 +32,8 @@ from pure.test_controlnet_xs_reference import (  # noqa: E402
 torch.manual_seed(0)
 
 
-# ---- tiny configs ----------------------------------------------------------------------------
-
-# SDXL-like (3 levels, 9 input blocks): linear projections, learned time embedding. Control
-# norm group counts 4, 8, 12 (one channel per group) and 24 (48 and 72 channels: several
-# channels per group; with one channel per group a norm cancels the per-channel time embedding,
-# so widths like 48 are needed to see it).
-TINY_XL = XSConfig(family="sdxl", ctrl_channels=(4, 8, 48), base_channels=(8, 16, 24), transformer_depth=(0, 1, 2),
-                   transformer_depth_middle=1, num_heads=(0, 2, 3), num_heads_middle=3, context_dim=16,
-                   use_linear_projection=True, learned_time_embedding=True, model_channels=8, time_embed_dim=16)
-# SD-like (4 levels, 12 input blocks): 1x1-conv projections, no learned time embedding; widths
-# 40 (20 groups) and 56 (28 groups) at the lower levels.
-TINY_SD = XSConfig(family="sd", ctrl_channels=(4, 4, 40, 40), base_channels=(8, 8, 16, 16), transformer_depth=(1, 1, 1, 0),
-                   transformer_depth_middle=1, num_heads=(1, 2, 2, 0), num_heads_middle=2, context_dim=12,
-                   use_linear_projection=False, learned_time_embedding=False, model_channels=8, time_embed_dim=16)
-TINY = {"xl": TINY_XL, "sd": TINY_SD}
-
-
-def randomize(net, scale=0.5):
-    with torch.no_grad():
-        for name, prm in net.named_parameters():
-            if name.endswith("weight") and prm.ndim == 1:  # norms: around 1
-                prm.copy_(1 + 0.2 * torch.randn_like(prm))
-            else:
-                prm.copy_(scale * torch.randn_like(prm) / math.sqrt(max(1, prm[0].numel())))
-    return net
+from harness.random_weights import random_tensors  # noqa: E402
+from harness.xs_configs import TINY, TINY_XL, randomize  # noqa: E402
 
 
 def tiny_net(key):
@@ -242,7 +219,7 @@ def test_wrong_shape_or_missing_key_is_reported():
 
 def test_diffusers_file_and_its_vislearn_twin_give_the_same_network():
     keys = layout("vislearn", "sd21_14m")
-    vis = {k: torch.randn(shape) for k, shape in keys.items()}
+    vis = random_tensors(keys, seed=0)
     n_in = 12
     diff = {vislearn_to_diffusers(k, n_in): v.clone() for k, v in vis.items() if k != "scale_list"}
     net_v, cfg_v = load_controlnet_xs(vis)

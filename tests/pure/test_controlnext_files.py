@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from harness.layouts import LAYOUT_DIR, load_layout
+from harness.random_weights import random_tensors
 from xctrl.models.checkpoint_io import WeightFileError, load_state_dict
 from xctrl.models.controlnext import build_controlnext
 from xctrl.models.file_kinds import KINDS, describe_state_dict, kind_of
@@ -24,8 +25,7 @@ def meta_state_dict(layout):
 
 
 def random_state_dict(layout, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return {k: (0.1 * torch.randn(s, generator=g)).to(dtype) for k, s in layout["keys"].items()}
+    return random_tensors(layout["keys"], seed, dtype)
 
 
 # ---------------------------------------------------------------------------- file kinds

@@ -13,6 +13,9 @@ def test_normalize_known_values():
     d = np.array([[2.0, 4.0], [3.0, 6.0]])
     assert normalize_depth(d).tolist() == [[0, 127], [63, 255]]  # 0.5 * 255 = 127.5 truncated
     assert (normalize_depth(np.full((3, 3), 7.0)) == 0).all()
+    nearly = np.full((3, 3), 0.7, np.float32) + np.float32(1e-7) * np.eye(3, dtype=np.float32)  # float32 rounding
+    assert (normalize_depth(nearly) == 0).all()
+    assert normalize_depth(np.array([[0.7, 0.7001]])).tolist() == [[0, 255]]  # a real (small) relief stays
     assert normalize_depth(torch.tensor([[0.0, 1.0]])).tolist() == [[0, 255]]
 
 
