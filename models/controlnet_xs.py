@@ -1,7 +1,7 @@
 """ControlNet-XS control network (released "encoder_double" models), pure torch.
 
 The control model is a thin UNet encoder + middle block that runs in lock-step with the base
-UNet's encoder (spec/controlnet_xs.md, section 1). This module holds the control side only;
+UNet's encoder (docs/controlnet_xs.md, "The two streams"). This module holds the control side only;
 the caller drives the loop with the real base UNet::
 
     g = net.embed_hint(hint)                              # hint: RGB in [0, 1], 8x the latent

@@ -1,6 +1,6 @@
 """ControlNet-XS weight files: which format, diffusers -> vislearn names, architecture.
 
-Two released formats hold the same weights (see spec/controlnet_xs.md, sections 3-5):
+Two released formats hold the same weights (docs/controlnet_xs.md, "Released files" and "Two formats"):
 
 - ``vislearn``: the authors' ``TwoStreamControlNet`` state dict (``.ckpt`` / ``.safetensors``),
   names like ``control_model.input_blocks.1.0.in_layers.0.weight``, ``enc_zero_convs_in.0.0.weight``.
@@ -85,7 +85,7 @@ def _not_xs_message(sd):
 
 
 # ---------------------------------------------------------------------------------------
-# diffusers -> vislearn names (spec section 4)
+# diffusers -> vislearn names (docs/controlnet_xs.md, "Two formats")
 # ---------------------------------------------------------------------------------------
 
 _RESNET_PARTS = {
@@ -105,78 +105,56 @@ def _resnet(rest):
     return f"{_RESNET_PARTS[part]}.{param}"
 
 
+def _hint_index(name):
+    if name == "conv_in":
+        return 0
+    if name == "conv_out":
+        return 14
+    return 2 * (int(name.split(".")[1]) + 1)  # blocks.k
+
+
+def _middle(m):
+    kind, index, rest = m[1], m[2], m[3]
+    if kind == "attentions":
+        return f"control_model.middle_block.1.{rest}" if index == "0" else None
+    if index not in ("0", "1"):
+        return None
+    rest = _resnet(rest)
+    return None if rest is None else f"control_model.middle_block.{0 if index == '0' else 2}.{rest}"
+
+
+def _block(m, offset=1):
+    """Input block index of diffusers down block m[1], entry m[2]: 3 b + j + offset."""
+    return 3 * int(m[1]) + int(m[2]) + offset
+
+
+# (diffusers key pattern, vislearn name from the match and N_in); the first match decides.
+_RENAMES = (
+    (r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.\d+)\.(weight|bias)",
+     lambda m, n: f"input_hint_block.{_hint_index(m[1])}.{m[2]}"),
+    (r"time_embedding\.linear_([12])\.(weight|bias)", lambda m, n: f"control_model.time_embed.{0 if m[1] == '1' else 2}.{m[2]}"),
+    (r"conv_in\.(weight|bias)", lambda m, n: f"control_model.input_blocks.0.0.{m[1]}"),
+    (r"control_to_base_for_conv_in\.(weight|bias)", lambda m, n: f"enc_zero_convs_out.0.0.{m[1]}"),
+    (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+     lambda m, n: None if _resnet(m[3]) is None else f"control_model.input_blocks.{_block(m)}.0.{_resnet(m[3])}"),
+    (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", lambda m, n: f"control_model.input_blocks.{_block(m)}.1.{m[3]}"),
+    (r"down_blocks\.(\d+)\.downsamplers\.conv\.(weight|bias)",
+     lambda m, n: f"control_model.input_blocks.{3 * int(m[1]) + 3}.0.op.{m[2]}"),
+    (r"down_blocks\.(\d+)\.ctrl_to_base\.(\d+)\.(weight|bias)", lambda m, n: f"enc_zero_convs_out.{_block(m)}.0.{m[3]}"),
+    (r"down_blocks\.(\d+)\.base_to_ctrl\.(\d+)\.(weight|bias)", lambda m, n: f"enc_zero_convs_in.{_block(m, 0)}.0.{m[3]}"),
+    (r"mid_block\.midblock\.(resnets|attentions)\.(\d+)\.(.+)", lambda m, n: _middle(m)),
+    (r"mid_block\.base_to_ctrl\.(weight|bias)", lambda m, n: f"enc_zero_convs_in.{n - 1}.0.{m[1]}"),
+    (r"mid_block\.ctrl_to_base\.(weight|bias)", lambda m, n: f"middle_block_out.0.{m[1]}"),
+    (r"up_connections\.(\d+)\.ctrl_to_base\.(\d+)\.(weight|bias)", lambda m, n: f"dec_zero_convs_out.{_block(m, 0)}.0.{m[3]}"),
+)
+
+
 def _diffusers_key_to_vislearn(key, n_in):
     """Vislearn name of one diffusers adapter key, or None if the key is not known."""
-    m = re.fullmatch(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(weight|bias)", key)
-    if m:
-        if m.group(1) == "conv_in":
-            index = 0
-        elif m.group(1) == "conv_out":
-            index = 14
-        else:
-            index = 2 * (int(m.group(2)) + 1)
-        return f"input_hint_block.{index}.{m.group(3)}"
-
-    m = re.fullmatch(r"time_embedding\.linear_([12])\.(weight|bias)", key)
-    if m:
-        return f"control_model.time_embed.{0 if m.group(1) == '1' else 2}.{m.group(2)}"
-
-    m = re.fullmatch(r"conv_in\.(weight|bias)", key)
-    if m:
-        return f"control_model.input_blocks.0.0.{m.group(1)}"
-
-    m = re.fullmatch(r"control_to_base_for_conv_in\.(weight|bias)", key)
-    if m:
-        return f"enc_zero_convs_out.0.0.{m.group(1)}"
-
-    m = re.fullmatch(r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key)
-    if m:
-        n = 3 * int(m.group(1)) + int(m.group(2)) + 1
-        rest = _resnet(m.group(3))
-        return None if rest is None else f"control_model.input_blocks.{n}.0.{rest}"
-
-    m = re.fullmatch(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", key)
-    if m:
-        n = 3 * int(m.group(1)) + int(m.group(2)) + 1
-        return f"control_model.input_blocks.{n}.1.{m.group(3)}"
-
-    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.conv\.(weight|bias)", key)
-    if m:
-        n = 3 * int(m.group(1)) + 3
-        return f"control_model.input_blocks.{n}.0.op.{m.group(2)}"
-
-    m = re.fullmatch(r"down_blocks\.(\d+)\.ctrl_to_base\.(\d+)\.(weight|bias)", key)
-    if m:
-        n = 3 * int(m.group(1)) + int(m.group(2)) + 1
-        return f"enc_zero_convs_out.{n}.0.{m.group(3)}"
-
-    m = re.fullmatch(r"down_blocks\.(\d+)\.base_to_ctrl\.(\d+)\.(weight|bias)", key)
-    if m:
-        n = 3 * int(m.group(1)) + int(m.group(2))
-        return f"enc_zero_convs_in.{n}.0.{m.group(3)}"
-
-    m = re.fullmatch(r"mid_block\.midblock\.(resnets|attentions)\.(\d+)\.(.+)", key)
-    if m:
-        if m.group(1) == "attentions":
-            return f"control_model.middle_block.1.{m.group(3)}" if m.group(2) == "0" else None
-        if m.group(2) not in ("0", "1"):
-            return None
-        rest = _resnet(m.group(3))
-        index = 0 if m.group(2) == "0" else 2
-        return None if rest is None else f"control_model.middle_block.{index}.{rest}"
-
-    m = re.fullmatch(r"mid_block\.base_to_ctrl\.(weight|bias)", key)
-    if m:
-        return f"enc_zero_convs_in.{n_in - 1}.0.{m.group(1)}"
-
-    m = re.fullmatch(r"mid_block\.ctrl_to_base\.(weight|bias)", key)
-    if m:
-        return f"middle_block_out.0.{m.group(1)}"
-
-    m = re.fullmatch(r"up_connections\.(\d+)\.ctrl_to_base\.(\d+)\.(weight|bias)", key)
-    if m:
-        n = 3 * int(m.group(1)) + int(m.group(2))
-        return f"dec_zero_convs_out.{n}.0.{m.group(3)}"
+    for pattern, name in _RENAMES:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return name(m, n_in)
     return None
 
 
@@ -190,7 +168,7 @@ def to_vislearn(sd):
     """Returns the state dict with vislearn names, minus the unused keys.
 
     Vislearn input: only ``scale_list`` and ``control_model.label_emb.*`` are dropped.
-    Diffusers input: every key is renamed per spec section 4; an unknown key raises.
+    Diffusers input: every key is renamed per docs/controlnet_xs.md ("Two formats"); an unknown key raises.
     Legacy diffusers input (before diffusers 0.28): raises, not supported.
     Tensors are not copied.
     """
@@ -221,7 +199,7 @@ def to_vislearn(sd):
 
 
 # ---------------------------------------------------------------------------------------
-# Architecture read from a state dict (spec section 5)
+# Architecture read from a state dict (docs/controlnet_xs.md, "Reading the architecture")
 # ---------------------------------------------------------------------------------------
 
 SD = "sd"

@@ -1,6 +1,6 @@
 """ControlNeXt control modules: the small network that turns a condition image into a feature.
 
-Five variants (spec controlnext.md section 3), all with the same building blocks:
+The variants (docs/controlnext.md, "Variants"), all with the same building blocks:
 
 - "sd15": SD1.5 released (Pbihao/ControlNeXt, ControlNeXt-SD1.5/*/controlnet.safetensors).
 - "sd15_training": the SD1.5-Training code's module (no released weights).

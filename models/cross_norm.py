@@ -1,6 +1,6 @@
 """ControlNeXt cross normalization: aligning the control feature to the denoiser's statistics.
 
-The released weights were trained with (spec controlnext.md section 2), per sample over
+The released weights were trained with (docs/controlnext.md, "Cross normalization"), per sample over
 (C, H, W), unbiased std, eps added to the std (not the variance):
 
     c_hat = (c - mean(c)) * std(h) / (std(c) + eps) + mean(h)

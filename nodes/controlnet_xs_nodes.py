@@ -14,6 +14,7 @@ from ..models import controlnet_xs_keys as xs_keys
 from ..models.checkpoint_io import WeightFileError
 from ..models.families import family_of_context_width
 from . import hints
+from .apply_inputs import check_step_range, image_input, step_range_inputs
 from .control_runner import control_patcher
 from .controlnet_xs_runtime import ControlNetXSRunner, build_control_net
 from .model_family import family_title, model_family
@@ -129,19 +130,16 @@ class ApplyControlNetXS(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 ControlNetXSType.Input("controlnet_xs"),
-                io.Image.Input("image", tooltip="Condition image (canny edges, depth, ...), RGB in [0, 1]; resized to the generated image size. A batch of 1 serves every latent; otherwise one per latent."),
+                image_input("canny edges, depth, ..."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="Scales every control -> base connection (the authors' conditioning scale). 0 leaves the model untouched."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                *step_range_inputs(),
             ],
             outputs=[io.Model.Output()],
         )
 
     @classmethod
     def validate_inputs(cls, start_percent, end_percent):
-        if start_percent > end_percent:
-            return f"start_percent ({start_percent}) is after end_percent ({end_percent}): set start_percent <= end_percent"
-        return True
+        return check_step_range(start_percent, end_percent)
 
     @classmethod
     def execute(cls, model, controlnet_xs, image, strength, start_percent, end_percent):

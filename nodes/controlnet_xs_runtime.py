@@ -1,7 +1,7 @@
 """Running ControlNet-XS inside ComfyUI's own UNet forward (thin glue).
 
 The control encoder must run in lock-step with the base encoder and trade features after
-every block (spec/controlnet_xs.md, section 1). Instead of re-implementing the UNet forward,
+every block (docs/controlnet_xs.md, "The two streams"). Instead of re-implementing the UNet forward,
 the control stream rides on ComfyUI's hooks, so the base keeps every other pack's patches,
 wrappers, stock ControlNets and LoRAs:
 

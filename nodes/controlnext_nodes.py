@@ -13,6 +13,7 @@ from ..models import video_windows as vw
 from ..models.checkpoint_io import WeightFileError
 from ..models.file_kinds import kind_of
 from . import hints
+from .apply_inputs import check_step_range, image_input, step_range_inputs
 from .controlnext_runtime import INJECTIONS, ControlNeXtRunner, module_patcher
 from .long_video_runtime import NODE as LONG_VIDEO_NODE
 from .long_video_runtime import LongVideoError, LongVideoWindows
@@ -99,10 +100,9 @@ class ApplyControlNeXt(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 ControlNeXtType.Input("controlnext"),
-                io.Image.Input("image", tooltip="Condition image (pose, edges, depth, ...), RGB in [0, 1]; resized to the generated image size. A batch of 1 serves every latent; otherwise one per latent."),
+                image_input("pose, edges, depth, ..."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="Control strength. SD1.5 released: multiplies the learned scale. SDXL: the scale itself (authors: ~0.35 for canny, 1.0 for dense conditions)."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+                *step_range_inputs(),
                 io.Mask.Input("mask", optional=True, tooltip="Where to apply the control (1 = full control)."),
                 io.Float.Input("unet_strength", optional=True, default=1.0, min=-2.0, max=2.0, step=0.01, tooltip="Strength of the UNet weight file loaded with the module (ignored without one)."),
                 io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse", tooltip="An SDXL-layout file on an SD1.5 model: 'refuse' (no SD1.5-Training weights were released, so it is most likely an SDXL file) or 'sd15_training' for a module you trained with the ControlNeXt SD1.5-Training code."),
@@ -113,9 +113,7 @@ class ApplyControlNeXt(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, start_percent, end_percent):
-        if start_percent > end_percent:
-            return f"start_percent ({start_percent}) is after end_percent ({end_percent}): set start_percent <= end_percent"
-        return True
+        return check_step_range(start_percent, end_percent)
 
     @classmethod
     def execute(cls, model, controlnext, image, strength, start_percent, end_percent, mask=None, unet_strength=1.0,

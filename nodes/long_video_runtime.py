@@ -18,6 +18,7 @@ the cond and uncond predictions and a sampler CFG function rebuilds the referenc
 import uuid
 
 import torch
+from einops import rearrange
 
 import comfy.model_management as mm
 import comfy.patcher_extension as pe
@@ -157,10 +158,10 @@ def _control_rows(control, idx, rows):
 
 
 def _frames_first(out, chunks, length):
-    """(chunks * L, ...) -> (L, chunks, ...)."""
-    return out.reshape((chunks, length) + tuple(out.shape[1:])).transpose(0, 1)
+    """Batch rows (chunk, frame) -> frames first, for the fusion over frames."""
+    return rearrange(out, "(chunk frame) ... -> frame chunk ...", chunk=chunks, frame=length)
 
 
 def _chunks_first(video, chunks):
-    """(N, chunks, ...) -> (chunks * N, ...)."""
-    return video.transpose(0, 1).reshape((chunks * video.shape[0],) + tuple(video.shape[2:]))
+    """Frames first -> batch rows (chunk, frame), as ComfyUI batches them."""
+    return rearrange(video, "frame chunk ... -> (chunk frame) ...", chunk=chunks)

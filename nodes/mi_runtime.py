@@ -2,7 +2,7 @@
 
 ComfyUI sums the residuals of a chain of applied ControlNets (``control_merge``) and adds the
 sum to the denoiser's features in place (``apply_control``). This module replaces both
-additions with models/mi_balance.py (spec mi_controlnet.md; comfyui.md "Replacing the plain
+additions with models/mi_balance.py (docs/mi_controlnet.md; docs/comfyui_hooks.md, "Replacing the plain
 addition"), in two halves that talk through the per-call ``transformer_options``:
 
 1. ``BalancedControl`` (a ControlBase) replaces a conditioning's chain of controls. It runs

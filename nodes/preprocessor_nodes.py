@@ -59,6 +59,16 @@ def _for_frames(count, chunk, work):
         bar.update(stop - start)
 
 
+def _map_frames(image, resolution, output_size, chunk, fn):
+    """IMAGE -> IMAGE of ``fn(uint8 frames, (out_h, out_w))`` (uint8 maps) over the batch, ``chunk``
+    frames per call, with a progress bar and interrupt checks."""
+    frames = image_to_uint8(image)
+    out_hw = output_hw(frames.shape[1], frames.shape[2], resolution, output_size)
+    parts = []
+    _for_frames(len(frames), chunk, lambda start, stop: parts.append(fn(frames[start:stop], out_hw)))
+    return _to_image(np.concatenate(parts))
+
+
 def _to_image(maps):
     """(B, H, W) or (B, H, W, 3) uint8 -> IMAGE on ComfyUI's intermediate device."""
     if maps.ndim == 3:
@@ -95,17 +105,11 @@ class Canny(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, mode, low_threshold, high_threshold, sigma, resolution, output_size):
-        frames = image_to_uint8(image)
-        oh, ow = output_hw(frames.shape[1], frames.shape[2], resolution, output_size)
-        out = np.empty((len(frames), oh, ow, 3), np.uint8)
+        def edges(frames, out_hw):
+            f = resize(frames[0], *out_hw)
+            return (canny_mod.canny(f, low_threshold, high_threshold) if mode == "fixed" else canny_mod.canny_median(f, sigma))[None]
 
-        def work(start, stop):
-            for i in range(start, stop):
-                f = resize(frames[i], oh, ow)
-                out[i] = canny_mod.canny(f, low_threshold, high_threshold) if mode == "fixed" else canny_mod.canny_median(f, sigma)
-
-        _for_frames(len(frames), 1, work)
-        return io.NodeOutput(_to_image(out))
+        return io.NodeOutput(_map_frames(image, resolution, output_size, 1, edges))
 
 
 class HED(io.ComfyNode):
@@ -131,17 +135,13 @@ class HED(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, mode, resolution, output_size):
-        frames = image_to_uint8(image)
         net = am.torch_network(hed_mod.WEIGHT_FILE, hed_mod.build_hed)
-        oh, ow = output_hw(frames.shape[1], frames.shape[2], resolution, output_size)
-        out = np.empty((len(frames), oh, ow), np.uint8)
 
-        def work(start, stop):
-            soft = batched_at_resolution(frames[start:stop], resolution, lambda b: hed_mod.hed_soft_edges(net, b), (oh, ow))
-            out[start:stop] = hed_mod.edges_from_soft(soft, mode)  # at the output size: binary maps stay binary
+        def edges(frames, out_hw):
+            soft = batched_at_resolution(frames, resolution, lambda b: hed_mod.hed_soft_edges(net, b), out_hw)
+            return hed_mod.edges_from_soft(soft, mode)  # at the output size: binary maps stay binary
 
-        _for_frames(len(frames), NET_CHUNK, work)
-        return io.NodeOutput(_to_image(out))
+        return io.NodeOutput(_map_frames(image, resolution, output_size, NET_CHUNK, edges))
 
 
 class DepthAnythingV2(io.ComfyNode):
@@ -169,22 +169,18 @@ class DepthAnythingV2(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, render, resolution, output_size):
-        frames = image_to_uint8(image)
         net = am.torch_network(dav2.WEIGHT_FILE, dav2.build_depth_anything_v2)
         input_size = max(dav2.PATCH, int(round(resolution / dav2.PATCH)) * dav2.PATCH) if resolution > 0 else dav2.INPUT_SIZE
-        oh, ow = output_hw(frames.shape[1], frames.shape[2], resolution, output_size)
-        out = np.empty((len(frames), oh, ow, 3), np.uint8)
 
-        def work(start, stop):
-            depth = dav2.estimate_depth(net, frames[start:stop], input_size, (oh, ow))
-            for j, d in enumerate(depth, start=start):
-                if render == "grey":
-                    out[j] = depth_render.render_grey(d)
-                else:
-                    out[j] = depth_render.render_viridis(d, near="dark" if render == "viridis" else "bright")
+        def draw(d):
+            if render == "grey":
+                return depth_render.render_grey(d)
+            return depth_render.render_viridis(d, near="dark" if render == "viridis" else "bright")
 
-        _for_frames(len(frames), NET_CHUNK, work)
-        return io.NodeOutput(_to_image(out))
+        def depth(frames, out_hw):
+            return np.stack([draw(d) for d in dav2.estimate_depth(net, frames, input_size, out_hw)])
+
+        return io.NodeOutput(_map_frames(image, resolution, output_size, NET_CHUNK, depth))
 
 
 class OpenPose(io.ComfyNode):

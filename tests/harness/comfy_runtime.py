@@ -4,7 +4,6 @@ One ComfyUI per process: the integration suite runs once per runtime, in its own
 pytest process (scripts/run_tests.sh), with XCTRL_COMFYUI_ROOT naming the root.
 """
 import asyncio
-import logging
 import os
 import sys
 import tempfile
@@ -29,7 +28,6 @@ def check_root(root):
 
 
 def comfyui_version(root):
-    ns = {}
     path = os.path.join(root, "comfyui_version.py")
     if os.path.isfile(path):
         with open(path) as f:

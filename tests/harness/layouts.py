@@ -1,4 +1,4 @@
-"""Key -> shape layouts of every released checkpoint (copied from the spec into tests/data)."""
+"""Key -> shape layouts of every released checkpoint (tests/data/checkpoint_layouts, read off the released files)."""
 import json
 import os
 

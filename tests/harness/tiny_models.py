@@ -107,3 +107,25 @@ def text_cond(patcher, batch=1, tokens=7, seed=1):
         extra = {"pooled_output": torch.randn(batch, 1280, generator=g), "width": 64, "height": 64,
                  "crop_w": 0, "crop_h": 0, "target_width": 64, "target_height": 64}
     return [[torch.randn(batch, tokens, ctx, generator=g), extra]]
+
+
+def stock_controlnet(module, seed, **kwargs):
+    """A stock ComfyUI ControlNet object around a control network, with the tests' random weights
+    (comfy ops leave weights uninitialised; the zero convolutions must not be zero)."""
+    import comfy.controlnet
+    import comfy.model_management as mm
+
+    _init_weights(module, seed)
+    module.eval()
+    return comfy.controlnet.ControlNet(module, load_device=mm.get_torch_device(), manual_cast_dtype=None, **kwargs)
+
+
+def unet_controlnet(unet_config, seed):
+    """A stock ControlNet (comfy.cldm) of a tiny UNet's configuration."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    config = {k: v for k, v in unet_config.items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
+                                     device="cpu", **config)
+    return stock_controlnet(net, seed)

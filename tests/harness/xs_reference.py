@@ -36,7 +36,7 @@ def shapes(sd):
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
-# ---- an independent vislearn -> diffusers renaming, written from the spec's table ----------
+# ---- an independent vislearn -> diffusers renaming, written from docs/controlnet_xs.md's table -----
 
 RESNET = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
           "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}

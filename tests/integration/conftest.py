@@ -45,3 +45,32 @@ def server():
 
     with ComfyServer(ROOT) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def model_folder(tmp_path_factory, pack):
+    """model_folder("controlnet"): a temp folder registered for that ComfyUI model folder kind,
+    one per kind for the session (file names must differ across test modules: folder_paths
+    returns the first file of a name)."""
+    import folder_paths
+
+    made = {}
+
+    def folder(kind):
+        if kind not in made:
+            made[kind] = tmp_path_factory.mktemp(kind)
+            folder_paths.add_model_folder_path(kind, str(made[kind]))
+        return made[kind]
+
+    return folder
+
+
+@pytest.fixture(scope="session")
+def controlnet_dir(model_folder):
+    return model_folder("controlnet")
+
+
+@pytest.fixture(scope="session")
+def nodes_mod(pack):
+    """The ControlNeXt node module (modules testing other nodes name theirs)."""
+    return comfy_runtime.pack_module("nodes.controlnext_nodes")

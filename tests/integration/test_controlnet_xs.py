@@ -25,15 +25,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def controlnet_dir(tmp_path_factory):
-    import folder_paths
-
-    d = tmp_path_factory.mktemp("xs_controlnet")
-    folder_paths.add_model_folder_path("controlnet", str(d))
-    return d
-
-
-@pytest.fixture(scope="session")
 def xs_nodes(pack):
     classes = pack_node_classes()
     return classes["XCtrl_LoadControlNetXS"], classes["XCtrl_ApplyControlNetXS"]
@@ -96,7 +87,7 @@ def denoised(patcher, x, sigma, ctx, y=None, cond_or_uncond=(0,)):
 
 
 def reference(base, sd, x, sigma, ctx, y, image_rows, scale):
-    """The spec's loop; ``image_rows``: (rows, H, W, 3) IMAGE, one per batch row."""
+    """The two-stream loop of docs/controlnet_xs.md; ``image_rows``: (rows, H, W, 3) IMAGE, one per batch row."""
     import comfy.model_management as mm
 
     mm.load_models_gpu([base])
@@ -229,7 +220,7 @@ def test_a_controlnext_file_gets_a_clear_loader_error(xs_nodes, controlnet_dir):
         node_result(xs_nodes[0], "not_xs_controlnext.safetensors")
 
 
-RELEASED = {  # spec section 3: control widths, learned time embedding, parameters (millions)
+RELEASED = {  # docs/controlnet_xs.md: control widths, learned time embedding, parameters (millions)
     "sd15_53m": ((64, 128, 256, 256), False, 52.66),
     "sd21_14m": ((4, 8, 16, 16), True, 14.19),
     "sdxl_20m": ((16, 32, 64), False, 20.18),

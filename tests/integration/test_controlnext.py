@@ -1,7 +1,7 @@
 """ControlNeXt on ComfyUI's native SD1.5 and SDXL models (tiny random-weight twins).
 
 Parity: the patched model's denoised output against tests/harness/reference.py, which runs
-the UNet block by block and injects the functional control feature per the spec.
+the UNet block by block and injects the functional control feature as docs/controlnext.md says.
 """
 import pytest
 import torch
@@ -11,20 +11,6 @@ from harness import tiny_models as tm
 from harness.comfy_runtime import pack_module
 from harness.controlnext_files import LAYOUTS, TINY_OUT, apply, controlnext_sd, load, rel_err, write
 from harness.layouts import load_layout
-
-
-@pytest.fixture(scope="module")
-def controlnet_dir(tmp_path_factory, pack):
-    import folder_paths
-
-    d = tmp_path_factory.mktemp("controlnet")
-    folder_paths.add_model_folder_path("controlnet", str(d))
-    return d
-
-
-@pytest.fixture(scope="module")
-def nodes_mod(pack):
-    return pack_module("nodes.controlnext_nodes")
 
 
 def denoise(patcher, x, sigma, context, cond_or_uncond, y=None):
@@ -55,7 +41,7 @@ def inputs(family, seed=3):
 
 
 def reference(base, family, sd, hint, x, sigma, ctx, y, strength, scale_learned=None):
-    """Spec: SD1.5 released at the middle output, pool then normalize, s = learned * strength;
+    """docs/controlnext.md: SD1.5 released at the middle output, pool then normalize, s = learned * strength;
     SDXL after conv_in (skip keeps the uncontrolled tensor), normalize then pool, s = strength."""
     t = base.model.model_sampling.timestep(sigma).float()
     h_img = hint.movedim(-1, 1).expand(x.shape[0], -1, -1, -1)

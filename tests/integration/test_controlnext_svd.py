@@ -6,25 +6,10 @@ import torch
 
 from harness import reference as ref
 from harness import tiny_models as tm
-from harness.comfy_runtime import pack_module
 
 from harness.controlnext_files import apply, controlnext_sd, load, rel_err, write
 
 FRAMES = 3
-
-
-@pytest.fixture(scope="module")
-def controlnet_dir(tmp_path_factory, pack):
-    import folder_paths
-
-    d = tmp_path_factory.mktemp("controlnet_svd")
-    folder_paths.add_model_folder_path("controlnet", str(d))
-    return d
-
-
-@pytest.fixture(scope="module")
-def nodes_mod(pack):
-    return pack_module("nodes.controlnext_nodes")
 
 
 def svd_inputs(chunks, seed=3):
@@ -52,7 +37,7 @@ def denoise_svd(patcher, x, sigma, ctx, y, concat, cond_or_uncond):
 
 
 def svd_reference(base, variant, sd, poses, x, sigma, ctx, y, concat, cond_or_uncond, strength):
-    """Spec: control timestep 0.25*ln(sigma); v2 at input block 3 (after the skip), 0.2*strength on
+    """docs/controlnext.md: control timestep 0.25*ln(sigma); v2 at input block 3 (after the skip), 0.2*strength on
     cond rows only; v1 after input block 11, sigmoid(scale)*1.3*strength on cond rows and the
     reference's raw scale 0 (sigmoid(0)*1.3 = 0.65) * strength on uncond rows; eps 1e-5, normalize then pool."""
     rows = x.shape[0]

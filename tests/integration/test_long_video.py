@@ -15,20 +15,6 @@ CFG, STRENGTH = 2.5, 0.9
 
 
 @pytest.fixture(scope="module")
-def controlnet_dir(tmp_path_factory, pack):
-    import folder_paths
-
-    d = tmp_path_factory.mktemp("controlnet_long_video")
-    folder_paths.add_model_folder_path("controlnet", str(d))
-    return d
-
-
-@pytest.fixture(scope="module")
-def nodes_mod(pack):
-    return pack_module("nodes.controlnext_nodes")
-
-
-@pytest.fixture(scope="module")
 def setup(nodes_mod, controlnet_dir):
     base = tm.svd()
     sd = controlnext_sd("svd_v2", 64, seed=4)

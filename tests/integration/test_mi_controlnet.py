@@ -5,7 +5,7 @@ ComfyUI's own "Apply ControlNet (Advanced)" node. Independent oracle: each contr
 is run directly (its residuals times strength), the residuals are combined and injected with
 the formulas written out below in float64 (not via models/mi_balance.py), and the denoiser
 is run block by block in a plain loop adding the balanced terms at each control point
-(spec mi_controlnet.md; ComfyUI adds output[k] to the skip of input block k, 'middle' to h
+(docs/mi_controlnet.md; ComfyUI adds output[k] to the skip of input block k, 'middle' to h
 after the middle block, and on SD3 output[i] to the image tokens after joint block i).
 """
 import logging
@@ -194,25 +194,10 @@ def randn(seed, *shape):
 
 
 # ---------------------------------------------------------------------------- tiny models
-def stock_controlnet(module, seed, **kwargs):
-    import comfy.controlnet
-    import comfy.model_management as mm
-
-    tm._init_weights(module, seed)  # comfy ops leave weights uninitialised; zero convs must not be zero
-    module.eval()
-    return comfy.controlnet.ControlNet(module, load_device=mm.get_torch_device(), manual_cast_dtype=None, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def sd15(pack):
-    import comfy.cldm.cldm
-    import comfy.ops
-
     patcher = tm.sd15(seed=0)
-    config = {k: v for k, v in tm.SD15_TINY.items() if k != "out_channels"}
-    cnets = [stock_controlnet(comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
-                                                         dtype=torch.float32, device="cpu", **config), 10 + i)
-             for i in range(3)]
+    cnets = [tm.unet_controlnet(tm.SD15_TINY, 10 + i) for i in range(3)]
     ms = patcher.model.model_sampling
     return {
         "arch": "unet", "patcher": patcher, "base": patcher.model, "cnets": cnets,
@@ -225,14 +210,8 @@ def sd15(pack):
 
 @pytest.fixture(scope="module")
 def sdxl(pack):
-    import comfy.cldm.cldm
-    import comfy.ops
-
     patcher = tm.sdxl(seed=8)
-    config = {k: v for k, v in tm.SDXL_TINY.items() if k != "out_channels"}
-    cnets = [stock_controlnet(comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init,
-                                                         dtype=torch.float32, device="cpu", **config), 60 + i)
-             for i in range(2)]
+    cnets = [tm.unet_controlnet(tm.SDXL_TINY, 60 + i) for i in range(2)]
     return {
         "arch": "unet", "patcher": patcher, "base": patcher.model, "cnets": cnets,
         "hints": [torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(70 + i)) for i in range(2)],
@@ -256,7 +235,7 @@ def sd3(pack):
     def cnet(num_blocks, seed):
         module = comfy.cldm.mmdit.ControlNet(num_blocks=num_blocks, control_latent_channels=3, device="cpu",
                                              dtype=torch.float32, operations=comfy.ops.disable_weight_init, **unet_config)
-        return stock_controlnet(module, seed, compression_ratio=1)
+        return tm.stock_controlnet(module, seed, compression_ratio=1)
 
     return {
         # 2 blocks for depth 4: one residual tensor repeated ([o0, o0, o1]); 4 blocks: [o0, o1, o2]

@@ -22,16 +22,12 @@ DETECTABLE = dict(tm.SVD_TINY, model_channels=320, context_dim=1024)
 
 
 @pytest.fixture(scope="module")
-def unet_dir(tmp_path_factory, pack):
-    import folder_paths
-
-    d = tmp_path_factory.mktemp("diffusion_models")
-    folder_paths.add_model_folder_path("diffusion_models", str(d))
-    return d
+def unet_dir(model_folder):
+    return model_folder("diffusion_models")
 
 
 @pytest.fixture(scope="module")
-def nodes_mod(pack):
+def nodes_mod(pack):  # this module's nodes: Apply UNet Weights, Load SVD UNet
     return pack_module("nodes.unet_weights_nodes")
 
 

@@ -1,6 +1,6 @@
 """ControlNet-XS formats, diffusers -> vislearn names and the architecture read from them.
 
-Checked against the key->shape layouts of the 8 released files (spec/checkpoints). Tensors are
+Checked against the key->shape layouts of the 8 released files (tests/data/checkpoint_layouts). Tensors are
 on the meta device: only names and shapes matter here.
 """
 import pytest
@@ -123,7 +123,7 @@ EXPECTED = {
                      transformer_depth=(0, 2, 10), transformer_depth_middle=10, num_heads=(0, 1, 2),
                      num_heads_middle=2, context_dim=2048, use_linear_projection=True, learned_time_embedding=True),
 }
-PARAMS_M = {"sd15_53m": 52.66, "sd21_14m": 14.19, "sdxl_20m": 20.18, "sdxl_48m": 42.42}  # spec table
+PARAMS_M = {"sd15_53m": 52.66, "sd21_14m": 14.19, "sdxl_20m": 20.18, "sdxl_48m": 42.42}  # the released files' parameter counts
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -5,16 +5,15 @@ Numbers are checked against the plain functional reference in tests/harness/xs_r
 the weights by their vislearn names. Configs are tiny; the released layouts
 are only loaded (meta tensors), never run.
 """
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from xctrl.models.controlnet_xs import ControlNetXS, ResBlock, load_controlnet_xs, mix_time_embeddings
-from xctrl.models.controlnet_xs_keys import ControlNetXSFormatError, XSConfig, read_config, to_vislearn
+from xctrl.models.controlnet_xs_keys import ControlNetXSFormatError, read_config, to_vislearn
 
+from harness.ops import built_through, recording_ops
 from harness.xs_reference import (  # noqa: E402
     MODELS,
     layout,
@@ -171,25 +170,8 @@ def test_half_precision_weights_run_with_norms_in_fp32():
 
 
 def test_layers_are_built_through_ops():
-    made = []
-
-    def tracked(cls):
-        class Tracked(cls):
-            def __init__(self, *a, **k):
-                super().__init__(*a, **k)
-                made.append(self)
-
-        return Tracked
-
-    class Ops:
-        Conv2d = tracked(nn.Conv2d)
-        Linear = tracked(nn.Linear)
-        GroupNorm = tracked(nn.GroupNorm)
-        LayerNorm = tracked(nn.LayerNorm)
-
-    net = ControlNetXS(TINY_XL, ops=Ops, device="meta")
-    with_params = [m for m in net.modules() if any(True for _ in m.parameters(recurse=False))]
-    assert with_params and all(any(m is t for t in made) for m in with_params)
+    ops, made = recording_ops()
+    assert built_through(ControlNetXS(TINY_XL, ops=ops, device="meta"), made)
 
 
 # ---- the released layouts --------------------------------------------------------------------

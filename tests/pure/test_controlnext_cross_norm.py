@@ -1,4 +1,4 @@
-"""Cross normalization as the released ControlNeXt weights were trained (spec section 2)."""
+"""Cross normalization as the released ControlNeXt weights were trained (docs/controlnext.md, "Cross normalization")."""
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,7 +1,6 @@
 """Weight files around ControlNeXt: telling file kinds apart, the UNet weight files
 (replacements vs deltas, key renaming, patches), and reading files through checkpoint_io."""
 import glob
-import json
 import os
 
 import pytest

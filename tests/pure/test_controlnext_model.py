@@ -1,15 +1,13 @@
 """ControlNeXt control modules: layouts of the released files, parameter counts, and the
 forward pass against an independent functional reference (F.conv2d & co. applied to the
 state-dict tensors), in float64 so that differences are bugs, not rounding."""
-import json
 import math
-import os
-import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from harness.ops import built_through, recording_ops
 from harness.layouts import load_layout
 from harness.random_weights import random_tensors
 from xctrl.models.checkpoint_io import WeightFileError
@@ -41,7 +39,7 @@ def random_state_dict(layout, seed=0, dtype=torch.float64):
 
 # ---------------------------------------------------------------------------- reference
 
-# Written from the spec tables, independently of the production classes.
+# Written from docs/controlnext.md's tables, independently of the production classes.
 RES_GROUPS = {"sd15": [1, 8, 8], "sd15_training": [4, 8], "sdxl": [4, 8], "svd_v1": [4, 8, 8], "svd_v2": [4, 8]}
 EMB_PADDING = {"sd15_training": 1, "sdxl": 1, "svd_v1": 0, "svd_v2": 0}  # embedding convs 2 and 3
 
@@ -89,7 +87,7 @@ def reference_forward(sd, variant, hint, t):
 
 
 def feature_size(variant, n):
-    """Spatial size of the output for an input side n (conv arithmetic from the spec)."""
+    """Spatial size of the output for an input side n (conv arithmetic of docs/controlnext.md)."""
     down = lambda m: (m - 1) // 2 + 1  # 3x3, stride 2, padding 1  # noqa: E731
     if variant == "sd15":
         return down(down(down(n)))
@@ -235,7 +233,7 @@ def test_forward_matches_functional_reference(variant):
 def test_output_shapes_per_spec():
     # SD1.5: H/8 with 1280 channels; SDXL: H/8 (latent size) with 320 channels
     assert feature_size("sd15", 512) == 64 and feature_size("sdxl", 1024) == 128
-    # SVD v2: pad-0 embedding convs make 1024x576 give 127x71 (spec)
+    # SVD v2: pad-0 embedding convs make 1024x576 give 127x71 (docs/controlnext.md)
     assert (feature_size("svd_v2", 1024), feature_size("svd_v2", 576)) == (127, 71)
     sd = random_state_dict(load_layout(LAYOUT_FILES["svd_v2"]), dtype=torch.float32)
     model = build_controlnext(sd, "svd_v2")
@@ -282,21 +280,8 @@ def test_timestep_embedding_is_cos_first_without_shift():
 
 
 def test_all_weight_layers_come_from_ops():
-    made = []
-
-    def recording(base):
-        class Op(base):
-            def __init__(self, *a, **kw):
-                super().__init__(*a, **kw)
-                made.append(self)
-        return Op
-
-    ops = types.SimpleNamespace(
-        Conv2d=recording(torch.nn.Conv2d), Linear=recording(torch.nn.Linear), GroupNorm=recording(torch.nn.GroupNorm)
-    )
-    model = ControlNeXt("svd_v1", ops=ops, device="meta")
-    with_weights = [m for m in model.modules() if list(m.parameters(recurse=False))]
-    assert with_weights and all(any(m is o for o in made) for m in with_weights if m is not model)
+    ops, made = recording_ops()
+    assert built_through(ControlNeXt("svd_v1", ops=ops, device="meta"), made)
 
 
 # ---------------------------------------------------------------------------- variant table

@@ -1,4 +1,4 @@
-"""Properties of MIControlNet's balanced injection / combination (spec mi_controlnet.md, 3).
+"""Properties of MIControlNet's balanced injection / combination (docs/mi_controlnet.md).
 
 Independent oracles: a float64 numpy transcription of Eq. 8, per-pixel loops for the
 pixel granularity, a dense simplex grid and a projected-gradient QP for the min-norm

@@ -1,7 +1,6 @@
 """Node registration: optional dependencies disable only their own nodes."""
 import logging
 import sys
-import types
 
 import pytest
 

@@ -2,7 +2,6 @@
 import os
 import subprocess
 
-import pytest
 
 PACK = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,0 +1,23 @@
+"""Inputs every Apply node of a control method shares (condition image, step range), and their checks."""
+from comfy_api.latest import io
+
+IMAGE_TIP = ("Condition image ({what}), RGB in [0, 1]; resized to the generated image size. A batch of 1 serves every "
+             "latent; otherwise one per latent.")
+
+
+def image_input(what):
+    return io.Image.Input("image", tooltip=IMAGE_TIP.format(what=what))
+
+
+def step_range_inputs():
+    return [
+        io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
+        io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
+    ]
+
+
+def check_step_range(start_percent, end_percent):
+    """True, or the message validate_inputs shows."""
+    if start_percent > end_percent:
+        return f"start_percent ({start_percent}) is after end_percent ({end_percent}): set start_percent <= end_percent"
+    return True
