@@ -5,6 +5,12 @@ deep-copies: runners are shared between clones, never copied. Each has its own i
 for wrappers, callbacks and the per-call stash), the control network's ModelPatcher (loaded
 and offloaded with the UNet, on the UNet's own devices), the hint batch, a strength and a
 step range, and checks the hint batch against the latent batch before the first step.
+
+The control network is loaded with the UNet through the ``models()`` of the runner's patch
+objects (ComfyUI loads a MODEL's patch models with it), not as an "additional model": a
+MODEL's clone clones its additional models, and every discarded clone of the control's
+ModelPatcher would stay in ComfyUI's list of loaded models as a leak (the module outliving
+that patcher). Patch objects are shared between clones, so the one patcher is.
 """
 import uuid
 
@@ -34,7 +40,10 @@ class ControlRunner:
         """Wrappers and callbacks every runner needs, on a cloned MODEL."""
         model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, self.uid, self.outer_sample_wrapper)
         model.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, self.uid, self.release)
-        model.set_additional_models(self.uid, [self.patcher])
+
+    def models(self):
+        """The control network, for the ``models()`` of the runner's patch objects."""
+        return [self.patcher]
 
     def release(self, *args):
         """Drops per-run caches when sampling ends."""

@@ -190,5 +190,8 @@ class _Hook:
     def __deepcopy__(self, memo):
         return self
 
+    def models(self):  # the control network loads with the UNet (see control_runner)
+        return self.runner.models()
+
     def __call__(self, *args):
         return self.fn(*args)

@@ -183,6 +183,9 @@ class InputBlockInjection:
     def __deepcopy__(self, memo):
         return self
 
+    def models(self):  # loaded with the UNet (see control_runner)
+        return self.runner.models()
+
     def __call__(self, h, transformer_options):
         return self.runner.inject(h, transformer_options)
 
@@ -201,6 +204,9 @@ class JointBlockInjection:
 
     def __deepcopy__(self, memo):
         return self
+
+    def models(self):
+        return self.runner.models()
 
     def __call__(self, args, extra):
         to = args["transformer_options"]

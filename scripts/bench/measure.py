@@ -205,13 +205,14 @@ class CallCounter:
         self.name = name
         self.calls = 0
         self.rows = 0
-        original = getattr(obj, method)
+        function = getattr(type(obj), method)
+        owner = weakref.ref(obj)  # no reference cycle: the module dies with its ModelPatcher
 
         def counted(*args, **kwargs):
             self.calls += 1
             if rows is not None:
                 self.rows += rows(*args, **kwargs)
-            return original(*args, **kwargs)
+            return function(owner(), *args, **kwargs)
 
         setattr(obj, method, counted)  # an attribute of this benchmark's own module instance
 

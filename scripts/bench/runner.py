@@ -256,6 +256,18 @@ class Bench:
         image = torch.rand(1, a.size, a.size, 3, generator=g)
         image2 = torch.rand(1, a.size, a.size, 3, generator=g)
         pos, neg = text_conds(family, a.size)
+        configs = self.unet_configs(family, base, image, image2, pos, neg)  # its locals (modules) end there
+        self.measure_family(family, configs)
+        rows = self.summarize(family, configs, base.model.diffusion_model)
+        self.check_and_profile(family, configs, rows)
+        del configs, base
+        self.free()
+
+    def unet_configs(self, family, base, image, image2, pos, neg):
+        """The configurations of a UNet family, each on its own clone of ``base``."""
+        import torch
+
+        a = self.args
         configs = [Config("base", "base", base.clone(), pos, neg)]
         notes = self.notes.setdefault(family, [])
 
@@ -317,11 +329,7 @@ class Bench:
                 c.per_run_work = True
                 configs.append(c)
 
-        self.measure_family(family, configs)
-        rows = self.summarize(family, configs, base.model.diffusion_model)
-        self.check_and_profile(family, configs, rows)
-        del configs, base
-        self.free()
+        return configs
 
     def family_svd(self):
         import torch

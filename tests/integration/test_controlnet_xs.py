@@ -75,7 +75,7 @@ def denoised(patcher, x, sigma, ctx, y=None, cond_or_uncond=(0,)):
     """The model call a sampler makes (wrappers and patches of the patcher installed)."""
     import comfy.model_management as mm
 
-    mm.load_models_gpu([patcher] + patcher.get_nested_additional_models())
+    mm.load_models_gpu([patcher])
     to = dict(patcher.model_options["transformer_options"])
     to["wrappers"] = patcher.wrappers
     to["cond_or_uncond"] = list(cond_or_uncond)
@@ -270,5 +270,5 @@ def test_control_network_follows_the_models_devices(xs_nodes, controlnet_dir):
     elsewhere.load_device, elsewhere.offload_device = torch.device("cuda", 1), torch.device("cpu", 0)
     loaded = load(xs_nodes, controlnet_dir, "devices_sd15.safetensors", xs_reference.xs_state_dict("sd15", seed=11))
     patched = apply(xs_nodes, elsewhere, loaded, torch.rand(1, 64, 64, 3))
-    (net,) = [m for models in patched.additional_models.values() for m in models]
+    (net,) = set(patched.model_patches_models())
     assert (net.load_device, net.offload_device) == (torch.device("cuda", 1), torch.device("cpu", 0))

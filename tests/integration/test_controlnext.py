@@ -122,7 +122,7 @@ def test_control_module_runs_once_per_step_and_stem_once_per_run(nodes_mod, cont
     base = tm.sd15()
     cnx = load(nodes_mod, write(controlnet_dir, "count.safetensors", controlnext_sd("sd15", 64)))
     patched = apply(nodes_mod, base, cnx, torch.rand(1, 64, 64, 3))
-    module = patched.get_additional_models()[0].model
+    module = patched.model_patches_models()[0].model
     calls = {"stem": 0, "rest": 0, "rows": 0}
     stem, rest = module.stem, module.forward_from_stem
 
@@ -372,8 +372,33 @@ def test_control_module_follows_the_models_devices(controlnet_dir, nodes_mod):
     elsewhere.load_device, elsewhere.offload_device = torch.device("cuda", 1), torch.device("cpu", 0)
     cnx = load(nodes_mod, write(controlnet_dir, "devices_sdxl.safetensors", controlnext_sd("sdxl", TINY_OUT["sdxl"])))
     patched = apply(nodes_mod, elsewhere, cnx, torch.rand(1, 64, 64, 3))
-    (module,) = [m for models in patched.additional_models.values() for m in models]
+    (module,) = set(patched.model_patches_models())
     assert (module.load_device, module.offload_device) == (torch.device("cuda", 1), torch.device("cpu", 0))
     plain = apply(nodes_mod, base, cnx, torch.rand(1, 64, 64, 3))
-    (module,) = [m for models in plain.additional_models.values() for m in models]
+    (module,) = set(plain.model_patches_models())
     assert (module.load_device, module.offload_device) == (base.load_device, base.offload_device)
+
+
+def test_clones_share_the_control_module_and_leave_no_leak(controlnet_dir, nodes_mod, caplog):
+    """ComfyUI clones a MODEL's additional models with it: the module rides the patches instead,
+    so every clone loads the one ModelPatcher and nothing dead stays in ComfyUI's loaded list."""
+    import gc
+
+    import comfy.model_management as mm
+    import comfy.sample
+
+    cnx = load(nodes_mod, write(controlnet_dir, "leak_sdxl.safetensors", controlnext_sd("sdxl", TINY_OUT["sdxl"])))
+    patched = apply(nodes_mod, tm.sdxl(), cnx, torch.rand(1, 64, 64, 3))
+    (module,) = set(patched.model_patches_models())
+    lat = torch.zeros(1, 4, 8, 8)
+    with caplog.at_level("INFO"):
+        for _ in range(3):
+            clone = patched.clone()  # what other nodes (LoRA loaders, hooks) do to a MODEL
+            assert set(clone.model_patches_models()) == {module}
+            comfy.sample.sample(clone, comfy.sample.prepare_noise(lat, 0), 1, 3.0, "euler", "normal",
+                                tm.text_cond(clone, seed=1), tm.text_cond(clone, seed=2), lat, disable_pbar=True)
+            del clone
+            gc.collect()
+            mm.cleanup_models_gc()
+    assert not [m for m in mm.current_loaded_models if m.is_dead()]
+    assert not [r for r in caplog.records if "memory leak" in r.getMessage().lower()]
