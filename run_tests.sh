@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: the pure-torch tests once, then the ComfyUI integration
 # tests once per ComfyUI runtime found (COMFYUI_PATH=root1:root2, the ComfyUI this pack
-# sits in, or ~/comfy/ComfyUI and ~/comfy/ComfyUI-*). Extra arguments go to pytest.
+# sits in, or ~/comfy/ComfyUI and ~/comfy/ComfyUI-*; with none, the two tested releases are
+# fetched there when the network allows). Extra arguments go to pytest.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/common.sh"
 
-ROOTS_OUT="$(find_comfyui_roots)" || exit 2
+ROOTS_OUT="$(comfyui_roots both)" || exit 2
 mapfile -t ROOTS <<< "$ROOTS_OUT"
 [ -z "${ROOTS[0]:-}" ] && ROOTS=()
 setup_venv "${ROOTS[@]}"
@@ -18,7 +19,7 @@ echo "=== pure-torch tests ==="
 "$PY" -m pytest -c tests/pytest.ini --rootdir tests tests/pure -q --junitxml="$RESULTS/pure.xml" "$@"
 
 if [ "${#ROOTS[@]}" -eq 0 ]; then
-    echo "!!! NO ComfyUI RUNTIME FOUND: ALL ComfyUI INTEGRATION TESTS ARE SKIPPED. Set COMFYUI_PATH=/path/to/ComfyUI (several separated by ':') or install ComfyUI at ~/comfy/ComfyUI. !!!"
+    echo "!!! ALL ComfyUI INTEGRATION TESTS ARE SKIPPED: $NO_COMFYUI !!!"
 else
     i=0
     for ROOT in "${ROOTS[@]}"; do
@@ -27,7 +28,7 @@ else
         # The slow end-to-end workflow runs (real server, real frontend): primary runtime only.
         PRIMARY=$([ "$i" = 1 ] && echo 1 || echo 0)
         [ "$i" = 1 ] || echo "(workflow server and browser runs: primary ComfyUI only; workflow validation runs here too)"
-        XCTRL_SERVER_WORKFLOWS="${XCTRL_SERVER_WORKFLOWS:-$PRIMARY}" XCTRL_FRONTEND_TESTS="${XCTRL_FRONTEND_TESTS:-$PRIMARY}" XCTRL_COMFYUI_ROOT="$ROOT" PYTHONPATH="$(root_pythonpath "$ROOT" "${ROOTS[0]}")" "$PY" -m pytest -c tests/pytest.ini --rootdir tests tests/integration -q --junitxml="$RESULTS/comfy$i.xml" "$@"
+        XCTRL_SERVER_WORKFLOWS="${XCTRL_SERVER_WORKFLOWS:-$PRIMARY}" XCTRL_FRONTEND_TESTS="${XCTRL_FRONTEND_TESTS:-$PRIMARY}" XCTRL_COMFYUI_ROOT="$ROOT" PYTHONPATH="$(root_pythonpath "$ROOT")" "$PY" -m pytest -c tests/pytest.ini --rootdir tests tests/integration -q --junitxml="$RESULTS/comfy$i.xml" "$@"
     done
 fi
 

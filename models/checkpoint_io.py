@@ -3,6 +3,8 @@
 Pure torch; the ComfyUI glue passes paths it got from folder_paths.
 """
 import os
+import pickle
+import re
 import zipfile
 
 import torch
@@ -37,11 +39,20 @@ def load_state_dict(path, nested_keys=("state_dict", "module", "model")):
     else:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle_errors()) as e:
+        except pickle.UnpicklingError as e:
+            objects = refused_objects(str(e))
+            if objects is None:
+                raise WeightFileError(f"{name} is not a readable PyTorch checkpoint: it is probably truncated or "
+                                      "corrupt: download it again.") from e
             raise WeightFileError(
-                f"{name} could not be read as a PyTorch checkpoint without executing code ({type(e).__name__}: {e}). "
-                "It may be truncated or corrupt (download it again), or a pickle that needs code to load, which is refused."
-            ) from e
+                f"{name} was not loaded: besides tensors it contains Python objects ({objects}) that XCtrl refuses "
+                "to unpickle, because unpickling them can run code from the file. Get a safe copy instead: the "
+                ".safetensors release of the same weights where there is one, or convert this file on a machine you "
+                "trust (load it there and save its tensors with safetensors.torch.save_file)."
+            ) from None
+        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, TypeError, KeyError) as e:
+            raise WeightFileError(f"{name} is not a readable PyTorch checkpoint ({type(e).__name__}): it is probably "
+                                  "truncated or corrupt: download it again.") from e
     for key in nested_keys:
         if isinstance(sd, dict) and isinstance(sd.get(key), dict) and _tensor_dict(sd[key]):
             sd = sd[key]
@@ -51,10 +62,16 @@ def load_state_dict(path, nested_keys=("state_dict", "module", "model")):
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
-def pickle_errors():
-    import pickle
+# PyTorch's weights-only unpickler names each object it refuses: "Unsupported global: GLOBAL
+# module.name" or "unsupported GLOBAL module.name".
+_REFUSED_GLOBAL = re.compile(r"unsupported\s+global:?\s+(?:GLOBAL\s+)?([A-Za-z_][\w.]*)", re.IGNORECASE)
 
-    return (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, TypeError, KeyError)
+
+def refused_objects(message):
+    """The Python objects a weights-only load refused (from PyTorch's message), or None when the
+    load failed for another reason (a damaged file)."""
+    found = sorted(set(_REFUSED_GLOBAL.findall(message)))
+    return ", ".join(found) if found else None
 
 
 def _tensor_dict(d):

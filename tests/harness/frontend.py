@@ -50,9 +50,13 @@ class Browser:
         self.page.on("console", lambda m: self.console_errors.append(m.text) if m.type == "error" else None)
 
     def open_comfyui(self, url, timeout_ms=180000):
+        ready = "() => window.app && window.app.graph && window.LiteGraph"
         self.page.goto(url, timeout=timeout_ms)
-        self.page.wait_for_function("() => window.app && window.app.graph && window.LiteGraph", timeout=timeout_ms)
-        # Dismiss first-run dialogs (templates browser, release notes) if any.
+        self.page.wait_for_function(ready, timeout=timeout_ms)
+        # A returning user: no first-run templates browser over the canvas.
+        self.page.evaluate("async () => fetch('/api/settings/Comfy.TutorialCompleted', {method: 'POST', body: 'true'})")
+        self.page.reload(timeout=timeout_ms)
+        self.page.wait_for_function(ready, timeout=timeout_ms)
         self.page.keyboard.press("Escape")
 
     def screenshot(self, *parts):
@@ -70,14 +74,53 @@ class Browser:
 
 
 # JavaScript run in the page -----------------------------------------------------------------
-LOAD_WORKFLOW_JS = """
-async ([pack, name]) => {
+CLOSE_DIALOG_JS = """
+async () => {
+  for (const d of document.querySelectorAll('.p-dialog')) {
+    const close = d.querySelector('.p-dialog-close-button, button[aria-label="Close"]');
+    if (close) close.click();
+  }
+  await new Promise(res => setTimeout(res, 300));
+}
+"""
+
+# Loads a template as the templates menu does (file name in the URL as is), then reports: node
+# types the frontend lacks, widget values not in their lists, the rows of the missing-models
+# dialog (null when none opened; closed again unless keepDialog), every node's screen rectangle
+# (title bar included) and the rectangle of the canvas that the top bar and side toolbar leave
+# (null when the frontend's layout has neither).
+LOAD_WORKFLOW_JS = ("""
+async ([pack, name, keepDialog]) => {
   const r = await fetch(`/api/workflow_templates/${pack}/${name}.json`);
   if (!r.ok) return {error: `template fetch ${r.status}`};
   const wf = await r.json();
   const types = [...new Set(wf.nodes.map(n => n.type))];
   const missing = types.filter(t => !(t in LiteGraph.registered_node_types));
   await window.app.loadGraphData(wf);
+  await new Promise(res => setTimeout(res, 700));
+  let missing_models = null;
+  const dialog = document.querySelector('.comfy-missing-models');
+  if (dialog) {
+    missing_models = [...dialog.querySelectorAll('span[title]')].map(span => {
+      const url = span.title;
+      const button = [...dialog.querySelectorAll('button[title]')].find(b => b.title === url);
+      return {label: span.textContent.trim(), url, downloadable: !!button && !button.disabled};
+    });
+    if (!keepDialog) await (""" + CLOSE_DIALOG_JS + """)();
+  }
+  window.app.canvas.draw(true, true);
+  const th = LiteGraph.NODE_TITLE_HEIGHT;
+  const box = window.app.canvas.canvas.getBoundingClientRect();
+  const nodes = window.app.graph._nodes.map(n => {
+    const [x, y] = window.app.canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - th]);
+    const s = window.app.canvas.ds.scale;
+    return {title: n.title, rect: [box.x + x, box.y + y, n.size[0] * s, (n.size[1] + th) * s]};
+  });
+  const bottom = sel => Math.max(0, ...[...document.querySelectorAll(sel)].map(e => e.getBoundingClientRect().bottom));
+  const bar = document.querySelector('.side-tool-bar-container');
+  const top = Math.max(bottom('.workflow-tabs-container'), bottom('.subgraph-breadcrumb'), bottom('.actionbar-container'));
+  const left = bar ? bar.getBoundingClientRect().right : 0;
+  const visible = bar && top > 0 ? [left, top, window.innerWidth - left, window.innerHeight - top] : null;
   const invalid = [];
   for (const node of window.app.graph._nodes) {
     for (const w of node.widgets || []) {
@@ -87,9 +130,10 @@ async ([pack, name]) => {
       if (typeof w.value === 'number' && !Number.isFinite(w.value)) invalid.push(`${node.type}.${w.name}=${w.value}`);
     }
   }
-  return {missing, invalid, count: window.app.graph._nodes.length, expected: wf.nodes.length};
+  return {missing, invalid, count: window.app.graph._nodes.length, expected: wf.nodes.length, missing_models, nodes,
+          visible, workflow_nodes: wf.nodes.map(n => ({type: n.type, widgets_values: n.widgets_values}))};
 }
-"""
+""")
 
 SET_WIDGETS_JS = """
 (overrides) => {

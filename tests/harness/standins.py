@@ -1,5 +1,6 @@
-"""Random-weight stand-ins for every weight file the example workflows (workflows/*.json) load,
-under the published file names, as small as ComfyUI's model detection allows.
+"""Random-weight stand-ins for every weight file the example workflows (example_workflows/*.json)
+load, under the names the workflows use (workflow_builder.MODELS), as small as ComfyUI's model
+detection allows.
 
 Why: the real files (2-16 GB each) cannot be downloaded here, and the end-to-end tests must run
 each workflow through ComfyUI's own loaders (CheckpointLoaderSimple, ImageOnlyCheckpointLoader,
@@ -16,7 +17,7 @@ What is reduced, and why it still loads as the named model:
   ``comfy.supported_models`` matches on those keys. Reduced: ``channel_mult`` (fewer wide
   levels), ``num_res_blocks``, output/middle transformer depths, which detection reads from the
   keys but no model class constrains.
-  * SD1.5 (``v1-5-pruned-emaonly.safetensors``): channel_mult [1, 1], 1 res block per level,
+  * SD1.5 (``v1-5-pruned-emaonly-fp16.safetensors``): channel_mult [1, 1], 1 res block per level,
     depth 1 everywhere: 7 input blocks, middle width 320 (the full model: 12 blocks, 1280).
   * SD2.1-base (``v2-1_512-ema-pruned.safetensors``): channel_mult [1, 1, 1, 1], 2 res blocks:
     all 12 input blocks kept, because ControlNet-XS runs in lock-step with each of them.
@@ -35,9 +36,10 @@ What is reduced, and why it still loads as the named model:
 - Control files are built for the reduced bases: ControlNeXt modules keep the released key
   layout with ``mid_convs.1`` producing the reduced width at the injection point (320 for the
   SD1.5 middle block); ControlNeXt UNet weight files cover exactly the reduced UNet's attention
-  outputs; ControlNet-XS files keep the released control widths (48m: 32/64/128 and learned
-  time embedding; 14m: 4/8/16/16) with base-facing convolutions of the reduced base widths;
-  stock ControlNets (SD1.5 ``.pth``, SD3.5 Large Stability format) mirror the reduced UNet/MMDiT.
+  outputs; ControlNet-XS files (vislearn format for SDXL, diffusers' adapter format for SD2.1)
+  keep the released control widths (48m: 32/64/128 and learned time embedding; 14m: 4/8/16/16)
+  with base-facing convolutions of the reduced base widths;
+  stock ControlNets (SD1.5 v1.1 fp16 copies, SD3.5 Large Stability format) mirror the reduced UNet/MMDiT.
 - Annotators: Depth Anything V2 Small full size (random); DWPose ONNX files are constant
   graphs with the real input/output names that report one person (a random YOLOX/RTMPose would
   detect nothing useful, and the real graphs are 350 MB).
@@ -57,34 +59,17 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# folder -> file names (as the workflows name them)
-FILES = {
-    "checkpoints": [
-        "v1-5-pruned-emaonly.safetensors",
-        "v2-1_512-ema-pruned.safetensors",
-        "sd_xl_base_1.0.safetensors",
-        "svd_xt_1_1.safetensors",
-        "sd3.5_large.safetensors",
-    ],
-    "diffusion_models": ["controlnext-svd_v2-unet-fp16_converted.safetensors"],
-    "text_encoders": ["clip_l.safetensors", "clip_g.safetensors"],
-    "controlnet": [
-        "controlnext_sd15_deepfashion_pose.safetensors",
-        "controlnext_sd15_deepfashion_pose_unet.safetensors",
-        "controlnext_sdxl_anime_canny.safetensors",
-        "controlnext_sdxl_anime_canny_unet.safetensors",
-        "controlnext_sdxl_vidit_depth.safetensors",
-        "controlnext_sdxl_vidit_depth_unet.safetensors",
-        "controlnext-svd_v2-controlnet-fp16.safetensors",
-        "sdxl_encD_canny_48m.safetensors",
-        "sd21_encD_depth_14m.ckpt",
-        "control_v11p_sd15_openpose.pth",
-        "control_v11p_sd15_canny.pth",
-        "sd3.5_large_controlnet_canny.safetensors",
-        "sd3.5_large_controlnet_depth.safetensors",
-    ],
-    "annotators": ["depth_anything_v2_vits.pth", "yolox_l.onnx", "dw-ll_ucoco_384.onnx"],
-}
+if __package__:
+    from .workflow_builder import MODELS
+else:  # run as a script
+    sys.path.insert(0, os.path.dirname(HERE))
+    from harness.workflow_builder import MODELS
+
+# folder -> file names: every model file of the workflows, plus the preprocessors' networks
+FILES = {}
+for _folder, _name in MODELS:
+    FILES.setdefault(_folder, []).append(_name)
+FILES["annotators"] = ["depth_anything_v2_vits.pth", "yolox_l.onnx", "dw-ll_ucoco_384.onnx"]
 
 _UNET_COMMON = dict(
     in_channels=4, out_channels=4, use_spatial_transformer=True, legacy=False, use_temporal_attention=False,
@@ -117,8 +102,10 @@ def cache_root():
 
 
 def _fingerprint():
+    """Changes with this file and with the file names the workflows load."""
     with open(os.path.abspath(__file__), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+        code = f.read()
+    return hashlib.sha256(code + repr(sorted(FILES.items())).encode()).hexdigest()[:16]
 
 
 def ensure(comfy_root, timeout=1800):
@@ -137,6 +124,7 @@ def link_into(standin_dir, models_dir):
         os.makedirs(os.path.join(models_dir, folder), exist_ok=True)
         for name in names:
             dst = os.path.join(models_dir, folder, name)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)  # names with their source's subfolders
             if not os.path.lexists(dst):
                 os.symlink(os.path.join(standin_dir, folder, name), dst)
 
@@ -320,8 +308,9 @@ def _controlnext_unet(path, mc, attns, seed, scale=1.0):
     _save(path, {k: v * scale for k, v in sd.items()})
 
 
-def _xs(path, layout_file, base_channels, seed):
-    """A vislearn-format ControlNet-XS: the released control widths, base-facing widths of the reduced base."""
+def _xs(path, layout_file, base_channels, seed, diffusers=False):
+    """A ControlNet-XS with the released control widths and base-facing widths of the reduced base,
+    in the vislearn format, or renamed to diffusers' adapter format."""
     import dataclasses
 
     import torch
@@ -340,6 +329,12 @@ def _xs(path, layout_file, base_channels, seed):
     cfg = dataclasses.replace(cfg, base_channels=tuple(base_channels))
     shapes = {k: tuple(v.shape) for k, v in net.ControlNetXS(cfg, device="meta").state_dict().items()}
     sd = _fill({k: torch.zeros(s) for k, s in shapes.items()}, seed)
+    if diffusers:
+        from harness.xs_reference import vislearn_to_diffusers
+
+        n_in = len({k.split(".")[1] for k in sd if k.startswith("enc_zero_convs_in.")})
+        sd = {vislearn_to_diffusers(k, n_in): v for k, v in sd.items()
+              if k != "scale_list" and not k.startswith("control_model.label_emb.")}
     _save(path, sd)
 
 
@@ -477,21 +472,21 @@ def generate(comfy_root, out):
     os.makedirs(tmp, exist_ok=True)
     p = lambda folder, name: os.path.join(tmp, folder, name)  # noqa: E731
 
-    sd15 = _checkpoint(p("checkpoints", "v1-5-pruned-emaonly.safetensors"), sm.SD15, SD15, 10)
-    _controlnext(p("controlnet", "controlnext_sd15_deepfashion_pose.safetensors"), "sd15", 320, 11)
-    _controlnext_unet(p("controlnet", "controlnext_sd15_deepfashion_pose_unet.safetensors"), sd15, ("attn1", "attn2"), 12)
-    _controlnet_sd15(p("controlnet", "control_v11p_sd15_openpose.pth"), sd15, 13)
-    _controlnet_sd15(p("controlnet", "control_v11p_sd15_canny.pth"), sd15, 14)
+    sd15 = _checkpoint(p("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors"), sm.SD15, SD15, 10)
+    _controlnext(p("controlnet", "ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors"), "sd15", 320, 11)
+    _controlnext_unet(p("controlnet", "ControlNeXt-SD1.5/deepfashion_multiview/unet.safetensors"), sd15, ("attn1", "attn2"), 12)
+    _controlnet_sd15(p("controlnet", "control_v11p_sd15_openpose_fp16.safetensors"), sd15, 13)
+    _controlnet_sd15(p("controlnet", "control_v11p_sd15_canny_fp16.safetensors"), sd15, 14)
 
-    sd21 = _checkpoint(p("checkpoints", "v2-1_512-ema-pruned.safetensors"), sm.SD20, SD21, 20)
-    _xs(p("controlnet", "sd21_encD_depth_14m.ckpt"), "controlnet_xs_vislearn_sd21_14m.json",
-        [320 * m for m in SD21["channel_mult"]], 21)
+    _checkpoint(p("checkpoints", "v2-1_512-ema-pruned.safetensors"), sm.SD20, SD21, 20)
+    _xs(p("controlnet", "Testing-ConrolNetXS-SD2.1-canny/diffusion_pytorch_model.safetensors"),
+        "controlnet_xs_vislearn_sd21_14m.json", [320 * m for m in SD21["channel_mult"]], 21, diffusers=True)
 
     sdxl = _checkpoint(p("checkpoints", "sd_xl_base_1.0.safetensors"), sm.SDXL, SDXL, 30)
     for i, name in enumerate(("anime_canny", "vidit_depth")):
-        _controlnext(p("controlnet", f"controlnext_sdxl_{name}.safetensors"), "sdxl", 320, 31 + i)
-        _controlnext_unet(p("controlnet", f"controlnext_sdxl_{name}_unet.safetensors"), sdxl, ("attn2",), 33 + i, scale=0.01)
-    _xs(p("controlnet", "sdxl_encD_canny_48m.safetensors"), "controlnet_xs_vislearn_sdxl_48m.json",
+        _controlnext(p("controlnet", f"ControlAny-SDXL/{name}/controlnet.safetensors"), "sdxl", 320, 31 + i)
+        _controlnext_unet(p("controlnet", f"ControlAny-SDXL/{name}/unet.safetensors"), sdxl, ("attn2",), 33 + i, scale=0.01)
+    _xs(p("controlnet", "sdxl_encD_depth_48m.safetensors"), "controlnet_xs_vislearn_sdxl_48m.json",
         [320 * m for m in SDXL["channel_mult"]], 35)
 
     _checkpoint(p("checkpoints", "svd_xt_1_1.safetensors"), sm.SVD_img2vid, SVD, 40, clip=False, vae="svd", clip_vision=True)

@@ -1,12 +1,14 @@
-"""The example workflows (workflows/*.json) written from API-format descriptions, so that the UI
-files and the prompts the tests run never drift apart.
+"""The example workflows (example_workflows/*.json) written from API-format descriptions, so that
+the UI files and the prompts the tests run never drift apart.
 
 ``WORKFLOWS`` describes each graph in API terms: node id -> (class_type, inputs, title), where an
 input is a widget value or a link ``[node_id, output_slot]``; widgets left out get the node's
 default. ``to_ui`` turns one into the frontend's "Workflow JSON 0.4" using the server's
 ``/object_info`` (widgets_values in input order, the hidden "control_after_generate" value after
 seed widgets, the upload widget's value after LoadImage's file, a left-to-right layout by
-dependency depth, the links array); ``to_api`` is the inverse, the conversion the frontend makes
+dependency depth, the links array, each loader's ``models`` property from ``MODELS`` so the
+frontend's missing-models dialog offers the downloads, and a view that shows the whole graph
+inside the visible canvas); ``to_api`` is the inverse, the conversion the frontend makes
 when it queues a prompt (virtual nodes such as Note are dropped).
 
 Regenerate after a node's inputs change (the workflows test fails until then)::
@@ -19,7 +21,9 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACK_DIR = os.path.dirname(os.path.dirname(HERE))
-WORKFLOW_DIR = os.path.join(PACK_DIR, "workflows")
+# ComfyUI serves a pack's example_workflows/ as templates; the 0.8.0 frontend shows each file
+# name as the template's title and description, so the names are written as titles.
+WORKFLOW_DIR = os.path.join(PACK_DIR, "example_workflows")
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
@@ -28,6 +32,63 @@ SEED_NAMES = ("seed", "noise_seed")
 IMAGE = "example.png"  # ships in ComfyUI/input/
 POSE_VIDEO = "pose_video.mp4"  # the user's driving video, in ComfyUI/input/
 NEGATIVE = "lowres, blurry, bad anatomy, extra limbs, watermark, text"
+
+HF = "https://huggingface.co"
+PBIHAO = f"{HF}/Pbihao/ControlNeXt/resolve/main"
+# Every model file a workflow loads: (models folder, name as the loader lists it) -> download URL.
+# Files published under a generic name (controlnet.safetensors) keep their source repository's
+# folders, so they land apart and need no renaming; ComfyUI lists them with those folders.
+MODELS = {
+    ("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors"):
+        f"{HF}/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors",
+    ("checkpoints", "v2-1_512-ema-pruned.safetensors"):
+        f"{HF}/stabilityai/stable-diffusion-2-1-base/resolve/main/v2-1_512-ema-pruned.safetensors",
+    ("checkpoints", "sd_xl_base_1.0.safetensors"):
+        f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+    ("checkpoints", "svd_xt_1_1.safetensors"):
+        f"{HF}/stabilityai/stable-video-diffusion-img2vid-xt-1-1/resolve/main/svd_xt_1_1.safetensors",
+    ("checkpoints", "sd3.5_large.safetensors"):
+        f"{HF}/stabilityai/stable-diffusion-3.5-large/resolve/main/sd3.5_large.safetensors",
+    ("diffusion_models", "controlnext-svd_v2-unet-fp16_converted.safetensors"):
+        f"{HF}/Kijai/ControlNeXt-SVD-V2-Comfy/resolve/main/controlnext-svd_v2-unet-fp16_converted.safetensors",
+    ("text_encoders", "clip_l.safetensors"): f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
+    ("text_encoders", "clip_g.safetensors"):
+        f"{HF}/stabilityai/stable-diffusion-3.5-large/resolve/main/text_encoders/clip_g.safetensors",
+    ("controlnet", "ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors"):
+        f"{PBIHAO}/ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors",
+    ("controlnet", "ControlNeXt-SD1.5/deepfashion_multiview/unet.safetensors"):
+        f"{PBIHAO}/ControlNeXt-SD1.5/deepfashion_multiview/unet.safetensors",
+    ("controlnet", "ControlAny-SDXL/anime_canny/controlnet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/anime_canny/controlnet.safetensors",
+    ("controlnet", "ControlAny-SDXL/anime_canny/unet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/anime_canny/unet.safetensors",
+    ("controlnet", "ControlAny-SDXL/vidit_depth/controlnet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/vidit_depth/controlnet.safetensors",
+    ("controlnet", "ControlAny-SDXL/vidit_depth/unet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/vidit_depth/unet.safetensors",
+    ("controlnet", "controlnext-svd_v2-controlnet-fp16.safetensors"):
+        f"{HF}/Kijai/ControlNeXt-SVD-V2-Comfy/resolve/main/controlnext-svd_v2-controlnet-fp16.safetensors",
+    ("controlnet", "sdxl_encD_depth_48m.safetensors"): f"{HF}/CVL-Heidelberg/ControlNet-XS/resolve/main/sdxl_encD_depth_48m.safetensors",
+    ("controlnet", "Testing-ConrolNetXS-SD2.1-canny/diffusion_pytorch_model.safetensors"):
+        f"{HF}/UmerHA/Testing-ConrolNetXS-SD2.1-canny/resolve/main/diffusion_pytorch_model.safetensors",
+    ("controlnet", "control_v11p_sd15_openpose_fp16.safetensors"):
+        f"{HF}/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/control_v11p_sd15_openpose_fp16.safetensors",
+    ("controlnet", "control_v11p_sd15_canny_fp16.safetensors"):
+        f"{HF}/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/control_v11p_sd15_canny_fp16.safetensors",
+    ("controlnet", "sd3.5_large_controlnet_canny.safetensors"):
+        f"{HF}/Comfy-Org/stable-diffusion-3.5-controlnets_ComfyUI_repackaged/resolve/main/split_files/controlnet/sd3.5_large_controlnet_canny.safetensors",
+    ("controlnet", "sd3.5_large_controlnet_depth.safetensors"):
+        f"{HF}/Comfy-Org/stable-diffusion-3.5-controlnets_ComfyUI_repackaged/resolve/main/split_files/controlnet/sd3.5_large_controlnet_depth.safetensors",
+}
+MODEL_FOLDER = {name: folder for folder, name in MODELS}
+
+
+def source_repo(url):
+    """owner/name of a Hugging Face download URL."""
+    return "/".join(url[len(HF) + 1:].split("/")[:2])
+
+
+# The view a workflow opens with shows the whole graph inside the part of the canvas that the top
+# bar (tabs, breadcrumb, run button) and the side toolbar leave free in a 1600 x 1000 browser
+# window (from x 59 and y 90 in the 0.8.0 frontend), or any larger one.
+VISIBLE_ORIGIN = (75, 105)
+VISIBLE_SIZE = (1480, 800)
 
 
 def _sd_text(clip, positive, negative=NEGATIVE):
@@ -47,27 +108,38 @@ def _sample_and_save(model, pos, neg, latent, vae, prefix, steps, cfg, sampler="
     }
 
 
-def _note(text):
-    return {"note": ("Note", {"text": text}, "Files and notes")}
+def model_files(graph):
+    """[(folder, file name, url)] of every model file a graph loads, in graph order."""
+    out = []
+    for _cls, inputs, _title in graph.values():
+        for v in inputs.values():
+            entry = (MODEL_FOLDER[v], v, MODELS[MODEL_FOLDER[v], v]) if isinstance(v, str) and v in MODEL_FOLDER else None
+            if entry and entry not in out:
+                out.append(entry)
+    return out
+
+
+def _note(graph, text):
+    """A note with the workflow's text, then every model file it loads: where it goes, where from."""
+    files = [f"models/{folder}/{file}  ({source_repo(url)})" for folder, file, url in model_files(graph)]
+    return {"note": ("Note", {"text": text + "\n\nFiles (the missing-models dialog offers each download):\n" + "\n".join(files)},
+                     "Files and notes")}
 
 
 def controlnext_sd15_pose():
-    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, None),
+    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}, None),
          "image": ("LoadImage", {"image": IMAGE}, "Person photo (pose source)"),
          "pose": ("XCtrl_DWPose", {"image": ["image", 0], "resolution": 512, "draw_hands": False, "draw_face": False}, None),
          "preview": ("PreviewImage", {"images": ["pose", 0]}, "Pose"),
-         "cnx": ("XCtrl_LoadControlNeXt", {"control_file": "controlnext_sd15_deepfashion_pose.safetensors",
-                                           "unet_weights": "controlnext_sd15_deepfashion_pose_unet.safetensors"}, None),
+         "cnx": ("XCtrl_LoadControlNeXt", {"control_file": "ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors",
+                                           "unet_weights": "ControlNeXt-SD1.5/deepfashion_multiview/unet.safetensors"}, None),
          "apply": ("XCtrl_ApplyControlNeXt", {"model": ["ckpt", 0], "controlnext": ["cnx", 0], "image": ["pose", 0],
                                               "strength": 1.0}, None),
          "latent": ("EmptyLatentImage", {"width": 512, "height": 768, "batch_size": 1}, None)}
     g.update(_sd_text(["ckpt", 1], "a woman in an elegant white dress, full body, fashion photo, plain background"))
     g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2], "xctrl/controlnext_sd15_pose", 25, 7.0))
-    g.update(_note("ControlNeXt SD1.5 pose (Pbihao/ControlNeXt, ControlNeXt-SD1.5/deepfashion_pose).\n"
-                   "models/checkpoints: v1-5-pruned-emaonly.safetensors\n"
-                   "models/controlnet: controlnet.safetensors renamed to controlnext_sd15_deepfashion_pose.safetensors, "
-                   "unet.safetensors renamed to controlnext_sd15_deepfashion_pose_unet.safetensors\n"
-                   "Pose: DWPose body only, drawn OpenPose style. Trained on DeepFashion (one person, plain background)."))
+    g.update(_note(g, "ControlNeXt SD1.5 pose: the authors' deepfashion_multiview module and its UNet weights.\n"
+                      "Pose: DWPose body only, drawn OpenPose style. Trained on DeepFashion (one person, plain background)."))
     return g
 
 
@@ -80,8 +152,8 @@ def _controlnext_sdxl(kind):
          "image": ("LoadImage", {"image": IMAGE}, "Source image"),
          "hint": pre,
          "preview": ("PreviewImage", {"images": ["hint", 0]}, "Condition"),
-         "cnx": ("XCtrl_LoadControlNeXt", {"control_file": f"controlnext_sdxl_{name}.safetensors",
-                                           "unet_weights": f"controlnext_sdxl_{name}_unet.safetensors"}, None),
+         "cnx": ("XCtrl_LoadControlNeXt", {"control_file": f"ControlAny-SDXL/{name}/controlnet.safetensors",
+                                           "unet_weights": f"ControlAny-SDXL/{name}/unet.safetensors"}, None),
          "apply": ("XCtrl_ApplyControlNeXt", {"model": ["ckpt", 0], "controlnext": ["cnx", 0], "image": ["hint", 0],
                                               "strength": 0.35 if canny else 1.0}, None),
          "latent": ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None)}
@@ -89,10 +161,7 @@ def _controlnext_sdxl(kind):
                       "a cosy living room with large windows, warm evening light, photo"))
     g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2],
                               f"xctrl/controlnext_sdxl_{kind}", 30, 6.0))
-    g.update(_note(f"ControlNeXt SDXL {kind} (Pbihao/ControlNeXt, ControlAny-SDXL/{name}).\n"
-                   "models/checkpoints: sd_xl_base_1.0.safetensors\n"
-                   f"models/controlnet: controlnet.safetensors renamed to controlnext_sdxl_{name}.safetensors, "
-                   f"unet.safetensors renamed to controlnext_sdxl_{name}_unet.safetensors\n" +
+    g.update(_note(g, f"ControlNeXt SDXL {kind}: the authors' ControlAny-SDXL/{name} module and its UNet deltas.\n" +
                    ("Canny with median thresholds (as trained); strength 0.35 as the authors suggest for canny." if canny else
                     "Depth rendered with the viridis colormap (as trained); strength 1.0.")))
     return g
@@ -151,12 +220,10 @@ def _controlnext_svd_v2(frames, driving_frames, long_video):
         "decode": ("VAEDecode", {"samples": ["sampler", 0], "vae": ["ckpt", 2]}, None),
         "save": ("SaveAnimatedWEBP", {"images": ["decode", 0], "filename_prefix": "xctrl/controlnext_svd_v2", "fps": 15.0,
                                       "lossless": False, "quality": 90, "method": "default"}, None)})
-    g.update(_note(
+    g.update(_note(g,
         ("ControlNeXt-SVD v2 long video: the authors' windows of 24 frames, overlap 6.\n" if long_video else
          "ControlNeXt-SVD v2: animate the reference image with the poses of the driving video.\n") +
-        "models/checkpoints: svd_xt_1_1.safetensors (stabilityai/stable-video-diffusion-img2vid-xt-1-1)\n"
-        "models/diffusion_models: controlnext-svd_v2-unet-fp16_converted.safetensors\n"
-        "models/controlnet: controlnext-svd_v2-controlnet-fp16.safetensors (Kijai/ControlNeXt-SVD-V2-Comfy)\n"
+        "The UNet and control files are ComfyUI conversions of the authors' ControlNeXt-SVD/v2 weights.\n"
         f"input/: your driving video as pose_video.mp4. video_frames = pose frames = 1 + every 2nd of the first "
         f"{driving_frames} driving frames = {frames}; change both together.\n"
         "Reference settings: fps 7 (the model sees 6), motion bucket 128, augmentation 0.02, cfg 3, 25 steps euler/karras; "
@@ -173,48 +240,49 @@ def controlnext_svd_v2_long_video():
     return _controlnext_svd_v2(72, 142, long_video=True)
 
 
-def controlnet_xs_sdxl_canny():
+def controlnet_xs_sdxl_depth():
     g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, None),
          "image": ("LoadImage", {"image": IMAGE}, "Source image"),
-         "hint": ("XCtrl_Canny", {"image": ["image", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 200}, None),
-         "preview": ("PreviewImage", {"images": ["hint", 0]}, "Edges"),
-         "xs": ("XCtrl_LoadControlNetXS", {"control_file": "sdxl_encD_canny_48m.safetensors"}, None),
+         "hint": ("XCtrl_DepthAnythingV2", {"image": ["image", 0], "render": "grey"}, None),
+         "preview": ("PreviewImage", {"images": ["hint", 0]}, "Depth"),
+         "xs": ("XCtrl_LoadControlNetXS", {"control_file": "sdxl_encD_depth_48m.safetensors"}, None),
          "apply": ("XCtrl_ApplyControlNetXS", {"model": ["ckpt", 0], "controlnet_xs": ["xs", 0], "image": ["hint", 0],
                                               "strength": 1.0}, None),
          "latent": ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None)}
     g.update(_sd_text(["ckpt", 1], "a futuristic city street at dusk, neon signs, photo"))
-    g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2], "xctrl/controlnet_xs_sdxl_canny", 30, 6.0))
-    g.update(_note("ControlNet-XS SDXL canny (CVL-Heidelberg/ControlNet-XS).\n"
-                   "models/checkpoints: sd_xl_base_1.0.safetensors\nmodels/controlnet: sdxl_encD_canny_48m.safetensors\n"
-                   "(sdxl_encD_canny_20m.safetensors works the same way.)"))
+    g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2], "xctrl/controlnet_xs_sdxl_depth", 30, 6.0))
+    g.update(_note(g, "ControlNet-XS SDXL depth: the authors' 48M-parameter depth model.\n"
+                      "Depth: Depth Anything V2 Small, grey, white = near. The canny models (sdxl_encD_canny_48m / _20m) "
+                      "work the same way with the Canny node."))
     return g
 
 
-def controlnet_xs_sd21_depth():
+def controlnet_xs_sd21_canny():
     g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "v2-1_512-ema-pruned.safetensors"}, None),
          "image": ("LoadImage", {"image": IMAGE}, "Source image"),
-         "hint": ("XCtrl_DepthAnythingV2", {"image": ["image", 0], "render": "grey"}, None),
-         "preview": ("PreviewImage", {"images": ["hint", 0]}, "Depth"),
-         "xs": ("XCtrl_LoadControlNetXS", {"control_file": "sd21_encD_depth_14m.ckpt"}, None),
+         "hint": ("XCtrl_Canny", {"image": ["image", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 250}, None),
+         "preview": ("PreviewImage", {"images": ["hint", 0]}, "Edges"),
+         "xs": ("XCtrl_LoadControlNetXS", {"control_file": "Testing-ConrolNetXS-SD2.1-canny/diffusion_pytorch_model.safetensors"},
+                None),
          "apply": ("XCtrl_ApplyControlNetXS", {"model": ["ckpt", 0], "controlnet_xs": ["xs", 0], "image": ["hint", 0],
                                               "strength": 1.0}, None),
          "latent": ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, None)}
     g.update(_sd_text(["ckpt", 1], "a stone bridge over a river in autumn, photo"))
-    g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2], "xctrl/controlnet_xs_sd21_depth", 30, 7.0))
-    g.update(_note("ControlNet-XS SD2.1 depth (CVL-Heidelberg/ControlNet-XS) on SD2.1-base 512 (eps).\n"
-                   "models/checkpoints: v2-1_512-ema-pruned.safetensors (stabilityai/stable-diffusion-2-1-base)\n"
-                   "models/controlnet: sd21_encD_depth_14m.ckpt\nDepth: Depth Anything V2 Small, grey, white = near."))
+    g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2], "xctrl/controlnet_xs_sd21_canny", 30, 7.0))
+    g.update(_note(g, "ControlNet-XS SD2.1 canny on SD2.1-base 512 (eps): the 14M-parameter model in diffusers' "
+                      "adapter format (the authors' sd21_encD_canny_14m.ckpt / _depth_14m.ckpt load the same way).\n"
+                      "Canny 100 / 250, as the authors' examples."))
     return g
 
 
 def mi_sd15_pose_canny():
-    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}, None),
+    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}, None),
          "image_pose": ("LoadImage", {"image": IMAGE}, "Pose source"),
          "image_canny": ("LoadImage", {"image": IMAGE}, "Edge source"),
          "pose": ("XCtrl_DWPose", {"image": ["image_pose", 0], "resolution": 512, "draw_hands": False, "draw_face": False}, None),
          "canny": ("XCtrl_Canny", {"image": ["image_canny", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 200}, None),
-         "cn_pose": ("ControlNetLoader", {"control_net_name": "control_v11p_sd15_openpose.pth"}, None),
-         "cn_canny": ("ControlNetLoader", {"control_net_name": "control_v11p_sd15_canny.pth"}, None),
+         "cn_pose": ("ControlNetLoader", {"control_net_name": "control_v11p_sd15_openpose_fp16.safetensors"}, None),
+         "cn_canny": ("ControlNetLoader", {"control_net_name": "control_v11p_sd15_canny_fp16.safetensors"}, None),
          "apply_pose": ("ControlNetApplyAdvanced", {"positive": ["pos", 0], "negative": ["neg", 0], "control_net": ["cn_pose", 0],
                                                     "image": ["pose", 0], "strength": 1.0, "start_percent": 0.0,
                                                     "end_percent": 1.0}, "Apply ControlNet (pose)"),
@@ -227,9 +295,7 @@ def mi_sd15_pose_canny():
          "stats": ("XCtrl_MILambdaStats", {"positive": ["mi", 1], "samples": ["sampler", 0]}, None)}
     g.update(_sd_text(["ckpt", 1], "a dancer on a stage, dramatic light, photo"))
     g.update(_sample_and_save(["mi", 0], ["mi", 1], ["mi", 2], ["latent", 0], ["ckpt", 2], "xctrl/mi_sd15_pose_canny", 25, 7.0))
-    g.update(_note("MIControlNet balanced pose + canny with stock ControlNets (lllyasviel/ControlNet-v1-1).\n"
-                   "models/checkpoints: v1-5-pruned-emaonly.safetensors\n"
-                   "models/controlnet: control_v11p_sd15_openpose.pth, control_v11p_sd15_canny.pth\n"
+    g.update(_note(g, "MIControlNet balanced pose + canny with stock ControlNet v1.1 models (fp16 copies).\n"
                    "mode paper = the paper's formulas; sum = stock ComfyUI addition (to compare)."))
     return g
 
@@ -256,10 +322,7 @@ def mi_sd35_canny_depth():
     g.update(_sd_text(["clip", 0], "a red vintage car parked in front of a brick house, photo"))
     g.update(_sample_and_save(["mi", 0], ["mi", 1], ["mi", 2], ["latent", 0], ["ckpt", 2], "xctrl/mi_sd35_canny_depth", 40, 4.0,
                               sampler="euler", scheduler="sgm_uniform"))
-    g.update(_note("MIControlNet balanced canny + depth on SD3.5 Large with Stability's ControlNets "
-                   "(stabilityai/stable-diffusion-3.5-controlnets).\n"
-                   "models/checkpoints: sd3.5_large.safetensors\nmodels/text_encoders: clip_l.safetensors, clip_g.safetensors\n"
-                   "models/controlnet: sd3.5_large_controlnet_canny.safetensors, sd3.5_large_controlnet_depth.safetensors\n"
+    g.update(_note(g, "MIControlNet balanced canny + depth on SD3.5 Large with Stability's ControlNets.\n"
                    "T5-XXL is left out to fit 16 GB; for better prompt following use TripleCLIPLoader with t5xxl_fp16.safetensors."))
     return g
 
@@ -270,11 +333,69 @@ WORKFLOWS = {
     "controlnext_sdxl_depth": controlnext_sdxl_depth,
     "controlnext_svd_v2_pose_video": controlnext_svd_v2_pose_video,
     "controlnext_svd_v2_long_video": controlnext_svd_v2_long_video,
-    "controlnet_xs_sdxl_canny": controlnet_xs_sdxl_canny,
-    "controlnet_xs_sd21_depth": controlnet_xs_sd21_depth,
+    "controlnet_xs_sdxl_depth": controlnet_xs_sdxl_depth,
+    "controlnet_xs_sd21_canny": controlnet_xs_sd21_canny,
     "mi_sd15_pose_canny": mi_sd15_pose_canny,
     "mi_sd35_canny_depth": mi_sd35_canny_depth,
 }
+
+# The file name of each workflow (without .json): the template's title in ComfyUI's templates
+# menu. No "-" or "_" (the frontend turns them into spaces in the description it derives).
+TITLES = {
+    "controlnext_sd15_pose": "ControlNeXt SD1.5 pose",
+    "controlnext_sdxl_canny": "ControlNeXt SDXL canny",
+    "controlnext_sdxl_depth": "ControlNeXt SDXL depth",
+    "controlnext_svd_v2_pose_video": "ControlNeXt SVD v2 pose video (14 frames)",
+    "controlnext_svd_v2_long_video": "ControlNeXt SVD v2 long pose video (72 frames in windows)",
+    "controlnet_xs_sdxl_depth": "ControlNet XS SDXL depth",
+    "controlnet_xs_sd21_canny": "ControlNet XS SD2.1 canny",
+    "mi_sd15_pose_canny": "MIControlNet SD1.5 balanced pose and canny",
+    "mi_sd35_canny_depth": "MIControlNet SD3.5 Large balanced canny and depth",
+}
+
+
+# What each does, for the README's table.
+SUMMARIES = {
+    "controlnext_sd15_pose": "DWPose body skeleton -> ControlNeXt SD1.5 with its UNet weights",
+    "controlnext_sdxl_canny": "Canny (median thresholds) -> ControlNeXt SDXL with its UNet deltas, strength 0.35",
+    "controlnext_sdxl_depth": "Depth Anything V2 (viridis) -> ControlNeXt SDXL with its UNet deltas",
+    "controlnext_svd_v2_pose_video": "14 frames with the authors' settings: reference image cropped to 576x1024, DWPose on "
+                                     "every 2nd driving frame aligned to the reference pose, reference pose first -> "
+                                     "ControlNeXt-SVD v2 (reference-pipeline SVD conditioning, cfg 3, 25 steps euler/karras), WebP",
+    "controlnext_svd_v2_long_video": "the same for 72 frames (the first 142 driving frames), in the authors' windows of 24 "
+                                     "with overlap 6",
+    "controlnet_xs_sdxl_depth": "Depth Anything V2 (grey) -> ControlNet-XS SDXL",
+    "controlnet_xs_sd21_canny": "Canny -> ControlNet-XS SD2.1 (diffusers' adapter format)",
+    "mi_sd15_pose_canny": "stock Load ControlNet + Apply ControlNet (pose, then canny) -> MI Balanced Control; "
+                          "MI Lambda Stats shows the per-layer weights",
+    "mi_sd35_canny_depth": "SD3.5 Large ControlNets (canny + depth, Apply ControlNet with VAE) -> MI Balanced Control",
+}
+
+
+def workflow_path(name, ext=".json"):
+    return os.path.join(WORKFLOW_DIR, TITLES[name] + ext)
+
+
+def files_of(name):
+    return model_files(WORKFLOWS[name]())
+
+
+README_BEGIN, README_END = "<!-- generated:workflows -->", "<!-- /generated:workflows -->"
+
+
+def readme_table():
+    """The README's table of workflows and the files each loads (between README_BEGIN/END)."""
+    lines = ["| workflow (templates menu title) | what it does | files: `ComfyUI/models/<folder>/<name>` (download) |",
+             "|---|---|---|"]
+    for name in WORKFLOWS:
+        files = "; ".join(f"[`{folder}/{file}`]({url})" for folder, file, url in files_of(name))
+        lines.append(f"| {TITLES[name]} | {SUMMARIES[name]} | {files} |")
+    return "\n".join([README_BEGIN, *lines, README_END])
+
+
+def readme_with_table(text):
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    return text[:start] + readme_table() + text[end:]
 
 # The widget values the end-to-end tests lower to run on a CPU in bounded time (by input name).
 TEST_OVERRIDES = {
@@ -404,9 +525,12 @@ def to_ui(graph, object_info):
             h = _node_height(max(len(node_inputs[key]) + len(wv), len(outputs)))
             if cls in ("LoadImage", "PreviewImage", "SaveImage", "SaveAnimatedWEBP", "LoadVideo"):
                 h += 260
+            properties = {"Node name for S&R": cls}
+            models = model_properties(wv)
+            if models:
+                properties["models"] = models
             node = {"id": ids[key], "type": cls, "pos": None, "size": [330, h], "flags": {}, "order": rank, "mode": 0,
-                    "inputs": node_inputs[key], "outputs": outputs, "properties": {"Node name for S&R": cls},
-                    "widgets_values": wv}
+                    "inputs": node_inputs[key], "outputs": outputs, "properties": properties, "widgets_values": wv}
         if title:
             node["title"] = title
         y = columns.get(col, 40)
@@ -416,8 +540,29 @@ def to_ui(graph, object_info):
     nodes.sort(key=lambda n: n["id"])
     return {
         "last_node_id": len(graph), "last_link_id": next_link - 1, "nodes": nodes, "links": links, "groups": [],
-        "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}}, "version": 0.4,
+        "config": {}, "extra": {"ds": view_showing(nodes)}, "version": 0.4,
     }
+
+
+def model_properties(widget_values):
+    """The frontend's per-node ``models`` list (name, url, directory) for the files a node's
+    widgets select: what its missing-models dialog lists and offers to download."""
+    return [{"name": v, "url": MODELS[MODEL_FOLDER[v], v], "directory": MODEL_FOLDER[v]}
+            for v in widget_values if isinstance(v, str) and v in MODEL_FOLDER]
+
+
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
+
+
+def view_showing(nodes):
+    """extra.ds (canvas offset and scale; screen = (pos + offset) * scale) that fits every node,
+    title bars included, into VISIBLE_SIZE at VISIBLE_ORIGIN, never zooming in past 1."""
+    x0 = min(n["pos"][0] for n in nodes)
+    y0 = min(n["pos"][1] for n in nodes) - TITLE_HEIGHT
+    x1 = max(n["pos"][0] + n["size"][0] for n in nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in nodes)
+    scale = round(min(1.0, VISIBLE_SIZE[0] / (x1 - x0), VISIBLE_SIZE[1] / (y1 - y0)), 3)
+    return {"scale": scale, "offset": [round(VISIBLE_ORIGIN[0] / scale - x0, 1), round(VISIBLE_ORIGIN[1] / scale - y0, 1)]}
 
 
 def info_type(object_info, graph, src, slot):
@@ -526,15 +671,15 @@ def write_all(object_info, folder=WORKFLOW_DIR):
     os.makedirs(folder, exist_ok=True)
     for name, build in WORKFLOWS.items():
         ui = to_ui(build(), object_info)
-        with open(os.path.join(folder, name + ".json"), "w") as f:
+        with open(os.path.join(folder, TITLES[name] + ".json"), "w") as f:
             json.dump(ui, f, indent=2)
             f.write("\n")
-        write_thumbnail(ui, os.path.join(folder, name + ".jpg"))
+        write_thumbnail(ui, os.path.join(folder, TITLES[name] + ".jpg"))
     return sorted(WORKFLOWS)
 
 
 def main(argv):
-    """Starts the real server with the stand-ins (so file lists are valid) and writes workflows/."""
+    """Starts the real server with the stand-ins (so file lists are valid) and writes example_workflows/."""
     sys.path.insert(0, os.path.dirname(HERE))
     from harness import standins
     from harness.server import ComfyServer
@@ -545,7 +690,13 @@ def main(argv):
     with server:
         info = server.get("/object_info")
     for name in write_all(info):
-        print("wrote", os.path.join(WORKFLOW_DIR, name + ".json"))
+        print("wrote", workflow_path(name))
+    readme = os.path.join(PACK_DIR, "README.md")
+    with open(readme) as f:
+        text = f.read()
+    with open(readme, "w") as f:
+        f.write(readme_with_table(text))
+    print("wrote the workflow table in", readme)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """The example workflows in the real ComfyUI frontend (comfyui-frontend-package) in headless
-Chromium: each loads from the templates endpoint with no missing node types and no invalid
-widget values, is queued by the frontend itself (its own UI -> API conversion) and completes;
-the pack's nodes are registered in the node library and the workflows listed as templates.
-Screenshots go to test-artifacts/frontend/<ComfyUI version>/ (git-ignored).
+Chromium: each loads from the templates endpoint with no missing node types, no invalid widget
+values and no missing-models dialog (the stand-ins are there), opens with every node inside the
+visible canvas, is queued by the frontend itself (its own UI -> API conversion) and completes;
+on a server without models the missing-models dialog lists every file of each workflow with its
+download URL, downloadable; the pack's nodes are registered in the node library and the
+workflows listed as templates under their titles. Screenshots go to
+test-artifacts/frontend/<ComfyUI version>/ (git-ignored).
 """
 import json
 import os
@@ -12,6 +15,7 @@ import pytest
 
 from harness import frontend, standins
 from harness import workflow_builder as wb
+from harness.server import ComfyServer
 from harness.comfy_runtime import PACK_FOLDER_NAME, comfyui_version
 
 _REASON = frontend.unavailable_reason()
@@ -39,6 +43,10 @@ def browser(fe_server):
     b.close()
 
 
+def _load(page, name, keep_dialog=False):
+    return page.evaluate(frontend.LOAD_WORKFLOW_JS, [PACK_FOLDER_NAME, wb.TITLES[name], keep_dialog])
+
+
 @pytest.fixture(scope="module")
 def shots(comfy_root):
     return os.path.join("frontend", comfyui_version(comfy_root))
@@ -46,7 +54,7 @@ def shots(comfy_root):
 
 def test_templates_endpoint_lists_every_workflow(fe_server, browser):
     listed = browser.page.evaluate("async () => (await (await fetch('/api/workflow_templates')).json())")
-    assert sorted(listed.get(PACK_FOLDER_NAME, [])) == NAMES, listed
+    assert sorted(listed.get(PACK_FOLDER_NAME, [])) == sorted(wb.TITLES.values()), listed
 
 
 def test_pack_nodes_are_in_the_node_library(fe_server, browser, shots):
@@ -63,11 +71,15 @@ def test_pack_nodes_are_in_the_node_library(fe_server, browser, shots):
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_loads_queues_and_completes_in_the_frontend(name, fe_server, browser, shots):
     page = browser.page
-    result = page.evaluate(frontend.LOAD_WORKFLOW_JS, [PACK_FOLDER_NAME, name])
+    result = _load(page, name)
     assert "error" not in result, result
     assert result["missing"] == [], f"{name}: missing node types {result['missing']}"
     assert result["invalid"] == [], f"{name}: invalid widget values {result['invalid']}"
     assert result["count"] == result["expected"]
+    assert result["missing_models"] is None, f"{name}: missing-models dialog with the stand-ins there: {result['missing_models']}"
+    assert result["visible"], f"{name}: no side toolbar / top bar found in the page"
+    outside = [n for n in result["nodes"] if not _inside(n["rect"], result["visible"])]
+    assert not outside, f"{name}: nodes outside the visible canvas {result['visible']}: {outside}"
     browser.screenshot(shots, f"{name}_graph.png")
     assert page.evaluate(frontend.SET_WIDGETS_JS, wb.TEST_OVERRIDES) > 0
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST", timeout=120000) as info:
@@ -86,3 +98,35 @@ def test_workflow_loads_queues_and_completes_in_the_frontend(name, fe_server, br
         pytest.fail(f"{name}: not finished in 900 s")
     browser.screenshot(shots, f"{name}_done.png")
     assert status["status_str"] == "success", json.dumps(status)[:3000]
+
+
+def _inside(rect, area):
+    x, y, w, h = rect
+    ax, ay, aw, ah = area
+    return x >= ax and y >= ay and x + w <= ax + aw and y + h <= ay + ah
+
+
+# ----------------------------------------------------------------------------- a newcomer's server
+@pytest.fixture(scope="module")
+def bare_browser(comfy_root, browser):
+    """The same browser on the frontend of a server with no model files at all, as after a fresh
+    install (one Playwright instance per process: the page moves to the other server)."""
+    with ComfyServer(comfy_root) as server:
+        browser.open_comfyui(server.url)
+        yield browser
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_missing_models_dialog_offers_every_file_of_the_workflow(name, bare_browser, shots):
+    result = _load(bare_browser.page, name, keep_dialog=True)
+    bare_browser.screenshot(shots, f"{name}_missing_models.png")
+    bare_browser.page.evaluate(frontend.CLOSE_DIALOG_JS)
+    assert "error" not in result, result
+    wanted = {(f"{folder} / {file}", url) for (folder, file), url in wb.MODELS.items()
+              if any(file in (node.get("widgets_values") or []) for node in result["workflow_nodes"])}
+    assert wanted, f"{name} loads no model file"
+    rows = result["missing_models"]
+    assert rows is not None, f"{name}: no missing-models dialog on a server without models"
+    assert {(r["label"], r["url"]) for r in rows} == wanted
+    blocked = [r for r in rows if not r["downloadable"]]
+    assert not blocked, f"{name}: the dialog refuses to download {blocked}"

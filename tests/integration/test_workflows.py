@@ -1,4 +1,4 @@
-"""The example workflows (workflows/*.json) end to end on the real ComfyUI server (main.py --cpu).
+"""The example workflows (example_workflows/*.json) end to end on the real ComfyUI server (main.py --cpu).
 
 Random-weight stand-ins of the right architectures sit under the published file names in the
 server's models folder (tests/harness/standins.py: what is reduced and why); the first run
@@ -17,6 +17,19 @@ from harness import workflow_builder as wb
 
 NAMES = sorted(wb.WORKFLOWS)
 CORRUPT = "corrupt_controlnext.safetensors"
+REFUSED_PICKLE = "refused_pickle.pth"  # a tensor file with a code payload
+LORA = "some_lora.safetensors"
+T2I = "t2i_adapter_canny.safetensors"
+CHECKPOINT = "a_checkpoint.safetensors"
+PAYLOAD_MARKER = "payload_ran"
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +41,22 @@ def standin_dir(comfy_root):
 def wf_server(comfy_root):
     """A server of its own, with the stand-ins, the input files and a corrupt control file."""
 
-    def add_corrupt_file(server):
-        with open(os.path.join(server.models_dir, "controlnet", CORRUPT), "wb") as f:
-            f.write(b"\x00\x01 this is not a safetensors file" * 64)
+    def add_wrong_files(server):
+        import torch
+        from safetensors.torch import save_file
 
-    with standins.server(comfy_root, add_corrupt_file) as server:
+        folder = os.path.join(server.models_dir, "controlnet")
+        with open(os.path.join(folder, CORRUPT), "wb") as f:
+            f.write(b"\x00\x01 this is not a safetensors file" * 64)
+        torch.save({"weight": torch.zeros(2), "extra": _RunsCodeWhenUnpickled(os.path.join(server.base, PAYLOAD_MARKER))},
+                   os.path.join(folder, REFUSED_PICKLE))
+        save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 320),
+                   "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(320, 4)}, os.path.join(folder, LORA))
+        save_file({"adapter.body.0.block1.weight": torch.zeros(320, 320, 3, 3)}, os.path.join(folder, T2I))
+        save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3),
+                   "first_stage_model.decoder.conv_in.weight": torch.zeros(512, 4, 3, 3)}, os.path.join(folder, CHECKPOINT))
+
+    with standins.server(comfy_root, add_wrong_files) as server:
         yield server
 
 
@@ -44,23 +68,24 @@ def object_info(wf_server):
 # ----------------------------------------------------------------------------- the files
 def test_workflow_folder_holds_one_json_and_thumbnail_per_use():
     files = set(os.listdir(wb.WORKFLOW_DIR))
-    assert {f for f in files if f.endswith(".json")} == {n + ".json" for n in NAMES}
+    assert {f for f in files if f.endswith(".json")} == {wb.TITLES[n] + ".json" for n in NAMES}
     for name in NAMES:
-        assert name + ".jpg" in files, f"thumbnail {name}.jpg missing"
-        with open(os.path.join(wb.WORKFLOW_DIR, name + ".jpg"), "rb") as f:
-            assert f.read(3) == b"\xff\xd8\xff", f"{name}.jpg is not a JPEG"
+        thumbnail = wb.workflow_path(name, ".jpg")
+        assert os.path.isfile(thumbnail), f"thumbnail {thumbnail} missing"
+        with open(thumbnail, "rb") as f:
+            assert f.read(3) == b"\xff\xd8\xff", f"{thumbnail} is not a JPEG"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_file_is_what_the_builder_writes(name, object_info):
     """The committed UI file equals the one generated from its API description with this
     server's node definitions (so UI files and API twins cannot drift)."""
-    with open(os.path.join(wb.WORKFLOW_DIR, name + ".json")) as f:
+    with open(wb.workflow_path(name)) as f:
         committed = json.load(f)
     assert committed.get("version") == 0.4
     fresh = json.loads(json.dumps(wb.to_ui(wb.WORKFLOWS[name](), object_info)))
     assert committed == fresh, (
-        f"workflows/{name}.json is out of date with the node definitions: regenerate with "
+        f"{wb.workflow_path(name)} is out of date with the node definitions: regenerate with "
         "`python tests/harness/workflow_builder.py /path/to/ComfyUI`"
     )
 
@@ -72,6 +97,7 @@ def in_process_folders(pack, standin_dir, tmp_path_factory, comfy_root):
 
     for folder in standins.FILES:
         folder_paths.add_model_folder_path(folder, os.path.join(standin_dir, folder))
+    folder_paths.filename_list_cache.clear()
     inputs = tmp_path_factory.mktemp("wf_input")
     wb.write_test_inputs(str(inputs), comfy_root)
     old = folder_paths.get_input_directory()
@@ -96,7 +122,7 @@ def test_workflow_converts_to_a_valid_prompt(name, in_process_folders):
     import execution
     import nodes
 
-    with open(os.path.join(wb.WORKFLOW_DIR, name + ".json")) as f:
+    with open(wb.workflow_path(name)) as f:
         ui = json.load(f)
     info = {cls: _node_info(nodes.NODE_CLASS_MAPPINGS[cls]) for cls in {n["type"] for n in ui["nodes"]}
             if cls in nodes.NODE_CLASS_MAPPINGS}
@@ -114,8 +140,40 @@ LEGACY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 LEGACY = sorted(f[:-5] for f in os.listdir(LEGACY_DIR) if f.endswith(".json"))
 
 
+# The files as the 0.1.0 workflows named them (users renamed the generic names by hand then):
+# the same stand-ins under those names.
+LEGACY_FILES = {
+    "checkpoints": {"v1-5-pruned-emaonly.safetensors": "v1-5-pruned-emaonly-fp16.safetensors"},
+    "controlnet": {
+        "controlnext_sd15_deepfashion_pose.safetensors": "ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors",
+        "controlnext_sd15_deepfashion_pose_unet.safetensors": "ControlNeXt-SD1.5/deepfashion_multiview/unet.safetensors",
+        "controlnext_sdxl_anime_canny.safetensors": "ControlAny-SDXL/anime_canny/controlnet.safetensors",
+        "controlnext_sdxl_anime_canny_unet.safetensors": "ControlAny-SDXL/anime_canny/unet.safetensors",
+        "controlnext_sdxl_vidit_depth.safetensors": "ControlAny-SDXL/vidit_depth/controlnet.safetensors",
+        "controlnext_sdxl_vidit_depth_unet.safetensors": "ControlAny-SDXL/vidit_depth/unet.safetensors",
+        "sdxl_encD_canny_48m.safetensors": "sdxl_encD_depth_48m.safetensors",
+        "sd21_encD_depth_14m.ckpt": "Testing-ConrolNetXS-SD2.1-canny/diffusion_pytorch_model.safetensors",
+        "control_v11p_sd15_openpose.pth": "control_v11p_sd15_openpose_fp16.safetensors",
+        "control_v11p_sd15_canny.pth": "control_v11p_sd15_canny_fp16.safetensors",
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def legacy_folders(in_process_folders, standin_dir, tmp_path_factory):
+    import folder_paths
+
+    base = tmp_path_factory.mktemp("legacy_models")
+    for folder, names in LEGACY_FILES.items():
+        os.makedirs(base / folder)
+        for old, new in names.items():
+            os.symlink(os.path.join(standin_dir, folder, new), base / folder / old)
+        folder_paths.add_model_folder_path(folder, str(base / folder))
+    folder_paths.filename_list_cache.clear()
+
+
 @pytest.mark.parametrize("name", LEGACY)
-def test_workflows_saved_with_the_first_release_still_load(name, in_process_folders):
+def test_workflows_saved_with_the_first_release_still_load(name, legacy_folders):
     """Workflow files users saved with XCtrl 0.1.0 (tests/data/legacy_workflows) still convert to a
     valid prompt: node IDs, input names and widget order are unchanged; inputs added since keep
     their defaults, as the frontend gives them to widgets a file does not mention."""
@@ -162,27 +220,132 @@ def test_workflow_runs_on_the_server(name, wf_server, object_info):
         assert os.path.getsize(path) > 0
 
 
-def _run_with_control_file(server, object_info, control_file, seed):
-    prompt = wb.api_prompt("controlnext_sdxl_canny", object_info, dict(wb.TEST_OVERRIDES, seed=seed))
+def _run_with(server, object_info, workflow, seed, cls=None, values=None, overrides=None):
+    """Runs a workflow's prompt with ``values`` given to every ``cls`` node (and ``overrides`` by input name)."""
+    prompt = wb.api_prompt(workflow, object_info, dict(wb.TEST_OVERRIDES, seed=seed, **(overrides or {})))
     for node in prompt.values():
-        if node["class_type"] == "XCtrl_LoadControlNeXt":
-            node["inputs"]["control_file"] = control_file
+        if node["class_type"] == cls:
+            node["inputs"].update(values)
     return server.run_prompt(prompt, timeout=900)
+
+
+# (loader, workflow, file, what the error says the file is, the node it says loads it)
+WRONG_FILES = [
+    ("XCtrl_LoadControlNeXt", "controlnext_sdxl_canny", "sdxl_encD_depth_48m.safetensors", "a ControlNet-XS model",
+     "Load ControlNet-XS (XCtrl)"),
+    ("XCtrl_LoadControlNeXt", "controlnext_sdxl_canny", "control_v11p_sd15_canny_fp16.safetensors", "a ControlNet (LDM format)",
+     "Load ControlNet Model"),
+    ("XCtrl_LoadControlNeXt", "controlnext_sdxl_canny", T2I, "a T2I-Adapter", "Load ControlNet Model"),
+    ("XCtrl_LoadControlNeXt", "controlnext_sdxl_canny", LORA, "a LoRA", "Load LoRA"),
+    ("XCtrl_LoadControlNeXt", "controlnext_sdxl_canny", CHECKPOINT, "a full Stable Diffusion checkpoint", "Load Checkpoint"),
+    ("XCtrl_LoadControlNetXS", "controlnet_xs_sdxl_depth", "ControlAny-SDXL/anime_canny/controlnet.safetensors",
+     "a ControlNeXt control module", "Load ControlNeXt (XCtrl)"),
+    ("XCtrl_LoadControlNetXS", "controlnet_xs_sdxl_depth", "control_v11p_sd15_canny_fp16.safetensors", "a ControlNet (LDM format)",
+     "Load ControlNet Model"),
+    ("XCtrl_LoadControlNetXS", "controlnet_xs_sdxl_depth", T2I, "a T2I-Adapter", "Load ControlNet Model"),
+    ("XCtrl_LoadControlNetXS", "controlnet_xs_sdxl_depth", LORA, "a LoRA", "Load LoRA"),
+    ("XCtrl_LoadControlNetXS", "controlnet_xs_sdxl_depth", CHECKPOINT, "a full Stable Diffusion checkpoint", "Load Checkpoint"),
+]
+
+
+@server_runs
+@pytest.mark.parametrize("loader, workflow, control_file, what, loaded_by", WRONG_FILES)
+def test_a_file_of_another_kind_names_what_it_is_and_its_loader(loader, workflow, control_file, what, loaded_by, wf_server,
+                                                               object_info):
+    history = _run_with(wf_server, object_info, workflow, 3, loader, {"control_file": control_file})
+    assert history["status"]["status_str"] == "error"
+    err = _error(history)
+    assert err.get("node_type") == loader and err.get("exception_type", "").endswith("WeightFileError"), err
+    message = err["exception_message"]
+    assert control_file in message and f"it is {what}" in message and loaded_by in message, message
 
 
 @server_runs
 @pytest.mark.parametrize("control_file, says", [
-    ("sdxl_encD_canny_48m.safetensors", "ControlNet-XS"),  # wrong family: a ControlNet-XS file
-    ("control_v11p_sd15_canny.pth", "ControlNet"),  # wrong family: a stock ControlNet
-    (CORRUPT, CORRUPT),  # not a weight file at all
+    (CORRUPT, "download it again"),  # not a weight file at all
+    (REFUSED_PICKLE, "refuses to unpickle"),  # objects that would run code
 ])
-def test_wrong_or_corrupt_file_gives_the_packs_error_and_the_server_goes_on(control_file, says, wf_server, object_info):
-    history = _run_with_control_file(wf_server, object_info, control_file, seed=3)
+def test_corrupt_or_unsafe_file_gives_the_packs_error_and_the_server_goes_on(control_file, says, wf_server, object_info):
+    history = _run_with(wf_server, object_info, "controlnext_sdxl_canny", 3, "XCtrl_LoadControlNeXt", {"control_file": control_file})
     assert history["status"]["status_str"] == "error"
     err = _error(history)
     assert err.get("node_type") == "XCtrl_LoadControlNeXt", err
     assert err.get("exception_type", "").endswith("WeightFileError"), err
-    assert control_file in err["exception_message"] and says in err["exception_message"], err["exception_message"]
+    message = err["exception_message"]
+    assert control_file in message and says in message, message
+    assert "weights_only" not in message, message  # never PyTorch's advice to load it unsafely
+    assert not os.path.exists(os.path.join(wf_server.base, PAYLOAD_MARKER)), "the pickle's code ran"
     # the next prompt (the same graph with the right file) is served normally
-    ok = _run_with_control_file(wf_server, object_info, "controlnext_sdxl_anime_canny.safetensors", seed=11)
+    ok = _run_with(wf_server, object_info, "controlnext_sdxl_canny", 11)
     assert ok["status"]["status_str"] == "success", _error(ok)
+
+
+@server_runs
+def test_a_controlnext_module_of_another_base_is_refused_at_apply(wf_server, object_info):
+    history = _run_with(wf_server, object_info, "controlnext_sdxl_canny", 5, "XCtrl_LoadControlNeXt",
+                        {"control_file": "ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors", "unet_weights": "none"})
+    assert history["status"]["status_str"] == "error"
+    err = _error(history)
+    assert err.get("node_type") == "XCtrl_ApplyControlNeXt", err
+    message = err["exception_message"]
+    assert "SD1.5" in message and "SDXL" in message, message
+
+
+def _model_was_called(err):
+    return any(f in "".join(err.get("traceback", [])) for f in ("calc_cond_batch", "sampling_function", "apply_model("))
+
+
+@server_runs
+def test_a_pose_latent_batch_mismatch_is_reported_before_the_first_step(wf_server, object_info):
+    """3 pose frames (the reference pose + 2) for 4 video frames: the error names the Apply node
+    and both sizes, and comes before any model call."""
+    history = _run_with(wf_server, object_info, "controlnext_svd_v2_pose_video", 5, overrides={"video_frames": 4})
+    assert history["status"]["status_str"] == "error"
+    err = _error(history)
+    message = err["exception_message"]
+    assert message.startswith("Apply ControlNeXt (XCtrl):"), message
+    assert "3 images" in message and "latent batch has 4" in message and "reference" in message, message
+    assert not _model_was_called(err), err.get("traceback")
+
+
+# ----------------------------------------------------------------------------- memory across prompts
+SOAK_WORKFLOWS = ["controlnext_sdxl_canny", "controlnext_sdxl_depth", "controlnet_xs_sdxl_depth", "controlnet_xs_sd21_canny",
+                  "mi_sd15_pose_canny"]  # two ControlNeXt files, two ControlNet-XS files (two bases), balanced MI
+SOAK_ROUNDS = 4
+RSS_GROWTH_LIMIT = 400 * 2**20  # after the first round has loaded everything once
+
+
+@pytest.fixture(scope="module")
+def soak_server(comfy_root):
+    """A server of its own (clean model management) with the probe node that reports loaded models."""
+    probe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "harness", "probe_node")
+
+    def add_probe(server):
+        os.symlink(probe, os.path.join(server.base, "custom_nodes", "xctrl_test_probe"))
+
+    with standins.server(comfy_root, add_probe) as server:
+        yield server
+
+
+def _rss(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@server_runs
+def test_alternating_controls_keep_models_and_memory_bounded(soak_server):
+    info = soak_server.get("/object_info")
+    after_round = []
+    for r in range(SOAK_ROUNDS):
+        for i, name in enumerate(SOAK_WORKFLOWS):
+            history = _run_with(soak_server, info, name, seed=100 * r + i)
+            assert history["status"]["status_str"] == "success", f"round {r} {name}: {_error(history).get('exception_message')}"
+        models = soak_server.get("/xctrl_probe/loaded_models")["models"]
+        assert not [m for m in models if m["dead"]], f"round {r}: models outliving their patchers: {models}"
+        after_round.append((len(models), _rss(soak_server.proc.pid), models))
+    counts = [n for n, _, _ in after_round]
+    assert max(counts[1:]) <= counts[0], f"loaded models grow across rounds: {counts}\n{after_round[-1][2]}"
+    growth = after_round[-1][1] - after_round[0][1]
+    assert growth < RSS_GROWTH_LIMIT, f"server memory grew {growth / 2**20:.0f} MB over {SOAK_ROUNDS - 1} rounds"
+    log = soak_server.log()
+    assert "memory leak with model" not in log, log[log.index("memory leak with model") - 500:][:1500]

@@ -269,9 +269,23 @@ def test_pickle_with_foreign_objects_is_refused_without_running_code(tmp_path, p
     sd["extra"] = _RunsCodeWhenUnpickled(marker) if payload == "code" else _PlainObject()
     path = str(tmp_path / "controlnet.ckpt")
     torch.save(sd, path)
-    with pytest.raises(WeightFileError, match="without executing code"):
+    with pytest.raises(WeightFileError) as err:
         load_state_dict(path)
+    message = str(err.value)
+    assert "controlnet.ckpt was not loaded" in message and "refuses to unpickle" in message
+    assert ("posix.mkdir" if payload == "code" else "_PlainObject") in message  # names what was refused
+    assert ".safetensors" in message and "machine you trust" in message  # and how to get a safe copy
+    # PyTorch's own advice (re-run with weights_only=False, file an issue) is not passed on
+    assert "weights_only" not in message and "issue" not in message
     assert not os.path.exists(marker)
     if payload == "code":  # the payload is real: an unsafe load runs it
         torch.load(path, weights_only=False)
         assert os.path.isdir(marker)
+
+
+@pytest.mark.parametrize("content", [b"\x80\x02garbage" * 10, b"PK\x03\x04garbage" * 10])
+def test_damaged_pickle_says_download_again(tmp_path, content):
+    path = tmp_path / "controlnet.pth"
+    path.write_bytes(content)
+    with pytest.raises(WeightFileError, match="controlnet.pth is not a readable PyTorch checkpoint.*download it again"):
+        load_state_dict(str(path))
