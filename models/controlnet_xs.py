@@ -346,3 +346,24 @@ def load_controlnet_xs(sd, ops=nn, device=None, dtype=None):
     if device is not None or dtype is not None:
         net.to(device=device, dtype=dtype)
     return net.eval(), config
+
+
+def connection_weights(n_blocks, base_multiplier=1.0, explicit=None):
+    """Weight of each control -> base connection, in connection order: encoder 0..n-1 (after input
+    block i), the middle, decoder 0..n-1 (before output block j): 2n + 1 values.
+
+    ``explicit``: that list (or one value for all). Otherwise ``base_multiplier`` m decays the
+    weights away from the deepest connection, the middle (weight 1): encoder i gets m^(n - i) and
+    decoder j, which carries encoder n-1-j's control skip, m^(j + 1). m = 1: all 1 (the authors').
+    """
+    count = 2 * n_blocks + 1
+    if explicit is not None:
+        values = [float(v) for v in explicit]
+        if len(values) == 1:
+            return values * count
+        if len(values) != count:
+            raise ValueError(f"{len(values)} connection weights for {count} connections ({n_blocks} encoder, the middle, "
+                             f"{n_blocks} decoder): give 1 or {count}")
+        return values
+    m = float(base_multiplier)
+    return [m ** (n_blocks - i) for i in range(n_blocks)] + [1.0] + [m ** (j + 1) for j in range(n_blocks)]

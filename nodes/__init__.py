@@ -8,6 +8,7 @@ NODE_MODULES = (
     "mi_nodes",
     "controlnet_xs_nodes",
     "unet_weights_nodes",
+    "control_strengths",
 )
 
 NODES, DISABLED = collect(__name__, NODE_MODULES)

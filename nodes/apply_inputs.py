@@ -1,4 +1,4 @@
-"""Inputs every Apply node of a control method shares (condition image, step range), and their checks."""
+"""Inputs every Apply node of a control method shares (condition image, step range, mask), and their checks."""
 from comfy_api.latest import io
 
 IMAGE_TIP = ("Condition image ({what}), RGB in [0, 1]; resized to the generated image size. A batch of 1 serves every "
@@ -14,6 +14,19 @@ def step_range_inputs():
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
         io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001),
     ]
+
+
+def mask_input():
+    return io.Mask.Input("mask", optional=True, tooltip="Where to apply the control (1 = full control): one mask for "
+                         "every latent or one per latent, of the image's aspect ratio; resized to each resolution the "
+                         "control acts at.")
+
+
+def mask_batch(mask):
+    """ComfyUI MASK (B, H, W) or (H, W) -> (B, 1, H, W) float32, or None."""
+    if mask is None:
+        return None
+    return (mask if mask.dim() == 3 else mask.reshape(-1, *mask.shape[-2:])).float().unsqueeze(1)
 
 
 def check_step_range(start_percent, end_percent):

@@ -3,8 +3,10 @@
 A runner lives in the MODEL's options (wrappers, patches), which ``ModelPatcher.clone()``
 deep-copies: runners are shared between clones, never copied. Each has its own id (its key
 for wrappers, callbacks and the per-call stash), the control network's ModelPatcher (loaded
-and offloaded with the UNet, on the UNet's own devices), the hint batch, a strength and a
-step range, and checks the hint batch against the latent batch before the first step.
+and offloaded with the UNet, on the UNet's own devices), the hint batch, an optional mask
+batch, a strength, a step range and the further multipliers (step schedule, latent strengths,
+uncond multiplier: models/control_schedule.py), and checks hints, masks and strength lists
+against the latent batch before the first step.
 
 The control network is loaded with the UNet through the ``models()`` of the runner's patch
 objects (ComfyUI loads a MODEL's patch models with it), not as an "additional model": a
@@ -19,19 +21,25 @@ import torch
 import comfy.model_patcher
 import comfy.patcher_extension as pe
 
+from ..models.control_schedule import ScheduleError, Strengths
 from . import hints
+
+MASK_ASPECT_TOLERANCE = 0.02  # relative: masks are resized to each resolution, not cropped
 
 
 class ControlRunner:
     STASH = "xctrl"  # transformer_options key of the per-call state (per subclass)
     NODE = "XCtrl"  # the node users apply it with, for error messages
 
-    def __init__(self, patcher, hint, strength, start_percent, end_percent):
+    def __init__(self, patcher, hint, strength, start_percent, end_percent, mask=None, strengths=None):
         self.uid = f"{self.STASH}_{uuid.uuid4().hex[:12]}"
         self.patcher = patcher
         self.hint = hint  # (B, 3, H, W) float32 on the CPU, RGB in [0, 1]
+        self.mask = mask  # (B, 1, H, W) float32 on the CPU, or None
         self.strength = float(strength)
         self.percent_range = (float(start_percent), float(end_percent))
+        self.strengths = strengths if strengths is not None else Strengths()
+        self._cursor = self.strengths.schedule.cursor() if self.strengths.schedule is not None else None
 
     def __deepcopy__(self, memo):
         return self
@@ -46,7 +54,9 @@ class ControlRunner:
         return [self.patcher]
 
     def release(self, *args):
-        """Drops per-run caches when sampling ends."""
+        """Drops per-run state when sampling ends (subclasses extend it)."""
+        if self._cursor is not None:
+            self._cursor.reset()
 
     def outer_sample_wrapper(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         """Before anything is loaded or sampled: the checks that need the latent batch."""
@@ -56,16 +66,65 @@ class ControlRunner:
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
     def check_sampling(self, latent_shape, model_options):
+        latents, is_windowed = latent_shape[0], windowed(model_options)
         try:
-            hints.check_batch(self.hint.shape[0], latent_shape[0], windowed=windowed(model_options))
+            hints.check_batch(self.hint.shape[0], latents, windowed=is_windowed)
+            if self.mask is not None:
+                hints.check_batch(self.mask.shape[0], latents, "mask", windowed=is_windowed)
         except hints.HintBatchError as e:
             raise hints.HintBatchError(f"{self.NODE}: {e}") from None
+        if self.mask is not None:
+            check_mask_aspect(self.mask.shape[-2:], latent_shape[-2:], self.NODE)
+        if self.strengths.latents is not None:
+            self.strengths.latents.check(latents, self.NODE)
+
+    def row_scale(self, layout, sigma, model_sampling, transformer_options):
+        """This call's multiplier of each row (float32 (rows,)): step schedule x latent strengths x
+        uncond multiplier; None when every one is 1 (then nothing is multiplied)."""
+        s = self.strengths
+        latents = s.latents
+        scale = None
+        if self._cursor is not None:
+            sigmas = (transformer_options or {}).get("sample_sigmas")
+            max_sigma = float(sigmas.max()) if isinstance(sigmas, torch.Tensor) and sigmas.numel() else float("inf")
+            step, step_latents = self._cursor.at(float(sigma.reshape(-1)[0]), model_sampling.percent_to_sigma, max_sigma)
+            if step != 1.0:
+                scale = torch.full((layout.rows,), float(step))
+            if step_latents is not None:
+                scale = _times(scale, step_latents.for_latents(layout.frames(), layout.latent_count()))
+        if latents is not None:
+            scale = _times(scale, latents.for_latents(layout.frames(), layout.latent_count()))
+        if s.uncond_multiplier != 1.0 and any(layout.uncond):
+            uncond = torch.tensor(layout.uncond)
+            scale = _times(scale, torch.where(uncond, torch.tensor(s.uncond_multiplier), torch.tensor(1.0)))
+        return scale
+
+    def row_mask(self, layout, device):
+        """The mask of each row (rows, 1, H, W) on ``device``, or None without a mask."""
+        if self.mask is None:
+            return None
+        return self.mask[layout.items(self.mask.shape[0], "mask")].to(device)
 
     def active(self, model_sampling, sigma):
         """Whether sigma lies in the [start_percent, end_percent] range of sampling."""
         start, end = self.percent_range
         s = float(sigma.reshape(-1)[0])
         return model_sampling.percent_to_sigma(end) <= s <= model_sampling.percent_to_sigma(start)
+
+
+def _times(scale, factor):
+    return factor.float() if scale is None else scale * factor.float()
+
+
+def check_mask_aspect(mask_hw, latent_hw, node):
+    """Masks are resized to every resolution they act at: one of another aspect ratio would be
+    distorted, so it is refused before sampling."""
+    mh, mw = (int(v) for v in mask_hw)
+    lh, lw = (int(v) for v in latent_hw)
+    if abs((mw / mh) / (lw / lh) - 1.0) > MASK_ASPECT_TOLERANCE:
+        raise ScheduleError(f"{node}: the mask is {mw}x{mh} (aspect {mw / mh:.3f}) but the latent is {lw}x{lh} "
+                            f"(aspect {lw / lh:.3f}): give a mask of the image's aspect ratio "
+                            "(e.g. from the same image, or resized to the generated size)")
 
 
 def windowed(model_options):

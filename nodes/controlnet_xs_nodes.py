@@ -1,20 +1,22 @@
 """ControlNet-XS nodes: load a control network (both released formats), apply it to a MODEL.
 
-The apply node patches the MODEL rather than the conditioning: the control stream must run
-inside the UNet forward, in lock-step with the base encoder (see controlnet_xs_runtime), and
-cond and uncond both get the control, like a stock ControlNet. Chaining several apply nodes
-stacks several controls; per-prompt (positive-only, area) control would need a conditioning
-variant and is not offered.
+The apply node patches the MODEL: the control stream must run inside the UNet forward, in
+lock-step with the base encoder (see controlnet_xs_runtime), and cond and uncond both get the
+control, like a stock ControlNet (uncond_multiplier changes that). Chaining several apply nodes
+stacks several controls.
 """
 import logging
 
 from comfy_api.latest import io
 
 from ..models import controlnet_xs_keys as xs_keys
+from ..models.control_schedule import ScheduleError, parse_strength_list
+from ..models.controlnet_xs import connection_weights as weights_of_connections
 from ..models.checkpoint_io import WeightFileError
 from ..models.families import family_of_context_width
 from . import hints
-from .apply_inputs import check_step_range, image_input, step_range_inputs
+from .apply_inputs import check_step_range, image_input, mask_batch, mask_input, step_range_inputs
+from .control_strengths import strength_inputs, strengths_from
 from .control_runner import control_patcher
 from .controlnet_xs_runtime import ControlNetXSRunner, build_control_net
 from .model_family import family_title, model_family
@@ -133,6 +135,15 @@ class ApplyControlNetXS(io.ComfyNode):
                 image_input("canny edges, depth, ..."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="Scales every control -> base connection (the authors' conditioning scale). 0 leaves the model untouched."),
                 *step_range_inputs(),
+                mask_input(),
+                io.Float.Input("connection_base_multiplier", optional=True, default=1.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="Soft weights: the middle connection gets 1, each connection one block further from it "
+                                       "this times the next deeper one's (encoder i: m^(n-i), decoder j: m^(j+1)). 1 = the authors'."),
+                io.String.Input("connection_weights", optional=True, default="",
+                                tooltip="Explicit weight per control -> base connection, comma separated, in connection order: "
+                                        "encoder 0..n-1 (after input block i), the middle, decoder 0..n-1 (before output block j); "
+                                        "2n+1 values (25 for SD1.5/SD2.1, 19 for SDXL) or 1. Overrides the base multiplier."),
+                *strength_inputs(),
             ],
             outputs=[io.Model.Output()],
         )
@@ -142,12 +153,24 @@ class ApplyControlNetXS(io.ComfyNode):
         return check_step_range(start_percent, end_percent)
 
     @classmethod
-    def execute(cls, model, controlnet_xs, image, strength, start_percent, end_percent):
+    def execute(cls, model, controlnet_xs, image, strength, start_percent, end_percent, mask=None,
+                connection_base_multiplier=1.0, connection_weights="", schedule=None, latent_strengths=None,
+                uncond_multiplier=1.0):
+        node = "Apply ControlNet-XS (XCtrl)"
         controlnet_xs.check_base(model)
         hint = hints.image_to_nchw(image)
+        strengths = strengths_from(schedule, latent_strengths, uncond_multiplier, node)
+        patcher = controlnet_xs.patcher_for(model)
+        explicit = parse_strength_list(connection_weights, node) if connection_weights.strip() else None
+        try:
+            weights = weights_of_connections(patcher.model.num_input_blocks, connection_base_multiplier, explicit)
+        except ValueError as e:
+            raise ScheduleError(f"{node}: {e}") from None
         patched = model.clone()
-        ControlNetXSRunner(controlnet_xs.patcher_for(model), hint, strength, start_percent, end_percent).install(patched)
+        ControlNetXSRunner(patcher, hint, strength, start_percent, end_percent, mask_batch(mask), strengths,
+                           weights).install(patched)
         return io.NodeOutput(patched)
+
 
 
 NODES = [LoadControlNetXS, ApplyControlNetXS]

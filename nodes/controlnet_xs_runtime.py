@@ -13,11 +13,15 @@ wrappers, stock ControlNets and LoRAs:
 - ``emb_patch``: with a learned time embedding the base runs on the mixed embedding (the
   control's when mix = 1); the control blocks get that plus the base's ``label_emb(y)``.
 - ``input_block_patch`` after input block i: control block i (hint added after block 0),
-  ``h_b += enc_zero_convs_out[i](h_c) * s`` (reaches the skip and the next block), then
-  ``h_c = cat([h_c, enc_zero_convs_in[i](h_b)])`` (never scaled). After the last block the
-  control middle block runs.
-- ``output_block_patch`` before output block j's skip concatenation: the middle term (j = 0)
-  and ``dec_zero_convs_out[j](hs_c.pop()) * s``.
+  ``h_b += enc_zero_convs_out[i](h_c) * s * w_enc[i] * mask`` (reaches the skip and the next
+  block), then ``h_c = cat([h_c, enc_zero_convs_in[i](h_b)])`` (never scaled). After the last
+  block the control middle block runs.
+- ``output_block_patch`` before output block j's skip concatenation: the middle term (j = 0,
+  times ``w_mid``) and ``dec_zero_convs_out[j](hs_c.pop()) * s * w_dec[j] * mask``.
+
+``s`` is the strength times the row's step-schedule, latent and uncond multipliers (one value
+per batch row), ``w`` the connection weights (models/controlnet_xs.connection_weights), and the
+mask (one per row, when given) is resized to each term's resolution.
 
 Outside the active range, or with strength 0, nothing is stashed and every hook returns its
 input unchanged: the base output is bit for bit the unpatched one, own time embedding included.
@@ -59,14 +63,15 @@ def build_control_net(state_dict, num_params):
 class _Call:
     """State of one UNet call while the control is active (lives in transformer_options)."""
 
-    def __init__(self, x, timesteps, context, y, unet, hint, scale):
+    def __init__(self, x, timesteps, context, y, unet, hint, scale, mask):
         self.x = x
         self.timesteps = timesteps
         self.context = context
         self.y = y
         self.unet = unet
         self.hint = hint  # (rows, C_ctrl0, h, w): embedded hint of each batch row
-        self.scale = scale
+        self.scale = scale  # float or (rows, 1, 1, 1)
+        self.mask = mask  # (rows, 1, H, W) or None
         self.emb = None  # set by the emb patch
         self.h_c = None  # control stream entering the next block
         self.hs_c = []  # control skips, popped by the decoder side
@@ -75,13 +80,18 @@ class _Call:
 
 
 class ControlNetXSRunner(ControlRunner):
-    """One applied ControlNet-XS: control network, hint, strength, step range."""
+    """One applied ControlNet-XS: control network, hint, strength, step range, mask, further
+    strengths and connection weights."""
 
     STASH = STASH
     NODE = "Apply ControlNet-XS (XCtrl)"
 
-    def __init__(self, patcher, hint, strength, start_percent, end_percent):
-        super().__init__(patcher, hint, strength, start_percent, end_percent)
+    def __init__(self, patcher, hint, strength, start_percent, end_percent, mask=None, strengths=None, weights=None):
+        super().__init__(patcher, hint, strength, start_percent, end_percent, mask, strengths)
+        n = patcher.model.num_input_blocks
+        self.weights = list(weights) if weights is not None else [1.0] * (2 * n + 1)
+        if len(self.weights) != 2 * n + 1:
+            raise ValueError(f"{self.NODE}: {len(self.weights)} connection weights for {2 * n + 1} connections")
         self._hint_emb = FrameCache()
 
     @property
@@ -98,26 +108,40 @@ class ControlNetXSRunner(ControlRunner):
         model.set_model_output_block_patch(_Hook(self, self.output_patch))
 
     def release(self, *args):
+        super().release(*args)
         self._hint_emb.clear()
 
     # ------------------------------------------------------------------ wrappers
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         if transformer_options is None:
             transformer_options = {}
-        active = self.strength != 0.0 and self.active(executor.class_obj.model_sampling, t)
+        base = executor.class_obj
+        active = self.strength != 0.0 and self.active(base.model_sampling, t)
+        entry = None
+        if active:
+            layout = hints.BatchLayout(x.shape[0], transformer_options)
+            more = self.row_scale(layout, t, base.model_sampling, transformer_options)
+            scale = self.strength if more is None else (more * self.strength).to(x.device).reshape(-1, 1, 1, 1)
+            if more is None or bool((more != 0).any()):
+                entry = (image_size(base, x), scale)
         stash = dict(transformer_options.get(STASH, {}))
-        stash[self.uid] = image_size(executor.class_obj, x) if active else None
+        stash[self.uid] = entry
         transformer_options[STASH] = stash
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
     def diffusion_model_wrapper(self, executor, x, timesteps, context=None, y=None, control=None, transformer_options=None, **kwargs):
         stash = (transformer_options or {}).get(STASH, {})
-        size = stash.get(self.uid)
-        if not isinstance(size, tuple):
+        entry = stash.get(self.uid)
+        if not isinstance(entry, tuple):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        rows = hints.BatchLayout(x.shape[0], transformer_options).items(self.hint.shape[0])
-        g = self._embedded_hint(rows, size, x.device, x.dtype)
-        stash[self.uid] = _Call(x, timesteps, context, y, executor.class_obj, g, self.strength)
+        size, scale = entry
+        layout = hints.BatchLayout(x.shape[0], transformer_options)
+        g = self._embedded_hint(layout.items(self.hint.shape[0]), size, x.device, x.dtype)
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(x.dtype)
+        mask = self.row_mask(layout, x.device)
+        stash[self.uid] = _Call(x, timesteps, context, y, executor.class_obj, g, scale,
+                                None if mask is None else mask.to(x.dtype))
         try:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         finally:
@@ -160,7 +184,7 @@ class ControlNetXSRunner(ControlRunner):
             h_c = net.control_block(0, call.x, call.emb, call.context) + call.hint  # hint after conv_in
         else:
             h_c = net.control_block(i, call.h_c, call.emb, call.context)
-        h = h + net.to_base_enc(i, h_c) * call.scale
+        h = h + self._term(call, net.to_base_enc(i, h_c), self.weights[i])
         call.hs_c.append(h_c)
         call.h_c = net.concat_base(i, h_c, h)
         call.next_block = i + 1
@@ -174,10 +198,21 @@ class ControlNetXSRunner(ControlRunner):
         if call is None:
             return h, hsp
         j = transformer_options["block"][1]
+        n = self.net.num_input_blocks
         if j == 0:
-            h = h + call.mid * call.scale
+            h = h + self._term(call, call.mid, self.weights[n])
             call.mid = None
-        return h + self.net.to_base_dec(j, call.hs_c.pop()) * call.scale, hsp
+        return h + self._term(call, self.net.to_base_dec(j, call.hs_c.pop()), self.weights[n + 1 + j]), hsp
+
+    @staticmethod
+    def _term(call, term, weight):
+        """A control -> base term times the row scales, the connection weight and the mask."""
+        term = term * call.scale
+        if weight != 1.0:
+            term = term * weight
+        if call.mask is not None:
+            term = term * hints.resize(call.mask, tuple(term.shape[-2:]))
+        return term
 
 
 class _Hook:

@@ -13,7 +13,8 @@ from ..models import video_windows as vw
 from ..models.checkpoint_io import WeightFileError
 from ..models.file_kinds import kind_of
 from . import hints
-from .apply_inputs import check_step_range, image_input, step_range_inputs
+from .apply_inputs import check_step_range, image_input, mask_batch, mask_input, step_range_inputs
+from .control_strengths import strength_inputs, strengths_from
 from .controlnext_runtime import INJECTIONS, ControlNeXtRunner, module_patcher
 from .long_video_runtime import NODE as LONG_VIDEO_NODE
 from .long_video_runtime import LongVideoError, LongVideoWindows
@@ -103,10 +104,11 @@ class ApplyControlNeXt(io.ComfyNode):
                 image_input("pose, edges, depth, ..."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="Control strength. SD1.5 released: multiplies the learned scale. SDXL: the scale itself (authors: ~0.35 for canny, 1.0 for dense conditions)."),
                 *step_range_inputs(),
-                io.Mask.Input("mask", optional=True, tooltip="Where to apply the control (1 = full control)."),
+                mask_input(),
                 io.Float.Input("unet_strength", optional=True, default=1.0, min=-2.0, max=2.0, step=0.01, tooltip="Strength of the UNet weight file loaded with the module (ignored without one)."),
                 io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse", tooltip="An SDXL-layout file on an SD1.5 model: 'refuse' (no SD1.5-Training weights were released, so it is most likely an SDXL file) or 'sd15_training' for a module you trained with the ControlNeXt SD1.5-Training code."),
                 io.Boolean.Input("reference_pose_per_window", optional=True, default=True, tooltip="SVD v2 under context windows (XCtrl Long Video, ComfyUI's Context Windows, AnimateDiff-Evolved context options): every window gets pose frame 0 (the reference image's pose) at its first position, as the authors' long-video loop does. Off: every frame gets its own pose. Other variants always use their own frame's image."),
+                *strength_inputs(),
             ],
             outputs=[io.Model.Output()],
         )
@@ -117,19 +119,18 @@ class ApplyControlNeXt(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, controlnext, image, strength, start_percent, end_percent, mask=None, unet_strength=1.0,
-                sd15_layout="refuse", reference_pose_per_window=True):
+                sd15_layout="refuse", reference_pose_per_window=True, schedule=None, latent_strengths=None,
+                uncond_multiplier=1.0):
         variant = _variant_for(controlnext, model, sd15_layout)
         _check_width(controlnext, variant, model)
         hint = hints.image_to_nchw(image)
-        mask_t = None
-        if mask is not None:
-            mask_t = (mask if mask.dim() == 3 else mask.reshape(-1, *mask.shape[-2:])).float().unsqueeze(1)
+        strengths = strengths_from(schedule, latent_strengths, uncond_multiplier, "Apply ControlNeXt (XCtrl)")
         patched = model.clone()
         if controlnext.unet_sd is not None and unet_strength != 0.0:
             add_unet_weight_patches(patched, controlnext, unet_strength)
         runner = ControlNeXtRunner(
             controlnext.module_patcher(variant, model), variant, hint, strength,
-            start_percent, end_percent, mask_t, reference_pose_per_window,
+            start_percent, end_percent, mask_batch(mask), reference_pose_per_window, strengths,
         )
         runner.install(patched)
         return io.NodeOutput(patched)

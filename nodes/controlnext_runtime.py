@@ -51,17 +51,16 @@ INJECTIONS = {
 
 
 class ControlNeXtRunner(ControlRunner):
-    """One applied ControlNeXt: module, hint, strength, step range, mask."""
+    """One applied ControlNeXt: module, hint, strength, step range, mask, further strengths."""
 
     STASH = STASH
     NODE = "Apply ControlNeXt (XCtrl)"
 
     def __init__(self, module_patcher, variant, hint, strength, start_percent, end_percent, mask=None,
-                 reference_pose_per_window=True):
-        super().__init__(module_patcher, hint, strength, start_percent, end_percent)
+                 reference_pose_per_window=True, strengths=None):
+        super().__init__(module_patcher, hint, strength, start_percent, end_percent, mask, strengths)
         self.variant = cnx.get_variant(variant)
         self.injection = INJECTIONS[self.variant.name]
-        self.mask = mask  # (B, 1, H, W) float32 or None
         # ControlNeXt-SVD v2's long-video loop gives window position 0 the reference pose (frame 0).
         self.reference_first = bool(reference_pose_per_window) and self.variant.name == "svd_v2"
         self.learned_scale = module_patcher.model.learned_scale()
@@ -86,6 +85,7 @@ class ControlNeXtRunner(ControlRunner):
             model.set_model_patch_replace(JointBlockInjection(self, previous), "dit", "double_block", 0)
 
     def release(self, *args):
+        super().release(*args)
         self._stems.clear()
         self._features = {}
 
@@ -117,12 +117,13 @@ class ControlNeXtRunner(ControlRunner):
         rows = x.shape[0]
         layout = hints.BatchLayout(rows, transformer_options)
         scale = cnx.injection_scales(self.variant, self.strength, layout.uncond, self.learned_scale)
+        more = self.row_scale(layout, sigma, base_model.model_sampling, transformer_options)
+        if more is not None:
+            scale = scale * more
         if not bool((scale != 0).any()):
             return None  # e.g. a call with only SVD v2's uncond rows: nothing to add, nothing to compute
         hint_idx = layout.items(self.hint.shape[0], reference_first=self.reference_first)
-        mask = None
-        if self.mask is not None:
-            mask = self.mask[layout.items(self.mask.shape[0], "mask")].to(x.device)  # masks follow the latent
+        mask = self.row_mask(layout, x.device)  # masks follow the latent
         sigma_rows = sigma.reshape(-1).expand(rows) if sigma.numel() == 1 else sigma.reshape(-1)
         steps = cnx.control_timesteps(self.variant, sigma_rows, base_model.model_sampling.timestep(sigma_rows).float())
         self._stems.capacity = layout.per_chunk if layout.window is not None else None

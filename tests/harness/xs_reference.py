@@ -315,12 +315,22 @@ def ref_attention_width(family, context_dim, channels):
     return channels
 
 
-def xs_denoised(base_model, p, x, sigma, context, hint, scale, y=None):
+def ref_mask_at(mask, size):
+    """A (rows, 1, H, W) mask at a term's resolution: bilinear, antialiased when shrinking."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask
+    shrink = mask.shape[-2] > size[0] or mask.shape[-1] > size[1]
+    return F.interpolate(mask, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def xs_denoised(base_model, p, x, sigma, context, hint, scale, y=None, weights=None, mask=None):
     """Denoised output of the base with ControlNet-XS (docs/controlnet_xs.md, the two streams),
     written out on the tests' UNet loop (harness/reference.py): the control stream runs
     alongside the base encoder, trading features after every block.
 
-    ``p``: vislearn state dict (float32); ``hint``: (rows, 3, 8H, 8W) in [0, 1].
+    ``p``: vislearn state dict (float32); ``hint``: (rows, 3, 8H, 8W) in [0, 1]; ``scale``: a
+    number or one per row; ``weights``: one per control -> base connection (encoder blocks, the
+    middle, decoder blocks); ``mask``: (rows, 1, H, W), resized to each term.
     """
     from comfy.ldm.modules.diffusionmodules.openaimodel import timestep_embedding
 
@@ -333,6 +343,13 @@ def xs_denoised(base_model, p, x, sigma, context, hint, scale, y=None):
     eps = 1e-6 if family == "sd" else 1e-5
     t_emb = timestep_embedding(ms.timestep(sigma).float(), dm.model_channels)
     state = {"h_c": ms.calculate_input(sigma, x), "hs_c": [], "emb": None}
+    n_out = len(dm.output_blocks)
+    w = list(weights) if weights is not None else [1.0] * (n_in + 1 + n_out)
+    s = torch.as_tensor(scale, dtype=torch.float32).reshape(-1, 1, 1, 1)
+
+    def added(term, weight):
+        term = term * s * weight
+        return term if mask is None else term * ref_mask_at(mask, term.shape[-2:])
 
     def heads_at(prefix):
         """Heads of a block's transformer from its context width and its channel count C."""
@@ -354,7 +371,7 @@ def xs_denoised(base_model, p, x, sigma, context, hint, scale, y=None):
             h_c = ref_block(pre, state["h_c"], state["emb"], context, p, heads_at(pre), eps)
             if i == 0:
                 h_c = h_c + ref_hint(hint, p)
-            h_b = h_b + ref_conv(h_c, p, f"enc_zero_convs_out.{i}.0") * scale
+            h_b = h_b + added(ref_conv(h_c, p, f"enc_zero_convs_out.{i}.0"), w[i])
             state["hs_c"].append(h_c)
             state["h_c"] = torch.cat([h_c, ref_conv(h_b, p, f"enc_zero_convs_in.{i}.0")], dim=1)
             return h_b
@@ -363,10 +380,10 @@ def xs_denoised(base_model, p, x, sigma, context, hint, scale, y=None):
     def middle(h_b):
         pre = "control_model.middle_block."
         h_c = ref_block(pre, state["h_c"], state["emb"], context, p, heads_at(pre), eps)
-        return h_b + ref_conv(h_c, p, "middle_block_out.0") * scale
+        return h_b + added(ref_conv(h_c, p, "middle_block_out.0"), w[n_in])
 
     def decoder(j):
-        return lambda h_b: h_b + ref_conv(state["hs_c"].pop(), p, f"dec_zero_convs_out.{j}.0") * scale
+        return lambda h_b: h_b + added(ref_conv(state["hs_c"].pop(), p, f"dec_zero_convs_out.{j}.0"), w[n_in + 1 + j])
 
     hooks = {("emb",): on_emb, ("middle", 0): middle}
     hooks.update({("input", i, "skip"): encoder(i) for i in range(n_in)})

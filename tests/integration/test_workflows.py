@@ -312,7 +312,10 @@ def test_a_pose_latent_batch_mismatch_is_reported_before_the_first_step(wf_serve
 SOAK_WORKFLOWS = ["controlnext_sdxl_canny", "controlnext_sdxl_depth", "controlnet_xs_sdxl_depth", "controlnet_xs_sd21_canny",
                   "mi_sd15_pose_canny"]  # two ControlNeXt files, two ControlNet-XS files (two bases), balanced MI
 SOAK_ROUNDS = 4
-RSS_GROWTH_LIMIT = 400 * 2**20  # after the first round has loaded everything once
+# Measured from the end of the second round: the first loads everything once, and the second
+# lets the allocator reach the peak of the largest model's reload (~5.2 GB here, ~+25 MB over
+# the two rounds after it).
+RSS_GROWTH_LIMIT = 300 * 2**20
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +348,8 @@ def test_alternating_controls_keep_models_and_memory_bounded(soak_server):
         after_round.append((len(models), _rss(soak_server.proc.pid), models))
     counts = [n for n, _, _ in after_round]
     assert max(counts[1:]) <= counts[0], f"loaded models grow across rounds: {counts}\n{after_round[-1][2]}"
-    growth = after_round[-1][1] - after_round[0][1]
-    assert growth < RSS_GROWTH_LIMIT, f"server memory grew {growth / 2**20:.0f} MB over {SOAK_ROUNDS - 1} rounds"
+    growth = after_round[-1][1] - after_round[1][1]
+    rss = [f"{r / 2**20:.0f} MB" for _, r, _ in after_round]
+    assert growth < RSS_GROWTH_LIMIT, f"server memory grew {growth / 2**20:.0f} MB after the second round ({rss})"
     log = soak_server.log()
     assert "memory leak with model" not in log, log[log.index("memory leak with model") - 500:][:1500]
