@@ -23,8 +23,9 @@ def mask_input():
 
 
 def mask_batch(mask):
-    """ComfyUI MASK (B, H, W) or (H, W) -> (B, 1, H, W) float32, or None."""
-    if mask is None:
+    """ComfyUI MASK (B, H, W) or (H, W) -> (B, 1, H, W) float32; None without a mask or for one
+    that is 1 everywhere (full control: the output stays bit for bit the unmasked one)."""
+    if mask is None or bool((mask == 1).all()):
         return None
     return (mask if mask.dim() == 3 else mask.reshape(-1, *mask.shape[-2:])).float().unsqueeze(1)
 

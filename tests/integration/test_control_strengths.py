@@ -1,0 +1,279 @@
+"""Step schedules, latent strengths, the uncond multiplier, masks and ControlNet-XS connection
+weights on ComfyUI's native models (tiny random-weight twins), each against the hand-written
+references with the multiplier computed by hand: ControlNeXt (harness/reference.py) and
+ControlNet-XS (harness/xs_reference.py)."""
+import types
+
+import pytest
+import torch
+
+from harness import reference as ref
+from harness import tiny_models as tm
+from harness import xs_reference
+from harness.comfy_runtime import node_result, pack_module, pack_node_classes
+from harness.controlnext_files import TINY_OUT, controlnext_sd, load, rel_err, write
+
+
+@pytest.fixture(scope="module")
+def nodes(pack):
+    return pack_node_classes()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def call(patcher, x, sigma, ctx, cond_or_uncond, y=None, sample_sigmas=None):
+    """One model call as a sampler makes it (wrappers and patches installed)."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])
+    to = dict(patcher.model_options["transformer_options"])
+    to["wrappers"] = patcher.wrappers
+    to["cond_or_uncond"] = list(cond_or_uncond)
+    sigmas = torch.full((x.shape[0],), float(sigma))
+    to["sigmas"] = sigmas
+    if sample_sigmas is not None:
+        to["sample_sigmas"] = sample_sigmas
+    kw = {} if y is None else {"y": y}
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigmas, c_crossattn=ctx, transformer_options=to, **kw)
+
+
+def keyframes(nodes, *frames):
+    """A schedule chained through Step Keyframe (XCtrl): frames of (start, strength[, interpolation[, guaranteed]])."""
+    schedule = None
+    for f in frames:
+        start, strength = f[0], f[1]
+        interpolation = f[2] if len(f) > 2 else "hold"
+        guaranteed = f[3] if len(f) > 3 else 1
+        schedule = node_result(nodes["XCtrl_StepKeyframe"], start, strength, interpolation, guaranteed, previous=schedule)[0]
+    return schedule
+
+
+def latent_strengths(nodes, text):
+    return node_result(nodes["XCtrl_LatentStrengths"], text)[0]
+
+
+# ------------------------------------------------------------------------------ ControlNeXt
+def cnx_inputs(rows, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 4, 16, 16, generator=g) * 2
+    ctx = torch.randn(rows, 7, 32, generator=g)
+    hint = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(128, 128), mode="nearest")
+    return x, ctx, hint.movedim(1, -1)
+
+
+def cnx_reference(base, sd, hint, x, sigma, ctx, row_strengths, mask=None):
+    """SD1.5 released: feature added at the middle-block output, s = learned scale x strength per row,
+    times the mask resized to the middle block's resolution."""
+    sig = torch.full((x.shape[0],), float(sigma))
+    t = base.model.model_sampling.timestep(sig).float()
+    h_img = hint.movedim(-1, 1).expand(x.shape[0], -1, -1, -1)
+    s = torch.as_tensor(row_strengths, dtype=torch.float32) * float(sd["scale"])
+    with torch.no_grad():
+        c = ref.controlnext_feature({k: v.float() for k, v in sd.items()}, "sd15", h_img, t)
+
+        def inject(h):
+            if mask is None:
+                return ref.cross_norm_add(h, c, 1e-12, True, s)
+            return h + (ref.cross_norm_add(h, c, 1e-12, True, s) - h) * xs_reference.ref_mask_at(mask, h.shape[-2:])
+
+        return ref.unet_denoised(base.model, x, sig, ctx, hooks={("output", 0): inject})
+
+
+def apply_cnx(nodes, base, cnx, hint, strength=1.0, **kw):
+    return node_result(nodes["XCtrl_ApplyControlNeXt"], base, cnx, hint, strength, 0.0, 1.0, **kw)[0]
+
+
+@pytest.fixture(scope="module")
+def sd15(nodes, controlnet_dir):
+    base = tm.sd15()
+    sd = controlnext_sd("sd15", TINY_OUT["sd15"], seed=21)
+    return base, sd, load(pack_module("nodes.controlnext_nodes"), write(controlnet_dir, "strengths_sd15.safetensors", sd))
+
+
+def test_step_schedule_strength_at_each_step_reaches_the_injected_term(nodes, sd15):
+    base, sd, cnx = sd15
+    ms = base.model.model_sampling
+    schedule = keyframes(nodes, (0.0, 1.0), (0.4, 0.5, "linear"), (0.8, 0.1))
+    x, ctx, hint = cnx_inputs(2)
+    patched = apply_cnx(nodes, base, cnx, hint, strength=0.8, schedule=schedule)
+    percents = [0.05, 0.2, 0.5, 0.7, 0.9]
+    sigmas = torch.tensor([float(ms.percent_to_sigma(p)) for p in percents] + [0.0])
+    # hand computation: 1 before 0.4; from 0.4 linear 0.5 -> 0.1 until 0.8; 0.1 after
+    want_strength = [1.0, 1.0, 0.5 + (0.1 - 0.5) * (0.5 - 0.4) / 0.4, 0.5 + (0.1 - 0.5) * (0.7 - 0.4) / 0.4, 0.1]
+    for sigma, w in zip(sigmas[:-1], want_strength):
+        got = call(patched, x, sigma, ctx, [0, 1], sample_sigmas=sigmas)
+        want = cnx_reference(base, sd, hint, x, sigma, ctx, [0.8 * w] * 2)
+        assert rel_err(got, want) < 1e-5, (float(sigma), w)
+
+
+def test_a_schedule_of_one_and_all_ones_strengths_are_bit_identical_to_none(nodes, sd15):
+    base, sd, cnx = sd15
+    x, ctx, hint = cnx_inputs(2)
+    ms = base.model.model_sampling
+    sigmas = torch.tensor([float(ms.percent_to_sigma(p)) for p in (0.05, 0.5)] + [0.0])
+    plain = apply_cnx(nodes, base, cnx, hint, strength=0.7)
+    ones = apply_cnx(nodes, base, cnx, hint, strength=0.7, schedule=keyframes(nodes, (0.0, 1.0)),
+                     latent_strengths=latent_strengths(nodes, "1.0"), mask=torch.ones(1, 128, 128))
+    for sigma in sigmas[:-1]:
+        assert torch.equal(call(ones, x, sigma, ctx, [0, 1], sample_sigmas=sigmas),
+                           call(plain, x, sigma, ctx, [0, 1], sample_sigmas=sigmas))
+
+
+def test_latent_strengths_scale_each_frame_and_acn_keyframes_null_the_rest(nodes, sd15):
+    base, sd, cnx = sd15
+    x, ctx, hint = cnx_inputs(3)
+    got = call(apply_cnx(nodes, base, cnx, hint, strength=0.9, latent_strengths=latent_strengths(nodes, "1.0, 0.5, 0.0")),
+               x, 2.0, ctx, [0])
+    assert rel_err(got, cnx_reference(base, sd, hint, x, 2.0, ctx, [0.9, 0.45, 0.0])) < 1e-5
+    # Advanced-ControlNet's LATENT_KEYFRAME layout: batch_index (negative from the end), strength
+    acn = types.SimpleNamespace(keyframes=[types.SimpleNamespace(batch_index=-1, strength=0.25)])
+    got = call(apply_cnx(nodes, base, cnx, hint, strength=0.9, latent_strengths=acn), x, 2.0, ctx, [0])
+    assert rel_err(got, cnx_reference(base, sd, hint, x, 2.0, ctx, [0.0, 0.0, 0.225])) < 1e-5
+
+
+def test_acn_timestep_keyframes_are_read_through_their_attributes(nodes, sd15):
+    base, sd, cnx = sd15
+    ms = base.model.model_sampling
+    tk = lambda start, strength, guaranteed=1: types.SimpleNamespace(  # noqa: E731
+        start_percent=start, strength=strength, guarantee_steps=guaranteed, latent_keyframes=None,
+        null_latent_kf_strength=0.0, inherit_missing=True)
+    group = types.SimpleNamespace(keyframes=[tk(0.0, 1.0, 0), tk(0.5, 0.2)])
+    x, ctx, hint = cnx_inputs(2)
+    patched = apply_cnx(nodes, base, cnx, hint, schedule=group)
+    sigmas = torch.tensor([float(ms.percent_to_sigma(p)) for p in (0.1, 0.6)] + [0.0])
+    for sigma, w in zip(sigmas[:-1], [1.0, 0.2]):
+        got = call(patched, x, sigma, ctx, [0, 1], sample_sigmas=sigmas)
+        assert rel_err(got, cnx_reference(base, sd, hint, x, sigma, ctx, [w, w])) < 1e-5
+
+
+@pytest.mark.parametrize("multiplier", [0.0, 0.5])
+def test_uncond_multiplier_batched_and_separate(multiplier, nodes, sd15):
+    base, sd, cnx = sd15
+    x, ctx, hint = cnx_inputs(2)
+    patched = apply_cnx(nodes, base, cnx, hint, strength=0.8, uncond_multiplier=multiplier)
+    together = call(patched, x, 2.0, ctx, [0, 1])
+    want = cnx_reference(base, sd, hint, x, 2.0, ctx, [0.8, 0.8 * multiplier])
+    assert rel_err(together, want) < 1e-5
+    cond = call(patched, x[:1], 2.0, ctx[:1], [0])
+    uncond = call(patched, x[1:], 2.0, ctx[1:], [1])
+    torch.testing.assert_close(torch.cat([cond, uncond]), together, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_strength_lists_and_masks_fail_before_sampling_naming_the_node(nodes, sd15):
+    import comfy.sample
+
+    base, sd, cnx = sd15
+    lat = torch.zeros(3, 4, 8, 8)
+
+    def sample(patched):
+        comfy.sample.sample(patched, comfy.sample.prepare_noise(lat, 0), 1, 5.0, "euler", "normal",
+                            tm.text_cond(patched), tm.text_cond(patched, seed=2), lat)
+
+    hint = torch.rand(1, 64, 64, 3)
+    with pytest.raises(ValueError, match=r"Apply ControlNeXt \(XCtrl\): the latent strength list has 2 values but the latent batch has 3"):
+        sample(apply_cnx(nodes, base, cnx, hint, latent_strengths=latent_strengths(nodes, "1, 0.5")))
+    with pytest.raises(ValueError, match=r"Apply ControlNeXt \(XCtrl\): the mask is 128x64 .* latent is 8x8"):
+        sample(apply_cnx(nodes, base, cnx, hint, mask=torch.full((1, 64, 128), 0.5)))
+    with pytest.raises(ValueError, match=r"Apply ControlNeXt \(XCtrl\): the mask batch has 2 images but the latent batch has 3"):
+        sample(apply_cnx(nodes, base, cnx, hint, mask=torch.full((2, 64, 64), 0.5)))
+    with pytest.raises(ValueError, match="before the previous one"):
+        keyframes(nodes, (0.5, 1.0), (0.2, 1.0))
+
+
+# ------------------------------------------------------------------------------ ControlNet-XS
+LATENT = 16
+
+
+@pytest.fixture(scope="module")
+def xs(nodes, controlnet_dir):
+    import comfy.model_management as mm
+    from safetensors.torch import save_file
+    import os
+
+    base = xs_reference.sd15_768()
+    sd = xs_reference.xs_state_dict("sd15", seed=4)
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(controlnet_dir, "strengths_xs.safetensors"))
+    loaded = node_result(nodes["XCtrl_LoadControlNetXS"], "strengths_xs.safetensors")[0]
+    yield base, sd, loaded
+    mm.unload_all_models()
+
+
+def xs_inputs(base, rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    unet = base.model.model_config.unet_config
+    x = torch.randn(rows, 4, LATENT, LATENT, generator=g)
+    ctx = torch.randn(rows, 5, unet["context_dim"], generator=g)
+    image = torch.rand(1, 8 * LATENT, 8 * LATENT, 3, generator=g)
+    return x, ctx, image
+
+
+def apply_xs(nodes, base, loaded, image, strength=0.7, **kw):
+    return node_result(nodes["XCtrl_ApplyControlNetXS"], base, loaded, image, strength, 0.0, 1.0, **kw)[0]
+
+
+def xs_reference_out(base, sd, x, sigma, ctx, image, scale, weights=None, mask=None):
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([base])
+    hint = image.movedim(-1, 1).float().expand(x.shape[0], -1, -1, -1)
+    with torch.no_grad():
+        return xs_reference.xs_denoised(base.model, sd, x, torch.full((x.shape[0],), float(sigma)), ctx, hint, scale,
+                                        weights=weights, mask=mask)
+
+
+def test_xs_mask_at_every_block_resolution(nodes, xs):
+    base, sd, loaded = xs
+    x, ctx, image = xs_inputs(base, 2)
+    g = torch.Generator().manual_seed(9)
+    masks = torch.rand(2, 8 * LATENT, 8 * LATENT, generator=g)  # one per latent
+    patched = apply_xs(nodes, base, loaded, image, mask=masks)
+    got = call(patched, x, 3.0, ctx, [0])
+    want = xs_reference_out(base, sd, x, 3.0, ctx, image, 0.7, mask=masks.unsqueeze(1))
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, xs_reference_out(base, sd, x, 3.0, ctx, image, 0.7)) > 1e-4  # the mask does act
+    ones = apply_xs(nodes, base, loaded, image, mask=torch.ones(1, 8 * LATENT, 8 * LATENT))
+    assert torch.equal(call(ones, x, 3.0, ctx, [0]), call(apply_xs(nodes, base, loaded, image), x, 3.0, ctx, [0]))
+
+
+def test_xs_connection_weights_base_multiplier_and_explicit(nodes, xs):
+    base, sd, loaded = xs
+    x, ctx, image = xs_inputs(base, 1)
+    n = len(base.model.diffusion_model.input_blocks)
+    m = 0.8
+    soft = [m ** (n - i) for i in range(n)] + [1.0] + [m ** (j + 1) for j in range(n)]  # by hand
+    got = call(apply_xs(nodes, base, loaded, image, connection_base_multiplier=m), x, 3.0, ctx, [0])
+    assert rel_err(got, xs_reference_out(base, sd, x, 3.0, ctx, image, 0.7, weights=soft)) < 1e-5
+    explicit = [round(0.1 * (k % 7), 2) for k in range(2 * n + 1)]
+    got = call(apply_xs(nodes, base, loaded, image, connection_weights=", ".join(map(str, explicit))), x, 3.0, ctx, [0])
+    assert rel_err(got, xs_reference_out(base, sd, x, 3.0, ctx, image, 0.7, weights=explicit)) < 1e-5
+    with pytest.raises(ValueError, match=f"give 1 or {2 * n + 1}"):
+        apply_xs(nodes, base, loaded, image, connection_weights="1, 2")
+
+
+def test_xs_schedule_latent_strengths_and_uncond_multiplier(nodes, xs):
+    base, sd, loaded = xs
+    ms = base.model.model_sampling
+    x, ctx, image = xs_inputs(base, 4)  # 2 latents, cond + uncond
+    sigmas = torch.tensor([float(ms.percent_to_sigma(p)) for p in (0.1, 0.6)] + [0.0])
+    patched = apply_xs(nodes, base, loaded, image, strength=0.7, schedule=keyframes(nodes, (0.5, 0.4)),
+                       latent_strengths=latent_strengths(nodes, "1.0, 0.5"), uncond_multiplier=0.5)
+    for sigma, step in zip(sigmas[:-1], [1.0, 0.4]):
+        got = call(patched, x, sigma, ctx, [0, 1], sample_sigmas=sigmas)
+        rows = [0.7 * step * f * u for u in (1.0, 0.5) for f in (1.0, 0.5)]  # cond chunk, then uncond
+        assert rel_err(got, xs_reference_out(base, sd, x, sigma, ctx, image, rows)) < 1e-5, float(sigma)
+
+
+def test_xs_all_ones_knobs_are_bit_identical_to_none(nodes, xs):
+    base, sd, loaded = xs
+    x, ctx, image = xs_inputs(base, 2)
+    plain = call(apply_xs(nodes, base, loaded, image), x, 3.0, ctx, [0, 1])
+    ones = apply_xs(nodes, base, loaded, image, schedule=keyframes(nodes, (0.0, 1.0)),
+                    latent_strengths=latent_strengths(nodes, "1"), uncond_multiplier=1.0, connection_base_multiplier=1.0)
+    assert torch.equal(call(ones, x, 3.0, ctx, [0, 1]), plain)
