@@ -16,6 +16,7 @@ from ..models.checkpoint_io import WeightFileError
 from ..models.families import family_of_context_width
 from . import hints
 from .apply_inputs import check_step_range, image_input, mask_batch, mask_input, step_range_inputs
+from .conditioning_control import ConditioningControl, with_control
 from .control_strengths import strength_inputs, strengths_from
 from .control_runner import control_patcher
 from .controlnet_xs_runtime import ControlNetXSRunner, build_control_net
@@ -117,12 +118,42 @@ class LoadControlNetXS(io.ComfyNode):
         return io.NodeOutput(loaded)
 
 
+def _weight_inputs():
+    return [
+        io.Float.Input("connection_base_multiplier", optional=True, default=1.0, min=0.0, max=2.0, step=0.01,
+                       tooltip="Soft weights: the middle connection gets 1, each connection one block further from it "
+                               "this times the next deeper one's (encoder i: m^(n-i), decoder j: m^(j+1)). 1 = the authors'."),
+        io.String.Input("connection_weights", optional=True, default="",
+                        tooltip="Explicit weight per control -> base connection, comma separated, in connection order: "
+                                "encoder 0..n-1 (after input block i), the middle, decoder 0..n-1 (before output block j); "
+                                "2n+1 values (25 for SD1.5/SD2.1, 19 for SDXL) or 1. Overrides the base multiplier."),
+    ]
+
+
+def _runner(model, controlnet_xs, image, strength, start_percent, end_percent, mask, connection_base_multiplier,
+            connection_weights, schedule, latent_strengths, uncond_multiplier, node):
+    controlnet_xs.check_base(model)
+    hint = hints.image_to_nchw(image)
+    strengths = strengths_from(schedule, latent_strengths, uncond_multiplier, node)
+    patcher = controlnet_xs.patcher_for(model)
+    explicit = parse_strength_list(connection_weights, node) if connection_weights.strip() else None
+    try:
+        weights = weights_of_connections(patcher.model.num_input_blocks, connection_base_multiplier, explicit)
+    except ValueError as e:
+        raise ScheduleError(f"{node}: {e}") from None
+    runner = ControlNetXSRunner(patcher, hint, strength, start_percent, end_percent, mask_batch(mask), strengths, weights)
+    runner.NODE = node  # the node its errors name
+    return runner
+
+
 class ApplyControlNetXS(io.ComfyNode):
+    NODE = "Apply ControlNet-XS (XCtrl)"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_ApplyControlNetXS",
-            display_name="Apply ControlNet-XS (XCtrl)",
+            display_name=cls.NODE,
             category=CATEGORY,
             description=(
                 "Applies ControlNet-XS to a MODEL: the control network runs in lock-step with the UNet encoder on every "
@@ -136,13 +167,7 @@ class ApplyControlNetXS(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="Scales every control -> base connection (the authors' conditioning scale). 0 leaves the model untouched."),
                 *step_range_inputs(),
                 mask_input(),
-                io.Float.Input("connection_base_multiplier", optional=True, default=1.0, min=0.0, max=2.0, step=0.01,
-                               tooltip="Soft weights: the middle connection gets 1, each connection one block further from it "
-                                       "this times the next deeper one's (encoder i: m^(n-i), decoder j: m^(j+1)). 1 = the authors'."),
-                io.String.Input("connection_weights", optional=True, default="",
-                                tooltip="Explicit weight per control -> base connection, comma separated, in connection order: "
-                                        "encoder 0..n-1 (after input block i), the middle, decoder 0..n-1 (before output block j); "
-                                        "2n+1 values (25 for SD1.5/SD2.1, 19 for SDXL) or 1. Overrides the base multiplier."),
+                *_weight_inputs(),
                 *strength_inputs(),
             ],
             outputs=[io.Model.Output()],
@@ -156,21 +181,53 @@ class ApplyControlNetXS(io.ComfyNode):
     def execute(cls, model, controlnet_xs, image, strength, start_percent, end_percent, mask=None,
                 connection_base_multiplier=1.0, connection_weights="", schedule=None, latent_strengths=None,
                 uncond_multiplier=1.0):
-        node = "Apply ControlNet-XS (XCtrl)"
-        controlnet_xs.check_base(model)
-        hint = hints.image_to_nchw(image)
-        strengths = strengths_from(schedule, latent_strengths, uncond_multiplier, node)
-        patcher = controlnet_xs.patcher_for(model)
-        explicit = parse_strength_list(connection_weights, node) if connection_weights.strip() else None
-        try:
-            weights = weights_of_connections(patcher.model.num_input_blocks, connection_base_multiplier, explicit)
-        except ValueError as e:
-            raise ScheduleError(f"{node}: {e}") from None
+        runner = _runner(model, controlnet_xs, image, strength, start_percent, end_percent, mask, connection_base_multiplier,
+                         connection_weights, schedule, latent_strengths, uncond_multiplier, cls.NODE)
         patched = model.clone()
-        ControlNetXSRunner(patcher, hint, strength, start_percent, end_percent, mask_batch(mask), strengths,
-                           weights).install(patched)
+        runner.install(patched)
         return io.NodeOutput(patched)
 
 
+class ApplyControlNetXSConditioning(io.ComfyNode):
+    NODE = "Apply ControlNet-XS to Conditioning (XCtrl)"
 
-NODES = [LoadControlNetXS, ApplyControlNetXS]
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_ApplyControlNetXSConditioning",
+            display_name=cls.NODE,
+            category=CATEGORY,
+            description=(
+                "ControlNet-XS carried by conditioning, like ComfyUI's Apply ControlNet: only the prompts (and areas) that "
+                "pass through here get the control; others get none. The MODEL input only tells which base the control "
+                "network must fit and where it loads (it is not patched)."
+            ),
+            inputs=[
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Model.Input("model", tooltip="The MODEL these conditionings will be sampled with (read only)."),
+                ControlNetXSType.Input("controlnet_xs"),
+                image_input("canny edges, depth, ..."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="As Apply ControlNet-XS's strength."),
+                *step_range_inputs(),
+                mask_input(),
+                *_weight_inputs(),
+                *strength_inputs(),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, start_percent, end_percent):
+        return check_step_range(start_percent, end_percent)
+
+    @classmethod
+    def execute(cls, positive, negative, model, controlnet_xs, image, strength, start_percent, end_percent, mask=None,
+                connection_base_multiplier=1.0, connection_weights="", schedule=None, latent_strengths=None,
+                uncond_multiplier=1.0):
+        runner = _runner(model, controlnet_xs, image, strength, start_percent, end_percent, mask, connection_base_multiplier,
+                         connection_weights, schedule, latent_strengths, uncond_multiplier, cls.NODE)
+        return io.NodeOutput(*with_control(positive, negative, ConditioningControl(runner)))
+
+
+NODES = [LoadControlNetXS, ApplyControlNetXS, ApplyControlNetXSConditioning]

@@ -35,7 +35,7 @@ import comfy.patcher_extension as pe
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
 from ..models.controlnet_xs import load_controlnet_xs, mix_time_embeddings
-from . import hints
+from . import call_patches, hints
 from .control_runner import ControlRunner, FrameCache, image_size
 
 STASH = "xctrl_controlnet_xs"
@@ -115,10 +115,13 @@ class ControlNetXSRunner(ControlRunner):
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         if transformer_options is None:
             transformer_options = {}
-        base = executor.class_obj
-        active = self.strength != 0.0 and self.active(base.model_sampling, t)
+        self.prepare_call(executor.class_obj, x, t, transformer_options)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    def prepare_call(self, base, x, t, transformer_options):
+        """Whether the control acts in this call, at which row scales: stashed for the UNet wrapper."""
         entry = None
-        if active:
+        if self.strength != 0.0 and self.active(base.model_sampling, t):
             layout = hints.BatchLayout(x.shape[0], transformer_options)
             more = self.row_scale(layout, t, base.model_sampling, transformer_options)
             scale = self.strength if more is None else (more * self.strength).to(x.device).reshape(-1, 1, 1, 1)
@@ -127,7 +130,15 @@ class ControlNetXSRunner(ControlRunner):
         stash = dict(transformer_options.get(STASH, {}))
         stash[self.uid] = entry
         transformer_options[STASH] = stash
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    def attach_to_call(self, base, x, t, transformer_options):
+        """Conditioning-level control: the stash, the UNet wrapper and the block patches added to
+        this call's transformer_options only (the MODEL carries nothing)."""
+        self.prepare_call(base, x, t, transformer_options)
+        call_patches.add_wrapper(transformer_options, pe.WrappersMP.DIFFUSION_MODEL, self.uid, self.diffusion_model_wrapper)
+        call_patches.add_patch(transformer_options, "emb_patch", _Hook(self, self.emb_patch))
+        call_patches.add_patch(transformer_options, "input_block_patch", _Hook(self, self.input_patch))
+        call_patches.add_patch(transformer_options, "output_block_patch", _Hook(self, self.output_patch))
 
     def diffusion_model_wrapper(self, executor, x, timesteps, context=None, y=None, control=None, transformer_options=None, **kwargs):
         stash = (transformer_options or {}).get(STASH, {})

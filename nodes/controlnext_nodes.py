@@ -1,5 +1,8 @@
-"""ControlNeXt nodes: load a control module (+ optional UNet weights), apply it to a MODEL,
-run SVD videos longer than one window and condition SVD the authors' way."""
+"""ControlNeXt nodes: load a control module (+ optional UNet weights), apply it to a MODEL or
+to conditioning (per prompt), run SVD videos longer than one window and condition SVD the
+authors' way."""
+import logging
+
 import torch
 
 import comfy.model_management as mm
@@ -14,6 +17,7 @@ from ..models.checkpoint_io import WeightFileError
 from ..models.file_kinds import kind_of
 from . import hints
 from .apply_inputs import check_step_range, image_input, mask_batch, mask_input, step_range_inputs
+from .conditioning_control import ConditioningControl, with_control
 from .control_strengths import strength_inputs, strengths_from
 from .controlnext_runtime import INJECTIONS, ControlNeXtRunner, module_patcher
 from .long_video_runtime import NODE as LONG_VIDEO_NODE
@@ -22,6 +26,7 @@ from .unet_patches import base_weights, to_model_keys
 from .model_family import compute_dtype, family_title, model_family, unet_block_channels
 from .weight_files import NONE, file_list, read, wrong_file
 
+LOG = logging.getLogger("xctrl")
 CATEGORY = "XCtrl/ControlNeXt"
 CONTROLNEXT = "XCTRL_CONTROLNEXT"
 ControlNeXtType = io.Custom(CONTROLNEXT)
@@ -121,19 +126,73 @@ class ApplyControlNeXt(io.ComfyNode):
     def execute(cls, model, controlnext, image, strength, start_percent, end_percent, mask=None, unet_strength=1.0,
                 sd15_layout="refuse", reference_pose_per_window=True, schedule=None, latent_strengths=None,
                 uncond_multiplier=1.0):
-        variant = _variant_for(controlnext, model, sd15_layout)
-        _check_width(controlnext, variant, model)
-        hint = hints.image_to_nchw(image)
-        strengths = strengths_from(schedule, latent_strengths, uncond_multiplier, "Apply ControlNeXt (XCtrl)")
+        runner = _runner(model, controlnext, image, strength, start_percent, end_percent, mask, sd15_layout,
+                         reference_pose_per_window, schedule, latent_strengths, uncond_multiplier, "Apply ControlNeXt (XCtrl)")
         patched = model.clone()
         if controlnext.unet_sd is not None and unet_strength != 0.0:
             add_unet_weight_patches(patched, controlnext, unet_strength)
-        runner = ControlNeXtRunner(
-            controlnext.module_patcher(variant, model), variant, hint, strength,
-            start_percent, end_percent, mask_batch(mask), reference_pose_per_window, strengths,
-        )
         runner.install(patched)
         return io.NodeOutput(patched)
+
+
+def _runner(model, controlnext, image, strength, start_percent, end_percent, mask, sd15_layout, reference_pose_per_window,
+            schedule, latent_strengths, uncond_multiplier, node):
+    variant = _variant_for(controlnext, model, sd15_layout)
+    _check_width(controlnext, variant, model)
+    strengths = strengths_from(schedule, latent_strengths, uncond_multiplier, node)
+    runner = ControlNeXtRunner(controlnext.module_patcher(variant, model), variant, hints.image_to_nchw(image), strength,
+                               start_percent, end_percent, mask_batch(mask), reference_pose_per_window, strengths)
+    runner.NODE = node  # the node its errors name
+    return runner
+
+
+class ApplyControlNeXtConditioning(io.ComfyNode):
+    NODE = "Apply ControlNeXt to Conditioning (XCtrl)"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_ApplyControlNeXtConditioning",
+            display_name=cls.NODE,
+            category=CATEGORY,
+            description=(
+                "ControlNeXt carried by conditioning, like ComfyUI's Apply ControlNet: only the prompts (and areas) that "
+                "pass through here get the control; others get none. The MODEL input only tells which ControlNeXt variant "
+                "to run and where its module loads (it is not patched). UNet weight files loaded with the module act on a "
+                "whole MODEL: use Apply ControlNeXt for them."
+            ),
+            inputs=[
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Model.Input("model", tooltip="The MODEL these conditionings will be sampled with (read only)."),
+                ControlNeXtType.Input("controlnext"),
+                image_input("pose, edges, depth, ..."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="As Apply ControlNeXt's strength."),
+                *step_range_inputs(),
+                mask_input(),
+                io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse",
+                               tooltip="As Apply ControlNeXt's sd15_layout."),
+                io.Boolean.Input("reference_pose_per_window", optional=True, default=True,
+                                 tooltip="As Apply ControlNeXt's reference_pose_per_window."),
+                *strength_inputs(),
+            ],
+            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, start_percent, end_percent):
+        return check_step_range(start_percent, end_percent)
+
+    @classmethod
+    def execute(cls, positive, negative, model, controlnext, image, strength, start_percent, end_percent, mask=None,
+                sd15_layout="refuse", reference_pose_per_window=True, schedule=None, latent_strengths=None,
+                uncond_multiplier=1.0):
+        if controlnext.unet_sd is not None:
+            LOG.warning("[XCtrl] %s: the UNet weights loaded with %s act on a MODEL and are not applied here (use Apply "
+                        "ControlNeXt, or Apply UNet Weights on the MODEL)", cls.NODE, controlnext.name)
+        runner = _runner(model, controlnext, image, strength, start_percent, end_percent, mask, sd15_layout,
+                         reference_pose_per_window, schedule, latent_strengths, uncond_multiplier, cls.NODE)
+        return io.NodeOutput(*with_control(positive, negative, ConditioningControl(runner)))
 
 
 class ControlNeXtSVDLongVideo(io.ComfyNode):
@@ -277,4 +336,4 @@ def add_unet_weight_patches(model, controlnext, strength):
     model.add_patches({"diffusion_model." + k: (d,) for k, d in deltas.items()}, strength)
 
 
-NODES = [LoadControlNeXt, ApplyControlNeXt, ControlNeXtSVDLongVideo, SVDReferenceConditioning]
+NODES = [LoadControlNeXt, ApplyControlNeXt, ControlNeXtSVDLongVideo, SVDReferenceConditioning, ApplyControlNeXtConditioning]

@@ -17,7 +17,7 @@ import comfy.patcher_extension as pe
 
 from ..models import controlnext as cnx
 from ..models.cross_norm import control_to_tokens, cross_normalize, cross_normalize_tokens
-from . import hints
+from . import call_patches, hints
 from .control_runner import ControlRunner, FrameCache, control_patcher, image_size
 from .model_family import compute_dtype
 
@@ -101,14 +101,31 @@ class ControlNeXtRunner(ControlRunner):
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         if transformer_options is None:
             transformer_options = {}
-        entry = self._entry(executor.class_obj, x, t, transformer_options)
+        self.prepare_call(executor.class_obj, x, t, transformer_options)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    def prepare_call(self, base_model, x, t, transformer_options):
+        """Computes this call's features and stashes them for the injection patch."""
+        entry = self._entry(base_model, x, t, transformer_options)
         stash = dict(transformer_options.get(STASH, {}))
         stash[self.uid] = entry
         transformer_options[STASH] = stash
-        embedder = getattr(executor.class_obj.diffusion_model, "x_embedder", None)
+        embedder = getattr(base_model.diffusion_model, "x_embedder", None)
         if embedder is not None:  # MMDiT: the patch grid of the image tokens
             transformer_options[PATCH_SIZE_KEY] = embedder.patch_size[0]
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    def attach_to_call(self, base_model, x, t, transformer_options):
+        """Conditioning-level control: this call's features, and the injection patch added to this
+        call's transformer_options only (the MODEL carries nothing)."""
+        self.prepare_call(base_model, x, t, transformer_options)
+        hook = self.injection.hook
+        if hook == OUTPUT_BLOCK_PATCH:
+            call_patches.add_patch(transformer_options, "output_block_patch", OutputBlockInjection(self))
+        elif hook == INPUT_BLOCK_PATCH_AFTER_SKIP:
+            call_patches.add_patch(transformer_options, "input_block_patch_after_skip", InputBlockInjection(self))
+        else:
+            previous = transformer_options.get("patches_replace", {}).get("dit", {}).get(("double_block", 0))
+            call_patches.set_replace(transformer_options, "dit", ("double_block", 0), JointBlockInjection(self, previous))
 
     def _entry(self, base_model, x, sigma, transformer_options):
         """(features per row, scale per row, mask per row, latent size) for this call, or None when inactive."""

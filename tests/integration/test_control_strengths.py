@@ -277,3 +277,75 @@ def test_xs_all_ones_knobs_are_bit_identical_to_none(nodes, xs):
     ones = apply_xs(nodes, base, loaded, image, schedule=keyframes(nodes, (0.0, 1.0)),
                     latent_strengths=latent_strengths(nodes, "1"), uncond_multiplier=1.0, connection_base_multiplier=1.0)
     assert torch.equal(call(ones, x, 3.0, ctx, [0, 1]), plain)
+
+
+# ------------------------------------------------------------------------------ per-prompt control
+def sample(model, positive, negative, steps=2, seed=0, size=8):
+    import comfy.sample
+
+    lat = torch.zeros(1, 4, size, size)
+    return comfy.sample.sample(model, comfy.sample.prepare_noise(lat, seed), steps, 5.0, "euler", "normal",
+                               positive, negative, lat)
+
+
+def cnx_conditioning(nodes, positive, negative, base, cnx, hint, strength=0.8, **kw):
+    return node_result(nodes["XCtrl_ApplyControlNeXtConditioning"], positive, negative, base, cnx, hint, strength,
+                       0.0, 1.0, **kw)
+
+
+def test_controlnext_on_all_prompts_equals_the_model_patch(nodes, sd15):
+    base, sd, cnx = sd15
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    pos, neg = tm.text_cond(base), tm.text_cond(base, seed=2)
+    model_level = sample(apply_cnx(nodes, base, cnx, hint, strength=0.8), pos, neg)
+    cpos, cneg = cnx_conditioning(nodes, pos, neg, base, cnx, hint)
+    cond_level = sample(base, cpos, cneg)
+    plain = sample(base, pos, neg)
+    assert (cond_level - model_level).abs().max() <= 1e-6 * model_level.abs().max()
+    assert rel_err(model_level, plain) > 1e-3  # the control acts
+    assert "control" not in pos[0][1]  # the inputs are not changed
+
+
+def test_prompts_without_the_control_get_none(nodes, sd15):
+    """Control on the positive prompt only = the MODEL patch with uncond multiplier 0."""
+    base, sd, cnx = sd15
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(3))
+    pos, neg = tm.text_cond(base), tm.text_cond(base, seed=2)
+    cpos, _ = cnx_conditioning(nodes, pos, neg, base, cnx, hint)
+    positive_only = sample(base, cpos, neg)
+    want = sample(apply_cnx(nodes, base, cnx, hint, strength=0.8, uncond_multiplier=0.0), pos, neg)
+    assert rel_err(positive_only, want) < 1e-5
+    assert rel_err(positive_only, sample(apply_cnx(nodes, base, cnx, hint, strength=0.8), pos, neg)) > 1e-4
+
+
+def test_a_stock_controlnet_before_it_keeps_working(nodes, sd15):
+    base, sd, cnx = sd15
+    import comfy.model_management as mm
+
+    stock = tm.unet_controlnet(tm.SD15_TINY, seed=5)
+    g = torch.Generator().manual_seed(4)
+    hint, stock_hint = torch.rand(1, 64, 64, 3, generator=g), torch.rand(1, 64, 64, 3, generator=g)
+    pos, neg = tm.text_cond(base), tm.text_cond(base, seed=2)
+    spos, sneg = _stock_apply(pos, neg, stock, stock_hint)
+    both = sample(base, *cnx_conditioning(nodes, spos, sneg, base, cnx, hint))
+    want = sample(apply_cnx(nodes, base, cnx, hint, strength=0.8), spos, sneg)
+    assert rel_err(both, want) < 1e-5
+    assert rel_err(both, sample(base, *cnx_conditioning(nodes, pos, neg, base, cnx, hint))) > 1e-4  # the stock one acts
+    mm.unload_all_models()
+
+
+def _stock_apply(positive, negative, control_net, image, strength=0.9):
+    import nodes as comfy_nodes
+
+    return comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control_net, image, strength, 0.0, 1.0)
+
+
+def test_controlnet_xs_on_all_prompts_equals_the_model_patch(nodes, xs):
+    base, sd, loaded = xs
+    x, ctx, image = xs_inputs(base, 1)
+    pos, neg = [[torch.randn(1, 5, 768), {}]], [[torch.randn(1, 5, 768), {}]]
+    model_level = sample(apply_xs(nodes, base, loaded, image), pos, neg, size=LATENT)
+    cpos, cneg = node_result(nodes["XCtrl_ApplyControlNetXSConditioning"], pos, neg, base, loaded, image, 0.7, 0.0, 1.0)
+    cond_level = sample(base, cpos, cneg, size=LATENT)
+    assert (cond_level - model_level).abs().max() <= 1e-6 * model_level.abs().max()
+    assert rel_err(model_level, sample(base, pos, neg, size=LATENT)) > 1e-3
