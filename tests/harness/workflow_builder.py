@@ -175,6 +175,31 @@ def controlnext_sdxl_depth():
     return _controlnext_sdxl("depth")
 
 
+def controlnext_sdxl_canny_scheduled():
+    """Canny control strong early and fading out by 60 % of the steps, on the subject only (a
+    mask of the near half of the depth map)."""
+    g = _controlnext_sdxl("canny")
+    g.update({
+        "depth": ("XCtrl_DepthAnythingV2", {"image": ["image", 0], "render": "grey"}, "Depth (for the subject mask)"),
+        "depth_mask": ("ImageToMask", {"image": ["depth", 0], "channel": "red"}, None),
+        "subject": ("ThresholdMask", {"mask": ["depth_mask", 0], "value": 0.5}, "Subject mask (near = white)"),
+        "kf_start": ("XCtrl_StepKeyframe", {"start_percent": 0.0, "strength": 1.0, "interpolation": "linear",
+                                            "guarantee_steps": 1}, "Strong at the start, fading"),
+        "kf_end": ("XCtrl_StepKeyframe", {"previous": ["kf_start", 0], "start_percent": 0.6, "strength": 0.0,
+                                          "interpolation": "hold", "guarantee_steps": 1}, "Off from 60 %"),
+    })
+    apply_cls, apply_inputs, apply_title = g["apply"]
+    g["apply"] = (apply_cls, dict(apply_inputs, mask=["subject", 0], schedule=["kf_end", 0]), apply_title)
+    save_cls, save_inputs, save_title = g["save"]
+    g["save"] = (save_cls, dict(save_inputs, filename_prefix="xctrl/controlnext_sdxl_canny_scheduled"), save_title)
+    g.pop("note")
+    g.update(_note(g, "ControlNeXt SDXL canny with a step schedule and a mask: the canny control starts at full "
+                      "strength (0.35), fades linearly to 0 at 60 % of the steps (the later steps refine freely) and acts "
+                      "only where the depth map says the subject is (near half).\n"
+                      "Schedules: Step Keyframe (XCtrl) nodes chain; Advanced-ControlNet's timestep keyframes connect too."))
+    return g
+
+
 SVD_W, SVD_H = 576, 1024  # the authors' reference resolution (portrait)
 
 
@@ -331,6 +356,7 @@ WORKFLOWS = {
     "controlnext_sd15_pose": controlnext_sd15_pose,
     "controlnext_sdxl_canny": controlnext_sdxl_canny,
     "controlnext_sdxl_depth": controlnext_sdxl_depth,
+    "controlnext_sdxl_canny_scheduled": controlnext_sdxl_canny_scheduled,
     "controlnext_svd_v2_pose_video": controlnext_svd_v2_pose_video,
     "controlnext_svd_v2_long_video": controlnext_svd_v2_long_video,
     "controlnet_xs_sdxl_depth": controlnet_xs_sdxl_depth,
@@ -345,6 +371,7 @@ TITLES = {
     "controlnext_sd15_pose": "ControlNeXt SD1.5 pose",
     "controlnext_sdxl_canny": "ControlNeXt SDXL canny",
     "controlnext_sdxl_depth": "ControlNeXt SDXL depth",
+    "controlnext_sdxl_canny_scheduled": "ControlNeXt SDXL canny fading out, on the subject only",
     "controlnext_svd_v2_pose_video": "ControlNeXt SVD v2 pose video (14 frames)",
     "controlnext_svd_v2_long_video": "ControlNeXt SVD v2 long pose video (72 frames in windows)",
     "controlnet_xs_sdxl_depth": "ControlNet XS SDXL depth",
@@ -359,6 +386,8 @@ SUMMARIES = {
     "controlnext_sd15_pose": "DWPose body skeleton -> ControlNeXt SD1.5 with its UNet weights",
     "controlnext_sdxl_canny": "Canny (median thresholds) -> ControlNeXt SDXL with its UNet deltas, strength 0.35",
     "controlnext_sdxl_depth": "Depth Anything V2 (viridis) -> ControlNeXt SDXL with its UNet deltas",
+    "controlnext_sdxl_canny_scheduled": "the canny workflow with a step schedule (full strength fading to 0 by 60 % of "
+                                        "the steps) and a mask (the near half of a depth map): control where and when",
     "controlnext_svd_v2_pose_video": "14 frames with the authors' settings: reference image cropped to 576x1024, DWPose on "
                                      "every 2nd driving frame aligned to the reference pose, reference pose first -> "
                                      "ControlNeXt-SVD v2 (reference-pipeline SVD conditioning, cfg 3, 25 steps euler/karras), WebP",

@@ -99,17 +99,21 @@ def control_residuals(base, cnet, hint, x, sigma, context, strength, y=None):
     return {k: [r * strength for r in v] for k, v in out.items()}
 
 
-def reference_denoised(setup, controls, sigma, mode, granularity, post_output=None, input_residuals=()):
+def reference_denoised(setup, controls, sigma, mode, granularity, post_output=None, input_residuals=(), shape=None):
     """CFG-combined denoised output; each row (cond, uncond) computed alone.
-    ``input_residuals``: an 'input' list (strength applied) of one more control."""
+    ``input_residuals``: an 'input' list (strength applied) of one more control; ``shape``:
+    {control index: f(residual)} applied to that control's residuals before balancing."""
     rows = []
     sigma = sigma.reshape(1)
+    shape = shape or {}
     for cond in (setup["pos"], setup["neg"]):
         ctx = cond[0][0]
         y = cond[0][1].get("pooled_output")
         res = [control_residuals(setup["base"], setup["cnets"][i].control_model, setup["hints"][i].movedim(-1, 1),
                                  setup["x"], sigma, ctx, strength, y)
                for i, (strength, start, end) in controls.items() if in_range(setup["base"], sigma, start, end)]
+        res = [{k: [shape[i](r) for r in v] for k, v in out.items()} if i in shape else out
+               for i, out in zip([i for i, (_, start, end) in controls.items() if in_range(setup["base"], sigma, start, end)], res)]
 
         def at(kind, idx, e):
             if kind == "middle":
@@ -479,3 +483,72 @@ def test_sd3_sum_is_stock_bit_for_bit(sd3):
     assert torch.equal(full_sample(model, mpos, mneg, sd3["latent"], steps=2), stock)
     balanced_run = full_sample(*run_node(sd3["patcher"], pos, neg, "min_norm"), sd3["latent"], steps=2)
     assert torch.isfinite(balanced_run).all() and not torch.equal(balanced_run, stock)
+
+
+# ---------------------------------------------------------------------------- keyframed and masked members
+def _mask_at(mask, r):
+    return torch.nn.functional.interpolate(mask, size=tuple(r.shape[-2:]), mode="nearest")
+
+
+def _keyframed_control_class():
+    import comfy.controlnet
+
+    class KeyframedControl(comfy.controlnet.ControlBase):
+        """What Advanced-ControlNet's controls do: their residuals come with their own step strength
+        (here: a function of sigma) and mask already applied."""
+
+        def __init__(self, inner, strength_at, mask):
+            super().__init__()
+            self.inner, self.strength_at, self.mask = inner, strength_at, mask
+
+        def copy(self):
+            c = KeyframedControl(self.inner.copy(), self.strength_at, self.mask)
+            self.copy_to(c)
+            return c
+
+        def pre_run(self, model, percent_to_timestep_function):
+            super().pre_run(model, percent_to_timestep_function)
+            self.inner.pre_run(model, percent_to_timestep_function)
+
+        def cleanup(self):
+            self.inner.cleanup()
+            super().cleanup()
+
+        def get_models(self):
+            return super().get_models() + self.inner.get_models()
+
+        def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
+            out = self.inner.get_control(x_noisy, t, cond, batched_number, transformer_options)
+            s = self.strength_at(float(t.reshape(-1)[0]))
+            if out is None or s == 0.0:
+                return None
+            return {k: [None if r is None else r * s * _mask_at(self.mask, r).to(r.dtype) for r in v] for k, v in out.items()}
+
+    return KeyframedControl
+
+
+@pytest.mark.parametrize("granularity", ["layer", "pixel"])
+def test_a_keyframed_masked_control_enters_the_balance_with_both_applied(sd15, granularity):
+    """A control whose residuals carry its step strength and mask (as Advanced-ControlNet's do)
+    is balanced with them applied; at a step where its strength is 0 it drops out."""
+    mask = torch.ones(1, 1, 16, 16)
+    mask[..., :, :8] = 0.0  # masked out on the left half: zero residuals there
+    early_sigma = float(sd15["sigma"])
+    strength_at = lambda sigma: 0.5 if sigma >= early_sigma - 1e-6 else 0.0  # noqa: E731
+    inner = sd15["cnets"][0].copy().set_cond_hint(sd15["hints"][0].movedim(-1, 1), STRENGTHS[0], (0.0, 1.0))
+    keyframed = _keyframed_control_class()(inner, strength_at, mask)
+    pos = [[e, dict(o, control=keyframed)] for e, o in sd15["pos"]]
+    neg = [[e, dict(o, control=keyframed)] for e, o in sd15["neg"]]
+    pos, neg = apply_controls(sd15, {1: (STRENGTHS[1], 0.0, 1.0)}, pos, neg)
+    model, mpos, mneg = run_node(sd15["patcher"], pos, neg, "paper", granularity)
+    got = denoise_once(model, mpos, mneg, sd15["x"], sd15["sigma"])
+    controls = spec(STRENGTHS[:2])
+    want = reference_denoised(sd15, controls, sd15["sigma"], "paper", granularity,
+                              shape={0: lambda r: r * 0.5 * _mask_at(mask, r)})
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    unmasked = reference_denoised(sd15, controls, sd15["sigma"], "paper", granularity, shape={0: lambda r: r * 0.5})
+    assert (got - unmasked).abs().max() > 1e-3  # the mask is in effect
+    # later, its strength is 0: control 1 alone
+    late = torch.tensor(float(sd15["base"].model_sampling.percent_to_sigma(0.8)))
+    alone = reference_denoised(sd15, {1: controls[1]}, late, "paper", granularity)
+    torch.testing.assert_close(denoise_once(model, mpos, mneg, sd15["x"], late), alone, rtol=1e-4, atol=1e-4)
