@@ -349,3 +349,36 @@ def test_controlnet_xs_on_all_prompts_equals_the_model_patch(nodes, xs):
     cond_level = sample(base, cpos, cneg, size=LATENT)
     assert (cond_level - model_level).abs().max() <= 1e-6 * model_level.abs().max()
     assert rel_err(model_level, sample(base, pos, neg, size=LATENT)) > 1e-3
+
+
+# ------------------------------------------------------------------------------ the real Advanced-ControlNet
+def _acn_utils(comfy_root):
+    import importlib
+    import os
+    import sys
+
+    for folder in (os.environ.get("XCTRL_ACN_DIR"), os.path.join(comfy_root, "custom_nodes", "ComfyUI-Advanced-ControlNet")):
+        if folder and os.path.isdir(os.path.join(folder, "adv_control")):
+            sys.path.insert(0, folder)
+            try:
+                return importlib.import_module("adv_control.utils")
+            finally:
+                sys.path.remove(folder)
+    pytest.skip("ComfyUI-Advanced-ControlNet is not installed here (set XCTRL_ACN_DIR to a checkout to run this test "
+                "with its real keyframe classes; the layout tests above use objects with its attributes)")
+
+
+def test_the_real_advanced_controlnet_keyframes(nodes, sd15, comfy_root):
+    acn = _acn_utils(comfy_root)
+    base, sd, cnx = sd15
+    ms = base.model.model_sampling
+    group = acn.TimestepKeyframeGroup()
+    group.add(acn.TimestepKeyframe(start_percent=0.5, strength=0.3))
+    latents = acn.LatentKeyframeGroup()
+    latents.add(acn.LatentKeyframe(1, 0.5))
+    x, ctx, hint = cnx_inputs(2)
+    patched = apply_cnx(nodes, base, cnx, hint, schedule=group, latent_strengths=latents)
+    sigmas = torch.tensor([float(ms.percent_to_sigma(p)) for p in (0.1, 0.6)] + [0.0])
+    for sigma, step in zip(sigmas[:-1], [1.0, 0.3]):
+        got = call(patched, x, sigma, ctx, [0], sample_sigmas=sigmas)
+        assert rel_err(got, cnx_reference(base, sd, hint, x, sigma, ctx, [0.0, 0.5 * step])) < 1e-5

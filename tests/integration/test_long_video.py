@@ -51,14 +51,14 @@ def reference_windows(n, length, overlap):
 
 
 def authors_loop(base, sd, poses, image_emb, concat, noise, length, overlap, cfg=CFG, min_cfg=None,
-                 replace_first_pose=True, drop_first_position=True):
+                 replace_first_pose=True, drop_first_position=True, frame_strengths=None):
     """The ControlNeXt-SVD v2 pipeline's denoising loop, written out (Euler, v-prediction through
     ComfyUI's own UNet blocks): per step and window slice the latents, the image latents and the
     poses (window position 0 = the sequence's pose 0), control on the cond half only (scale
     0.2 * strength, control timestep 0.25 ln sigma, eps 1e-5, normalize then pool, after input
     block 3), CFG per window position, an Euler step of the window from the step's sigma; the
     stepped windows are summed into the video (position 0 of windows not starting at 0 left out)
-    and divided by their count."""
+    and divided by their count. ``frame_strengths``: a further control multiplier per video frame."""
     model = base.model
     n = noise.shape[0]
     starts, length = reference_windows(n, length, overlap)
@@ -77,6 +77,8 @@ def authors_loop(base, sd, poses, image_emb, concat, noise, length, overlap, cfg
                     hint[0] = hint_all[0]
                 feat = ref.controlnext_feature({k: v.float() for k, v in sd.items()}, "svd_v2", hint, 0.25 * torch.log(s))
                 scale = torch.full((length,), 0.2 * STRENGTH)
+                if frame_strengths is not None:
+                    scale = scale * torch.tensor(frame_strengths[start:start + length])
                 hooks = {("input", 3): lambda h: ref.cross_norm_add(h, feat, 1e-5, False, scale)}
                 cond = ref.unet_denoised(model, xw, s, image_emb.expand(length, -1, -1), y=y.expand(length, -1),
                                          c_concat=concat[start:start + length], num_video_frames=length, hooks=hooks)
@@ -92,8 +94,11 @@ def authors_loop(base, sd, poses, image_emb, concat, noise, length, overlap, cfg
 
 
 # ----------------------------------------------------------------------------- the pack
-def long_video_model(nodes_mod, base, loaded, poses, length, overlap, cfg_ramp="constant", min_cfg=1.0):
-    controlled = apply(nodes_mod, base, loaded, poses, strength=STRENGTH)
+def long_video_model(nodes_mod, base, loaded, poses, length, overlap, cfg_ramp="constant", min_cfg=1.0, **apply_kw):
+    if apply_kw:
+        controlled = node_result(nodes_mod.ApplyControlNeXt, base, loaded, poses, STRENGTH, 0.0, 1.0, **apply_kw)[0]
+    else:
+        controlled = apply(nodes_mod, base, loaded, poses, strength=STRENGTH)
     return node_result(nodes_mod.ControlNeXtSVDLongVideo, controlled, length, overlap, cfg_ramp, min_cfg)[0]
 
 
@@ -118,6 +123,19 @@ def test_long_video_equals_the_authors_loop(n, length, overlap, setup, nodes_mod
                                       replace_first_pose=False)) > 1e-4
     assert rel_err(want, authors_loop(base, sd, poses, image_emb, concat, noise, length, overlap,
                                       drop_first_position=False)) > 1e-4
+
+
+def test_latent_strengths_follow_each_windows_frames(setup, nodes_mod, pack):
+    from harness.comfy_runtime import pack_node_classes
+
+    base, sd, loaded = setup
+    poses, image_emb, concat, noise = video_inputs(6, seed=3)
+    strengths = [1.0, 0.2, 0.5, 0.9, 0.0, 0.7]
+    latents = node_result(pack_node_classes()["XCtrl_LatentStrengths"], ", ".join(map(str, strengths)))[0]
+    got = sample(long_video_model(nodes_mod, base, loaded, poses, 4, 2, latent_strengths=latents), image_emb, concat, noise)
+    want = authors_loop(base, sd, poses, image_emb, concat, noise, 4, 2, frame_strengths=strengths)
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(want, authors_loop(base, sd, poses, image_emb, concat, noise, 4, 2)) > 1e-4
 
 
 def test_per_window_cfg_ramp_equals_the_authors_loop(setup, nodes_mod):
