@@ -5,7 +5,7 @@ import logging
 from comfy_api.latest import io
 
 from ..models import mi_balance as mb
-from .mi_runtime import CHANNEL_DIM, Balance, BalancedControl, apply_balance, architecture, format_stats
+from .mi_runtime import CHANNEL_DIM, SUPPORTED, Balance, BalancedControl, apply_balance, architecture, format_stats
 from .model_family import family_title, model_family
 
 LOG = logging.getLogger("xctrl.mi")
@@ -25,7 +25,7 @@ DESCRIPTION = (
     "sampler. Each ControlNet keeps its own strength and "
     "start/end (one outside its range drops out); their residuals are combined per layer in the order they were "
     "applied (add_com), and injected into the denoiser with a balanced weight (add_inj) instead of ComfyUI's plain "
-    "addition. Works with SD1.5/SD2.x/SDXL ControlNets and SD3/SD3.5 ControlNets, and with other model patches "
+    "addition. Works with SD1.5/SD2.x/SDXL, SD3/SD3.5 and Flux ControlNets (Union ones too: each Apply ControlNet with its own type is one control), and with other model patches "
     "such as FreeU (which then sees the features with the control injected, as usual). The mean weight per layer "
     "of the last step is logged after sampling (see also 'MI Lambda Stats')."
 )
@@ -61,15 +61,23 @@ class MIBalancedControl(io.ComfyNode):
         arch = architecture(model)
         if arch is None:
             raise ValueError(
-                f"MI Balanced Control supports SD1.5 / SD2.x / SDXL (UNet) and SD3 / SD3.5 (MMDiT) models; this MODEL "
-                f"is {family_title(model_family(model))}."
+                f"MI Balanced Control supports {SUPPORTED} models; this MODEL is {family_title(model_family(model))}. "
+                "Use it with one of those, or leave the ControlNets summed (no MI node)."
             )
         balance = Balance(mode, granularity, cap, CHANNEL_DIM[arch])
         patched, pos, neg, found = apply_balance(model, positive, negative, balance)
         if not found:
             LOG.warning("[XCtrl] MI Balanced Control: no ControlNet is applied to positive or negative; nothing to balance")
             return io.NodeOutput(model, positive, negative)
+        if all(len(c.members) < 2 for c in balanced_controls(pos + neg)):
+            LOG.info("[XCtrl] MI Balanced Control: one ControlNet only: there is nothing to combine (that needs two); its "
+                     "injection is still balanced against the model's features (the paper's add_inj, Eq. 10). Mode 'sum' "
+                     "leaves it as stock ComfyUI adds it.")
         return io.NodeOutput(patched, pos, neg)
+
+
+def balanced_controls(conditioning):
+    return list(dict.fromkeys(opts["control"] for _, opts in conditioning if isinstance(opts.get("control"), BalancedControl)))
 
 
 class MILambdaStats(io.ComfyNode):
@@ -97,8 +105,7 @@ class MILambdaStats(io.ComfyNode):
 
 def lambda_stats_text(positive):
     lines = []
-    for balance in dict.fromkeys(opts["control"].balance for _, opts in positive
-                                 if isinstance(opts.get("control"), BalancedControl)):
+    for balance in dict.fromkeys(c.balance for c in balanced_controls(positive)):
         lines.append(format_stats(balance.last_stats, balance))
     return "\n".join(lines) or "No MI Balanced Control in this conditioning."
 

@@ -20,6 +20,14 @@ addition"), in two halves that talk through the per-call ``transformer_options``
    - SD3/SD3.5 MMDiT: a ``("dit", "double_block", i)`` replacement runs the block (or another
      pack's replacement of it) and injects ``output[i]`` into the image tokens, as ComfyUI's
      mmdit adds ``control["output"][i]`` after joint block i (i < len(output)).
+   - Flux: ``("dit", "double_block", i)`` replacements inject ``input[i]`` into the first
+     tokens of the image stream after double block i (``img[:, :n]``, n = the residual's
+     tokens), and ``("dit", "single_block", i)`` replacements inject ``output[i]`` into the
+     image part of the joint stream after single block i (``img[:, txt:txt + n]``; the text
+     length is the joint length minus the image length the double blocks saw), as ComfyUI's
+     flux model adds them. They are put in place per model call by a DIFFUSION_MODEL wrapper,
+     around whatever replacement of the block the call carries, so another pack's replacement
+     of the same blocks runs inside ours whether it was applied before or after the MI node.
 
 Patch order: the injection patches are put FIRST in the input/output block patch lists,
 because that is where ComfyUI's plain addition happens (before any block patch). Another
@@ -48,6 +56,8 @@ import torch
 
 import comfy.controlnet
 import comfy.hooks
+import comfy.patcher_extension as pe
+from comfy.ldm.flux.model import Flux
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
@@ -58,8 +68,10 @@ LOG = logging.getLogger("xctrl.mi")
 STASH = "xctrl_mi"  # per call: {"balance": Balance, "input": [...], "middle": [...], "output": [...]}
 MARK = "xctrl_mi_injection"  # in model_options["transformer_options"]: the MODEL injects the stash
 CONTROL_KEYS = ("input", "middle", "output")
-UNET, MMDIT = "unet", "mmdit"
-CHANNEL_DIM = {UNET: 1, MMDIT: -1}  # (B, C, H, W) feature maps; (B, tokens, C) image tokens
+UNET, MMDIT, FLUX = "unet", "mmdit", "flux"
+CHANNEL_DIM = {UNET: 1, MMDIT: -1, FLUX: -1}  # (B, C, H, W) feature maps; (B, tokens, C) image tokens
+SUPPORTED = "SD1.5 / SD2.x / SDXL (UNet), SD3 / SD3.5 (MMDiT) and Flux"
+FLUX_IMAGE_TOKENS = "xctrl_mi_flux_image_tokens"  # per call: the image stream's length in the double blocks
 
 
 def architecture(model_patcher):
@@ -69,6 +81,8 @@ def architecture(model_patcher):
         return UNET
     if isinstance(dm, MMDiT):
         return MMDIT
+    if isinstance(dm, Flux):
+        return FLUX
     return None
 
 
@@ -337,6 +351,81 @@ class JointBlockInjection(_Patch):
         return out
 
 
+class FluxDoubleBlockInjection(_Patch):
+    """Flux double block i replacement: run the block (or the replacement already there), then
+    inject input[i] into the first tokens of the image stream."""
+
+    def __init__(self, index, inner=None):
+        self.index = index
+        self.inner = inner
+
+    def __call__(self, args, extra):
+        out = self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
+        to = args["transformer_options"]
+        stash = _stash(to)
+        if stash is None:
+            return out
+        img = out["img"]
+        stash[FLUX_IMAGE_TOKENS] = img.shape[1]
+        c = stash["input"][self.index] if self.index < len(stash["input"]) else None
+        if c is not None and c.shape[1] <= img.shape[1]:
+            n = c.shape[1]
+            injected = stash["balance"].inject(img[:, :n], c, f"double {self.index}", to)
+            out = dict(out, img=torch.cat([injected, img[:, n:]], dim=1))
+        return out
+
+
+class FluxSingleBlockInjection(_Patch):
+    """Flux single block i replacement: run it, then inject output[i] into the image part of the
+    joint (text + image) stream."""
+
+    def __init__(self, index, inner=None):
+        self.index = index
+        self.inner = inner
+
+    def __call__(self, args, extra):
+        out = self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
+        to = args["transformer_options"]
+        stash = _stash(to)
+        if stash is None or self.index >= len(stash["output"]) or stash["output"][self.index] is None:
+            return out
+        joint = out["img"]
+        c = stash["output"][self.index]
+        txt = joint.shape[1] - stash.get(FLUX_IMAGE_TOKENS, joint.shape[1])
+        n = c.shape[1]
+        if txt < 0 or txt + n > joint.shape[1]:
+            return out
+        injected = stash["balance"].inject(joint[:, txt:txt + n], c, f"single {self.index}", to)
+        return dict(out, img=torch.cat([joint[:, :txt], injected, joint[:, txt + n:]], dim=1))
+
+
+class FluxInjectionWrapper(_Patch):
+    """DIFFUSION_MODEL wrapper of a Flux MODEL: for each call carrying a balanced stash, wraps
+    every double and single block (or the replacement of it the call already has) with the
+    injection. Flux's forward takes (x, timestep, context, y, guidance, ref_latents, control,
+    transformer_options, ...) on every supported ComfyUI."""
+
+    TRANSFORMER_OPTIONS = 7
+
+    def __init__(self, n_double, n_single):
+        self.n_double, self.n_single = n_double, n_single
+
+    def __call__(self, executor, *args, **kwargs):
+        to = kwargs.get("transformer_options")
+        if to is None and len(args) > self.TRANSFORMER_OPTIONS:
+            to = args[self.TRANSFORMER_OPTIONS]
+        if isinstance(to, dict) and _stash(to) is not None:
+            replace = dict(to.get("patches_replace", {}))
+            dit = dict(replace.get("dit", {}))
+            for i in range(self.n_double):
+                dit[("double_block", i)] = FluxDoubleBlockInjection(i, dit.get(("double_block", i)))
+            for i in range(self.n_single):
+                dit[("single_block", i)] = FluxSingleBlockInjection(i, dit.get(("single_block", i)))
+            replace["dit"] = dit
+            to["patches_replace"] = replace  # this call's dict; the MODEL's own are not touched
+        return executor(*args, **kwargs)
+
+
 def install_injection(model_patcher):
     """Adds the injection patches to a (cloned) MODEL, once. Returns the architecture."""
     arch = architecture(model_patcher)
@@ -351,11 +440,15 @@ def install_injection(model_patcher):
         patches["input_block_patch"] = [InputInjection()] + list(patches.get("input_block_patch", []))
         patches["output_block_patch"] = [OutputInjection()] + list(patches.get("output_block_patch", []))
         to["patches"] = patches
-    else:
+    elif arch == MMDIT:
         existing = to.get("patches_replace", {}).get("dit", {})
         for i in range(len(model_patcher.model.diffusion_model.joint_blocks)):
             inner = existing.get(("double_block", i))
             model_patcher.set_model_patch_replace(JointBlockInjection(i, inner), "dit", "double_block", i)
+    else:
+        dm = model_patcher.model.diffusion_model
+        model_patcher.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, MARK,
+                                           FluxInjectionWrapper(len(dm.double_blocks), len(dm.single_blocks)))
     # set_model_patch_replace may build new option dicts: mark the current ones
     model_patcher.model_options["transformer_options"][MARK] = True
     return arch

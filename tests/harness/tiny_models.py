@@ -39,6 +39,14 @@ SD3_TINY = dict(
     qk_norm=None,
 )
 
+# Flux with the real block structure, narrow: 2 double and 2 single blocks, hidden 64 (2 heads
+# of 32 = the rotary axes 4 + 14 + 14), text context 32, pooled vector 16.
+FLUX_TINY = dict(
+    image_model="flux", in_channels=16, out_channels=16, patch_size=2, vec_in_dim=16, context_in_dim=32, hidden_size=64,
+    mlp_ratio=4.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[4, 14, 14], theta=10000, qkv_bias=True,
+    guidance_embed=True,
+)
+
 
 def _init_weights(module, seed):
     """comfy.ops.disable_weight_init leaves parameters uninitialised: fill them."""
@@ -93,6 +101,34 @@ def sd3(seed=0, dtype=torch.float32):
     return _patcher(sm.SD3, SD3_TINY, seed, dtype)
 
 
+def _flux_config():
+    """FLUX_TINY plus the fields this ComfyUI's FluxParams requires (0.8.0 added txt_ids_dims)."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return dict(FLUX_TINY, **({"txt_ids_dims": []} if "txt_ids_dims" in fields else {}))
+
+
+def flux(seed=0, dtype=torch.float32):
+    import comfy.supported_models as sm
+
+    return _patcher(sm.Flux, _flux_config(), seed, dtype)
+
+
+def flux_controlnet(seed, num_union_modes=0):
+    """A stock Flux ControlNet of the tiny Flux's configuration: the XLabs layout (an RGB hint
+    embedded by its own convolutions, so no VAE), with a Union mode embedding when asked for."""
+    import comfy.ldm.flux.controlnet
+    import comfy.ops
+
+    config = {k: v for k, v in _flux_config().items() if k != "image_model"}
+    net = comfy.ldm.flux.controlnet.ControlNetFlux(num_union_modes=num_union_modes, operations=comfy.ops.disable_weight_init,
+                                                   dtype=torch.float32, device="cpu", **config)
+    return stock_controlnet(net, seed, extra_conds=["y", "guidance"])
+
+
 def text_cond(patcher, batch=1, tokens=7, seed=1):
     """A ComfyUI CONDITIONING list with random embeddings of the model's context width."""
     g = torch.Generator().manual_seed(seed)
@@ -101,6 +137,9 @@ def text_cond(patcher, batch=1, tokens=7, seed=1):
     if name == "SD3":
         ctx = dm.context_embedder.in_features
         return [[torch.randn(batch, tokens, ctx, generator=g), {"pooled_output": torch.randn(batch, 64, generator=g)}]]
+    if name == "Flux":
+        return [[torch.randn(batch, tokens, FLUX_TINY["context_in_dim"], generator=g),
+                 {"pooled_output": torch.randn(batch, FLUX_TINY["vec_in_dim"], generator=g), "guidance": 3.5}]]
     ctx = SDXL_TINY["context_dim"]
     extra = {}
     if name.startswith("SDXL"):

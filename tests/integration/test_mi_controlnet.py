@@ -552,3 +552,175 @@ def test_a_keyframed_masked_control_enters_the_balance_with_both_applied(sd15, g
     late = torch.tensor(float(sd15["base"].model_sampling.percent_to_sigma(0.8)))
     alone = reference_denoised(sd15, {1: controls[1]}, late, "paper", granularity)
     torch.testing.assert_close(denoise_once(model, mpos, mneg, sd15["x"], late), alone, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- Flux
+@pytest.fixture(scope="module")
+def flux(pack):
+    patcher = tm.flux(seed=11)
+    return {
+        "patcher": patcher, "base": patcher.model,
+        "cnets": [tm.flux_controlnet(80), tm.flux_controlnet(81)],
+        "hints": [torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(90 + i)) for i in range(2)],
+        "pos": tm.text_cond(patcher, seed=12), "neg": tm.text_cond(patcher, seed=13),
+        "x": randn(14, 1, 16, 8, 8), "latent": torch.zeros(1, 16, 8, 8),
+        "sigma": torch.tensor(float(patcher.model.model_sampling.percent_to_sigma(0.3))),
+    }
+
+
+def flux_residuals(setup, i, cond, sigma, strength):
+    """Control i's residuals for one row, from its network run directly (times its strength)."""
+    ms = setup["base"].model_sampling
+    net = setup["cnets"][i].control_model
+    opts = cond[0][1]
+    out = net(x=ms.calculate_input(sigma, setup["x"]), hint=setup["hints"][i].movedim(-1, 1),
+              timesteps=ms.timestep(sigma).float(), context=cond[0][0], y=opts["pooled_output"],
+              guidance=torch.tensor([opts["guidance"]]))
+    return {k: [r * strength for r in v] for k, v in out.items()}
+
+
+def flux_reference(setup, controls, sigma, mode, granularity):
+    """Balanced with the hand formulas at each Flux control point, through the test's own block
+    replacements on a clone of the base (residuals computed per row, cond and uncond apart)."""
+    active = {i: c for i, c in controls.items() if in_range(setup["base"], sigma, c[1], c[2])}
+    rows = {kind: [flux_residuals(setup, i, cond, sigma.reshape(1), strength) for i, (strength, _, _) in active.items()]
+            for kind, cond in ((0, setup["pos"]), (1, setup["neg"]))}
+    state = {}
+
+    def per_row(to, key, index):
+        """[per control: the row-stacked residual at (key, index)] for this call's rows."""
+        kinds = to["cond_or_uncond"]
+        return [torch.cat([rows[k][c][key][index] for k in kinds]) for c in range(len(active))]
+
+    def double(i):
+        def block(args, extra):
+            out = extra["original_block"](args)
+            img = out["img"]
+            state["img"] = img.shape[1]
+            rs = per_row(args["transformer_options"], "input", i)
+            if rs:
+                n = rs[0].shape[1]
+                out = dict(out, img=torch.cat([balanced(img[:, :n], rs, mode, granularity, -1), img[:, n:]], 1))
+            return out
+        return block
+
+    def single(i):
+        def block(args, extra):
+            out = extra["original_block"](args)
+            joint = out["img"]
+            rs = per_row(args["transformer_options"], "output", i)
+            if rs:
+                txt, n = joint.shape[1] - state["img"], rs[0].shape[1]
+                mid = balanced(joint[:, txt:txt + n], rs, mode, granularity, -1)
+                out = dict(out, img=torch.cat([joint[:, :txt], mid, joint[:, txt + n:]], 1))
+            return out
+        return block
+
+    model = setup["patcher"].clone()
+    dm = setup["base"].diffusion_model
+    for i in range(len(dm.double_blocks)):
+        model.set_model_patch_replace(double(i), "dit", "double_block", i)
+    for i in range(len(dm.single_blocks)):
+        model.set_model_patch_replace(single(i), "dit", "single_block", i)
+    with torch.no_grad():
+        return denoise_once(model, setup["pos"], setup["neg"], setup["x"], sigma)
+
+
+def flux_controls(setup, controls):
+    import nodes
+
+    pos, neg = setup["pos"], setup["neg"]
+    for i, (strength, start, end) in controls.items():
+        pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, setup["cnets"][i], setup["hints"][i],
+                                                                   strength, start, end)
+    return pos, neg
+
+
+@pytest.mark.parametrize("mode, granularity", [("paper", "layer"), ("paper", "pixel"), ("min_norm", "layer"),
+                                               ("min_norm", "pixel")])
+def test_flux_matches_hand_computation(flux, mode, granularity):
+    controls = spec(STRENGTHS[:2])
+    pos, neg = flux_controls(flux, controls)
+    model, mpos, mneg = run_node(flux["patcher"], pos, neg, mode, granularity)
+    spy = []
+    got = denoise_once(model, mpos, mneg, flux["x"], flux["sigma"], spy)
+    want = flux_reference(flux, controls, flux["sigma"], mode, granularity)
+    stock = denoise_once(flux["patcher"], pos, neg, flux["x"], flux["sigma"])
+    assert [0, 1] in spy or [1, 0] in spy
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - stock).abs().max() > 1e-3
+    stats = mpos[0][1]["control"].balance.report()["layers"]
+    assert {"double 0", "double 1", "single 0", "single 1"} <= set(stats)
+
+
+def test_flux_sum_is_stock_bit_for_bit_and_an_inactive_control_drops_out(flux):
+    runtime = pack_module("nodes.mi_runtime")
+    controls = spec(STRENGTHS[:2], {1: (0.0, 0.5)})
+    pos, neg = flux_controls(flux, controls)
+    stock = full_sample(flux["patcher"], pos, neg, flux["latent"])
+    model, mpos, mneg, _ = runtime.apply_balance(flux["patcher"], pos, neg, runtime.Balance("sum", channel_dim=-1))
+    assert torch.equal(full_sample(model, mpos, mneg, flux["latent"]), stock)
+    late = torch.tensor(float(flux["base"].model_sampling.percent_to_sigma(0.8)))
+    model, mpos, mneg = run_node(flux["patcher"], pos, neg)
+    torch.testing.assert_close(denoise_once(model, mpos, mneg, flux["x"], late),
+                               flux_reference(flux, {0: controls[0]}, late, "paper", "layer"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_flux_another_packs_block_replacement_still_runs(flux, order):
+    calls = []
+
+    def other(args, extra):
+        calls.append(1)
+        out = extra["original_block"](args)
+        return dict(out, img=out["img"] * 1.01)
+
+    def with_other(model):
+        model = model.clone()
+        model.set_model_patch_replace(other, "dit", "single_block", 1)
+        return model
+
+    controls = spec(STRENGTHS[:2])
+    pos, neg = flux_controls(flux, controls)
+    base = with_other(flux["patcher"]) if order == "before" else flux["patcher"]
+    model, mpos, mneg = run_node(base, pos, neg)
+    if order == "after":
+        model = with_other(model)
+    got = denoise_once(model, mpos, mneg, flux["x"], flux["sigma"])
+    assert calls, "the other pack's replacement did not run"
+    assert "single 1" in mpos[0][1]["control"].balance.report()["layers"], "the balanced injection at that block is gone"
+    without = denoise_once(run_node(flux["patcher"], pos, neg)[0], mpos, mneg, flux["x"], flux["sigma"])
+    assert (got - without).abs().max() > 1e-4  # and its change is in the result
+
+
+def test_flux_union_types_are_two_controls(flux):
+    import nodes
+
+    union = tm.flux_controlnet(85, num_union_modes=4)
+    pos, neg = flux["pos"], flux["neg"]
+    for control_type, hint in ((0, flux["hints"][0]), (2, flux["hints"][1])):
+        typed = union.copy()
+        typed.set_extra_arg("control_type", [control_type])
+        pos, neg = nodes.ControlNetApplyAdvanced().apply_controlnet(pos, neg, typed, hint, 0.9, 0.0, 1.0)
+    _, mpos, _ = run_node(flux["patcher"], pos, neg)
+    members = mpos[0][1]["control"].members
+    assert [m.extra_args.get("control_type") for m in members] == [[0], [2]]
+
+
+def test_single_control_gets_a_note(sd15, caplog):
+    pos, neg = apply_controls(sd15, spec(STRENGTHS[:1]))
+    with caplog.at_level(logging.INFO, logger="xctrl.mi"):
+        run_node(sd15["patcher"], pos, neg)
+    assert "one ControlNet only" in caplog.text and "needs two" in caplog.text
+
+
+def test_unsupported_family_names_it_and_the_supported_ones(pack):
+    import types
+
+    class HunyuanVideo:  # a model config of a family MI does not know
+        pass
+
+    model = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(1, 1),
+                                                              model_config=HunyuanVideo()))
+    with pytest.raises(ValueError, match=r"supports SD1.5 .* Flux models; this MODEL is HunyuanVideo"):
+        run_node(model, [], [])
