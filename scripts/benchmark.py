@@ -4,7 +4,7 @@
 Run with the project's venv, outside the test suite:
 
     ~/.cache/xctrl-nodes/venv/bin/python scripts/benchmark.py --comfyui ~/comfy/ComfyUI \
-        [--size 256] [--repeats 3] [--only sd15,sdxl,svd,long_video,pre] [--out docs/benchmarks.md] [--quick]
+        [--size 256] [--repeats 3] [--only sd15,sdxl,svd,long_video,pre,flux] [--out docs/benchmarks.md] [--quick]
 
 What it measures and how is said in the report it writes (docs/benchmarks.md); the parts of the
 script are in scripts/bench/ (see its __init__). The report's generated blocks are replaced, the
@@ -20,14 +20,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench import PACK_DIR  # noqa: E402
+from bench.flux import flux_report, run_flux  # noqa: E402
 from bench.long_video import long_video_report, run_long_video  # noqa: E402
 from bench.models import import_comfyui  # noqa: E402
 from bench.preprocessors import run_preprocessors  # noqa: E402
 from bench.report import _argv_for_report, machine_info, replace_block, write_report  # noqa: E402
 from bench.runner import Bench  # noqa: E402
 
-FAMILIES = ("sd15", "sdxl", "sd21", "svd", "long_video", "pre")
-DEFAULT_FAMILIES = ("sd15", "sdxl", "sd21", "svd", "long_video", "pre")
+FAMILIES = ("sd15", "sdxl", "sd21", "svd", "long_video", "pre", "flux")
+DEFAULT_FAMILIES = ("sd15", "sdxl", "sd21", "svd", "long_video", "pre", "flux")
 
 
 def parse_args(argv=None):
@@ -90,6 +91,7 @@ def snapshot(bench, started):
     return types.SimpleNamespace(
         args=argparse.Namespace(**vars(bench.args)), device_type=bench.device.type, machine=machine_info(bench),
         results=bench.results, notes=bench.notes, pre=bench.pre, profiles=bench.profiles, long_video=bench.long_video,
+        flux=bench.flux,
         elapsed=time.time() - started, started=started, argv=_argv_for_report())
 
 
@@ -102,6 +104,8 @@ def main(argv=None):
         write_report(state, a.out)
         if getattr(state, "long_video", None):
             replace_block(a.out, "long_video", long_video_report(state))
+        if getattr(state, "flux", None):
+            replace_block(a.out, "flux", flux_report(state))
         print(f"report written to {a.out} from {a.render}")
         return
     comfy_runtime = import_comfyui(a.comfyui, a.cpu)
@@ -136,6 +140,8 @@ def main(argv=None):
             run_preprocessors(bench)
         elif family == "long_video":
             run_long_video(bench)
+        elif family == "flux":
+            run_flux(bench)
         print(f"[{family}] done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         a.load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -146,6 +152,8 @@ def main(argv=None):
         write_report(state, a.out)  # after each family: partial results survive a crash
         if bench.long_video:
             replace_block(a.out, "long_video", long_video_report(state))
+        if bench.flux:
+            replace_block(a.out, "flux", flux_report(state))
     print(f"report written to {a.out} ({(time.time() - started) / 60:.1f} min)")
     with contextlib.suppress(Exception):
         import shutil

@@ -80,6 +80,7 @@ class Bench:
         self.notes = {}  # family -> list of str
         self.pre = []  # preprocessor rows
         self.long_video = None  # long-video rows (bench/long_video.py)
+        self.flux = None  # Flux summed vs balanced (bench/flux.py)
         self.profiles = []  # (title, text)
         self.log = print
 
@@ -118,7 +119,8 @@ class Bench:
 
         lat = self.args.size // 8
         batch = frames or 1
-        latent = torch.zeros(batch, 4, lat, lat)
+        channels = cfg.model.model.latent_format.latent_channels
+        latent = torch.zeros(batch, channels, lat, lat)
         noise = comfy.sample.prepare_noise(latent, 0)
         with torch.inference_mode():
             out = comfy.sample.sample(cfg.model, noise, steps, 5.0, "euler", "normal", cfg.positive, cfg.negative,

@@ -40,6 +40,9 @@ What is reduced, and why it still loads as the named model:
   keep the released control widths (48m: 32/64/128 and learned time embedding; 14m: 4/8/16/16)
   with base-facing convolutions of the reduced base widths;
   stock ControlNets (SD1.5 v1.1 fp16 copies, SD3.5 Large Stability format) mirror the reduced UNet/MMDiT.
+- Placeholders (workflow_builder.PLACEHOLDERS): the Flux workflow's files are one-tensor files
+  under their names, so the file lists and the workflow's validation see them; that workflow is
+  not run (a Flux stand-in would need ComfyUI's full-size T5-XXL).
 - Annotators: Depth Anything V2 Small full size (random); DWPose ONNX files are constant
   graphs with the real input/output names that report one person (a random YOLOX/RTMPose would
   detect nothing useful, and the real graphs are 350 MB).
@@ -60,10 +63,10 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 if __package__:
-    from .workflow_builder import MODELS
+    from .workflow_builder import MODELS, PLACEHOLDERS
 else:  # run as a script
     sys.path.insert(0, os.path.dirname(HERE))
-    from harness.workflow_builder import MODELS
+    from harness.workflow_builder import MODELS, PLACEHOLDERS
 
 # folder -> file names: every model file of the workflows, plus the preprocessors' networks
 FILES = {}
@@ -499,6 +502,9 @@ def generate(comfy_root, out):
     _controlnet_sd35(p("controlnet", "sd3.5_large_controlnet_depth.safetensors"), 2, 52)
     _text_encoder(p("text_encoders", "clip_l.safetensors"), "l", 53)
     _text_encoder(p("text_encoders", "clip_g.safetensors"), "g", 54)
+
+    for folder, name in sorted(PLACEHOLDERS):  # listed, never loaded (see workflow_builder.PLACEHOLDERS)
+        _save(p(folder, name), {"placeholder": torch.zeros(1)})
 
     _annotators(tmp, 60)
     missing = [f"{d}/{n}" for d, names in FILES.items() for n in names if not os.path.isfile(p(d, n))]

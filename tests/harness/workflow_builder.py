@@ -75,7 +75,21 @@ MODELS = {
         f"{HF}/Comfy-Org/stable-diffusion-3.5-controlnets_ComfyUI_repackaged/resolve/main/split_files/controlnet/sd3.5_large_controlnet_canny.safetensors",
     ("controlnet", "sd3.5_large_controlnet_depth.safetensors"):
         f"{HF}/Comfy-Org/stable-diffusion-3.5-controlnets_ComfyUI_repackaged/resolve/main/split_files/controlnet/sd3.5_large_controlnet_depth.safetensors",
+    ("diffusion_models", "flux1-dev.safetensors"): f"{HF}/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors",
+    ("text_encoders", "t5xxl_fp8_e4m3fn_scaled.safetensors"):
+        f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp8_e4m3fn_scaled.safetensors",
+    ("vae", "ae.safetensors"): f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors",
+    ("controlnet", "flux-canny-controlnet-v3.safetensors"):
+        f"{HF}/XLabs-AI/flux-controlnet-collections/resolve/main/flux-canny-controlnet-v3.safetensors",
+    ("controlnet", "flux-depth-controlnet-v3.safetensors"):
+        f"{HF}/XLabs-AI/flux-controlnet-collections/resolve/main/flux-depth-controlnet-v3.safetensors",
 }
+# Files the tests can only list, not load: a stand-in of Flux needs ComfyUI's fixed T5-XXL (4.7B
+# parameters), more than this machine holds next to everything else. The workflow that uses them
+# is validated and opened in the browser, not run (MI on Flux is tested on a tiny Flux).
+PLACEHOLDERS = {("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "t5xxl_fp8_e4m3fn_scaled.safetensors"),
+                ("vae", "ae.safetensors"), ("controlnet", "flux-canny-controlnet-v3.safetensors"),
+                ("controlnet", "flux-depth-controlnet-v3.safetensors")}
 MODEL_FOLDER = {name: folder for folder, name in MODELS}
 
 
@@ -352,6 +366,38 @@ def mi_sd35_canny_depth():
     return g
 
 
+def mi_flux_canny_depth():
+    """Flux dev with XLabs' canny and depth ControlNets, balanced (the Flux guidance as Flux dev wants, cfg 1)."""
+    g = {"unet": ("UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}, "Flux dev"),
+         "clip": ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp8_e4m3fn_scaled.safetensors",
+                                     "type": "flux"}, None),
+         "vae": ("VAELoader", {"vae_name": "ae.safetensors"}, None),
+         "image_canny": ("LoadImage", {"image": IMAGE}, "Edge source"),
+         "image_depth": ("LoadImage", {"image": IMAGE}, "Depth source"),
+         "canny": ("XCtrl_Canny", {"image": ["image_canny", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 200}, None),
+         "depth": ("XCtrl_DepthAnythingV2", {"image": ["image_depth", 0], "render": "grey"}, None),
+         "guided": ("FluxGuidance", {"conditioning": ["pos", 0], "guidance": 3.5}, None),
+         "cn_canny": ("ControlNetLoader", {"control_net_name": "flux-canny-controlnet-v3.safetensors"}, None),
+         "cn_depth": ("ControlNetLoader", {"control_net_name": "flux-depth-controlnet-v3.safetensors"}, None),
+         "apply_canny": ("ControlNetApplyAdvanced", {"positive": ["guided", 0], "negative": ["neg", 0], "control_net": ["cn_canny", 0],
+                                                     "image": ["canny", 0], "strength": 0.7, "start_percent": 0.0,
+                                                     "end_percent": 1.0, "vae": ["vae", 0]}, "Apply ControlNet (canny)"),
+         "apply_depth": ("ControlNetApplyAdvanced", {"positive": ["apply_canny", 0], "negative": ["apply_canny", 1],
+                                                     "control_net": ["cn_depth", 0], "image": ["depth", 0], "strength": 0.7,
+                                                     "start_percent": 0.0, "end_percent": 1.0, "vae": ["vae", 0]},
+                         "Apply ControlNet (depth)"),
+         "mi": ("XCtrl_MIBalancedControl", {"model": ["unet", 0], "positive": ["apply_depth", 0], "negative": ["apply_depth", 1],
+                                            "mode": "paper", "granularity": "layer", "cap": 20.0}, None),
+         "latent": ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None)}
+    g.update(_sd_text(["clip", 0], "a lighthouse on a cliff at sunset, dramatic sky, photo", negative=""))
+    g.update(_sample_and_save(["mi", 0], ["mi", 1], ["mi", 2], ["latent", 0], ["vae", 0], "xctrl/mi_flux_canny_depth", 20, 1.0,
+                              sampler="euler", scheduler="simple"))
+    g.update(_note(g, "MIControlNet balanced canny + depth on Flux dev with XLabs' v3 ControlNets (each strength 0.7).\n"
+                      "Flux dev is guidance-distilled: the Flux Guidance node sets 3.5, the sampler's cfg stays 1 (the negative "
+                      "prompt then has no effect). Union ControlNets work the same way: one Apply ControlNet per type."))
+    return g
+
+
 WORKFLOWS = {
     "controlnext_sd15_pose": controlnext_sd15_pose,
     "controlnext_sdxl_canny": controlnext_sdxl_canny,
@@ -363,7 +409,11 @@ WORKFLOWS = {
     "controlnet_xs_sd21_canny": controlnet_xs_sd21_canny,
     "mi_sd15_pose_canny": mi_sd15_pose_canny,
     "mi_sd35_canny_depth": mi_sd35_canny_depth,
+    "mi_flux_canny_depth": mi_flux_canny_depth,
 }
+# Workflows the tests do not run (their models are PLACEHOLDERS), with the reason.
+NOT_RUN = {"mi_flux_canny_depth": "Flux stand-ins would need ComfyUI's full-size T5-XXL (4.7B parameters); MI on Flux "
+                                  "is tested on a tiny Flux in test_mi_controlnet.py"}
 
 # The file name of each workflow (without .json): the template's title in ComfyUI's templates
 # menu. No "-" or "_" (the frontend turns them into spaces in the description it derives).
@@ -378,6 +428,7 @@ TITLES = {
     "controlnet_xs_sd21_canny": "ControlNet XS SD2.1 canny",
     "mi_sd15_pose_canny": "MIControlNet SD1.5 balanced pose and canny",
     "mi_sd35_canny_depth": "MIControlNet SD3.5 Large balanced canny and depth",
+    "mi_flux_canny_depth": "MIControlNet Flux dev balanced canny and depth",
 }
 
 
@@ -398,6 +449,7 @@ SUMMARIES = {
     "mi_sd15_pose_canny": "stock Load ControlNet + Apply ControlNet (pose, then canny) -> MI Balanced Control; "
                           "MI Lambda Stats shows the per-layer weights",
     "mi_sd35_canny_depth": "SD3.5 Large ControlNets (canny + depth, Apply ControlNet with VAE) -> MI Balanced Control",
+    "mi_flux_canny_depth": "Flux dev with XLabs' canny and depth ControlNets -> MI Balanced Control (Flux guidance 3.5, cfg 1)",
 }
 
 

@@ -81,6 +81,8 @@ def test_workflow_loads_queues_and_completes_in_the_frontend(name, fe_server, br
     outside = [n for n in result["nodes"] if not _inside(n["rect"], result["visible"])]
     assert not outside, f"{name}: nodes outside the visible canvas {result['visible']}: {outside}"
     browser.screenshot(shots, f"{name}_graph.png")
+    if name in wb.NOT_RUN:
+        pytest.skip(f"{name} loads in view with its files listed; not queued: {wb.NOT_RUN[name]}")
     assert page.evaluate(frontend.SET_WIDGETS_JS, wb.TEST_OVERRIDES) > 0
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST", timeout=120000) as info:
         page.evaluate(frontend.QUEUE_JS)
