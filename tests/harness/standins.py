@@ -118,7 +118,18 @@ def ensure(comfy_root, timeout=1800):
         return out
     env = dict(os.environ)
     subprocess.run([sys.executable, os.path.abspath(__file__), comfy_root, out], check=True, timeout=timeout, env=env)
+    if not os.environ.get("XCTRL_STANDIN_DIR"):
+        _remove_stale(out)
     return out
+
+
+def _remove_stale(current):
+    """Stand-ins of earlier versions of this file (8 GB each) are not kept."""
+    root = os.path.dirname(current)
+    for name in os.listdir(root):
+        path = os.path.join(root, name)
+        if path != current and os.path.isfile(os.path.join(path, "COMPLETE")):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def link_into(standin_dir, models_dir):
