@@ -51,11 +51,13 @@ def is_unet_weight_file(sd):
     return bool(sd) and all(_ATTN_OUT.match(k) for k in sd)
 
 
-def parse_unet_weight_file(sd):
+def parse_unet_weight_file(sd, delta=False):
     """Returns ``(semantics, naming)``: ("replace" | "delta", "diffusers" | "ldm").
 
     SD1.5 files (attn1 present, one transformer block per attention) hold replacements;
-    SDXL files (attn2 only, no 320-wide layers) hold deltas.
+    SDXL files (attn2 only, no 320-wide layers) hold deltas. ``delta``: the file says it holds
+    differences (the authors' training scripts name them ``unet_weight_increasements``; XCtrl's
+    trainer also writes it into the metadata), whatever its layout.
     """
     sd = strip_unet_prefix(sd)
     if not sd:
@@ -72,6 +74,8 @@ def parse_unet_weight_file(sd):
             "the ControlNeXt UNet weight file mixes diffusers (down_blocks/mid_block/up_blocks) and LDM "
             "(input_blocks/middle_block/output_blocks) key names: it was edited or merged wrongly"
         )
+    if delta:
+        return DELTA, naming
     parts = [_ATTN_OUT.match(k).groups() for k in sd]
     has_attn1 = any(attn == "attn1" for _, _, attn, _ in parts)
     deep = any(int(idx) > 0 for _, idx, _, _ in parts)

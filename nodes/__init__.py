@@ -9,6 +9,7 @@ NODE_MODULES = (
     "controlnet_xs_nodes",
     "unet_weights_nodes",
     "control_strengths",
+    "training_nodes",
 )
 
 NODES, DISABLED = collect(__name__, NODE_MODULES)

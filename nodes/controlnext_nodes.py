@@ -2,6 +2,7 @@
 to conditioning (per prompt), run SVD videos longer than one window and condition SVD the
 authors' way."""
 import logging
+import os
 
 import torch
 
@@ -24,13 +25,16 @@ from .long_video_runtime import NODE as LONG_VIDEO_NODE
 from .long_video_runtime import LongVideoError, LongVideoWindows
 from .unet_patches import base_weights, to_model_keys
 from .model_family import compute_dtype, family_title, model_family, unet_block_channels
-from .weight_files import NONE, file_list, read, wrong_file
+from .weight_files import NONE, file_list, metadata_of, read, wrong_file
 
 LOG = logging.getLogger("xctrl")
 CATEGORY = "XCtrl/ControlNeXt"
 CONTROLNEXT = "XCTRL_CONTROLNEXT"
 ControlNeXtType = io.Custom(CONTROLNEXT)
 UNET_FOLDERS = ("controlnet", "diffusion_models")
+# safetensors metadata XCtrl's trainer writes (nodes/training_nodes.py): the module's variant, and
+# that the UNet file holds differences.
+TRAINED_LAYOUT_KEY, TRAINED_UNET_KEY = "xctrl_layout", "xctrl_unet"
 
 # Which ControlNeXt member a base model family selects (resolve_variant's base names).
 _BASE_FOR_FAMILY = {"sd15": "sd15", "sdxl": "sdxl", "svd": "svd", "sd3": "sd3"}
@@ -39,8 +43,9 @@ _BASE_FOR_FAMILY = {"sd15": "sd15", "sdxl": "sdxl", "svd": "svd", "sd3": "sd3"}
 class LoadedControlNeXt:
     """A ControlNeXt file read from disk; the module is built per variant when applied."""
 
-    def __init__(self, name, state_dict, unet_name=None, unet_sd=None):
+    def __init__(self, name, state_dict, unet_name=None, unet_sd=None, unet_delta=False, trained_for=None):
         self.name = name
+        self.trained_for = trained_for  # "sd15_training" for a module XCtrl trained for SD1.5 (from its metadata)
         self.state_dict = cnx.strip_common_prefix(state_dict)
         try:
             self.family = cnx.detect_variant(self.state_dict)
@@ -54,7 +59,7 @@ class LoadedControlNeXt:
         self.unet_semantics = None
         if unet_sd is not None:
             try:
-                self.unet_semantics = uwf.parse_unet_weight_file(unet_sd)
+                self.unet_semantics = uwf.parse_unet_weight_file(unet_sd, delta=unet_delta)
             except WeightFileError as e:
                 raise wrong_file(unet_name, unet_sd, "a ControlNeXt UNet weight file", str(e)) from None
         self._patchers = {}
@@ -88,8 +93,14 @@ class LoadControlNeXt(io.ComfyNode):
     @classmethod
     def execute(cls, control_file, unet_weights):
         sd = read(control_file, "controlnet")
-        unet_sd = None if unet_weights == NONE else read(unet_weights, *UNET_FOLDERS)
-        return io.NodeOutput(LoadedControlNeXt(control_file, sd, None if unet_sd is None else unet_weights, unet_sd))
+        trained_for = metadata_of(control_file, "controlnet").get(TRAINED_LAYOUT_KEY)
+        unet_sd, delta = None, False
+        if unet_weights != NONE:
+            unet_sd = read(unet_weights, *UNET_FOLDERS)
+            delta = ("increasement" in os.path.basename(unet_weights).lower()
+                     or metadata_of(unet_weights, *UNET_FOLDERS).get(TRAINED_UNET_KEY) == "delta")
+        return io.NodeOutput(LoadedControlNeXt(control_file, sd, None if unet_sd is None else unet_weights, unet_sd,
+                                               unet_delta=delta, trained_for=trained_for))
 
 
 class ApplyControlNeXt(io.ComfyNode):
@@ -300,7 +311,7 @@ def _variant_for(controlnext, model, sd15_layout):
             f"{family_title(family)}: load the ControlNeXt file made for {family_title(family)}, or use a "
             f"{cnx.module_family_title(controlnext.family)} checkpoint."
         ) from e
-    if variant == "sd15_training" and sd15_layout != "sd15_training":
+    if variant == "sd15_training" and sd15_layout != "sd15_training" and controlnext.trained_for != "sd15_training":
         raise WeightFileError(
             f"{controlnext.name} has the SDXL ControlNeXt layout but the MODEL is SD1.5. No SD1.5-Training weights "
             "were released; this is most likely an SDXL ControlNeXt file: use an SDXL checkpoint (or, for a module "

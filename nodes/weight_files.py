@@ -33,6 +33,20 @@ def read(name, *folders):
     return load_state_dict(full_path(name, *folders))
 
 
+def metadata_of(name, *folders):
+    """The metadata of a .safetensors file ({} for other files or none)."""
+    path = full_path(name, *folders)
+    if not path.lower().endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - unreadable files fail in read() with the real message
+        return {}
+
+
 # The node that loads each kind of file (models/file_kinds.KINDS), for errors on a wrong file.
 LOADER = {
     "controlnext_sd15": "Load ControlNeXt (XCtrl)",

@@ -1,0 +1,169 @@
+"""Training a ControlNeXt (nodes/training_nodes.py) on a tiny SD1.5 in a real ComfyUI: what is
+trained and what is not, the files and their round trip through the loader, resume, bad input."""
+import os
+
+import pytest
+import torch
+
+from harness import tiny_models as tm
+from harness.comfy_runtime import node_result, pack_module, pack_node_classes
+from harness.controlnext_files import rel_err
+
+LATENTS = 2
+
+
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory, pack):
+    """models/controlnet's first (default) folder for this module: where training writes."""
+    import folder_paths
+
+    path = str(tmp_path_factory.mktemp("trained"))
+    folder_paths.add_model_folder_path("controlnet", path, is_default=True)
+    yield path
+    folder_paths.folder_names_and_paths["controlnet"][0].remove(path)
+
+
+@pytest.fixture(scope="module")
+def training(pack):
+    return pack_module("nodes.training_nodes")
+
+
+@pytest.fixture(scope="module")
+def setup(pack):
+    g = torch.Generator().manual_seed(0)
+    base = tm.sd15(seed=3)
+    latents = {"samples": torch.randn(LATENTS, 4, 8, 8, generator=g)}
+    images = torch.rand(LATENTS, 64, 64, 3, generator=g)
+    return base, latents, images, tm.text_cond(base), tm.text_cond(base, seed=9)
+
+
+def run(training, setup, name, steps=2, **kw):
+    base, latents, images, pos, empty = setup
+    kw.setdefault("empty_prompt_rate", 0.5)
+    kw.setdefault("empty_conditioning", empty)
+    return training.train(base, latents, images, pos, steps, batch_size=2, name=name, seed=kw.pop("seed", 1), **kw)
+
+
+def unet_state(base):
+    return {k: (v.detach().clone(), v.requires_grad, v.dtype) for k, v in base.model.diffusion_model.named_parameters()}
+
+
+def test_training_changes_exactly_the_selected_parameters_and_gives_the_model_back(training, setup, out_dir):
+    base = setup[0]
+    before = unet_state(base)
+    result = run(training, setup, "exact", steps=2)
+    selected = {k for k in before if ".to_out." in k}
+    assert set(result.trained_unet) == selected and selected
+    changed = {k for k in selected if not torch.equal(result.trained_unet[k], result.base_unet[k])}
+    assert changed == selected  # every selected weight moved
+    after = unet_state(base)
+    for k, (value, flag, dtype) in before.items():  # the MODEL is given back as it was, bit for bit
+        assert torch.equal(after[k][0], value) and after[k][1] == flag and after[k][2] == dtype, k
+    # the module trained from the seed's initialisation
+    cnx = pack_module("models.controlnext")
+    torch.manual_seed(1)
+    init = cnx.ControlNeXt("sd15_training", out_channels=32).state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in result.control.state_dict.items() if k in init)
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_module_only_pattern_trains_no_unet_weight(training, setup, out_dir):
+    result = run(training, setup, "module_only", steps=1, unet_pattern="")
+    assert result.trained_unet == {} and result.control.unet_sd is None
+    assert not os.path.exists(os.path.join(result.folder, training.UNET_FILE))
+
+
+def _apply(nodes, model, control, image):
+    return node_result(nodes["XCtrl_ApplyControlNeXt"], model, control, image, 1.0, 0.0, 1.0)[0]
+
+
+def _denoised(patcher, x, sigma, ctx):
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])
+    to = dict(patcher.model_options["transformer_options"])
+    to["wrappers"] = patcher.wrappers
+    to["cond_or_uncond"] = [0]
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to)
+
+
+def test_saved_files_round_trip_through_the_loader(training, setup, out_dir):
+    import comfy.model_management as mm
+
+    nodes = pack_node_classes()
+    base, latents, images, pos, _ = setup
+    result = run(training, setup, "round_trip", steps=2)
+    assert sorted(os.listdir(result.folder)) == sorted([training.MODULE_FILE, training.UNET_FILE, training.CHECKPOINT_FILE])
+    loaded = node_result(nodes["XCtrl_LoadControlNeXt"], "round_trip/controlnet.safetensors",
+                         "round_trip/unet_weight_increasements.safetensors")[0]
+    x, sigma, ctx = latents["samples"][:1], torch.tensor([2.0]), pos[0][0]
+    from_file = _denoised(_apply(nodes, base, loaded, images[:1]), x, sigma, ctx)
+    in_memory = _denoised(_apply(nodes, base, result.control, images[:1]), x, sigma, ctx)
+    assert (from_file - in_memory).abs().max() <= 1e-6 * in_memory.abs().max()
+    assert rel_err(from_file, _denoised(base, x, sigma, ctx)) > 1e-4  # the control acts
+    # the UNet difference file applied to the base gives the trained UNet weights
+    patched = _apply(nodes, base, loaded, images[:1])
+    mm.load_models_gpu([patched], force_patch_weights=True)
+    weights = dict(patched.model.diffusion_model.named_parameters())
+    for k, trained in result.trained_unet.items():
+        assert torch.allclose(weights[k].detach().float().cpu(), trained, rtol=0, atol=1e-6), k
+    mm.unload_all_models()
+
+
+def test_resume_continues_the_same_loss_sequence(training, setup, out_dir):
+    straight = run(training, setup, "straight", steps=4, checkpoint_every=0).losses
+    run(training, setup, "resumed", steps=2, checkpoint_every=0)
+    resumed = run(training, setup, "resumed", steps=4, checkpoint_every=0, resume=True).losses
+    # the same sequence; the resumed steps' weights are new tensors (other memory alignment, other CPU
+    # kernel paths): float rounding apart
+    assert resumed[:2] == straight[:2] and resumed == pytest.approx(straight, rel=1e-5)
+    fresh = run(training, setup, "again", steps=4, checkpoint_every=0).losses
+    assert fresh == straight  # deterministic with a seed
+
+
+def test_an_interrupt_keeps_a_checkpoint_and_writes_no_final_file(training, setup, out_dir, monkeypatch):
+    import comfy.model_management as mm
+
+    base = setup[0]
+    before = unet_state(base)
+    step = training.tr.Trainer.train_step
+
+    def interrupted_after_two_steps(self, *args):
+        if self.step == 2:  # the user presses Cancel during the third step
+            raise mm.InterruptProcessingException()
+        return step(self, *args)
+
+    monkeypatch.setattr(training.tr.Trainer, "train_step", interrupted_after_two_steps)
+    with pytest.raises(mm.InterruptProcessingException):
+        run(training, setup, "interrupted", steps=5)
+    folder = os.path.join(out_dir, "interrupted")
+    assert os.listdir(folder) == [training.CHECKPOINT_FILE]
+    state = torch.load(os.path.join(folder, training.CHECKPOINT_FILE), weights_only=True)
+    assert state["step"] == 2
+    after = unet_state(base)
+    assert all(torch.equal(after[k][0], v[0]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"images": "3"}, "3 condition images for 2 training latents"),
+    ({"pattern": "nothing_matches"}, "matches no UNet parameter"),
+    ({"empty": None}, "no empty_conditioning is connected"),
+    ({"positive": "sdxl"}, "text embeddings 2048 wide but this SD1.5 MODEL takes 32"),
+    ({"model": "svd"}, "trains ControlNeXt for SD1.5 and SDXL models; this MODEL is SVD"),
+])
+def test_bad_input_is_refused_before_any_step(change, says, training, setup, out_dir):
+    base, latents, images, pos, empty = setup
+    if "images" in change:
+        images = torch.rand(3, 64, 64, 3)
+    if change.get("positive") == "sdxl":
+        pos = [[torch.randn(1, 7, 2048), {}]]
+    if "model" in change:
+        base = tm.svd()
+    kw = {"empty_conditioning": None if "empty" in change else empty, "empty_prompt_rate": 0.2}
+    if "pattern" in change:
+        kw["unet_pattern"] = change["pattern"]
+    with pytest.raises(ValueError, match=says) as e:
+        training.train(base, latents, images, pos, 3, name="refused", **kw)
+    assert training.NODE in str(e.value)
+    assert not os.path.exists(os.path.join(out_dir, "refused", training.MODULE_FILE))
