@@ -70,7 +70,7 @@ def _conditionings(conditioning, n, model, family, latent_hw, what):
             if "pooled_output" not in kw:
                 raise tr.TrainingError(f"{NODE}: the {what} has no pooled output: encode it with an SDXL CLIP")
             y = model.model.encode_adm(**kw)
-        out.append((emb[:1], y))
+        out.append((emb[:1].clone(), None if y is None else y.clone()))
     return out * n if len(out) == 1 else out
 
 
@@ -86,25 +86,41 @@ def _stack_contexts(items):
     return ctx, ys
 
 
+def _owner(dm, name):
+    module_name, _, attr = name.rpartition(".")
+    return (dm.get_submodule(module_name) if module_name else dm), attr
+
+
 @contextlib.contextmanager
 def trainable_unet(dm, names, device):
-    """Selected parameters as float32 trainable tensors on ``device``, the rest frozen; all restored on exit.
-    Yields ({name: Parameter}, {name: the value before training})."""
-    params = dict(dm.named_parameters())
-    saved = {n: (p.data, p.requires_grad) for n, p in params.items()}
-    base = {n: params[n].detach().float().cpu().clone() for n in names}
+    """Selected parameters as float32 trainable tensors on ``device``, the rest frozen; all given back
+    on exit (the same values, dtypes and requires_grad). Yields ({name: Parameter}, {name: value before}).
+
+    ComfyUI loads models in inference mode, and autograd can neither track nor save inference
+    tensors: frozen parameters that are inference tensors are replaced, one at a time, by normal
+    copies of the same values (kept afterwards: only the tensor kind changes)."""
+    for module in dm.modules():
+        for attr, p in list(module._parameters.items()):
+            if p is not None and p.is_inference():
+                module._parameters[attr] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    originals = {n: _owner(dm, n)[0]._parameters[_owner(dm, n)[1]] for n in names}
+    flags = {n: p.requires_grad for n, p in dm.named_parameters()}
+    base = {n: p.detach().float().cpu().clone() for n, p in originals.items()}
+    trained = {}
     try:
-        for p in params.values():
+        for p in dm.parameters():
             p.requires_grad_(False)
-        for n in names:
-            params[n].data = params[n].data.to(device=device, dtype=torch.float32, copy=True)
-            params[n].requires_grad_(True)
-        yield {n: params[n] for n in names}, base
+        for n, p in originals.items():
+            owner, attr = _owner(dm, n)
+            trained[n] = owner._parameters[attr] = torch.nn.Parameter(p.detach().to(device=device, dtype=torch.float32, copy=True))
+        yield trained, base
     finally:
-        for n, (data, flag) in saved.items():
-            params[n].data = data
-            params[n].requires_grad_(flag)
-            params[n].grad = None
+        for n, p in originals.items():
+            owner, attr = _owner(dm, n)
+            owner._parameters[attr] = p
+        for n, p in dm.named_parameters():
+            p.requires_grad_(flags.get(n, False))
+            p.grad = None
 
 
 @contextlib.contextmanager
@@ -147,16 +163,23 @@ def _to_diffusers_names(model, ldm_sd):
     return {to_diff[k]: v for k, v in ldm_sd.items()}
 
 
-def train(model, latent, images, positive, steps, batch_size=1, gradient_accumulation=1, lr_module=tr.LR_MODULE,
-          lr_unet=tr.LR_UNET, unet_pattern="auto", scale=1.0, seed=0, empty_prompt_rate=0.2, empty_conditioning=None,
-          gradient_checkpointing=False, training_dtype="float32", name="my_controlnext", checkpoint_every=100,
-          resume=True, controlnext=None):
+def train(*args, **kwargs):
+    """Runs :func:`_train` with autograd on (ComfyUI runs nodes in inference mode)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(*args, **kwargs)
+
+
+def _train(model, latent, images, positive, steps, batch_size=1, gradient_accumulation=1, lr_module=tr.LR_MODULE,
+           lr_unet=tr.LR_UNET, unet_pattern="auto", scale=1.0, seed=0, empty_prompt_rate=0.2, empty_conditioning=None,
+           gradient_checkpointing=False, training_dtype="float32", name="my_controlnext", checkpoint_every=100,
+           resume=True, controlnext=None):
     family = model_family(model)
     if family not in VARIANT_FOR_FAMILY:
         raise tr.TrainingError(f"{NODE} trains ControlNeXt for SD1.5 and SDXL models; this MODEL is {family_title(family)}. "
                                "(SVD training needs the whole UNet on several GPUs: not offered.)")
     variant = VARIANT_FOR_FAMILY[family]
-    x0 = latent["samples"].float()
+    x0 = latent["samples"].float().clone()  # inference-mode tensors from other nodes: normal copies
+    images = images.clone()
     n = x0.shape[0]
     if images.shape[0] != n:
         raise tr.TrainingError(f"{NODE}: {images.shape[0]} condition images for {n} training latents: give one condition "
@@ -294,17 +317,49 @@ class TrainControlNeXt(io.ComfyNode):
             outputs=[ControlNeXtType.Output(display_name="controlnext"), io.Image.Output(display_name="loss_curve"),
                      io.String.Output(display_name="saved")],
             is_output_node=True,
+            is_input_list=True,
         )
 
     @classmethod
     def execute(cls, model, latents, images, positive, steps, batch_size, gradient_accumulation, lr_module, lr_unet,
                 unet_pattern, scale, seed, empty_prompt_rate, gradient_checkpointing, training_dtype, name,
                 checkpoint_every, resume, empty_conditioning=None, controlnext=None):
-        result = train(model, latents, images, positive, steps, batch_size, gradient_accumulation, lr_module, lr_unet,
-                       unet_pattern, scale, seed, empty_prompt_rate, empty_conditioning, gradient_checkpointing,
-                       training_dtype, name, checkpoint_every, resume, controlnext)
+        # Inputs arrive as lists (is_input_list), so that the list outputs of ComfyUI's dataset nodes
+        # (Load Image and Text Dataset from Folder, Make Training Dataset) plug in as they are.
+        one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
+        result = train(one(model), _joined_latents(latents), _joined_images(images), _per_latent_conditioning(positive),
+                       one(steps), one(batch_size), one(gradient_accumulation), one(lr_module), one(lr_unet),
+                       one(unet_pattern), one(scale), one(seed), one(empty_prompt_rate), one(empty_conditioning),
+                       one(gradient_checkpointing), one(training_dtype), one(name), one(checkpoint_every), one(resume),
+                       one(controlnext))
         saved = "\n".join(os.path.join(result.folder, f) for f in (MODULE_FILE, UNET_FILE) if os.path.isfile(os.path.join(result.folder, f)))
         return io.NodeOutput(result.control, tr.loss_curve_image(result.losses), saved, ui={"text": [saved]})
+
+
+def _joined_latents(latents):
+    items = latents if isinstance(latents, list) else [latents]
+    return {"samples": _cat([d["samples"] for d in items], "training latents")}
+
+
+def _joined_images(images):
+    return _cat(images if isinstance(images, list) else [images], "condition images")
+
+
+def _cat(tensors, what):
+    shapes = {tuple(t.shape[1:]) for t in tensors}
+    if len(shapes) > 1:
+        raise tr.TrainingError(f"{NODE}: the {what} have different sizes {sorted(shapes)}: resize them to one size first")
+    return torch.cat(tensors)
+
+
+def _per_latent_conditioning(positive):
+    """One CONDITIONING (shared, or one entry per latent), or a list of them (one per latent, as
+    Make Training Dataset gives them) -> one CONDITIONING."""
+    items = positive if isinstance(positive, list) and positive and isinstance(positive[0], list) \
+        and positive[0] and isinstance(positive[0][0], list) else [positive]
+    if len(items) == 1:
+        return items[0]
+    return [c[0] for c in items]
 
 
 NODES = [TrainControlNeXt]

@@ -4,7 +4,7 @@
 Run with the project's venv, outside the test suite:
 
     ~/.cache/xctrl-nodes/venv/bin/python scripts/benchmark.py --comfyui ~/comfy/ComfyUI \
-        [--size 256] [--repeats 3] [--only sd15,sdxl,svd,long_video,pre,flux] [--out docs/benchmarks.md] [--quick]
+        [--size 256] [--repeats 3] [--only sd15,sdxl,svd,long_video,pre,flux,training] [--out docs/benchmarks.md] [--quick]
 
 What it measures and how is said in the report it writes (docs/benchmarks.md); the parts of the
 script are in scripts/bench/ (see its __init__). The report's generated blocks are replaced, the
@@ -21,13 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench import PACK_DIR  # noqa: E402
 from bench.flux import flux_report, run_flux  # noqa: E402
+from bench.training import run_training, training_report  # noqa: E402
 from bench.long_video import long_video_report, run_long_video  # noqa: E402
 from bench.models import import_comfyui  # noqa: E402
 from bench.preprocessors import run_preprocessors  # noqa: E402
 from bench.report import _argv_for_report, machine_info, replace_block, write_report  # noqa: E402
 from bench.runner import Bench  # noqa: E402
 
-FAMILIES = ("sd15", "sdxl", "sd21", "svd", "long_video", "pre", "flux")
+FAMILIES = ("sd15", "sdxl", "sd21", "svd", "long_video", "pre", "flux", "training")
 DEFAULT_FAMILIES = ("sd15", "sdxl", "sd21", "svd", "long_video", "pre", "flux")
 
 
@@ -91,7 +92,7 @@ def snapshot(bench, started):
     return types.SimpleNamespace(
         args=argparse.Namespace(**vars(bench.args)), device_type=bench.device.type, machine=machine_info(bench),
         results=bench.results, notes=bench.notes, pre=bench.pre, profiles=bench.profiles, long_video=bench.long_video,
-        flux=bench.flux,
+        flux=bench.flux, training=getattr(bench, "training", None),
         elapsed=time.time() - started, started=started, argv=_argv_for_report())
 
 
@@ -106,6 +107,8 @@ def main(argv=None):
             replace_block(a.out, "long_video", long_video_report(state))
         if getattr(state, "flux", None):
             replace_block(a.out, "flux", flux_report(state))
+        if getattr(state, "training", None):
+            replace_block(a.out, "training", training_report(state))
         print(f"report written to {a.out} from {a.render}")
         return
     comfy_runtime = import_comfyui(a.comfyui, a.cpu)
@@ -142,6 +145,8 @@ def main(argv=None):
             run_long_video(bench)
         elif family == "flux":
             run_flux(bench)
+        elif family == "training":
+            run_training(bench)
         print(f"[{family}] done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         a.load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -154,6 +159,8 @@ def main(argv=None):
             replace_block(a.out, "long_video", long_video_report(state))
         if bench.flux:
             replace_block(a.out, "flux", flux_report(state))
+        if getattr(bench, "training", None):
+            replace_block(a.out, "training", training_report(state))
     print(f"report written to {a.out} ({(time.time() - started) / 60:.1f} min)")
     with contextlib.suppress(Exception):
         import shutil

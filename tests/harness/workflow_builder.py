@@ -31,6 +31,7 @@ SEED_NAMES = ("seed", "noise_seed")
 
 IMAGE = "example.png"  # ships in ComfyUI/input/
 POSE_VIDEO = "pose_video.mp4"  # the user's driving video, in ComfyUI/input/
+TRAINING_FOLDER = "controlnext_training"  # ComfyUI/input/<this>: training images with captions (name.png + name.txt)
 NEGATIVE = "lowres, blurry, bad anatomy, extra limbs, watermark, text"
 
 HF = "https://huggingface.co"
@@ -398,6 +399,40 @@ def mi_flux_canny_depth():
     return g
 
 
+def controlnext_sd15_train_canny():
+    """Train a canny ControlNeXt on a folder of captioned images (the conditions made from the images
+    by the Canny node, so they line up with them), then use it."""
+    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}, None),
+         "dataset": ("LoadImageTextDataSetFromFolder", {"folder": TRAINING_FOLDER}, "Training images + captions (input/)"),
+         "encode": ("MakeTrainingDataset", {"images": ["dataset", 0], "vae": ["ckpt", 2], "clip": ["ckpt", 1],
+                                            "texts": ["dataset", 1]}, "Latents + caption conditionings"),
+         "conditions": ("XCtrl_Canny", {"image": ["dataset", 0], "mode": "fixed", "low_threshold": 100,
+                                        "high_threshold": 200}, "Condition of each image"),
+         "empty": ("CLIPTextEncode", {"text": "", "clip": ["ckpt", 1]}, "Empty prompt (20 % of the samples)"),
+         "train": ("XCtrl_TrainControlNeXt", {"model": ["ckpt", 0], "latents": ["encode", 0], "images": ["conditions", 0],
+                                              "positive": ["encode", 1], "steps": 1000, "batch_size": 1,
+                                              "gradient_accumulation": 1, "lr_module": 1e-4, "lr_unet": 1e-5,
+                                              "unet_pattern": "auto", "scale": 1.0, "seed": 0, "empty_prompt_rate": 0.2,
+                                              "empty_conditioning": ["empty", 0], "gradient_checkpointing": False,
+                                              "training_dtype": "float32", "name": "sd15_canny_trained",
+                                              "checkpoint_every": 100, "resume": True}, None),
+         "loss": ("PreviewImage", {"images": ["train", 1]}, "Loss curve"),
+         "image": ("LoadImage", {"image": IMAGE}, "Test image"),
+         "hint": ("XCtrl_Canny", {"image": ["image", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 200}, None),
+         "apply": ("XCtrl_ApplyControlNeXt", {"model": ["ckpt", 0], "controlnext": ["train", 0], "image": ["hint", 0],
+                                              "strength": 1.0}, "Apply the trained ControlNeXt"),
+         "latent": ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, None)}
+    g.update(_sd_text(["ckpt", 1], "a stone house by a lake, photo"))
+    g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2], "xctrl/controlnext_trained",
+                              25, 7.0))
+    g.update(_note(g, "Train a ControlNeXt for canny edges on SD1.5 with the authors' recipe, then sample with it.\n"
+                      f"Put training images (all one size, e.g. 512x512) with captions (name.png + name.txt) into "
+                      f"ComfyUI/input/{TRAINING_FOLDER}/. The files go to models/controlnet/sd15_canny_trained/ "
+                      "(controlnet.safetensors + unet_weight_increasements.safetensors, and a checkpoint: run again "
+                      "to continue). Needs ComfyUI 0.8 (its dataset nodes)."))
+    return g
+
+
 WORKFLOWS = {
     "controlnext_sd15_pose": controlnext_sd15_pose,
     "controlnext_sdxl_canny": controlnext_sdxl_canny,
@@ -410,7 +445,10 @@ WORKFLOWS = {
     "mi_sd15_pose_canny": mi_sd15_pose_canny,
     "mi_sd35_canny_depth": mi_sd35_canny_depth,
     "mi_flux_canny_depth": mi_flux_canny_depth,
+    "controlnext_sd15_train_canny": controlnext_sd15_train_canny,
 }
+# Workflows that need nodes only newer ComfyUI versions have (the tests skip them elsewhere).
+REQUIRES = {"controlnext_sd15_train_canny": ("LoadImageTextDataSetFromFolder", "MakeTrainingDataset")}
 # Workflows the tests do not run (their models are PLACEHOLDERS), with the reason.
 NOT_RUN = {"mi_flux_canny_depth": "Flux stand-ins would need ComfyUI's full-size T5-XXL (4.7B parameters); MI on Flux "
                                   "is tested on a tiny Flux in test_mi_controlnet.py"}
@@ -429,6 +467,7 @@ TITLES = {
     "mi_sd15_pose_canny": "MIControlNet SD1.5 balanced pose and canny",
     "mi_sd35_canny_depth": "MIControlNet SD3.5 Large balanced canny and depth",
     "mi_flux_canny_depth": "MIControlNet Flux dev balanced canny and depth",
+    "controlnext_sd15_train_canny": "Train ControlNeXt for canny on SD1.5, then use it",
 }
 
 
@@ -450,6 +489,8 @@ SUMMARIES = {
                           "MI Lambda Stats shows the per-layer weights",
     "mi_sd35_canny_depth": "SD3.5 Large ControlNets (canny + depth, Apply ControlNet with VAE) -> MI Balanced Control",
     "mi_flux_canny_depth": "Flux dev with XLabs' canny and depth ControlNets -> MI Balanced Control (Flux guidance 3.5, cfg 1)",
+    "controlnext_sd15_train_canny": "a folder of captioned images -> ComfyUI's dataset nodes + Canny -> Train ControlNeXt "
+                                    "-> Apply ControlNeXt -> sampler (ComfyUI 0.8)",
 }
 
 
@@ -527,6 +568,8 @@ def widget_values(class_type, inputs, info):
             continue
         section = "optional" if optional else "required"
         v = inputs.get(name, _default(typ, opts, info["input"][section][name]))
+        if _is_link(v):  # fed by a link: the widget keeps its default value slot
+            v = _default(typ, opts, info["input"][section][name])
         values.append(v)
         if _has_seed_control(name, typ, opts):
             values.append("fixed")
@@ -568,9 +611,10 @@ def to_ui(graph, object_info):
         info = object_info[cls]
         slots = []
         for name, typ, opts, optional in _input_specs(info):
-            if _is_widget(typ, opts):
-                continue
             v = inputs.get(name)
+            widget = _is_widget(typ, opts)
+            if widget and not _is_link(v):
+                continue
             link_id = None
             if v is not None:
                 if not _is_link(v):
@@ -582,7 +626,10 @@ def to_ui(graph, object_info):
                 out_links.setdefault((src, slot), []).append(link_id)
             elif not optional:
                 raise ValueError(f"{key}.{name}: required input of {cls} not connected")
-            slots.append({"name": name, "type": typ, "link": link_id})
+            slot = {"name": name, "type": typ, "link": link_id}
+            if widget:  # a widget fed by a link: an input slot that names its widget
+                slot["widget"] = {"name": name}
+            slots.append(slot)
         unknown = set(inputs) - {s[0] for s in _input_specs(info)}
         if unknown:
             raise ValueError(f"{key}: {cls} has no inputs {sorted(unknown)}")
@@ -697,7 +744,8 @@ def api_prompt(name, object_info, overrides=None):
 
 # ----------------------------------------------------------------------------- files
 def write_test_inputs(folder, comfy_root):
-    """example.png (ComfyUI's own example photo, 64 x 64 here) and a 6-frame pose_video.mp4."""
+    """example.png (ComfyUI's own example photo, 64 x 64 here), a 6-frame pose_video.mp4 and a
+    two-image captioned training folder."""
     import av
     import numpy as np
     from PIL import Image
@@ -706,6 +754,12 @@ def write_test_inputs(folder, comfy_root):
     src = os.path.join(comfy_root, "input", "example.png")
     img = Image.open(src).convert("RGB") if os.path.isfile(src) else Image.new("RGB", (64, 64), (120, 90, 60))
     img.resize((64, 64)).save(os.path.join(folder, IMAGE))
+    training = os.path.join(folder, TRAINING_FOLDER)
+    os.makedirs(training, exist_ok=True)
+    for i, angle in enumerate((0, 90)):
+        img.resize((64, 64)).rotate(angle).save(os.path.join(training, f"item_{i}.png"))
+        with open(os.path.join(training, f"item_{i}.txt"), "w") as f:
+            f.write(f"a test picture, turned {angle} degrees")
     rng = np.random.default_rng(0)
     with av.open(os.path.join(folder, POSE_VIDEO), "w") as c:
         st = c.add_stream("mpeg4", rate=6)
