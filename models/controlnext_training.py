@@ -155,17 +155,3 @@ def loss_curve_image(losses, width=512, height=256):
         d.text((width - 120, height - pad + 6), f"{n} steps", fill=(200, 200, 200))
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
 
-
-def steps_to_reach(values, threshold, higher_is_better=True):
-    """First index at which ``values`` reaches ``threshold`` (None if never)."""
-    for i, v in enumerate(values):
-        if (v >= threshold) if higher_is_better else (v <= threshold):
-            return i
-    return None
-
-
-def cosine(a, b):
-    """Mean cosine similarity of two batches of maps (a control-fidelity metric)."""
-    a, b = a.flatten(1).float(), b.flatten(1).float()
-    return float((torch.nn.functional.cosine_similarity(a, b, dim=1)).mean())
-

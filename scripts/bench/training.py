@@ -7,11 +7,12 @@ control can tell the denoiser where it is. The tiny UNet is first trained on the
 same module, data, seeds and optimizer, train the control (module + the UNet's to_out weights,
 as the recipe): joined by cross normalization (ControlNeXt), or added through a zero-initialised
 output projection (ControlNet's zero convolution: the module's last 1x1 conv starts at 0 and its
-output is added as it is). Fidelity: at t = 500 on held-out pairs, the cosine similarity of the
-x_0 the denoiser predicts with the true x_0.
+output is added as it is). Fidelity: the share of held-out pairs whose square the denoiser puts in
+the right place (within one latent pixel) when it sees pure noise (t = 999), where nothing but
+the control can tell it.
 
-Throughput: Train ControlNeXt (XCtrl) on a full-size SD1.5 UNet (random weights), steps per
-second and peak memory, next to ComfyUI's own Train LoRA node on the same latents when this
+Throughput: Train ControlNeXt (XCtrl) on full-size SD1.5 and SDXL UNets (random weights), steps
+per second and peak memory, next to ComfyUI's own Train LoRA node on the same latents when this
 ComfyUI has it.
 """
 import time
@@ -19,10 +20,12 @@ import time
 from . import GB
 from .stats import fmt, md_table
 
-TOY_LATENT, TOY_STEPS, TOY_EVAL_EVERY, TOY_TRAIN, TOY_HELD_OUT = 16, 300, 10, 64, 16
+TOY_LATENT, TOY_SQUARE, TOY_STEPS, TOY_EVAL_EVERY, TOY_TRAIN, TOY_HELD_OUT = 16, 4, 300, 10, 64, 32
 TOY_PRETRAIN_STEPS = 400
-TOY_LR_MODULE, TOY_LR_UNET = 1e-3, 1e-4  # the recipe's ratio, ten times faster for a 300-step toy
-FIDELITY = 0.5  # the fidelity both runs are timed to
+TOY_SEEDS = (0, 1)  # module initialisation and batch order
+EARLY = 50  # fidelity averaged over the first EARLY steps: how fast control is picked up
+TOY_LR_MODULE, TOY_LR_UNET = 1e-4, 1e-5  # the recipe's
+FIDELITY = 0.9  # the fidelity both runs are timed to
 
 
 def toy_data(n, seed):
@@ -32,13 +35,28 @@ def toy_data(n, seed):
     lat = TOY_LATENT
     latents = torch.zeros(n, 4, lat, lat)
     hints = torch.zeros(n, 3, lat * 8, lat * 8)
+    size = TOY_SQUARE
     for i in range(n):
-        size = 4
         y, x = (int(v) for v in torch.randint(0, lat - size, (2,), generator=g))
         latents[i, 0, y:y + size, x:x + size] = 1.0
         latents[i, 1, y:y + size, x:x + size] = -1.0
         hints[i, :, y * 8:(y + size) * 8, x * 8:(x + size) * 8] = 1.0
     return latents, hints
+
+
+def square_position(maps):
+    """(row, col) per map of the TOY_SQUARE x TOY_SQUARE window where channel 0 - channel 1 sums highest."""
+    import torch
+
+    score = torch.nn.functional.avg_pool2d((maps[:, 0] - maps[:, 1])[:, None], TOY_SQUARE, stride=1)[:, 0]
+    flat = score.flatten(1).argmax(1)
+    return torch.stack([flat // score.shape[-1], flat % score.shape[-1]], 1)
+
+
+def located_share(predicted_x0, true_x0):
+    """Share of maps whose predicted square lies within one latent pixel of the true one."""
+    error = (square_position(predicted_x0) - square_position(true_x0)).abs().max(1).values
+    return float((error <= 1).float().mean())
 
 
 def _pretrained_toy_unet():
@@ -123,14 +141,14 @@ def _toy_run(join, steps, pretrained, seed=0):
 
     def fidelity():
         g = torch.Generator().manual_seed(7)
-        t = torch.full((TOY_HELD_OUT,), 500)
+        t = torch.full((TOY_HELD_OUT,), 999)
         noise = torch.randn(held_lat.shape, generator=g)
         x_t = tr.noised(held_lat, noise, t, alphas)
         with torch.no_grad():
             eps = run_unet(x_t, t, module(held_hints, t.float()))
         a = alphas[t].reshape(-1, 1, 1, 1)
         x0 = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
-        return tr.cosine(x0, held_lat)
+        return located_share(x0, held_lat)
 
     curve = [(0, fidelity())]
     for _ in range(steps):
@@ -150,19 +168,23 @@ def run_training(bench):
     bench.log(f"  [training] toy base: unconditional loss {pre_losses[0]:.3f} -> {sum(pre_losses[-20:]) / 20:.3f} "
               f"in {TOY_PRETRAIN_STEPS} steps ({time.perf_counter() - t0:.0f}s)")
     for join in ("cross_norm", "zero_conv"):
-        t0 = time.perf_counter()
-        losses, curve = _toy_run(join, TOY_STEPS, pretrained)
-        rows[join] = {"losses": losses, "curve": curve, "seconds": time.perf_counter() - t0}
-        reached = next((s for s, f in curve if f >= FIDELITY), None)
-        rows[join]["reached"] = reached
-        bench.log(f"  [training] {join}: fidelity {[round(f, 3) for _, f in curve[::5]]} reaches {FIDELITY} at step {reached}")
+        for seed in TOY_SEEDS:
+            t0 = time.perf_counter()
+            losses, curve = _toy_run(join, TOY_STEPS, pretrained, seed=seed)
+            reached = next((s for s, f in curve if f >= FIDELITY), None)
+            rows[join, seed] = {"losses": losses, "curve": curve, "seconds": time.perf_counter() - t0, "reached": reached}
+            bench.log(f"  [training] {join} seed {seed}: fidelity {[round(f, 3) for _, f in curve[::5]]} "
+                      f"reaches {FIDELITY} at step {reached}")
     bench.training = {"toy": rows, "threads": tr_threads, "pretrain": (pre_losses[0], sum(pre_losses[-20:]) / 20),
                       "throughput": _throughput(bench)}
 
 
+THROUGHPUT_SIZE, THROUGHPUT_STEPS = 256, 3
+
+
 def _throughput(bench):
-    """Steps/s and peak memory of Train ControlNeXt on a full-size SD1.5 UNet (random weights)."""
-    import os
+    """Steps/s and peak memory of Train ControlNeXt on full-size SD1.5 and SDXL UNets (random
+    weights), next to ComfyUI's Train LoRA node on the same latents and prompt."""
     import sys
     import tempfile
 
@@ -176,31 +198,65 @@ def _throughput(bench):
     import folder_paths
 
     training = pack_module("nodes.training_nodes")
+    lora_node = _core_train_lora()
     out = tempfile.mkdtemp(prefix="xctrl_train_bench_")
     folder_paths.add_model_folder_path("controlnet", out, is_default=True)
-    base = build_base("sd15", torch.float32)
-    size = 256
-    g = torch.Generator().manual_seed(0)
-    latent = {"samples": torch.randn(2, 4, size // 8, size // 8, generator=g)}
-    images = torch.rand(2, size, size, 3, generator=g)
-    pos = [[torch.randn(1, 77, 768, generator=g), {}]]
+    size, steps = THROUGHPUT_SIZE, THROUGHPUT_STEPS
     rows = []
-    for label, kw in (("Train ControlNeXt, module + to_out (authors' SD1.5 default)", {}),
-                      ("Train ControlNeXt, module only", {"unet_pattern": ""})):
-        steps = 3
-        t0 = time.perf_counter()
-        peak = _peak_rss_during(lambda: training.train(base, latent, images, pos, steps, name=f"bench_{len(rows)}",
-                                                       empty_prompt_rate=0.0, checkpoint_every=0, **kw))
-        rows.append({"label": label, "steps_per_s": steps / (time.perf_counter() - t0), "peak": peak})
-        bench.log(f"  [training] {label}: {rows[-1]['steps_per_s']:.3f} steps/s, peak RSS {peak / GB:.1f} GB")
+    for family, pattern, width, pooled, checkpointing in (("sd15", "every to_out", 768, None, False),
+                                                          ("sdxl", "attn2 to_out", 2048, 1280, True)):
+        base = build_base(family, torch.float32)
+        g = torch.Generator().manual_seed(0)
+        latent = {"samples": torch.randn(2, 4, size // 8, size // 8, generator=g)}
+        images = torch.rand(2, size, size, 3, generator=g)
+        extra = {"pooled_output": torch.randn(1, pooled, generator=g)} if pooled else {}
+        pos = [[torch.randn(1, 77, width, generator=g), extra]]
+        runs = [(f"Train ControlNeXt (XCtrl), module + {pattern} (the authors' default)",
+                 lambda: training.train(base, latent, images, pos, steps, name=f"bench_{family}_a", empty_prompt_rate=0.0,
+                                        checkpoint_every=0, gradient_checkpointing=checkpointing)),
+                ("Train ControlNeXt (XCtrl), module only",
+                 lambda: training.train(base, latent, images, pos, steps, name=f"bench_{family}_b", empty_prompt_rate=0.0,
+                                        checkpoint_every=0, gradient_checkpointing=checkpointing, unet_pattern=""))]
+        if lora_node is not None:  # last: its gradient checkpointing rewraps the shared UNet's forwards
+            runs.append(("ComfyUI Train LoRA, rank 8 (fp32)", lambda: _run_core_lora(lora_node, base, latent, pos, steps, checkpointing)))
+        for label, fn in runs:
+            bench.free()
+            row = {"family": family, "label": label, "checkpointing": checkpointing, "steps_per_s": None, "peak": None}
+            try:
+                t0 = time.perf_counter()
+                row["peak"] = _peak_rss_during(fn)
+                row["steps_per_s"] = steps / (time.perf_counter() - t0)
+                bench.log(f"  [training] {family} {label}: {row['steps_per_s']:.3f} steps/s, peak RSS {row['peak'] / GB:.1f} GB")
+            except (RuntimeError, MemoryError) as e:  # e.g. out of memory: the row says so, the others still run
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                bench.log(f"  [training] {family} {label}: failed: {row['error']}")
+            rows.append(row)
+        del base, runs
+        bench.free()
     folder_paths.folder_names_and_paths["controlnet"][0].remove(out)
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    del base
-    bench.free()
-    return {"size": size, "rows": rows, "lora": "not measured: ComfyUI's Train LoRA node needs a dataset of its own "
-            "format on this version; see the reading below"}
+    return {"size": size, "steps": steps, "rows": rows,
+            "lora": "measured" if lora_node is not None else "not measured: this ComfyUI has no Train LoRA node"}
+
+
+def _core_train_lora():
+    try:
+        from comfy_extras.nodes_train import TrainLoraNode
+    except Exception:  # older ComfyUI, or its training extras failed to import
+        return None
+    return TrainLoraNode
+
+
+def _run_core_lora(node, base, latent, pos, steps, checkpointing):
+    from comfy.weight_adapter import adapter_maps
+
+    kwargs = {"model": base, "latents": latent, "positive": pos, "batch_size": 1, "steps": steps,
+              "grad_accumulation_steps": 1, "learning_rate": 5e-4, "rank": 8, "optimizer": "AdamW", "loss_function": "MSE",
+              "seed": 0, "training_dtype": "fp32", "lora_dtype": "fp32", "algorithm": next(iter(adapter_maps)),
+              "gradient_checkpointing": checkpointing, "existing_lora": "[None]", "bucket_mode": False}
+    node.execute(**{k: [v] for k, v in kwargs.items()})  # an is_input_list node: every input a list
 
 
 def _peak_rss_during(fn):
@@ -233,41 +289,49 @@ def training_report(bench):
     if not info:
         return ""
     toy = info["toy"]
-    header = ["join", "fidelity at step 0", "fidelity at 100 / 200 / 300", f"first step with fidelity >= {FIDELITY}",
-              "final loss (mean of last 10)", "run time (s)"]
+    header = ["join", "seed", "fidelity at step 0 / 10 / 20 / 50", f"mean fidelity, steps 0-{EARLY}",
+              f"first step with fidelity >= {FIDELITY}", f"mean fidelity, last 100 steps", "final loss (mean of last 10)"]
 
     def at(curve, step):
         return next((f for s, f in curve if s == step), None)
 
+    def mean(values):
+        return sum(values) / len(values)
+
     body = []
-    for join, title in (("cross_norm", "cross normalization (ControlNeXt)"), ("zero_conv", "zero-initialised projection (ControlNet)")):
-        r = toy[join]
-        body.append([title, fmt(r["curve"][0][1], 3), " / ".join(fmt(at(r["curve"], s), 3) for s in (100, 200, 300)),
+    titles = {"cross_norm": "cross normalization (ControlNeXt)", "zero_conv": "zero-initialised projection (ControlNet)"}
+    for (join, seed), r in toy.items():
+        c = r["curve"]
+        body.append([titles[join], str(seed), " / ".join(fmt(at(c, s), 3) for s in (0, 10, 20, 50)),
+                     fmt(mean([f for s, f in c if s <= EARLY]), 3),
                      str(r["reached"]) if r["reached"] is not None else f"not within {TOY_STEPS}",
-                     fmt(sum(r["losses"][-10:]) / 10, 4), fmt(r["seconds"], 1)])
+                     fmt(mean([f for s, f in c if s > TOY_STEPS - 100]), 3), fmt(mean(r["losses"][-10:]), 4)])
     tp = info["throughput"]
-    tbody = [[r["label"], fmt(r["steps_per_s"], 3), fmt(r["peak"] / GB, 2)] for r in tp["rows"]]
-    curves = "; ".join(f"{join}: " + ", ".join(f"{s}:{f:.3f}" for s, f in toy[join]["curve"]) for join in toy)
+    tbody = [[{"sd15": "SD1.5", "sdxl": "SDXL"}[r["family"]], r["label"], "on" if r["checkpointing"] else "off",
+              fmt(r["steps_per_s"], 3) if r["steps_per_s"] else r["error"], fmt(r["peak"] / GB, 2) if r["peak"] else "-"]
+             for r in tp["rows"]]
+    curves = "; ".join(f"{join} seed {seed}: " + ", ".join(f"{s}:{f:.2f}" for s, f in r["curve"]) for (join, seed), r in toy.items())
     return "\n".join([
         "## Training: the convergence claim on a toy task, and throughput",
         "",
         f"Toy task (tiny SD1.5-like UNet, {TOY_TRAIN} training pairs, {TOY_HELD_OUT} held out): the condition is a white "
         "square, the target latent the same square; only the control tells where it is. The UNet was first trained on the "
         f"targets alone ({TOY_PRETRAIN_STEPS} steps, loss {info['pretrain'][0]:.3f} -> {info['pretrain'][1]:.3f}); both runs "
-        f"start from it with the same module initialisation, data, seeds and optimizer (AdamW, module lr {TOY_LR_MODULE:g}, "
-        f"to_out lr {TOY_LR_UNET:g}, batch 4); fidelity = cosine of the predicted x_0 with the true one at t = 500 on the "
-        "held-out pairs.",
+        f"start from it with the same module initialisation, data and optimizer for a seed (AdamW, module lr {TOY_LR_MODULE:g}, "
+        f"to_out lr {TOY_LR_UNET:g}: the recipe's, batch 4); fidelity = the share of held-out pairs whose square the "
+        "denoiser puts in the right place (within one latent pixel) from pure noise (t = 999), where only the control can "
+        "tell it.",
         "",
         md_table(header, body),
         "",
-        f"Fidelity curves (step:fidelity): {curves}.",
+        f"Fidelity curves (step:fidelity, every {TOY_EVAL_EVERY} steps): {curves}.",
         "",
-        f"Throughput of Train ControlNeXt on a full-size SD1.5 UNet (random weights), {tp['size']} x {tp['size']} px, batch 1, "
-        f"float32 on the CPU ({info['threads']} threads); peak = the process's resident memory during the run:",
+        f"Training throughput on full-size SD1.5 and SDXL UNets (random weights), two {tp['size']} x {tp['size']} px latents, "
+        f"batch 1, {tp['steps']} steps per run (the first steps, optimizer set-up included), float32 on the CPU "
+        f"({info['threads']} threads), the same latents and prompt for every row; peak = the process's resident memory "
+        f"during the run (the base UNet's weights included). ComfyUI's Train LoRA node: {tp['lora']}.",
         "",
-        md_table(["run", "steps / s", "peak RSS (GB)"], tbody),
-        "",
-        f"ComfyUI's Train LoRA node: {tp['lora']}.",
+        md_table(["model", "run", "gradient checkpointing", "steps / s", "peak RSS (GB)"], tbody),
         "",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in bench.machine.items()) + f". Command: `{' '.join(bench.argv)}`.",
         "",
