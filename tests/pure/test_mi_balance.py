@@ -16,7 +16,9 @@ from hypothesis.extra import numpy as hnp
 from xctrl.models.mi_balance import (add_com, add_inj, combine, lam, lambda_star, lambda_summary,
                                      min_norm_weights)
 
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: every run checks the same examples, so CI is reproducible (widen max_examples locally to explore)
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 MODES = ("paper", "min_norm", "sum")
 
 
@@ -387,6 +389,14 @@ def test_min_norm_order_invariant(seed, k, rnd, granularity):
     torch.testing.assert_close(combine([vs[p] for p in perm], "min_norm", granularity), out,
                                atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out, sum(w[i] * vs[i] for i in range(k)), atol=1e-5, rtol=1e-5)
+
+
+def test_min_norm_converges_on_a_near_degenerate_row():
+    """A case where 256 pairwise steps left weights 5e-4 from the optimum (a long-converging row)."""
+    seed, k = 794, 5
+    vs = [gen(seed + i, 2, 8, 2, 2) + 0.5 * gen(seed + 99, 2, 8, 2, 2) for i in range(k)]
+    exact = min_norm_weights([v.double() for v in vs], "pixel", max_iter=100_000, tol=1e-15)
+    torch.testing.assert_close(min_norm_weights(vs, "pixel").double(), exact, atol=1e-5, rtol=0)
 
 
 @SETTINGS
