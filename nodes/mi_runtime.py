@@ -333,9 +333,9 @@ class OutputInjection(_Patch):
         return h, hsp
 
 
-class JointBlockInjection(_Patch):
-    """dit double_block i replacement: run the block (or the replacement already there), then
-    inject output[i] into the image tokens."""
+class _BlockInjection(_Patch):
+    """A dit block replacement for block ``index``: runs the block (or the replacement already
+    there), then, in calls that carry a balanced stash, injects into its output (``inject``)."""
 
     def __init__(self, index, inner=None):
         self.index = index
@@ -345,26 +345,25 @@ class JointBlockInjection(_Patch):
         out = self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
         to = args["transformer_options"]
         stash = _stash(to)
-        if stash is not None and self.index < len(stash["output"]):
-            out = dict(out)
-            out["img"] = stash["balance"].inject(out["img"], stash["output"][self.index], f"block {self.index}", to)
-        return out
+        return out if stash is None else self.inject(out, stash, to)
+
+    def inject(self, out, stash, to):
+        raise NotImplementedError
 
 
-class FluxDoubleBlockInjection(_Patch):
-    """Flux double block i replacement: run the block (or the replacement already there), then
-    inject input[i] into the first tokens of the image stream."""
+class JointBlockInjection(_BlockInjection):
+    """SD3 joint block i: output[i] into the image tokens."""
 
-    def __init__(self, index, inner=None):
-        self.index = index
-        self.inner = inner
-
-    def __call__(self, args, extra):
-        out = self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
-        to = args["transformer_options"]
-        stash = _stash(to)
-        if stash is None:
+    def inject(self, out, stash, to):
+        if self.index >= len(stash["output"]):
             return out
+        return dict(out, img=stash["balance"].inject(out["img"], stash["output"][self.index], f"block {self.index}", to))
+
+
+class FluxDoubleBlockInjection(_BlockInjection):
+    """Flux double block i: input[i] into the first tokens of the image stream."""
+
+    def inject(self, out, stash, to):
         img = out["img"]
         stash[FLUX_IMAGE_TOKENS] = img.shape[1]
         c = stash["input"][self.index] if self.index < len(stash["input"]) else None
@@ -375,19 +374,11 @@ class FluxDoubleBlockInjection(_Patch):
         return out
 
 
-class FluxSingleBlockInjection(_Patch):
-    """Flux single block i replacement: run it, then inject output[i] into the image part of the
-    joint (text + image) stream."""
+class FluxSingleBlockInjection(_BlockInjection):
+    """Flux single block i: output[i] into the image part of the joint (text + image) stream."""
 
-    def __init__(self, index, inner=None):
-        self.index = index
-        self.inner = inner
-
-    def __call__(self, args, extra):
-        out = self.inner(args, extra) if self.inner is not None else extra["original_block"](args)
-        to = args["transformer_options"]
-        stash = _stash(to)
-        if stash is None or self.index >= len(stash["output"]) or stash["output"][self.index] is None:
+    def inject(self, out, stash, to):
+        if self.index >= len(stash["output"]) or stash["output"][self.index] is None:
             return out
         joint = out["img"]
         c = stash["output"][self.index]
