@@ -25,6 +25,7 @@ from . import hints
 from .controlnext_nodes import TRAINED_LAYOUT_KEY as LAYOUT_KEY
 from .controlnext_nodes import TRAINED_UNET_KEY as UNET_SEMANTICS_KEY
 from .controlnext_nodes import ControlNeXtType, LoadedControlNeXt
+from .control_runner import image_size
 from .controlnext_runtime import INJECTIONS
 from .model_family import family_title, model_family, unet_block_channels
 
@@ -52,7 +53,7 @@ def output_folder(name):
     return os.path.join(base, clean)
 
 
-def _conditionings(conditioning, n, model, family, latent_hw, what):
+def _conditionings(conditioning, n, model, family, image_hw, what):
     """Per latent: (context, y or None) from a CONDITIONING of 1 or n entries."""
     if len(conditioning) not in (1, n):
         raise tr.TrainingError(f"{NODE}: the {what} has {len(conditioning)} entries but there are {n} latents: give one "
@@ -65,7 +66,7 @@ def _conditionings(conditioning, n, model, family, latent_hw, what):
                                    f"{family_title(family)} MODEL takes {width}: encode it with this model's CLIP")
         y = None
         if family == "sdxl":
-            h, w = latent_hw[0] * 8, latent_hw[1] * 8
+            h, w = image_hw
             kw = {"width": w, "height": h, "target_width": w, "target_height": h, **opts}
             if "pooled_output" not in kw:
                 raise tr.TrainingError(f"{NODE}: the {what} has no pooled output: encode it with an SDXL CLIP")
@@ -187,8 +188,9 @@ def _train(model, latent, images, positive, steps, batch_size=1, gradient_accumu
     if empty_prompt_rate > 0 and empty_conditioning is None:
         raise tr.TrainingError(f"{NODE}: empty_prompt_rate is {empty_prompt_rate} but no empty_conditioning is connected: "
                                "connect CLIP Text Encode with an empty text, or set empty_prompt_rate to 0")
-    conds = _conditionings(positive, n, model, family, x0.shape[-2:], "positive conditioning")
-    empty = _conditionings(empty_conditioning, 1, model, family, x0.shape[-2:], "empty conditioning")[0] \
+    image_hw = image_size(model.model, x0)
+    conds = _conditionings(positive, n, model, family, image_hw, "positive conditioning")
+    empty = _conditionings(empty_conditioning, 1, model, family, image_hw, "empty conditioning")[0] \
         if empty_conditioning is not None else None
     pattern = tr.DEFAULT_PATTERNS[family] if unet_pattern.strip() == "auto" else unet_pattern.strip()
     dm = model.model.diffusion_model
@@ -212,7 +214,7 @@ def _train(model, latent, images, positive, steps, batch_size=1, gradient_accumu
     mm.load_models_gpu([model], force_full_load=True)
     device = model.load_device
     module = module.to(device=device, dtype=torch.float32).train()
-    hint_all = hints.resize(hints.image_to_nchw(images), (x0.shape[-2] * 8, x0.shape[-1] * 8)).to(device)
+    hint_all = hints.resize(hints.image_to_nchw(images), image_hw).to(device)
     x0 = x0.to(device)
     sigmas = model.model.model_sampling.sigmas.float()  # the discrete schedule: a_t = 1 / (sigma_t^2 + 1)
     if sigmas.numel() != tr.NUM_TIMESTEPS:
