@@ -59,25 +59,29 @@ def located_share(predicted_x0, true_x0):
     return float((error <= 1).float().mean())
 
 
-def _pretrained_toy_unet():
-    """The tiny UNet trained unconditionally on the toy targets (the shared base of both runs)."""
-    import sys
-
+def _toy_unet(state=None):
+    """The tiny SD1.5-like UNet of the toy (``state``: weights to load), its a_t and an empty context."""
     import torch
 
-    from . import TESTS_DIR
-
-    sys.path.insert(0, TESTS_DIR)
     from harness import tiny_models as tm
+
+    base = tm.sd15(seed=3)
+    dm = base.model.diffusion_model
+    if state is not None:
+        dm.load_state_dict(state)
+    sigmas = base.model.model_sampling.sigmas.float()
+    return base, dm, 1.0 / (sigmas ** 2 + 1.0), torch.zeros(1, 1, 32)
+
+
+def _pretrained_toy_unet():
+    """The tiny UNet trained unconditionally on the toy targets (the shared base of both runs)."""
+    import torch
+
     from harness.comfy_runtime import pack_module
 
     tr = pack_module("models.controlnext_training")
-    base = tm.sd15(seed=3)
-    dm = base.model.diffusion_model
-    sigmas = base.model.model_sampling.sigmas.float()
-    alphas = 1.0 / (sigmas ** 2 + 1.0)
+    _, dm, alphas, ctx = _toy_unet()
     latents, _ = toy_data(TOY_TRAIN, seed=1)
-    ctx = torch.zeros(1, 1, 32)
     trainer = tr.Trainer(torch.nn.Linear(1, 1), dict(dm.named_parameters()), TOY_TRAIN, batch_size=8, lr_unet=1e-3, seed=5)
     for _ in range(TOY_PRETRAIN_STEPS):
         trainer.train_step(latents, alphas, lambda x_t, t, idx, empty: dm(x_t, t.float(), context=ctx.expand(x_t.shape[0], -1, -1)))
@@ -86,36 +90,26 @@ def _pretrained_toy_unet():
 
 def _toy_run(join, steps, pretrained, seed=0):
     """(losses, [(step, fidelity)]) of one run; ``join``: "cross_norm" or "zero_conv"."""
-    import sys
-
     import torch
 
-    from . import TESTS_DIR
-
-    sys.path.insert(0, TESTS_DIR)
-    from harness import tiny_models as tm
     from harness.comfy_runtime import pack_module
 
     cnx = pack_module("models.controlnext")
     tr = pack_module("models.controlnext_training")
     cross_normalize = pack_module("models.cross_norm").cross_normalize
+    block = pack_module("nodes.controlnext_runtime").INJECTIONS["sd15_training"].block
 
-    base = tm.sd15(seed=3)
-    dm = base.model.diffusion_model
-    dm.load_state_dict(pretrained)
+    base, dm, alphas, ctx = _toy_unet(pretrained)
     for p in dm.parameters():
         p.requires_grad_(False)
     unet = {n: p for n, p in dm.named_parameters() if ".to_out." in n}
     for p in unet.values():
         p.requires_grad_(True)
-    sigmas = base.model.model_sampling.sigmas.float()
-    alphas = 1.0 / (sigmas ** 2 + 1.0)
     latents, hints = toy_data(TOY_TRAIN, seed=1)
     held_lat, held_hints = toy_data(TOY_HELD_OUT, seed=2)
-    ctx = torch.zeros(1, 1, 32)
     variant = cnx.get_variant("sd15_training")
     torch.manual_seed(seed)
-    width = pack_module("nodes.model_family").unet_block_channels(base)[("input", 3)]
+    width = pack_module("nodes.model_family").unet_block_channels(base)[block]
     module = cnx.ControlNeXt("sd15_training", out_channels=width)
     if join == "zero_conv":
         with torch.no_grad():
@@ -127,7 +121,7 @@ def _toy_run(join, steps, pretrained, seed=0):
         s = torch.ones(x_t.shape[0])
 
         def inject(h, to):
-            if to.get("block") != ("input", 3):
+            if to.get("block") != block:
                 return h
             if join == "cross_norm":
                 return h + cross_normalize(h, feat, variant.eps, variant.order, s)
@@ -185,15 +179,11 @@ THROUGHPUT_SIZE, THROUGHPUT_STEPS = 256, 3
 def _throughput(bench):
     """Steps/s and peak memory of Train ControlNeXt on full-size SD1.5 and SDXL UNets (random
     weights), next to ComfyUI's Train LoRA node on the same latents and prompt."""
-    import sys
     import tempfile
 
     import torch
 
-    from . import TESTS_DIR
     from .models import build_base
-
-    sys.path.insert(0, TESTS_DIR)
     from harness.comfy_runtime import pack_module
     import folder_paths
 
@@ -290,7 +280,7 @@ def training_report(bench):
         return ""
     toy = info["toy"]
     header = ["join", "seed", "fidelity at step 0 / 10 / 20 / 50", f"mean fidelity, steps 0-{EARLY}",
-              f"first step with fidelity >= {FIDELITY}", f"mean fidelity, last 100 steps", "final loss (mean of last 10)"]
+              f"first step with fidelity >= {FIDELITY}", "mean fidelity, last 100 steps", "final loss (mean of last 10)"]
 
     def at(curve, step):
         return next((f for s, f in curve if s == step), None)
