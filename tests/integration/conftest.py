@@ -28,6 +28,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions run many times faster on one thread on this shared 2-core machine; a
+    module asks for it with an autouse fixture of its own."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def comfy_root():
     return ROOT

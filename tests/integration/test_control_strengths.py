@@ -19,12 +19,7 @@ def nodes(pack):
     return pack_node_classes()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def call(patcher, x, sigma, ctx, cond_or_uncond, y=None, sample_sigmas=None):

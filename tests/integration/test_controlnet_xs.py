@@ -15,12 +15,8 @@ LATENT = 16  # latent side (SD1.5's /8 level is 2x2): hints are 128x128
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run many times faster on one thread on this shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def release_bases(one_thread):
     yield
-    torch.set_num_threads(before)
     _bases.clear()  # release the patchers while ComfyUI is still fully importable
 
 
