@@ -28,6 +28,7 @@ from .controlnext_nodes import ControlNeXtType, LoadedControlNeXt
 from .control_runner import image_size
 from .controlnext_runtime import INJECTIONS
 from .model_family import family_title, model_family, unet_block_channels
+from .unet_patches import key_map_for
 
 LOG = logging.getLogger("xctrl")
 NODE = "Train ControlNeXt (XCtrl)"
@@ -156,8 +157,7 @@ def _atomic_save(path, write):
 
 def _to_diffusers_names(model, ldm_sd):
     """{ComfyUI UNet name: tensor} -> diffusers names, as the released UNet files are written."""
-    mapping = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)  # diffusers -> "ldm name"
-    to_diff = {ldm: d for d, ldm in mapping.items()}
+    to_diff = {ldm: d for d, ldm in key_map_for(model).items()}
     missing = [k for k in ldm_sd if k not in to_diff]
     if missing:
         raise tr.TrainingError(f"{NODE}: no diffusers name for UNet parameters {missing[:3]}")
