@@ -9,10 +9,12 @@ def add_patch(transformer_options, name, patch):
     transformer_options["patches"] = patches
 
 
-def set_replace(transformer_options, kind, key, patch):
+def wrap_replace(transformer_options, kind, key, make):
+    """Block replacement ``key`` becomes ``make(the replacement there, or None)``: another pack's
+    replacement of the same block is chained, not dropped."""
     replace = dict(transformer_options.get("patches_replace", {}))
     replace[kind] = dict(replace.get(kind, {}))
-    replace[kind][key] = patch
+    replace[kind][key] = make(replace[kind].get(key))
     transformer_options["patches_replace"] = replace
 
 

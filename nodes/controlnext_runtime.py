@@ -124,8 +124,8 @@ class ControlNeXtRunner(ControlRunner):
         elif hook == INPUT_BLOCK_PATCH_AFTER_SKIP:
             call_patches.add_patch(transformer_options, "input_block_patch_after_skip", InputBlockInjection(self))
         else:
-            previous = transformer_options.get("patches_replace", {}).get("dit", {}).get(("double_block", 0))
-            call_patches.set_replace(transformer_options, "dit", ("double_block", 0), JointBlockInjection(self, previous))
+            call_patches.wrap_replace(transformer_options, "dit", ("double_block", 0),
+                                      lambda previous: JointBlockInjection(self, previous))
 
     def _entry(self, base_model, x, sigma, transformer_options):
         """(features per row, scale per row, mask per row, latent size) for this call, or None when inactive."""

@@ -62,6 +62,7 @@ from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..models import mi_balance as mb
+from . import call_patches
 
 LOG = logging.getLogger("xctrl.mi")
 
@@ -405,15 +406,11 @@ class FluxInjectionWrapper(_Patch):
         to = kwargs.get("transformer_options")
         if to is None and len(args) > self.TRANSFORMER_OPTIONS:
             to = args[self.TRANSFORMER_OPTIONS]
-        if isinstance(to, dict) and _stash(to) is not None:
-            replace = dict(to.get("patches_replace", {}))
-            dit = dict(replace.get("dit", {}))
-            for i in range(self.n_double):
-                dit[("double_block", i)] = FluxDoubleBlockInjection(i, dit.get(("double_block", i)))
-            for i in range(self.n_single):
-                dit[("single_block", i)] = FluxSingleBlockInjection(i, dit.get(("single_block", i)))
-            replace["dit"] = dit
-            to["patches_replace"] = replace  # this call's dict; the MODEL's own are not touched
+        if isinstance(to, dict) and _stash(to) is not None:  # this call's dicts; the MODEL's own are not touched
+            for kind, count, injection in (("double_block", self.n_double, FluxDoubleBlockInjection),
+                                           ("single_block", self.n_single, FluxSingleBlockInjection)):
+                for i in range(count):
+                    call_patches.wrap_replace(to, "dit", (kind, i), lambda inner: injection(i, inner))
         return executor(*args, **kwargs)
 
 

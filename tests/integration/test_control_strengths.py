@@ -301,6 +301,38 @@ def test_controlnext_on_all_prompts_equals_the_model_patch(nodes, sd15):
     assert "control" not in pos[0][1]  # the inputs are not changed
 
 
+def test_mmdit_controlnext_on_all_prompts_equals_the_model_patch_and_chains_a_replacement(nodes, controlnet_dir):
+    """SD3: the per-call joint-block replacement wraps a replacement another pack put on the same block."""
+    import comfy.sample
+
+    base = tm.sd3()
+    cnx = load(pack_module("nodes.controlnext_nodes"), write(controlnet_dir, "strengths_sd3.safetensors",
+                                                             controlnext_sd("sdxl", 128, seed=5)))
+    calls = []
+
+    def other_pack(args, extra):
+        calls.append(1)
+        out = extra["original_block"](args)
+        return {**out, "img": out["img"] * 1.01}
+
+    chained = base.clone()
+    chained.set_model_patch_replace(other_pack, "dit", "double_block", 0)
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(6))
+    pos, neg = tm.text_cond(base), tm.text_cond(base, seed=2)
+    lat = torch.zeros(1, 16, 8, 8)
+
+    def run(model, positive, negative):
+        return comfy.sample.sample(model, comfy.sample.prepare_noise(lat, 0), 2, 4.0, "euler", "simple", positive,
+                                   negative, lat)
+
+    model_level = run(apply_cnx(nodes, chained, cnx, hint, strength=0.8), pos, neg)
+    calls.clear()
+    cond_level = run(chained, *cnx_conditioning(nodes, pos, neg, chained, cnx, hint))
+    assert calls, "the other pack's replacement did not run"
+    assert (cond_level - model_level).abs().max() <= 1e-6 * model_level.abs().max()
+    assert rel_err(cond_level, run(chained, pos, neg)) > 1e-3  # the control acts
+
+
 def test_prompts_without_the_control_get_none(nodes, sd15):
     """Control on the positive prompt only = the MODEL patch with uncond multiplier 0."""
     base, sd, cnx = sd15
