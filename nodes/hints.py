@@ -21,24 +21,32 @@ class HintBatchError(ValueError):
 class Window:
     """The frames of the video one model call sees (a context window)."""
 
-    def __init__(self, frames, full_length=None, source="xctrl"):
+    def __init__(self, frames, full_length=None):
         self.frames = [int(f) for f in frames]
         self.full_length = full_length
-        self.source = source
 
 
 def current_window(transformer_options):
     """The window of this call from XCtrl Long Video, ComfyUI's context windows
-    (``context_window.index_list``) or AnimateDiff-Evolved (``ad_params.sub_idxs``), else None."""
+    (``context_window.index_list``) or AnimateDiff-Evolved (``ad_params.sub_idxs``), else None.
+
+    Newer ComfyUI context windows may run one frame before the window with it (the "causal
+    window fix": ``causal_anchor_index`` is prepended to the window's frames), so that frame is
+    part of the call's rows.
+    """
     to = transformer_options or {}
     if isinstance(to.get(WINDOW), Window):
         return to[WINDOW]
     core = to.get("context_window")
     if core is not None and getattr(core, "index_list", None) is not None:
-        return Window(core.index_list, getattr(core, "total_frames", None) or None, "comfyui")
+        frames = list(core.index_list)
+        anchor = getattr(core, "causal_anchor_index", None)
+        if anchor is not None and anchor >= 0:
+            frames = [anchor] + frames
+        return Window(frames, getattr(core, "total_frames", None) or None)
     ad = to.get("ad_params")
     if isinstance(ad, dict) and ad.get("sub_idxs") is not None:
-        return Window(ad["sub_idxs"], ad.get("full_length"), "animatediff")
+        return Window(ad["sub_idxs"], ad.get("full_length"))
     return None
 
 

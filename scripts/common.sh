@@ -7,8 +7,10 @@
 PACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${XCTRL_VENV:-$HOME/.cache/xctrl-nodes/venv}"
 PYTHON_BIN="${PYTHON:-python3}"
-# torch 2.14.1 / torchvision 0.29.1 is the pair tested here; set TORCH_SPEC to use another.
-TORCH_SPEC="${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
+# One torch set that every tested ComfyUI imports: from about 0.2x on ComfyUI imports torchaudio
+# at start, and the newest torchaudio on PyPI (2.11) pins torch 2.11 / torchvision 0.26.
+# Set TORCH_SPEC to use another set.
+TORCH_SPEC="${TORCH_SPEC:-torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0}"
 # The ComfyUI releases this pack is tested with; fetched into comfy-cli's default place when no
 # ComfyUI is found (XCTRL_COMFYUI_REPO and XCTRL_COMFY_HOME exist for the offline tests).
 COMFYUI_REPO="${XCTRL_COMFYUI_REPO:-https://github.com/comfyanonymous/ComfyUI}"
