@@ -205,8 +205,11 @@ def _train(model, latent, images, positive, steps, batch_size=1, gradient_accumu
                                    "module; training continues modules of the SDXL / SD1.5-Training layout only")
         module = cnx.build_controlnext(controlnext.state_dict, variant)
     else:
-        torch.manual_seed(int(seed))  # the module's initialisation
-        module = cnx.ControlNeXt(variant, out_channels=width)
+        # The module's initialisation from the seed, without touching the process's random state
+        # (other nodes and other prompts of the same server draw from it).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            module = cnx.ControlNeXt(variant, out_channels=width)
     folder = output_folder(name)
     os.makedirs(folder, exist_ok=True)
     checkpoint_path = os.path.join(folder, CHECKPOINT_FILE)

@@ -14,8 +14,8 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0}"
 # The ComfyUI releases this pack is tested with; fetched into comfy-cli's default place when no
 # ComfyUI is found (XCTRL_COMFYUI_REPO and XCTRL_COMFY_HOME exist for the offline tests).
 COMFYUI_REPO="${XCTRL_COMFYUI_REPO:-https://github.com/comfyanonymous/ComfyUI}"
-COMFYUI_RELEASE="v0.8.0"
-COMFYUI_SECOND_RELEASE="v0.3.64"
+COMFYUI_RELEASE="v0.33.0"
+COMFYUI_OLDER_RELEASES="v0.8.0 v0.3.64"
 COMFY_HOME="${XCTRL_COMFY_HOME:-$HOME/comfy}"
 
 die() { echo "ERROR: $*" >&2; exit 2; }
@@ -71,15 +71,20 @@ fetch_comfyui() {
 }
 
 # The roots to use, fetching the tested releases when none is found and the network allows:
-# $1 = "primary" (run_comfyui.sh) or "both" (run_tests.sh: the second tested version too).
+# $1 = "primary" (run_comfyui.sh) or "both" (run_tests.sh: the older tested versions too).
 # Prints nothing when none is found and fetching failed; the caller says what to do.
 comfyui_roots() {
     local found
     found="$(find_comfyui_roots)" || exit 2
     if [ -z "$found" ] && [ -z "${COMFYUI_PATH:-}" ]; then
         if fetch_comfyui "$COMFYUI_RELEASE" "$COMFY_HOME/ComfyUI"; then
-            [ "$1" = both ] && { fetch_comfyui "$COMFYUI_SECOND_RELEASE" "$COMFY_HOME/ComfyUI-${COMFYUI_SECOND_RELEASE#v}" \
-                || echo "WARNING: could not fetch ComfyUI $COMFYUI_SECOND_RELEASE: its tests are skipped" >&2; }
+            if [ "$1" = both ]; then
+                local tag
+                for tag in $COMFYUI_OLDER_RELEASES; do
+                    fetch_comfyui "$tag" "$COMFY_HOME/ComfyUI-${tag#v}" \
+                        || echo "WARNING: could not fetch ComfyUI $tag: its tests are skipped" >&2
+                done
+            fi
             found="$(find_comfyui_roots)" || exit 2
         fi
     fi

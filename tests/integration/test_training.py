@@ -51,7 +51,9 @@ def unet_state(base):
 def test_training_changes_exactly_the_selected_parameters_and_gives_the_model_back(training, setup, out_dir):
     base = setup[0]
     before = unet_state(base)
+    rng = torch.get_rng_state()
     result = run(training, setup, "exact", steps=2)
+    assert torch.equal(torch.get_rng_state(), rng)  # the process's random state is not drawn from
     selected = {k for k in before if ".to_out." in k}
     assert set(result.trained_unet) == selected and selected
     changed = {k for k in selected if not torch.equal(result.trained_unet[k], result.base_unet[k])}

@@ -59,7 +59,7 @@ def test_no_runtime_found_prints_nothing(tmp_path):
 
 
 # ---------------------------------------------------------------- fetching ComfyUI (offline, a local repository)
-def _comfyui_repository(tmp_path, versions=("0.8.0", "0.3.64")):
+def _comfyui_repository(tmp_path, versions=("0.33.0", "0.8.0", "0.3.64")):
     """A bare git repository standing in for ComfyUI's, one tag per release."""
     work, bare = tmp_path / "work", tmp_path / "ComfyUI.git"
     work.mkdir()
@@ -93,12 +93,14 @@ def test_no_comfyui_fetches_the_tested_releases(tmp_path):
     home = tmp_path / "home"
     r = _comfyui_roots("both", home, repo)
     assert r.returncode == 0, r.stderr
-    primary, second = home / "comfy" / "ComfyUI", home / "comfy" / "ComfyUI-0.3.64"
-    assert r.stdout.split() == [str(primary), str(second)]
-    assert '"0.8.0"' in (primary / "comfyui_version.py").read_text()
-    assert '"0.3.64"' in (second / "comfyui_version.py").read_text()
+    primary = home / "comfy" / "ComfyUI"
+    older = [home / "comfy" / "ComfyUI-0.3.64", home / "comfy" / "ComfyUI-0.8.0"]  # found in name order
+    assert r.stdout.split() == [str(primary)] + [str(o) for o in older]
+    assert '"0.33.0"' in (primary / "comfyui_version.py").read_text()
+    assert '"0.3.64"' in (older[0] / "comfyui_version.py").read_text()
+    assert '"0.8.0"' in (older[1] / "comfyui_version.py").read_text()
     again = _comfyui_roots("both", home, tmp_path / "gone.git")  # found now: nothing is fetched
-    assert again.stdout.split() == [str(primary), str(second)] and "Fetching" not in again.stderr
+    assert again.stdout.split() == r.stdout.split() and "Fetching" not in again.stderr
 
 
 def test_run_comfyui_fetches_only_the_primary_release(tmp_path):
@@ -106,7 +108,7 @@ def test_run_comfyui_fetches_only_the_primary_release(tmp_path):
     home = tmp_path / "home"
     r = _comfyui_roots("primary", home, repo)
     assert r.stdout.split() == [str(home / "comfy" / "ComfyUI")]
-    assert not (home / "comfy" / "ComfyUI-0.3.64").exists()
+    assert not (home / "comfy" / "ComfyUI-0.3.64").exists() and not (home / "comfy" / "ComfyUI-0.8.0").exists()
 
 
 def test_offline_no_comfyui_says_what_to_do_in_one_line(tmp_path):
@@ -146,7 +148,7 @@ def test_registry_metadata_matches_what_we_test():
     comfy = project["tool"]["comfy"]
     with open(os.path.join(PACK, "scripts", "common.sh")) as f:
         script = f.read()
-    oldest = script.split('COMFYUI_SECOND_RELEASE="v', 1)[1].split('"', 1)[0]
+    oldest = script.split('COMFYUI_OLDER_RELEASES="', 1)[1].split('"', 1)[0].split()[-1].lstrip("v")
     assert comfy["requires-comfyui"] == f">={oldest}", "requires-comfyui must be the oldest ComfyUI the tests run"
     assert comfy["PublisherId"] and comfy["DisplayName"]
     assert {"Issues", "Documentation", "Repository"} <= set(project["project"]["urls"])
