@@ -357,8 +357,10 @@ def build_controlnext(state_dict, variant=None, ops=nn, dtype=None, device=None)
             "pick the variant that matches the file (and the file that matches your base model)"
         )
     out_channels = int(sd["mid_convs.1.weight"].shape[0])
+    # The layout is checked against plain layers on the meta device: ops may create layers whose
+    # weights only exist once loaded (ComfyUI's lazily initialised layers).
+    _check_layout(ControlNeXt(v, device="meta", out_channels=out_channels), sd)
     model = ControlNeXt(v, ops=ops, dtype=dtype, device=device, out_channels=out_channels)
-    _check_layout(model, sd)
     model.load_state_dict(sd, strict=True)
     model.eval()
     model.requires_grad_(False)

@@ -31,7 +31,19 @@ def mask_batch(mask):
 
 
 def check_step_range(start_percent, end_percent):
-    """True, or the message validate_inputs shows."""
-    if start_percent > end_percent:
+    """True, or the message validate_inputs shows. ComfyUI skips its own min/max checks for the
+    inputs a validate_inputs names, so the range is checked here; a linked input arrives as None
+    at validation and is checked when the node runs (require_step_range)."""
+    for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+        if value is not None and not 0.0 <= value <= 1.0:  # NaN fails too
+            return f"{name} must be between 0 and 1, got {value}"
+    if start_percent is not None and end_percent is not None and start_percent > end_percent:
         return f"start_percent ({start_percent}) is after end_percent ({end_percent}): set start_percent <= end_percent"
     return True
+
+
+def require_step_range(start_percent, end_percent, node):
+    """check_step_range when the node runs (values from links were not seen at validation)."""
+    message = check_step_range(start_percent, end_percent)
+    if message is not True:
+        raise ValueError(f"{node}: {message}")

@@ -23,6 +23,7 @@ import comfy.patcher_extension as pe
 
 from ..models.control_schedule import ScheduleError, Strengths
 from . import hints
+from .model_family import model_family
 
 MASK_ASPECT_TOLERANCE = 0.02  # relative: masks are resized to each resolution, not cropped
 
@@ -63,6 +64,7 @@ class ControlRunner:
         options = executor.class_obj.model_options
         self.check_sampling(noise.shape, options)
         check_core_context_windows(options, noise.shape[0], sigmas, self.NODE)
+        check_video_anchor_frames(options, executor.class_obj.model_patcher, self.NODE)
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
     def check_sampling(self, latent_shape, model_options):
@@ -149,6 +151,19 @@ def check_core_context_windows(model_options, latents, sigmas, node):
             "window handler fails on the first step; fixed in ComfyUI 0.8). For ControlNeXt-SVD long videos use "
             "'ControlNeXt-SVD Long Video (XCtrl)' instead, or update ComfyUI."
         ) from None
+
+
+def check_video_anchor_frames(model_options, model_patcher, node):
+    """Newer ComfyUI context windows can run one frame before each window with it (the
+    "causal_window_fix" option, on by default) but still tell an SVD model the window's own
+    length, which breaks SVD's temporal layers inside KSampler: say so before sampling."""
+    handler = (model_options or {}).get("context_handler")
+    if getattr(handler, "causal_window_fix", False) and model_family(model_patcher) == "svd":
+        raise RuntimeError(
+            f"{node}: ComfyUI's Context Windows with causal_window_fix on cannot run an SVD video (each window gets "
+            "one extra frame that SVD's temporal layers are not told about). Set causal_window_fix to false in the "
+            "Context Windows node, or use 'ControlNeXt-SVD Long Video (XCtrl)', which runs the authors' windows."
+        )
 
 
 def control_patcher(module, model):

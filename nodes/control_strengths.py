@@ -135,6 +135,8 @@ class LatentStrengthsNode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, strengths):
+        if strengths is None:  # linked: parsed when the node runs
+            return True
         try:
             parse_strength_list(strengths, "Latent Strengths (XCtrl)")
         except ScheduleError as e:

@@ -186,6 +186,26 @@ def test_bad_strength_lists_and_masks_fail_before_sampling_naming_the_node(nodes
 LATENT = 16
 
 
+APPLY_NODES = ("XCtrl_ApplyControlNeXt", "XCtrl_ApplyControlNeXtConditioning", "XCtrl_ApplyControlNetXS",
+               "XCtrl_ApplyControlNetXSConditioning")
+
+
+def test_step_range_checked_at_validation_and_linked_values_when_the_node_runs(nodes, sd15):
+    """ComfyUI skips its own min/max checks for inputs a validate_inputs names, and passes None for
+    an input fed by a link: the range is checked there, and again when the node runs."""
+    for node_id in APPLY_NODES:
+        validate = nodes[node_id].validate_inputs
+        assert validate(0.2, 0.8) is True and validate(None, 0.5) is True and validate(None, None) is True
+        assert "start_percent (0.9) is after end_percent (0.1)" in validate(0.9, 0.1)
+        assert "end_percent must be between 0 and 1, got 1.5" in validate(0.0, 1.5)
+        assert "start_percent must be between 0 and 1" in validate(float("nan"), 1.0)
+    assert nodes["XCtrl_LatentStrengths"].validate_inputs(None) is True
+    assert nodes["XCtrl_ControlNeXtSVDLongVideo"].validate_inputs(None, 6) is True
+    base, _, cnx = sd15
+    with pytest.raises(ValueError, match=r"Apply ControlNeXt \(XCtrl\): start_percent \(0.7\) is after end_percent \(0.2\)"):
+        node_result(nodes["XCtrl_ApplyControlNeXt"], base, cnx, torch.rand(1, 64, 64, 3), 1.0, 0.7, 0.2)
+
+
 @pytest.fixture(scope="module")
 def xs(nodes, controlnet_dir):
     import comfy.model_management as mm

@@ -1,6 +1,7 @@
 """ControlNeXt-SVD v2 long videos (XCtrl Long Video) against a hand-written version of the
 authors' denoising loop, on the tiny SVD model; ComfyUI's own context windows."""
 import inspect
+import types
 
 import pytest
 import torch
@@ -230,15 +231,42 @@ def test_svd_v1_under_windows_is_refused(nodes_mod, controlnet_dir):
 
 
 # ----------------------------------------------------------------------------- ComfyUI's context windows
-def core_windows(model, length, overlap):
+def core_windows(model, length, overlap, causal_window_fix=False):
+    """ComfyUI's Context Windows (Manual); newer versions' causal_window_fix set as asked where it exists."""
     from comfy_extras import nodes_context_windows as ncw
 
     node = getattr(ncw, "ContextWindowsManualNode")
     params = inspect.signature(node.execute).parameters
     values = dict(context_length=length, context_overlap=overlap, context_schedule="standard_static", context_stride=1,
                   closed_loop=False, fuse_method="flat", dim=0, freenoise=False, cond_retain_index_list="",
-                  split_conds_to_windows=False)
+                  split_conds_to_windows=False, causal_window_fix=causal_window_fix)
     return node.execute(model.clone(), **{k: v for k, v in values.items() if k in params}).result[0]
+
+
+def test_core_causal_anchor_frames_on_svd_are_refused_before_sampling(setup, nodes_mod):
+    """Newer ComfyUI runs one frame before each window with it but tells SVD the window's own
+    length (SVD's temporal layers then fail inside KSampler): the pack says what to change."""
+    from comfy_extras import nodes_context_windows as ncw
+
+    if "causal_window_fix" not in inspect.signature(ncw.ContextWindowsManualNode.execute).parameters:
+        pytest.skip("this ComfyUI's Context Windows have no causal anchor frames")
+    base, _, loaded = setup
+    poses, image_emb, concat, noise = video_inputs(7, seed=3)
+    controlled = node_result(nodes_mod.ApplyControlNeXt, base, loaded, poses, 1.0, 0.0, 1.0, None, 1.0, "refuse", True)[0]
+    with pytest.raises(RuntimeError, match="causal_window_fix on cannot run an SVD video.*Set causal_window_fix to false"):
+        sample(core_windows(controlled, 4, 2, causal_window_fix=True), image_emb, concat, noise)
+
+
+def test_a_causal_anchor_frame_gets_its_own_pose(pack):
+    """The anchor frame newer ComfyUI runs before a window is a row of the call: it gets its frame's
+    pose (or, with reference_first, position 0 gets frame 0's)."""
+    hints = pack_module("nodes.hints")
+    window = types.SimpleNamespace(index_list=[4, 5, 6], total_frames=7, causal_anchor_index=3)
+    layout = hints.BatchLayout(8, {"cond_or_uncond": [0, 1], "context_window": window})
+    assert layout.items(7).tolist() == [3, 4, 5, 6] * 2
+    assert layout.items(7, reference_first=True).tolist() == [0, 4, 5, 6] * 2
+    window.causal_anchor_index = None  # the first window has none
+    assert hints.BatchLayout(6, {"cond_or_uncond": [0, 1], "context_window": window}).items(7).tolist() == [4, 5, 6] * 2
 
 
 @pytest.mark.parametrize("reference_first", [True, False])

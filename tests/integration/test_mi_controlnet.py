@@ -150,7 +150,8 @@ def denoise_once(model, positive, negative, x, sigma, spy=None):
     got = {}
 
     def one_call(model_k, noise, sigmas, extra_args=None, callback=None, disable=None):
-        got["d"] = model_k(x.clone(), sigma.reshape(1).expand(x.shape[0]), **extra_args)
+        with torch.no_grad():  # as ComfyUI's executor samples (newer Flux adds controls in place)
+            got["d"] = model_k(x.clone(), sigma.reshape(1).expand(x.shape[0]), **extra_args)
         return noise
 
     if spy is not None:
