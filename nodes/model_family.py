@@ -15,9 +15,9 @@ def model_family(model_patcher):
 
 
 def compute_dtype(model_patcher):
-    """The dtype the diffusion model computes in (manual cast dtype when weights are stored lower)."""
-    base = model_patcher.model
-    return base.manual_cast_dtype or base.get_dtype()
+    """The dtype the diffusion model computes in (manual cast dtype when weights are stored lower).
+    Read through the patcher: a compute-dtype node sets it as an object patch on its clone."""
+    return model_patcher.get_model_object("manual_cast_dtype") or model_patcher.model.get_dtype()
 
 
 def unet_block_channels(model_patcher):

@@ -105,6 +105,15 @@ def test_lazily_initialised_layers_load_and_give_the_same_output(nodes_mod, cont
     assert torch.equal(lazy, eager)
 
 
+def test_control_module_follows_a_compute_dtype_set_on_the_model(pack):
+    """A compute-dtype node sets the dtype as an object patch of its clone: the module is built in it."""
+    family = pack_module("nodes.model_family")
+    base = tm.sd15()
+    patched = base.clone()
+    patched.set_model_compute_dtype(torch.bfloat16)
+    assert family.compute_dtype(base) == torch.float32 and family.compute_dtype(patched) == torch.bfloat16
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_strength_zero_and_empty_mask_are_bit_identical_to_the_base(family, nodes_mod, controlnet_dir):
     base = getattr(tm, family)()
