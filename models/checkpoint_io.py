@@ -37,22 +37,7 @@ def load_state_dict(path, nested_keys=("state_dict", "module", "model")):
                 f"{name} is not a readable safetensors file ({e}); it is probably truncated or corrupt: download it again."
             ) from e
     else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            objects = refused_objects(str(e))
-            if objects is None:
-                raise WeightFileError(f"{name} is not a readable PyTorch checkpoint: it is probably truncated or "
-                                      "corrupt: download it again.") from e
-            raise WeightFileError(
-                f"{name} was not loaded: besides tensors it contains Python objects ({objects}) that XCtrl refuses "
-                "to unpickle, because unpickling them can run code from the file. Get a safe copy instead: the "
-                ".safetensors release of the same weights where there is one, or convert this file on a machine you "
-                "trust (load it there and save its tensors with safetensors.torch.save_file)."
-            ) from None
-        except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, TypeError, KeyError) as e:
-            raise WeightFileError(f"{name} is not a readable PyTorch checkpoint ({type(e).__name__}): it is probably "
-                                  "truncated or corrupt: download it again.") from e
+        sd = load_pickle(path)
     for key in nested_keys:
         if isinstance(sd, dict) and isinstance(sd.get(key), dict) and _tensor_dict(sd[key]):
             sd = sd[key]
@@ -60,6 +45,32 @@ def load_state_dict(path, nested_keys=("state_dict", "module", "model")):
     if not isinstance(sd, dict) or not _tensor_dict(sd):
         raise WeightFileError(f"{name} holds no tensors: it is not a weight file.")
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def load_pickle(path):
+    """The object in a PyTorch pickle file, read with ``weights_only=True`` (no code runs); every
+    failure is a WeightFileError saying what is wrong with the file."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise WeightFileError(f"{name}: file not found at {path}")
+    if os.path.getsize(path) == 0:
+        raise WeightFileError(f"{name} is empty (0 bytes): it was cut off while being written or downloaded.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        objects = refused_objects(str(e))
+        if objects is None:
+            raise WeightFileError(f"{name} is not a readable PyTorch checkpoint: it is probably truncated or "
+                                  "corrupt: download it again.") from e
+        raise WeightFileError(
+            f"{name} was not loaded: besides tensors it contains Python objects ({objects}) that XCtrl refuses "
+            "to unpickle, because unpickling them can run code from the file. Get a safe copy instead: the "
+            ".safetensors release of the same weights where there is one, or convert this file on a machine you "
+            "trust (load it there and save its tensors with safetensors.torch.save_file)."
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError, TypeError, KeyError) as e:
+        raise WeightFileError(f"{name} is not a readable PyTorch checkpoint ({type(e).__name__}): it is probably "
+                              "truncated or corrupt: download it again.") from e
 
 
 # PyTorch's weights-only unpickler names each object it refuses: "Unsupported global: GLOBAL

@@ -29,6 +29,29 @@ class TrainingError(ValueError):
     """Training cannot start as configured (the message names the fix)."""
 
 
+class NonFiniteError(TrainingError):
+    """A loss or a weight became NaN or infinite."""
+
+
+def non_finite_tensors(tensors):
+    """Names of the tensors in {name: tensor} (nested dicts and lists walked) holding NaN or inf."""
+    bad = []
+
+    def walk(prefix, value):
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(prefix)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{prefix}[{i}]", v)
+
+    walk("", tensors)
+    return bad
+
+
 def select_parameters(named_parameters, pattern, node="XCtrl"):
     """Names (in order) of the parameters matching ``pattern`` (re.fullmatch); empty pattern: none."""
     if not pattern:
@@ -82,7 +105,21 @@ class Trainer:
         return idx, t, noise, empty
 
     def train_step(self, latents, alphas_cumprod, forward):
-        """One optimizer step over ``accumulation`` micro-batches; returns the mean loss."""
+        """One optimizer step over ``accumulation`` micro-batches; returns the mean loss.
+
+        All or nothing: a step stopped part-way (an interrupt inside the forward, an error) leaves
+        the random draws, the weights and the optimizer as they were before it, so a checkpoint
+        written then resumes with exactly this step. A non-finite loss raises before the weights change.
+        """
+        draws = self.generator.get_state()
+        try:
+            return self._train_step(latents, alphas_cumprod, forward)
+        except BaseException:
+            self.generator.set_state(draws)
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+
+    def _train_step(self, latents, alphas_cumprod, forward):
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(self.accumulation):
@@ -92,6 +129,8 @@ class Trainer:
             x_t = noised(x0, noise, t.to(x0.device), alphas_cumprod)
             pred = forward(x_t, t.to(x0.device), idx, empty)
             loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteError(f"the loss is {float(loss.detach())} at step {self.step + 1}")
             (loss / self.accumulation).backward()
             total += float(loss.detach())
         self.optimizer.step()

@@ -20,6 +20,7 @@ from comfy_api.latest import io
 
 from ..models import controlnext as cnx
 from ..models import controlnext_training as tr
+from ..models.checkpoint_io import WeightFileError, load_pickle
 from ..models.cross_norm import cross_normalize
 from . import hints
 from .controlnext_nodes import TRAINED_LAYOUT_KEY as LAYOUT_KEY
@@ -41,17 +42,80 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class TrainingResult:
     """What a run produced (the node's outputs, and what the tests compare)."""
 
-    def __init__(self, control, losses, folder, trained_unet, base_unet):
+    def __init__(self, control, losses, folder, trained_unet, base_unet, note=""):
         self.control, self.losses, self.folder = control, losses, folder
         self.trained_unet, self.base_unet = trained_unet, base_unet
+        self.note = note
+
+
+MAX_NAME_PART = 120  # characters per folder level: file systems stop at 255 bytes
 
 
 def output_folder(name):
+    """models/controlnet/<name>: a folder below the root (never the root itself, never outside it)."""
     base = folder_paths.get_folder_paths("controlnet")[0]
     clean = name.strip().strip("/\\")
-    if not clean or ".." in clean.replace("\\", "/").split("/"):
-        raise tr.TrainingError(f"{NODE}: the name {name!r} must be a folder name under models/controlnet (no '..')")
-    return os.path.join(base, clean)
+    parts = clean.replace("\\", "/").split("/")
+    if not clean or any(p in ("", ".", "..") for p in parts):
+        raise tr.TrainingError(f"{NODE}: the name {name!r} must name a folder under models/controlnet (letters, digits, "
+                               "'-', '_'; no '.' or '..' levels), e.g. my_controlnext")
+    if any(len(p) > MAX_NAME_PART for p in parts):
+        raise tr.TrainingError(f"{NODE}: the name is {len(clean)} characters long: keep each folder name under "
+                               f"{MAX_NAME_PART} characters")
+    return os.path.join(base, *parts)
+
+
+def prepare_folder(folder, resume, overwrite):
+    """Checks, before the first step, that the run's files can be written and that no earlier run is
+    replaced unless asked. Returns True when the folder's checkpoint is to be resumed."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, ".xctrl-write-test")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as e:
+        raise tr.TrainingError(f"{NODE}: cannot write into {folder} ({e.strerror or e}): make it writable or pick "
+                               "another name; nothing was trained") from None
+    earlier = [f for f in (MODULE_FILE, UNET_FILE, CHECKPOINT_FILE) if os.path.isfile(os.path.join(folder, f))]
+    if overwrite or not earlier:
+        return False
+    if resume and CHECKPOINT_FILE in earlier:
+        return True
+    raise tr.TrainingError(
+        f"{NODE}: {folder} already holds an earlier run ({', '.join(earlier)}): pick another name, "
+        + ("turn overwrite on to replace it" if resume else "turn resume on to continue it, or overwrite on to replace it"))
+
+
+def read_checkpoint(path, settings):
+    """The folder's checkpoint, read without running code, checked to be this node's and made
+    with the same settings (a changed setting is refused, never silently ignored)."""
+    fix = "turn overwrite on to start this run again, or pick another name"
+    try:
+        state = load_pickle(path)
+    except WeightFileError as e:
+        raise tr.TrainingError(f"{NODE}: cannot resume from {path}: {e} ({fix})") from None
+    needed = ("step", "losses", "module", "unet", "optimizer", "generator")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        raise tr.TrainingError(f"{NODE}: {path} is not a checkpoint of this node ({fix})")
+    before = state.get("settings") or {}
+    changed = [f"{k} {before[k]!r} -> {v!r}" for k, v in settings.items() if k in before and before[k] != v]
+    if changed:
+        raise tr.TrainingError(f"{NODE}: the run in {os.path.dirname(path)} was trained with other settings "
+                               f"({'; '.join(changed)}): resuming would ignore them. {fix[0].upper() + fix[1:]}, or "
+                               "set them back to continue it")
+    bad = tr.non_finite_tensors(state)
+    if bad:
+        raise tr.TrainingError(f"{NODE}: {path} holds NaN or infinite values ({', '.join(bad[:3])}) ({fix})")
+    return state
+
+
+def check_finite_inputs(tensors):
+    """Refuses NaN / inf in the training data before the first step."""
+    for what, t in tensors.items():
+        if t is not None and not bool(torch.isfinite(t).all()):
+            raise tr.TrainingError(f"{NODE}: the {what} contain NaN or infinite values: fix the node that makes them "
+                                   "(a NaN latent trains a NaN control); nothing was trained")
 
 
 def _conditionings(conditioning, n, model, family, image_hw, what):
@@ -144,11 +208,21 @@ def checkpointed_blocks(dm, enabled):
             del b.forward
 
 
+def _file_mode():
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()  # what a plain open() would give: writers that go through a temporary file use 0600
+
+
 def _atomic_save(path, write):
     """Writes through ``path``.partial, renamed only when complete: never a half-written file under the name."""
     partial = path + ".partial"
     try:
         write(partial)
+        os.chmod(partial, FILE_MODE)
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
@@ -170,113 +244,185 @@ def train(*args, **kwargs):
         return _train(*args, **kwargs)
 
 
-def _train(model, latent, images, positive, steps, batch_size=1, gradient_accumulation=1, lr_module=tr.LR_MODULE,
-           lr_unet=tr.LR_UNET, unet_pattern="auto", scale=1.0, seed=0, empty_prompt_rate=0.2, empty_conditioning=None,
-           gradient_checkpointing=False, training_dtype="float32", name="my_controlnext", checkpoint_every=100,
-           resume=True, controlnext=None):
-    family = model_family(model)
-    if family not in VARIANT_FOR_FAMILY:
-        raise tr.TrainingError(f"{NODE} trains ControlNeXt for SD1.5 and SDXL models; this MODEL is {family_title(family)}. "
-                               "(SVD training needs the whole UNet on several GPUs: not offered.)")
-    variant = VARIANT_FOR_FAMILY[family]
-    x0 = latent["samples"].float().clone()  # inference-mode tensors from other nodes: normal copies
-    images = images.clone()
+class _Setup:
+    """Everything checked and prepared before the first step (no file touched, nothing loaded)."""
+
+    def __init__(self, model, latent, images, positive, unet_pattern, empty_prompt_rate, empty_conditioning, controlnext, seed):
+        self.family = model_family(model)
+        if self.family not in VARIANT_FOR_FAMILY:
+            raise tr.TrainingError(f"{NODE} trains ControlNeXt for SD1.5 and SDXL models; this MODEL is "
+                                   f"{family_title(self.family)}. (SVD training needs the whole UNet on several GPUs: not offered.)")
+        self.variant = VARIANT_FOR_FAMILY[self.family]
+        self.x0 = latent["samples"].float().clone()  # inference-mode tensors from other nodes: normal copies
+        self.images = images.clone()
+        self.n = n = self.x0.shape[0]
+        _check_data(model, self.x0, self.images, positive, empty_conditioning, empty_prompt_rate)
+        self.image_hw = image_size(model.model, self.x0)
+        self.conds = _conditionings(positive, n, model, self.family, self.image_hw, "positive conditioning")
+        self.empty = _conditionings(empty_conditioning, 1, model, self.family, self.image_hw, "empty conditioning")[0] \
+            if empty_conditioning is not None else None
+        pattern = tr.DEFAULT_PATTERNS[self.family] if unet_pattern.strip() == "auto" else unet_pattern.strip()
+        self.names = tr.select_parameters(model.model.diffusion_model.named_parameters(), pattern, NODE)
+        self.injection = INJECTIONS[self.variant]
+        self.module = self._module(model, controlnext, seed)
+
+    def _module(self, model, controlnext, seed):
+        if controlnext is not None:
+            if controlnext.family != cnx.SDXL_FAMILY:
+                raise tr.TrainingError(f"{NODE}: {controlnext.name} is a ControlNeXt {cnx.module_family_title(controlnext.family)} "
+                                       "module; training continues modules of the SDXL / SD1.5-Training layout only")
+            return cnx.build_controlnext(controlnext.state_dict, self.variant)
+        # The module's initialisation from the seed, without touching the process's random state
+        # (other nodes and other prompts of the same server draw from it).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return cnx.ControlNeXt(self.variant, out_channels=unet_block_channels(model)[self.injection.block])
+
+
+def _check_data(model, x0, images, positive, empty_conditioning, empty_prompt_rate):
     n = x0.shape[0]
+    channels = model.model.latent_format.latent_channels
+    if x0.dim() != 4 or x0.shape[1] != channels:
+        raise tr.TrainingError(f"{NODE}: the training latents have shape {tuple(x0.shape)} but this "
+                               f"{family_title(model_family(model))} MODEL takes {channels} latent channels: encode the "
+                               "images with this model's VAE")
     if images.shape[0] != n:
         raise tr.TrainingError(f"{NODE}: {images.shape[0]} condition images for {n} training latents: give one condition "
                                "image per latent (in the same order)")
     if empty_prompt_rate > 0 and empty_conditioning is None:
         raise tr.TrainingError(f"{NODE}: empty_prompt_rate is {empty_prompt_rate} but no empty_conditioning is connected: "
                                "connect CLIP Text Encode with an empty text, or set empty_prompt_rate to 0")
-    image_hw = image_size(model.model, x0)
-    conds = _conditionings(positive, n, model, family, image_hw, "positive conditioning")
-    empty = _conditionings(empty_conditioning, 1, model, family, image_hw, "empty conditioning")[0] \
-        if empty_conditioning is not None else None
-    pattern = tr.DEFAULT_PATTERNS[family] if unet_pattern.strip() == "auto" else unet_pattern.strip()
-    dm = model.model.diffusion_model
-    names = tr.select_parameters(dm.named_parameters(), pattern, NODE)
-    injection = INJECTIONS[variant]
-    width = unet_block_channels(model)[injection.block]
-    v = cnx.get_variant(variant)
+    conds = [c[0] for c in positive] + [c[0] for c in (empty_conditioning or [])]
+    check_finite_inputs({"training latents": x0, "condition images": images,
+                         "conditionings": torch.cat([c.flatten().float() for c in conds]) if conds else None})
 
-    if controlnext is not None:
-        if controlnext.family != cnx.SDXL_FAMILY:
-            raise tr.TrainingError(f"{NODE}: {controlnext.name} is a ControlNeXt {cnx.module_family_title(controlnext.family)} "
-                                   "module; training continues modules of the SDXL / SD1.5-Training layout only")
-        module = cnx.build_controlnext(controlnext.state_dict, variant)
-    else:
-        # The module's initialisation from the seed, without touching the process's random state
-        # (other nodes and other prompts of the same server draw from it).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            module = cnx.ControlNeXt(variant, out_channels=width)
+
+def _train(model, latent, images, positive, steps, batch_size=1, gradient_accumulation=1, lr_module=tr.LR_MODULE,
+           lr_unet=tr.LR_UNET, unet_pattern="auto", scale=1.0, seed=0, empty_prompt_rate=0.2, empty_conditioning=None,
+           gradient_checkpointing=False, training_dtype="float32", name="my_controlnext", checkpoint_every=100,
+           resume=True, controlnext=None, overwrite=False):
+    setup = _Setup(model, latent, images, positive, unet_pattern, empty_prompt_rate, empty_conditioning, controlnext, seed)
+    settings = {"variant": setup.variant, "latents": setup.n, "batch_size": int(batch_size),
+                "gradient_accumulation": int(gradient_accumulation), "lr_module": float(lr_module),
+                "lr_unet": float(lr_unet), "unet_pattern": unet_pattern.strip(), "scale": float(scale), "seed": int(seed),
+                "empty_prompt_rate": float(empty_prompt_rate), "training_dtype": training_dtype}
     folder = output_folder(name)
-    os.makedirs(folder, exist_ok=True)
     checkpoint_path = os.path.join(folder, CHECKPOINT_FILE)
+    resuming = prepare_folder(folder, resume, overwrite)
+    state = read_checkpoint(checkpoint_path, settings) if resuming else None
 
     mm.load_models_gpu([model], force_full_load=True)
     device = model.load_device
-    module = module.to(device=device, dtype=torch.float32).train()
-    hint_all = hints.resize(hints.image_to_nchw(images), image_hw).to(device)
-    x0 = x0.to(device)
     sigmas = model.model.model_sampling.sigmas.float()  # the discrete schedule: a_t = 1 / (sigma_t^2 + 1)
     if sigmas.numel() != tr.NUM_TIMESTEPS:
         raise tr.TrainingError(f"{NODE}: the MODEL's noise schedule has {sigmas.numel()} steps, not {tr.NUM_TIMESTEPS}")
-    alphas = 1.0 / (sigmas ** 2 + 1.0)
-    dtype = DTYPES[training_dtype]
+    module = setup.module.to(device=device, dtype=torch.float32).train()
+    dm = model.model.diffusion_model
+    with trainable_unet(dm, setup.names, device) as (unet_params, base_unet), checkpointed_blocks(dm, gradient_checkpointing):
+        trainer = tr.Trainer(module, unet_params, setup.n, batch_size, gradient_accumulation, lr_module, lr_unet,
+                             empty_prompt_rate if setup.empty is not None else 0.0, seed)
+        if state is not None:
+            _resume(trainer, state, device, checkpoint_path)
+        forward = _forward(setup, model, module, device, scale, DTYPES[training_dtype])
+        save = lambda: _save_checkpoint(trainer, settings, checkpoint_path)  # noqa: E731
+        already = trainer.step
+        _loop(trainer, steps, setup.x0.to(device), 1.0 / (sigmas ** 2 + 1.0), forward, save, checkpoint_every)
+        trained = {k: p.detach().float().cpu().clone() for k, p in unet_params.items()}
+    control = _save_run(model, module, trained, base_unet, setup.variant, folder, save)
+    note = f"already trained to step {already} (checkpoint in {folder}): nothing new was trained" if already >= steps else ""
+    return TrainingResult(control, list(trainer.losses), folder, trained, base_unet, note)
+
+
+def _resume(trainer, state, device, path):
+    try:
+        trainer.load_state({k: (v if k == "generator" else _to(v, device)) for k, v in state.items()})
+    except (ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise tr.TrainingError(f"{NODE}: cannot resume from {path}: it does not fit this run ({e}); turn overwrite on "
+                               "to start again, or pick another name") from None
+    LOG.info("[XCtrl] %s: resuming %s at step %d", NODE, os.path.dirname(path), trainer.step)
+
+
+def _to(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _forward(setup, model, module, device, scale, dtype):
+    """The denoiser's prediction with the control injected at the variant's point (training's own call)."""
+    dm = model.model.diffusion_model
+    hint_all = hints.resize(hints.image_to_nchw(setup.images), setup.image_hw).to(device)
+    v = cnx.get_variant(setup.variant)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
-    with trainable_unet(dm, names, device) as (unet_params, base_unet), checkpointed_blocks(dm, gradient_checkpointing):
-        trainer = tr.Trainer(module, unet_params, n, batch_size, gradient_accumulation, lr_module, lr_unet,
-                             empty_prompt_rate if empty is not None else 0.0, seed)
-        if resume and os.path.isfile(checkpoint_path):
-            trainer.load_state(torch.load(checkpoint_path, map_location=device, weights_only=True))
-            LOG.info("[XCtrl] %s: resuming %s at step %d", NODE, folder, trainer.step)
+    def forward(x_t, t, idx, is_empty):
+        rows = [setup.empty if (bool(e) and setup.empty is not None) else setup.conds[int(i)] for i, e in zip(idx, is_empty)]
+        ctx, y = _stack_contexts(rows)
+        feat = module(hint_all[idx.to(device)], t.float())
+        s = torch.full((x_t.shape[0],), float(scale), device=device)
 
-        def forward(x_t, t, idx, is_empty):
-            rows = [empty if (bool(e) and empty is not None) else conds[int(i)] for i, e in zip(idx, is_empty)]
-            ctx, y = _stack_contexts(rows)
-            feat = module(hint_all[idx.to(device)], t.float())
-            s = torch.full((x_t.shape[0],), float(scale), device=device)
+        def inject(h, transformer_options):
+            if transformer_options.get("block") != setup.injection.block:
+                return h
+            return h + cross_normalize(h, feat, v.eps, v.order, s)
 
-            def inject(h, transformer_options):
-                if transformer_options.get("block") != injection.block:
-                    return h
-                return h + cross_normalize(h, feat, v.eps, v.order, s)
+        to = {"patches": {"input_block_patch_after_skip": [inject]}}
+        kw = {} if y is None else {"y": y.to(device)}
+        with autocast:
+            return dm(x_t, t.float(), context=ctx.to(device), transformer_options=to, **kw)
 
-            to = {"patches": {"input_block_patch_after_skip": [inject]}}
-            kw = {} if y is None else {"y": y.to(device)}
-            with autocast:
-                return dm(x_t, t.float(), context=ctx.to(device), transformer_options=to, **kw)
+    return forward
 
-        save = lambda: _atomic_save(checkpoint_path, lambda p: torch.save(trainer.state(), p))  # noqa: E731
-        pbar = comfy.utils.ProgressBar(steps)
-        try:
-            while trainer.step < steps:
-                mm.throw_exception_if_processing_interrupted()
-                loss = trainer.train_step(x0, alphas, forward)
-                pbar.update_absolute(trainer.step, steps)
-                if trainer.step % 10 == 0 or trainer.step == steps:
-                    LOG.info("[XCtrl] %s: step %d/%d, loss %.5f", NODE, trainer.step, steps, loss)
-                if checkpoint_every and trainer.step % checkpoint_every == 0 and trainer.step < steps:
-                    save()
-        except mm.InterruptProcessingException:
-            save()  # the run so far is kept; resume continues it
-            raise
-        trained = {k: p.detach().float().cpu().clone() for k, p in unet_params.items()}
+
+def _loop(trainer, steps, x0, alphas, forward, save, checkpoint_every):
+    """The steps; a checkpoint every ``checkpoint_every`` steps and on an interrupt. A non-finite
+    loss stops the run before that step changes anything, keeping the last good checkpoint."""
+    pbar = comfy.utils.ProgressBar(steps)
+    try:
+        while trainer.step < steps:
+            mm.throw_exception_if_processing_interrupted()
+            loss = trainer.train_step(x0, alphas, forward)
+            pbar.update_absolute(trainer.step, steps)
+            if trainer.step % 10 == 0 or trainer.step == steps:
+                LOG.info("[XCtrl] %s: step %d/%d, loss %.5f", NODE, trainer.step, steps, loss)
+            if checkpoint_every and trainer.step % checkpoint_every == 0 and trainer.step < steps:
+                save()
+    except mm.InterruptProcessingException:
+        save()  # the run so far is kept; resume continues it
+        raise
+    except tr.NonFiniteError as e:
+        raise tr.TrainingError(f"{NODE}: {e}: the run stopped and nothing of it was saved past the last checkpoint "
+                               "(resume continues from there). Lower lr_module / lr_unet, or train in float32") from None
+
+
+def _save_checkpoint(trainer, settings, path):
+    state = trainer.state()
+    bad = tr.non_finite_tensors(state)
+    if bad:  # never replace a good checkpoint with a broken one
+        raise tr.TrainingError(f"{NODE}: the weights became NaN or infinite ({', '.join(bad[:3])}): the run stopped and "
+                               f"the last good checkpoint in {os.path.dirname(path)} is kept. Lower lr_module / lr_unet")
+    state["settings"] = settings
+    _atomic_save(path, lambda p: torch.save(state, p))
+
+
+def _save_run(model, module, trained, base_unet, variant, folder, save):
+    """The module, the UNet differences (a stale file of an earlier run removed) and the last checkpoint."""
+    from safetensors.torch import save_file
 
     module_sd = {k: t.detach().float().cpu().contiguous() for k, t in module.state_dict().items()}
     diffs = _to_diffusers_names(model, tr.weight_differences(trained, base_unet)) if trained else None
-    from safetensors.torch import save_file
-
+    save()  # checks every tensor for finite values first
     _atomic_save(os.path.join(folder, MODULE_FILE), lambda p: save_file(module_sd, p, metadata={LAYOUT_KEY: variant}))
+    unet_path = os.path.join(folder, UNET_FILE)
     if diffs:
-        _atomic_save(os.path.join(folder, UNET_FILE), lambda p: save_file(diffs, p, metadata={UNET_SEMANTICS_KEY: "delta"}))
-    save()
+        _atomic_save(unet_path, lambda p: save_file(diffs, p, metadata={UNET_SEMANTICS_KEY: "delta"}))
+    elif os.path.isfile(unet_path):
+        os.remove(unet_path)  # an earlier run's UNet differences do not belong to this module
     rel = os.path.relpath(folder, folder_paths.get_folder_paths("controlnet")[0])
-    control = LoadedControlNeXt(f"{rel}/{MODULE_FILE}", module_sd, f"{rel}/{UNET_FILE}" if diffs else None, diffs,
-                                unet_delta=True, trained_for=variant)
-    return TrainingResult(control, list(trainer.losses), folder, trained, base_unet)
+    return LoadedControlNeXt(f"{rel}/{MODULE_FILE}", module_sd, f"{rel}/{UNET_FILE}" if diffs else None, diffs,
+                             unet_delta=True, trained_for=variant)
 
 
 class TrainControlNeXt(io.ComfyNode):
@@ -318,6 +464,8 @@ class TrainControlNeXt(io.ComfyNode):
                 io.Int.Input("checkpoint_every", default=100, min=0, max=1000000, tooltip="Steps between checkpoints (0: none)."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from the folder's checkpoint when there is one."),
                 ControlNeXtType.Input("controlnext", optional=True, tooltip="A ControlNeXt to continue training (SDXL layout)."),
+                io.Boolean.Input("overwrite", default=False, optional=True, tooltip="Replace an earlier run saved under this "
+                                 "name (otherwise such a run is only ever continued, with resume on and the same settings)."),
             ],
             outputs=[ControlNeXtType.Output(display_name="controlnext"), io.Image.Output(display_name="loss_curve"),
                      io.String.Output(display_name="saved")],
@@ -328,7 +476,7 @@ class TrainControlNeXt(io.ComfyNode):
     @classmethod
     def execute(cls, model, latents, images, positive, steps, batch_size, gradient_accumulation, lr_module, lr_unet,
                 unet_pattern, scale, seed, empty_prompt_rate, gradient_checkpointing, training_dtype, name,
-                checkpoint_every, resume, empty_conditioning=None, controlnext=None):
+                checkpoint_every, resume, empty_conditioning=None, controlnext=None, overwrite=False):
         # Inputs arrive as lists (is_input_list), so that the list outputs of ComfyUI's dataset nodes
         # (Load Image and Text Dataset from Folder, Make Training Dataset) plug in as they are.
         one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
@@ -336,8 +484,9 @@ class TrainControlNeXt(io.ComfyNode):
                        one(steps), one(batch_size), one(gradient_accumulation), one(lr_module), one(lr_unet),
                        one(unet_pattern), one(scale), one(seed), one(empty_prompt_rate), one(empty_conditioning),
                        one(gradient_checkpointing), one(training_dtype), one(name), one(checkpoint_every), one(resume),
-                       one(controlnext))
-        saved = "\n".join(os.path.join(result.folder, f) for f in (MODULE_FILE, UNET_FILE) if os.path.isfile(os.path.join(result.folder, f)))
+                       one(controlnext), bool(one(overwrite)))
+        saved = "\n".join([result.note] * bool(result.note) + [os.path.join(result.folder, f) for f in (MODULE_FILE, UNET_FILE)
+                                                                if os.path.isfile(os.path.join(result.folder, f))])
         return io.NodeOutput(result.control, tr.loss_curve_image(result.losses), saved, ui={"text": [saved]})
 
 

@@ -1,6 +1,7 @@
 """Training a ControlNeXt (nodes/training_nodes.py) on a tiny SD1.5 in a real ComfyUI: what is
 trained and what is not, the files and their round trip through the loader, resume, bad input."""
 import os
+import re
 
 import pytest
 import torch
@@ -169,3 +170,117 @@ def test_bad_input_is_refused_before_any_step(change, says, training, setup, out
         training.train(base, latents, images, pos, 3, name="refused", **kw)
     assert training.NODE in str(e.value)
     assert not os.path.exists(os.path.join(out_dir, "refused", training.MODULE_FILE))
+
+
+# ----------------------------------------------------------------- nothing lost: runs, checkpoints, files
+def _file_bytes(folder):
+    return {f: open(os.path.join(folder, f), "rb").read() for f in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("what", ["latents", "images", "positive"])
+def test_nan_training_data_is_refused_before_any_step(what, training, setup, out_dir):
+    base, latents, images, pos, empty = setup
+    if what == "latents":
+        latents = {"samples": latents["samples"].clone().index_fill_(0, torch.tensor([1]), float("nan"))}
+    elif what == "images":
+        images = images.clone()
+        images[0, 0, 0, 0] = float("inf")
+    else:
+        pos = [[pos[0][0].clone().fill_(float("nan")), pos[0][1]]]
+    with pytest.raises(ValueError, match=f"{re.escape(training.NODE)}: the .* contain NaN or infinite values"):
+        training.train(base, latents, images, pos, 2, name=f"nan_{what}", empty_conditioning=empty)
+    assert not os.path.exists(os.path.join(out_dir, f"nan_{what}"))
+
+
+def test_a_loss_turning_nan_keeps_the_last_good_run(training, setup, out_dir, monkeypatch):
+    """A good run, then a resumed run whose loss turns NaN at its 4th step: the error says so and
+    every file of the good run (module, UNet differences, checkpoint) is left as it was."""
+    run(training, setup, "keeps_good", steps=2, checkpoint_every=0)
+    folder = os.path.join(out_dir, "keeps_good")
+    good = _file_bytes(folder)
+    forward = training._forward
+
+    def failing_forward(*args, **kwargs):
+        inner = forward(*args, **kwargs)
+        calls = []
+
+        def f(*a):
+            calls.append(1)
+            out = inner(*a)
+            return out * float("nan") if len(calls) >= 2 else out
+        return f
+
+    monkeypatch.setattr(training, "_forward", failing_forward)
+    with pytest.raises(ValueError, match=r"the loss is nan at step 4: the run stopped and nothing of it was saved"):
+        run(training, setup, "keeps_good", steps=6, checkpoint_every=1)
+    state = torch.load(os.path.join(folder, training.CHECKPOINT_FILE), weights_only=True)
+    assert state["step"] == 3 and all(torch.isfinite(torch.as_tensor(state["losses"])))  # the last good step
+    after = _file_bytes(folder)
+    assert after[training.MODULE_FILE] == good[training.MODULE_FILE] and after[training.UNET_FILE] == good[training.UNET_FILE]
+
+
+def test_an_earlier_run_is_only_replaced_when_asked(training, setup, out_dir):
+    run(training, setup, "earlier", steps=1, checkpoint_every=0)
+    folder = os.path.join(out_dir, "earlier")
+    before = _file_bytes(folder)
+    with pytest.raises(ValueError, match=r"already holds an earlier run .*turn resume on to continue it, or overwrite on"):
+        run(training, setup, "earlier", steps=1, resume=False)
+    assert _file_bytes(folder) == before
+    replaced = run(training, setup, "earlier", steps=1, resume=False, overwrite=True, seed=5, unet_pattern="")
+    assert replaced.losses and sorted(os.listdir(folder)) == [training.CHECKPOINT_FILE, training.MODULE_FILE]  # no stale UNet file
+
+
+def test_resuming_with_changed_settings_is_refused_and_a_finished_run_says_so(training, setup, out_dir):
+    first = run(training, setup, "settings", steps=2, checkpoint_every=0)
+    with pytest.raises(ValueError, match=r"trained with other settings \(lr_module 0.0001 -> 0.001; seed 1 -> 2\)"):
+        run(training, setup, "settings", steps=2, lr_module=1e-3, seed=2)
+    again = run(training, setup, "settings", steps=2)
+    assert again.losses == first.losses and "already trained to step 2" in again.note
+
+
+@pytest.mark.parametrize("name, says", [(".", "must name a folder under models/controlnet"),
+                                        ("a/../b", "must name a folder"), ("x" * 300, "300 characters long")])
+def test_bad_run_names_are_refused(name, says, training, setup, out_dir):
+    with pytest.raises(ValueError, match=says):
+        run(training, setup, name, steps=1)
+
+
+def test_an_unwritable_folder_is_found_before_the_first_step(training, setup, out_dir, monkeypatch):
+    with open(os.path.join(out_dir, "a_file"), "w") as f:
+        f.write("not a folder")
+    steps = []
+    monkeypatch.setattr(training.tr.Trainer, "train_step", lambda self, *a: steps.append(1))
+    with pytest.raises(ValueError, match=r"cannot write into .*a_file.*nothing was trained"):
+        run(training, setup, "a_file/run", steps=3)
+    assert steps == []
+
+
+@pytest.mark.parametrize("content, says", [(b"", "is empty"), (b"garbage bytes", "not a readable PyTorch checkpoint"),
+                                           ("code", "refuses to unpickle"), ("other", "is not a checkpoint of this node")])
+def test_a_broken_checkpoint_gets_the_packs_message(content, says, training, setup, out_dir):
+    import pickle
+
+    folder = os.path.join(out_dir, f"broken_{says[:6].replace(' ', '_')}")
+    os.makedirs(folder)
+    path = os.path.join(folder, training.CHECKPOINT_FILE)
+    if content == "code":
+        torch.save({"step": 1, "x": pickle.loads(pickle.dumps(os.path.join))}, path)  # a global: refused, never called
+    elif content == "other":
+        torch.save({"weights": torch.zeros(2)}, path)
+    else:
+        with open(path, "wb") as f:
+            f.write(content)
+    with pytest.raises(ValueError, match=f"{re.escape(training.NODE)}: .*{says}.*turn overwrite on") as e:
+        run(training, setup, os.path.basename(folder), steps=1)
+    assert "weights_only" not in str(e.value)
+
+
+def test_latents_of_another_model_and_file_modes(training, setup, out_dir):
+    base, latents, images, pos, empty = setup
+    with pytest.raises(ValueError, match="takes 4 latent channels: encode the images with this model's VAE"):
+        training.train(base, {"samples": torch.randn(2, 16, 8, 8)}, images, pos, 1, name="latents16", empty_conditioning=empty)
+    result = run(training, setup, "modes", steps=1, checkpoint_every=0)
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in os.listdir(result.folder):
+        assert os.stat(os.path.join(result.folder, f)).st_mode & 0o777 == 0o666 & ~umask, f

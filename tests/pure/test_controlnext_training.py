@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from xctrl.models import controlnext_training as tr
+
 from xctrl.models.controlnext_training import (NUM_TIMESTEPS, Trainer, TrainingError, noised, select_parameters,
                                                weight_differences)
 
@@ -156,3 +158,53 @@ def test_weight_differences_added_to_the_base_give_the_trained_weights():
     for k in base:
         assert diff[k].dtype == torch.float32
         torch.testing.assert_close(base[k].float() + diff[k], trained[k], atol=1e-7, rtol=0)
+
+
+def test_a_step_stopped_part_way_changes_nothing_and_resumes_exactly():
+    """An interrupt inside the forward (ComfyUI can stop inside a model call) after the batch was
+    drawn: the draws, weights and optimizer are as before the step, so the next step is the one an
+    uninterrupted run takes."""
+    def make():
+        torch.manual_seed(0)
+        module = torch.nn.Linear(4, 4)
+        return tr.Trainer(module, {}, n_items=3, batch_size=2, seed=7), module
+
+    def forward_of(module, stop_at=None):
+        calls = []
+
+        def forward(x_t, t, idx, empty):
+            calls.append(1)
+            if stop_at is not None and len(calls) == stop_at:
+                raise KeyboardInterrupt  # a BaseException, as ComfyUI's interrupt is in newer versions
+            return module(x_t.flatten(1)).reshape(x_t.shape)
+        return forward
+
+    latents, alphas = torch.randn(3, 4, 1, 1), torch.linspace(0.99, 0.01, tr.NUM_TIMESTEPS)
+    straight, m1 = make()
+    for _ in range(2):
+        straight.train_step(latents, alphas, forward_of(m1))
+    stopped, m2 = make()
+    with pytest.raises(KeyboardInterrupt):
+        stopped.train_step(latents, alphas, forward_of(m2, stop_at=1))
+    assert stopped.step == 0 and stopped.losses == []
+    for _ in range(2):
+        stopped.train_step(latents, alphas, forward_of(m2))
+    assert stopped.losses == straight.losses
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
+def test_a_non_finite_loss_raises_before_the_weights_change():
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 4)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    trainer = tr.Trainer(module, {}, n_items=2, batch_size=1, seed=1)
+    with pytest.raises(tr.NonFiniteError, match="the loss is nan at step 1"):
+        trainer.train_step(torch.randn(2, 4, 1, 1), torch.linspace(0.99, 0.01, tr.NUM_TIMESTEPS),
+                           lambda x_t, t, idx, empty: module(x_t.flatten(1)).reshape(x_t.shape) * float("nan"))
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items()) and trainer.step == 0
+
+
+def test_non_finite_tensors_are_named_in_nested_state():
+    state = {"module": {"w": torch.tensor([1.0, float("inf")])}, "losses": torch.tensor([0.1]),
+             "opt": {"state": {0: {"exp_avg": torch.tensor([float("nan")])}}}, "gen": torch.zeros(3, dtype=torch.uint8)}
+    assert tr.non_finite_tensors(state) == ["module.w", "opt.state.0.exp_avg"]
