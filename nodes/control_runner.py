@@ -14,6 +14,7 @@ MODEL's clone clones its additional models, and every discarded clone of the con
 ModelPatcher would stay in ComfyUI's list of loaded models as a leak (the module outliving
 that patcher). Patch objects are shared between clones, so the one patcher is.
 """
+import copy
 import uuid
 
 import torch
@@ -40,9 +41,32 @@ class ControlRunner:
         self.percent_range = (float(start_percent), float(end_percent))
         self.strengths = strengths if strengths is not None else Strengths()
         self._cursor = self.strengths.schedule.cursor() if self.strengths.schedule is not None else None
+        self._view = None  # tiler_view(), built when a tiler first asks
 
     def __deepcopy__(self, memo):
         return self
+
+    def new_caches(self):
+        """Empty per-run caches of computed hint features (subclasses add theirs)."""
+
+    def tiler_view(self):
+        """The hint as tilers crop it (``cond_hint_original``, (B, C, H, W)): with a mask, the mask
+        is one more channel, so the tiler crops both alike (docs/comfyui_hooks.md, "Tiled upscaling")."""
+        if self._view is None:
+            self._view = hints.stack_channels([self.hint] + ([self.mask] if self.mask is not None else []))
+        return self._view
+
+    def for_tile(self, view):
+        """This runner on a tiler's crop of ``tiler_view()``: the same module, strengths and step
+        range, its own id and caches (a tile's features are not the whole image's)."""
+        tile = copy.copy(self)
+        tile.uid = f"{self.STASH}_{uuid.uuid4().hex[:12]}"
+        channels = [self.hint.shape[1]] + ([self.mask.shape[1]] if self.mask is not None else [])
+        parts = hints.split_channels(view.float(), channels)
+        tile.hint, tile.mask = parts[0], (parts[1] if self.mask is not None else None)
+        tile._view = view
+        tile.new_caches()
+        return tile
 
     def install(self, model):
         """Wrappers and callbacks every runner needs, on a cloned MODEL."""
