@@ -31,6 +31,7 @@ MASK_ASPECT_TOLERANCE = 0.02  # relative: masks are resized to each resolution, 
 class ControlRunner:
     STASH = "xctrl"  # transformer_options key of the per-call state (per subclass)
     NODE = "XCtrl"  # the node users apply it with, for error messages
+    PER_PROMPT_NODE = "XCtrl"  # the conditioning node of the same control, which tilers crop per tile
 
     def __init__(self, patcher, hint, strength, start_percent, end_percent, mask=None, strengths=None):
         self.uid = f"{self.STASH}_{uuid.uuid4().hex[:12]}"
@@ -86,6 +87,8 @@ class ControlRunner:
         """Before anything is loaded or sampled: the checks that need the latent batch."""
         options = executor.class_obj.model_options
         self.check_sampling(noise.shape, options)
+        check_not_a_tile(self.hint.shape[-2:], image_size(executor.class_obj.model_patcher.model, noise),
+                         self.NODE, self.PER_PROMPT_NODE)
         check_core_context_windows(options, noise.shape[0], sigmas, self.NODE)
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
@@ -149,6 +152,22 @@ def check_mask_aspect(mask_hw, latent_hw, node):
         raise ScheduleError(f"{node}: the mask is {mw}x{mh} (aspect {mw / mh:.3f}) but the latent is {lw}x{lh} "
                             f"(aspect {lw / lh:.3f}): give a mask of the image's aspect ratio "
                             "(e.g. from the same image, or resized to the generated size)")
+
+
+def check_not_a_tile(hint_hw, image_hw, node, per_prompt_node):
+    """A MODEL-level control cannot follow a tiled upscaler's tiles (the tiler crops conditioning,
+    not MODELs). What it can see of a tile is a sampled image smaller than its hint in both sides
+    and of another shape: it stops there rather than squeeze the whole image's hint into the tile
+    (docs/comfyui_hooks.md, "Tiled upscaling"). One latent pixel of rounding is allowed."""
+    hh, hw = (int(v) for v in hint_hw)
+    ih, iw = (int(v) for v in image_hw)
+    tolerance = max(MASK_ASPECT_TOLERANCE, 8.0 / min(ih, iw))
+    if hh > ih and hw > iw and abs((hw / hh) / (iw / ih) - 1.0) > tolerance:
+        raise ValueError(
+            f"{node}: the condition image is {hw}x{hh} but the image being sampled is {iw}x{ih}, a smaller part of "
+            f"another shape, as a tiled upscaler samples its tiles. A control on the MODEL would give every tile the whole "
+            f"image's condition image: use '{per_prompt_node}' (tilers crop its condition image to each tile). Outside "
+            f"tiling, crop the condition image to the generated image's aspect ratio.")
 
 
 def windowed(model_options):

@@ -85,6 +85,7 @@ class ControlNetXSRunner(ControlRunner):
 
     STASH = STASH
     NODE = "Apply ControlNet-XS (XCtrl)"
+    PER_PROMPT_NODE = "Apply ControlNet-XS to Conditioning (XCtrl)"
 
     def __init__(self, patcher, hint, strength, start_percent, end_percent, mask=None, strengths=None, weights=None):
         super().__init__(patcher, hint, strength, start_percent, end_percent, mask, strengths)

@@ -55,6 +55,7 @@ class ControlNeXtRunner(ControlRunner):
 
     STASH = STASH
     NODE = "Apply ControlNeXt (XCtrl)"
+    PER_PROMPT_NODE = "Apply ControlNeXt to Conditioning (XCtrl)"
 
     def __init__(self, module_patcher, variant, hint, strength, start_percent, end_percent, mask=None,
                  reference_pose_per_window=True, strengths=None):

@@ -23,18 +23,30 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 USDU_DIR = "ComfyUI_UltimateSDUpscale"
 
 
-@pytest.fixture(scope="module")
-def usdu(comfy_root):
-    """The real tiler's usdu_utils module (it imports only torch, numpy, PIL, torchvision)."""
-    for folder in (os.environ.get("XCTRL_USDU_DIR"), os.path.join(comfy_root, "custom_nodes", USDU_DIR)):
+def _usdu_utils():
+    """The real tiler's usdu_utils module (it imports only torch, numpy, PIL, torchvision), or None."""
+    roots = [os.environ.get("XCTRL_USDU_DIR")]
+    if os.environ.get("XCTRL_COMFYUI_ROOT"):
+        roots.append(os.path.join(os.environ["XCTRL_COMFYUI_ROOT"], "custom_nodes", USDU_DIR))
+    for folder in roots:
         path = os.path.join(folder or "", "usdu_utils.py")
         if folder and os.path.isfile(path):
             spec = importlib.util.spec_from_file_location("xctrl_test_usdu_utils", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
+    return None
+
+
+usdu_utils = _usdu_utils()
+if usdu_utils is None:
     pytest.skip("!!! ULTIMATE SD UPSCALE NOT FOUND: the tiled-upscaling tests are skipped (set XCTRL_USDU_DIR to a "
-                "checkout of ssitu/ComfyUI_UltimateSDUpscale to run them with its real crop) !!!")
+                "checkout of ssitu/ComfyUI_UltimateSDUpscale to run them with its real crop) !!!", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def usdu():
+    return usdu_utils
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +180,4 @@ def test_mi_balanced_members_are_cropped(usdu, nodes, sd15):
     want = torch.cat([hand_crop(image, r, SCALE, TILE) for r in REGIONS]).movedim(-1, 1)
     assert torch.equal(members[-1].runner.hint, want)  # the per-prompt ControlNeXt in the chain
     assert torch.equal(balanced[0][1]["control"].members[0].cond_hint_original, hints[0])  # the original is untouched
+
