@@ -8,6 +8,10 @@ carry it: it lets its runner compute the call's control and add the runner's pat
 wrappers to that call alone (nodes/call_patches.py). Rows whose conds carry no control run
 without it. Stock ControlNets chained before it keep working: their residuals are returned
 as the output of the chain. (docs/comfyui_hooks.md, "Conditioning-level control".)
+
+Tiled upscalers crop each control of a cond's chain to the tile (a ``copy()`` whose
+``cond_hint_original`` they replace): that attribute is the runner's hint (and mask), and
+setting it gives this copy a runner on the crop (docs/comfyui_hooks.md, "Tiled upscaling").
 """
 import comfy.controlnet
 
@@ -19,6 +23,17 @@ class ConditioningControl(comfy.controlnet.ControlBase):
         super().__init__()
         self.runner = runner  # shared by every copy (one module, one per-step cache)
         self.base_model = None
+
+    @property
+    def cond_hint_original(self):
+        return self.runner.tiler_view()
+
+    @cond_hint_original.setter
+    def cond_hint_original(self, value):
+        # None from ControlBase.__init__, the same view from ControlBase.copy_to: nothing to crop
+        if value is None or value is self.cond_hint_original:
+            return
+        self.runner = self.runner.for_tile(value)
 
     def copy(self):
         c = ConditioningControl(self.runner)

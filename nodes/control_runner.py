@@ -14,6 +14,7 @@ MODEL's clone clones its additional models, and every discarded clone of the con
 ModelPatcher would stay in ComfyUI's list of loaded models as a leak (the module outliving
 that patcher). Patch objects are shared between clones, so the one patcher is.
 """
+import copy
 import uuid
 
 import torch
@@ -31,6 +32,7 @@ MASK_ASPECT_TOLERANCE = 0.02  # relative: masks are resized to each resolution, 
 class ControlRunner:
     STASH = "xctrl"  # transformer_options key of the per-call state (per subclass)
     NODE = "XCtrl"  # the node users apply it with, for error messages
+    PER_PROMPT_NODE = "XCtrl"  # the conditioning node of the same control, which tilers crop per tile
 
     def __init__(self, patcher, hint, strength, start_percent, end_percent, mask=None, strengths=None):
         self.uid = f"{self.STASH}_{uuid.uuid4().hex[:12]}"
@@ -41,9 +43,32 @@ class ControlRunner:
         self.percent_range = (float(start_percent), float(end_percent))
         self.strengths = strengths if strengths is not None else Strengths()
         self._cursor = self.strengths.schedule.cursor() if self.strengths.schedule is not None else None
+        self._view = None  # tiler_view(), built when a tiler first asks
 
     def __deepcopy__(self, memo):
         return self
+
+    def new_caches(self):
+        """Empty per-run caches of computed hint features (subclasses add theirs)."""
+
+    def tiler_view(self):
+        """The hint as tilers crop it (``cond_hint_original``, (B, C, H, W)): with a mask, the mask
+        is one more channel, so the tiler crops both alike (docs/comfyui_hooks.md, "Tiled upscaling")."""
+        if self._view is None:
+            self._view = hints.stack_channels([self.hint] + ([self.mask] if self.mask is not None else []))
+        return self._view
+
+    def for_tile(self, view):
+        """This runner on a tiler's crop of ``tiler_view()``: the same module, strengths and step
+        range, its own id and caches (a tile's features are not the whole image's)."""
+        tile = copy.copy(self)
+        tile.uid = f"{self.STASH}_{uuid.uuid4().hex[:12]}"
+        channels = [self.hint.shape[1]] + ([self.mask.shape[1]] if self.mask is not None else [])
+        parts = hints.split_channels(view.float(), channels)
+        tile.hint, tile.mask = parts[0], (parts[1] if self.mask is not None else None)
+        tile._view = view
+        tile.new_caches()
+        return tile
 
     def install(self, model):
         """Wrappers and callbacks every runner needs, on a cloned MODEL."""
@@ -63,6 +88,8 @@ class ControlRunner:
         """Before anything is loaded or sampled: the checks that need the latent batch."""
         options = executor.class_obj.model_options
         self.check_sampling(noise.shape, options)
+        check_not_a_tile(self.hint.shape[-2:], image_size(executor.class_obj.model_patcher.model, noise),
+                         self.NODE, self.PER_PROMPT_NODE)
         check_core_context_windows(options, noise.shape[0], sigmas, self.NODE)
         check_video_anchor_frames(options, executor.class_obj.model_patcher, self.NODE)
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
@@ -127,6 +154,22 @@ def check_mask_aspect(mask_hw, latent_hw, node):
         raise ScheduleError(f"{node}: the mask is {mw}x{mh} (aspect {mw / mh:.3f}) but the latent is {lw}x{lh} "
                             f"(aspect {lw / lh:.3f}): give a mask of the image's aspect ratio "
                             "(e.g. from the same image, or resized to the generated size)")
+
+
+def check_not_a_tile(hint_hw, image_hw, node, per_prompt_node):
+    """A MODEL-level control cannot follow a tiled upscaler's tiles (the tiler crops conditioning,
+    not MODELs). What it can see of a tile is a sampled image smaller than its hint in both sides
+    and of another shape: it stops there rather than squeeze the whole image's hint into the tile
+    (docs/comfyui_hooks.md, "Tiled upscaling"). One latent pixel of rounding is allowed."""
+    hh, hw = (int(v) for v in hint_hw)
+    ih, iw = (int(v) for v in image_hw)
+    tolerance = max(MASK_ASPECT_TOLERANCE, 8.0 / min(ih, iw))
+    if hh > ih and hw > iw and abs((hw / hh) / (iw / ih) - 1.0) > tolerance:
+        raise ValueError(
+            f"{node}: the condition image is {hw}x{hh} but the image being sampled is {iw}x{ih}, a smaller part of "
+            f"another shape, as a tiled upscaler samples its tiles. A control on the MODEL would give every tile the whole "
+            f"image's condition image: use '{per_prompt_node}' (tilers crop its condition image to each tile). Outside "
+            f"tiling, crop the condition image to the generated image's aspect ratio.")
 
 
 def windowed(model_options):

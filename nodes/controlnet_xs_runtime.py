@@ -85,6 +85,7 @@ class ControlNetXSRunner(ControlRunner):
 
     STASH = STASH
     NODE = "Apply ControlNet-XS (XCtrl)"
+    PER_PROMPT_NODE = "Apply ControlNet-XS to Conditioning (XCtrl)"
 
     def __init__(self, patcher, hint, strength, start_percent, end_percent, mask=None, strengths=None, weights=None):
         super().__init__(patcher, hint, strength, start_percent, end_percent, mask, strengths)
@@ -92,6 +93,9 @@ class ControlNetXSRunner(ControlRunner):
         self.weights = list(weights) if weights is not None else [1.0] * (2 * n + 1)
         if len(self.weights) != 2 * n + 1:
             raise ValueError(f"{self.NODE}: {len(self.weights)} connection weights for {2 * n + 1} connections")
+        self.new_caches()
+
+    def new_caches(self):
         self._hint_emb = FrameCache()
 
     @property
@@ -109,7 +113,7 @@ class ControlNetXSRunner(ControlRunner):
 
     def release(self, *args):
         super().release(*args)
-        self._hint_emb.clear()
+        self.new_caches()
 
     # ------------------------------------------------------------------ wrappers
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):

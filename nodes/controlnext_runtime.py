@@ -55,6 +55,7 @@ class ControlNeXtRunner(ControlRunner):
 
     STASH = STASH
     NODE = "Apply ControlNeXt (XCtrl)"
+    PER_PROMPT_NODE = "Apply ControlNeXt to Conditioning (XCtrl)"
 
     def __init__(self, module_patcher, variant, hint, strength, start_percent, end_percent, mask=None,
                  reference_pose_per_window=True, strengths=None):
@@ -64,6 +65,9 @@ class ControlNeXtRunner(ControlRunner):
         # ControlNeXt-SVD v2's long-video loop gives window position 0 the reference pose (frame 0).
         self.reference_first = bool(reference_pose_per_window) and self.variant.name == "svd_v2"
         self.learned_scale = module_patcher.model.learned_scale()
+        self.new_caches()
+
+    def new_caches(self):
         self._stems = FrameCache()
         self._features = {}  # (hint index, timestep) -> (1, C, h, w) feature of the current step
 
@@ -86,8 +90,7 @@ class ControlNeXtRunner(ControlRunner):
 
     def release(self, *args):
         super().release(*args)
-        self._stems.clear()
-        self._features = {}
+        self.new_caches()
 
     def check_sampling(self, latent_shape, model_options):
         if (model_options or {}).get("transformer_options", {}).get(hints.WINDOW) and self.variant.name != "svd_v2":

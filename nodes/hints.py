@@ -7,6 +7,8 @@ in windows. A hint batch of 1 serves every row; a hint batch equal to the latent
 video's frames) gives hint i to latent i; anything else is an error naming both sizes
 (docs/comfyui_hooks.md, "Batch rows").
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -123,3 +125,27 @@ class BatchLayout:
             latents = max(latents, n_items)  # ComfyUI 0.3.64's windows do not say the video length
         check_batch(n_items, latents, what, windowed)
         return self.frames(reference_first) % n_items
+
+
+def stack_channels(parts):
+    """Several (B, C, H, W) condition images as one, for tilers that crop ``cond_hint_original``
+    (docs/comfyui_hooks.md, "Tiled upscaling"): each resized to the first one's size, batches
+    repeated to a common size (the row -> image rule stays the same: row r gets image r mod B),
+    stacked along channels. A single part is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    batch = math.lcm(*(p.shape[0] for p in parts))
+    out = []
+    for p in parts:
+        p = resize(p.to(device=first.device, dtype=first.dtype), first.shape[-2:])
+        out.append(p.repeat(batch // p.shape[0], 1, 1, 1))
+    return torch.cat(out, dim=1)
+
+
+def split_channels(stacked, channels):
+    """The parts of a (cropped) ``stack_channels`` result, ``channels`` per part."""
+    if sum(channels) != stacked.shape[1]:
+        raise HintBatchError(f"a cropped condition image has {stacked.shape[1]} channels, expected {sum(channels)} "
+                             "(a tiler changed more than the region and the size)")
+    return list(torch.split(stacked, list(channels), dim=1))

@@ -62,7 +62,7 @@ from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..models import mi_balance as mb
-from . import call_patches
+from . import call_patches, hints
 
 LOG = logging.getLogger("xctrl.mi")
 
@@ -217,10 +217,11 @@ def chain_members(control):
 class BalancedControl(comfy.controlnet.ControlBase):
     """Runs the members separately, stashes their combined residuals, adds nothing itself."""
 
-    def __init__(self, members, balance):
+    def __init__(self, members, balance, view=None):
         super().__init__()
         self.members = list(members)
         self.balance = balance
+        self._view = view if view is not None else _View()  # shared with copies (see cond_hint_original)
         hooks = [h for m in self.members for h in m.get_extra_hooks()]
         if hooks:  # ComfyUI collects controls' hooks by walking extra_hooks / previous_controlnet
             self.extra_hooks = comfy.hooks.HookGroup.combine_all_hooks(hooks)
@@ -263,10 +264,37 @@ class BalancedControl(comfy.controlnet.ControlBase):
         return super().inference_memory_requirements(dtype) + sum(
             m.inference_memory_requirements(dtype) for m in self.members)
 
+    @property
+    def cond_hint_original(self):
+        """What tilers crop: the members' hints as one image, one block of channels each
+        (docs/comfyui_hooks.md, "Tiled upscaling")."""
+        if self._view.tensor is None:
+            parts = [m.cond_hint_original for m in self.members]
+            if parts and all(isinstance(p, torch.Tensor) and p.dim() == 4 for p in parts):
+                self._view.tensor = hints.stack_channels(parts)
+        return self._view.tensor
+
+    @cond_hint_original.setter
+    def cond_hint_original(self, value):
+        # None from ControlBase.__init__, the same view from ControlBase.copy_to: nothing to crop
+        if value is None or not self.members or value is self.cond_hint_original:
+            return
+        channels = [m.cond_hint_original.shape[1] for m in self.members]
+        for member, part in zip(self.members, hints.split_channels(value, channels)):
+            member.cond_hint_original = part
+        self._view = _View(value)
+
     def copy(self):
-        c = BalancedControl([m.copy() for m in self.members], self.balance)
+        c = BalancedControl([m.copy() for m in self.members], self.balance, self._view)
         self.copy_to(c)
         return c
+
+
+class _View:
+    """The stacked hints a tiler sees, built once and shared by a BalancedControl's copies."""
+
+    def __init__(self, tensor=None):
+        self.tensor = tensor
 
 
 def balance_conditioning(conditionings, balance):

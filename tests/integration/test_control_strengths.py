@@ -398,6 +398,27 @@ def test_controlnet_xs_on_all_prompts_equals_the_model_patch(nodes, xs):
     assert rel_err(model_level, sample(base, pos, neg, size=LATENT)) > 1e-3
 
 
+def test_model_level_controls_stop_on_a_tile_naming_the_per_prompt_node(nodes, sd15, xs):
+    """A tiled upscaler's tile, as a MODEL-level control sees it: a sampled image smaller than the
+    hint in both sides and of another shape. The same hint on an image of its own shape samples."""
+    image = torch.rand(1, 96, 160, 3)
+    cases = [(apply_cnx(nodes, sd15[0], sd15[2], image), tm.text_cond(sd15[0]), tm.text_cond(sd15[0], seed=2),
+              r"Apply ControlNeXt \(XCtrl\): .*'Apply ControlNeXt to Conditioning \(XCtrl\)'"),
+             (apply_xs(nodes, xs[0], xs[2], image), [[torch.randn(1, 5, 768), {}]], [[torch.randn(1, 5, 768), {}]],
+              r"Apply ControlNet-XS \(XCtrl\): .*'Apply ControlNet-XS to Conditioning \(XCtrl\)'")]
+    for patched, pos, neg, message in cases:
+        with pytest.raises(ValueError, match=message):
+            sample(patched, pos, neg, steps=1, size=8)  # a 64x64 tile of the 160x96 image
+        lat = torch.zeros(1, 4, 6, 10)  # 80x48: the whole image, smaller
+        assert torch.isfinite(comfy_sample(patched, pos, neg, lat)).all()
+
+
+def comfy_sample(model, positive, negative, lat):
+    import comfy.sample
+
+    return comfy.sample.sample(model, comfy.sample.prepare_noise(lat, 0), 1, 5.0, "euler", "normal", positive, negative, lat)
+
+
 # ------------------------------------------------------------------------------ the real Advanced-ControlNet
 def _acn_utils(comfy_root):
     import importlib
