@@ -156,6 +156,9 @@ def check_mask_aspect(mask_hw, latent_hw, node):
                             "(e.g. from the same image, or resized to the generated size)")
 
 
+TILE_FACTOR = 1.5
+
+
 def check_not_a_tile(hint_hw, image_hw, node, per_prompt_node):
     """A MODEL-level control cannot follow a tiled upscaler's tiles (the tiler crops conditioning,
     not MODELs). What it can see of a tile is a sampled image smaller than its hint in both sides
@@ -164,7 +167,9 @@ def check_not_a_tile(hint_hw, image_hw, node, per_prompt_node):
     hh, hw = (int(v) for v in hint_hw)
     ih, iw = (int(v) for v in image_hw)
     tolerance = max(MASK_ASPECT_TOLERANCE, 8.0 / min(ih, iw))
-    if hh > ih and hw > iw and abs((hw / hh) / (iw / ih) - 1.0) > tolerance:
+    # A hint only somewhat larger and of another shape is ordinary use (a 1024 square pose map for a
+    # 512x768 image): only a clearly smaller part (by TILE_FACTOR on both sides) counts as a tile.
+    if hh >= TILE_FACTOR * ih and hw >= TILE_FACTOR * iw and abs((hw / hh) / (iw / ih) - 1.0) > tolerance:
         raise ValueError(
             f"{node}: the condition image is {hw}x{hh} but the image being sampled is {iw}x{ih}, a smaller part of "
             f"another shape, as a tiled upscaler samples its tiles. A control on the MODEL would give every tile the whole "
