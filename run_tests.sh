@@ -14,8 +14,8 @@ setup_venv "${ROOTS[@]}"
 PY="$VENV/bin/python"
 RESULTS="$(mktemp -d)"
 cd "$PACK_DIR"
-# Optional real tiler for the tiled-upscaling tests (they skip loudly without it).
-export XCTRL_USDU_DIR="${XCTRL_USDU_DIR:-$HOME/comfy-extras/ComfyUI_UltimateSDUpscale}"
+# Real packs for the tiled-upscaling and distributed tests (they skip loudly without them).
+export XCTRL_USDU_DIR="${XCTRL_USDU_DIR:-$(optional_pack ComfyUI_UltimateSDUpscale https://github.com/ssitu/ComfyUI_UltimateSDUpscale)}"
 
 echo "=== pure-torch tests ==="
 "$PY" -m pytest -c tests/pytest.ini --rootdir tests tests/pure -q --junitxml="$RESULTS/pure.xml" "$@"

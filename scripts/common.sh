@@ -92,6 +92,20 @@ comfyui_roots() {
     return 0
 }
 
+# Other packs the tests run the pack with (tiled upscaling, distributed workers): a checkout in
+# ~/comfy-extras/<name> (or the folder its XCTRL_* variable names), cloned there when missing and
+# the network allows; without one, their tests skip with one loud line. Prints the folder.
+EXTRAS_HOME="${XCTRL_EXTRAS_HOME:-$HOME/comfy-extras}"
+optional_pack() {   # args: folder name, repository URL
+    local dest="$EXTRAS_HOME/$1"
+    if [ ! -d "$dest" ] && command -v git >/dev/null 2>&1; then
+        mkdir -p "$EXTRAS_HOME"
+        GIT_TERMINAL_PROMPT=0 git clone -q --depth 1 "$2" "$dest.partial" 2>/dev/null && mv "$dest.partial" "$dest"
+        rm -rf "$dest.partial"
+    fi
+    echo "$dest"
+}
+
 NO_COMFYUI="no ComfyUI found, and it could not be fetched from $COMFYUI_REPO (offline?). Set COMFYUI_PATH=/path/to/ComfyUI (several separated by ':'), put this pack in ComfyUI/custom_nodes/, or clone ComfyUI $COMFYUI_RELEASE to $COMFY_HOME/ComfyUI."
 
 # One requirement per line for the given roots: ComfyUI's (minus torch*, installed from
