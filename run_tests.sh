@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: the pure-torch tests once, then the ComfyUI integration
 # tests once per ComfyUI runtime found (COMFYUI_PATH=root1:root2, the ComfyUI this pack
-# sits in, or ~/comfy/ComfyUI and ~/comfy/ComfyUI-*; with none, the two tested releases are
+# sits in, or ~/comfy/ComfyUI and ~/comfy/ComfyUI-*; with none, the three tested releases are
 # fetched there when the network allows). Extra arguments go to pytest.
 set -uo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/common.sh"
