@@ -18,6 +18,7 @@ built through ``ops`` (``torch.nn`` or ``comfy.ops.manual_cast``). The module do
 its input: give the hint in the dtype the layers compute in.
 """
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -373,6 +374,12 @@ def check_file_layout(state_dict, family):
     representative = {"sd15": "sd15", "svd_v1": "svd_v1", SDXL_FAMILY: "sdxl"}[family]
     out_channels = int(sd["mid_convs.1.weight"].shape[0])
     _check_layout(ControlNeXt(representative, device="meta", out_channels=out_channels), sd)
+
+
+def named_as_svd_module(file_name):
+    """Whether a file's name (with its folders) says it is an SVD module ("controlnext-svd_v2-...",
+    "ControlNeXt-SVD/v2/..."): the SVD v2 module has exactly the SDXL module's keys and shapes."""
+    return re.search(r"(^|[^a-z0-9])svd([^a-z0-9]|$)", str(file_name).lower().replace("\\", "/")) is not None
 
 
 def module_family_title(family):

@@ -314,6 +314,13 @@ def _variant_for(controlnext, model, sd15_layout):
             f"{family_title(family)}: load the ControlNeXt file made for {family_title(family)}, or use a "
             f"{cnx.module_family_title(controlnext.family)} checkpoint."
         ) from e
+    if family != "svd" and controlnext.family == cnx.SDXL_FAMILY and controlnext.trained_for is None \
+            and cnx.named_as_svd_module(controlnext.name):
+        raise WeightFileError(
+            f"{controlnext.name} is, by its name, the ControlNeXt-SVD v2 control module (it has the SDXL layout, so only "
+            f"the name tells them apart): it controls SVD image-to-video models, not {family_title(family)}. Load an SVD "
+            "model (the ControlNeXt-SVD v2 UNet); if this file really is an SDXL module, rename it without 'svd'."
+        )
     if variant == "sd15_training" and sd15_layout != "sd15_training" and controlnext.trained_for != "sd15_training":
         raise WeightFileError(
             f"{controlnext.name} has the SDXL ControlNeXt layout but the MODEL is SD1.5. No SD1.5-Training weights "

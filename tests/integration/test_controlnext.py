@@ -191,6 +191,16 @@ def test_family_mismatch_fails_at_apply_time_naming_both(nodes_mod, controlnet_d
         apply(nodes_mod, tm.sdxl(), cnx_15, torch.rand(1, 64, 64, 3))
 
 
+@pytest.mark.parametrize("family, out", [("sd15", 64), ("sdxl", 32)])
+def test_the_svd_v2_module_is_named_on_image_models(family, out, nodes_mod, controlnet_dir):
+    """The SVD v2 module has the SDXL layout: its released name tells it apart (on SDXL it would
+    otherwise run as an SDXL control without a word)."""
+    cnx_svd = load(nodes_mod, write(controlnet_dir, f"controlnext-svd_v2-controlnet-fp16_{family}.safetensors",
+                                    controlnext_sd("svd_v2", out)))
+    with pytest.raises(ValueError, match=r"by its name, the ControlNeXt-SVD v2 control module .*Load an SVD model"):
+        apply(nodes_mod, getattr(tm, family)(), cnx_svd, torch.rand(1, 64, 64, 3))
+
+
 def test_width_mismatch_is_caught_at_apply_time(nodes_mod, controlnet_dir):
     """A released-width (1280) SD1.5 module on the tiny model (64 channels): error before sampling."""
     cnx = load(nodes_mod, write(controlnet_dir, "w1280.safetensors", controlnext_sd("sd15")))

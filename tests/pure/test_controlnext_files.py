@@ -289,3 +289,13 @@ def test_damaged_pickle_says_download_again(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(WeightFileError, match="controlnet.pth is not a readable PyTorch checkpoint.*download it again"):
         load_state_dict(str(path))
+
+
+def test_svd_modules_are_told_by_their_name():
+    from xctrl.models.controlnext import named_as_svd_module
+
+    for name in ("controlnext-svd_v2-controlnet-fp16.safetensors", "ControlNeXt-SVD/v2/controlnet.bin",
+                 "ControlNeXt-SVD\\finetune\\controlnet.bin", "svd.safetensors"):
+        assert named_as_svd_module(name), name
+    for name in ("ControlAny-SDXL/anime_canny/controlnet.safetensors", "mysvdish_canny.safetensors", "controlnet.safetensors"):
+        assert not named_as_svd_module(name), name
