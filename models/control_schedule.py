@@ -46,6 +46,8 @@ class LatentStrengths:
         values = tuple(float(v) for v in values)
         if not values:
             raise ScheduleError("the strength list is empty: give one value, or one per latent")
+        if not all(math.isfinite(v) for v in values):
+            raise ScheduleError(f"the strength list holds a value that is not a finite number: {values}")
         return LatentStrengths(per_latent=values)
 
     def check(self, n_latents, node):
@@ -88,6 +90,8 @@ class StepSchedule:
                 raise ScheduleError(f"{node}: interpolation must be one of {INTERPOLATIONS}, not {k.interpolation!r}")
             if k.guarantee_steps < 0:
                 raise ScheduleError(f"{node}: guarantee_steps must be 0 or more, not {k.guarantee_steps}")
+            if not math.isfinite(k.strength):
+                raise ScheduleError(f"{node}: a keyframe's strength is {k.strength}: give a finite number")
         starts = [k.start_percent for k in keyframes]
         if starts != sorted(starts):
             raise ScheduleError(f"{node}: keyframes must be in order of start_percent, got {starts}")
@@ -182,4 +186,7 @@ def parse_strength_list(text, node="XCtrl"):
         raise ScheduleError(f"{node}: the strengths must be numbers separated by commas, got {text!r}") from None
     if not values:
         raise ScheduleError(f"{node}: give at least one strength (one for every latent, or one per latent)")
+    bad = [p.strip() for p, v in zip(parts, values) if not math.isfinite(v)]
+    if bad:
+        raise ScheduleError(f"{node}: the strengths must be finite numbers, got {', '.join(bad)}")
     return values

@@ -1,4 +1,8 @@
 """Inputs every Apply node of a control method shares (condition image, step range, mask), and their checks."""
+import math
+
+import torch
+
 from comfy_api.latest import io
 
 IMAGE_TIP = ("Condition image ({what}), RGB in [0, 1]; resized to the generated image size. A batch of 1 serves every "
@@ -47,3 +51,14 @@ def require_step_range(start_percent, end_percent, node):
     message = check_step_range(start_percent, end_percent)
     if message is not True:
         raise ValueError(f"{node}: {message}")
+
+
+def require_finite(node, **values):
+    """Refuses NaN / inf in numbers and images (they would turn the whole result into NaN without a
+    word): {input name: float, tensor or None}."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        finite = bool(torch.isfinite(value).all()) if isinstance(value, torch.Tensor) else math.isfinite(float(value))
+        if not finite:
+            raise ValueError(f"{node}: the {name} input contains NaN or infinite values: fix the node that feeds it")

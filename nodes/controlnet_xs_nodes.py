@@ -15,7 +15,8 @@ from ..models.controlnet_xs import connection_weights as weights_of_connections
 from ..models.checkpoint_io import WeightFileError
 from ..models.families import family_of_context_width
 from . import hints
-from .apply_inputs import check_step_range, image_input, mask_batch, mask_input, require_step_range, step_range_inputs
+from .apply_inputs import (check_step_range, image_input, mask_batch, mask_input, require_finite, require_step_range,
+                           step_range_inputs)
 from .conditioning_control import ConditioningControl, with_control
 from .control_strengths import strength_inputs, strengths_from
 from .control_runner import control_patcher
@@ -133,6 +134,7 @@ def _weight_inputs():
 def _runner(model, controlnet_xs, image, strength, start_percent, end_percent, mask, connection_base_multiplier,
             connection_weights, schedule, latent_strengths, uncond_multiplier, node):
     require_step_range(start_percent, end_percent, node)
+    require_finite(node, image=image, mask=mask, strength=strength, uncond_multiplier=uncond_multiplier, connection_base_multiplier=connection_base_multiplier)
     controlnet_xs.check_base(model)
     hint = hints.image_to_nchw(image)
     strengths = strengths_from(schedule, latent_strengths, uncond_multiplier, node)

@@ -17,7 +17,8 @@ from ..models import video_windows as vw
 from ..models.checkpoint_io import WeightFileError
 from ..models.file_kinds import kind_of
 from . import hints
-from .apply_inputs import check_step_range, image_input, mask_batch, mask_input, require_step_range, step_range_inputs
+from .apply_inputs import (check_step_range, image_input, mask_batch, mask_input, require_finite, require_step_range,
+                           step_range_inputs)
 from .conditioning_control import ConditioningControl, with_control
 from .control_strengths import strength_inputs, strengths_from
 from .controlnext_runtime import INJECTIONS, ControlNeXtRunner, module_patcher
@@ -149,6 +150,7 @@ class ApplyControlNeXt(io.ComfyNode):
 def _runner(model, controlnext, image, strength, start_percent, end_percent, mask, sd15_layout, reference_pose_per_window,
             schedule, latent_strengths, uncond_multiplier, node):
     require_step_range(start_percent, end_percent, node)
+    require_finite(node, image=image, mask=mask, strength=strength, uncond_multiplier=uncond_multiplier)
     variant = _variant_for(controlnext, model, sd15_layout)
     _check_width(controlnext, variant, model)
     strengths = strengths_from(schedule, latent_strengths, uncond_multiplier, node)

@@ -450,3 +450,31 @@ def test_the_real_advanced_controlnet_keyframes(nodes, sd15, comfy_root):
     for sigma, step in zip(sigmas[:-1], [1.0, 0.3]):
         got = call(patched, x, sigma, ctx, [0], sample_sigmas=sigmas)
         assert rel_err(got, cnx_reference(base, sd, hint, x, sigma, ctx, [0.0, 0.5 * step])) < 1e-5
+
+
+# ------------------------------------------------------------------------------ NaN and inf
+@pytest.mark.parametrize("text", ["nan", "1.0, inf", "1e309", "-inf"])
+def test_non_finite_latent_strengths_are_refused_naming_the_node(text, nodes):
+    message = nodes["XCtrl_LatentStrengths"].validate_inputs(text)
+    assert isinstance(message, str) and "Latent Strengths (XCtrl): the strengths must be finite numbers" in message
+    with pytest.raises(ValueError, match="finite numbers"):
+        latent_strengths(nodes, text)
+
+
+def test_non_finite_images_masks_and_numbers_are_refused_at_apply(nodes, sd15, xs):
+    base, _, cnx = sd15
+    hint = torch.rand(1, 64, 64, 3)
+    bad_hint = hint.clone()
+    bad_hint[0, 3, 3, 1] = float("nan")
+    bad_mask = torch.ones(1, 64, 64)
+    bad_mask[0, 0, 0] = float("inf")
+    for kw, name in [({"hint": bad_hint}, "image"), ({"mask": bad_mask}, "mask"), ({"strength": float("nan")}, "strength"),
+                     ({"uncond_multiplier": float("inf")}, "uncond_multiplier")]:
+        image = kw.pop("hint", hint)
+        strength = kw.pop("strength", 1.0)
+        with pytest.raises(ValueError, match=rf"Apply ControlNeXt \(XCtrl\): the {name} input contains NaN or infinite"):
+            apply_cnx(nodes, base, cnx, image, strength, **kw)
+    with pytest.raises(ValueError, match=r"Apply ControlNet-XS \(XCtrl\): the connection_base_multiplier input contains NaN"):
+        apply_xs(nodes, xs[0], xs[2], hint, connection_base_multiplier=float("nan"))
+    with pytest.raises(ValueError, match="finite numbers, got nan"):
+        apply_xs(nodes, xs[0], xs[2], hint, connection_weights="1, nan")
