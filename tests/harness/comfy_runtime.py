@@ -123,9 +123,9 @@ def run_prompt(prompt, outputs=None):
         def send_sync(self, event, data, sid=None):
             pass
 
-    # 0.8.0's executor needs cache_args; 0.3.64 has cache_size instead.
+    # 0.8.0's executor needs cache_args (0.33.0 also reads "ram_inactive"); 0.3.64 has cache_size instead.
     params = inspect.signature(execution.PromptExecutor).parameters
-    kwargs = {"cache_args": {"lru": 0, "ram": 0}} if "cache_args" in params else {}
+    kwargs = {"cache_args": {"lru": 0, "ram": 0, "ram_inactive": 0}} if "cache_args" in params else {}
     executor = execution.PromptExecutor(_Server(), **kwargs)
     executor.execute(prompt, "test", {}, outputs if outputs is not None else valid[2])
     return executor
