@@ -16,6 +16,7 @@ RESULTS="$(mktemp -d)"
 cd "$PACK_DIR"
 # Real packs for the tiled-upscaling and distributed tests (they skip loudly without them).
 export XCTRL_USDU_DIR="${XCTRL_USDU_DIR:-$(optional_pack ComfyUI_UltimateSDUpscale https://github.com/ssitu/ComfyUI_UltimateSDUpscale)}"
+export XCTRL_DISTRIBUTED_DIR="${XCTRL_DISTRIBUTED_DIR:-$(optional_pack ComfyUI-Distributed https://github.com/robertvoy/ComfyUI-Distributed)}"
 
 echo "=== pure-torch tests ==="
 "$PY" -m pytest -c tests/pytest.ini --rootdir tests tests/pure -q --junitxml="$RESULTS/pure.xml" "$@"

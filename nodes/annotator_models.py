@@ -115,7 +115,10 @@ def torch_network(name, build, allow_fp16=True):
         except WeightFileError as e:
             raise WeightFileError(f"{e} {_fix_hint(name, path)}") from e
         try:
-            net = build(state_dict)
+            # torch.nn's default initialisation (overwritten by the file) would draw from the
+            # process's random state, which other nodes may rely on: restore it afterwards.
+            with torch.random.fork_rng(devices=[]):
+                net = build(state_dict)
         except ValueError as e:
             raise WeightFileError(f"{path}: {e} {_fix_hint(name, path)}") from e
         net = net.to(dtype=dtype)

@@ -25,8 +25,9 @@ def free_port():
 
 
 class ComfyServer:
-    def __init__(self, root, startup_timeout=240):
+    def __init__(self, root, startup_timeout=240, env=None):
         self.root = check_root(root)
+        self.extra_env = env or {}  # e.g. a role another pack reads at start-up
         self.base = tempfile.mkdtemp(prefix="xctrl_server_")
         os.makedirs(os.path.join(self.base, "custom_nodes"))
         os.symlink(PACK_DIR, os.path.join(self.base, "custom_nodes", PACK_FOLDER_NAME))
@@ -42,7 +43,7 @@ class ComfyServer:
                "--disable-auto-launch", "--base-directory", self.base, "--database-url", "sqlite:///:memory:"]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, env=dict(os.environ, **self.extra_env))
         deadline = time.time() + self.startup_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

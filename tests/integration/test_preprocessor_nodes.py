@@ -198,6 +198,19 @@ def test_network_is_cached_between_runs_and_freeable(pn, am, annotators):
     assert HED_FILE not in am._torch_cache
 
 
+def test_loading_a_network_leaves_the_random_state_alone(pn, am, annotators):
+    """The networks are built with torch.nn's random initialisation before the file's weights
+    replace it; that must not advance the process's random state (other nodes and packs draw
+    from it, e.g. a seeded run after a preprocessor's first load)."""
+    frames = to_image(np.zeros((1, 16, 16, 3), np.uint8))
+    am.free_models()
+    rng = torch.get_rng_state()
+    node_result(pn.HED, frames, "soft", 16, "input")
+    node_result(pn.DepthAnythingV2, frames, "grey", 16, "input")
+    assert HED_FILE in am._torch_cache and DEPTH_FILE in am._torch_cache  # both were built here
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 # --------------------------------------------------------------------------------- DWPose
 
 
