@@ -285,7 +285,8 @@ def prepare(images, input_size=INPUT_SIZE):
     mean, std = np.array(MEAN, np.float32), np.array(STD, np.float32)
     out = np.empty((len(images), 3, nh, nw), np.float32)
     for i, img in enumerate(images):
-        x = img.astype(np.float32) / 255.0
+        x = img.astype(np.float32)
+        x /= 255.0  # in place: one float copy of a (possibly large) input frame at a time
         x = cv2.resize(x, (nw, nh), interpolation=cv2.INTER_CUBIC)
         out[i] = ((x - mean) / std).transpose(2, 0, 1)
     return torch.from_numpy(out)

@@ -55,9 +55,9 @@ def limited_size(height, width, resolution, max_pixels, who, what):
     if (ch, cw) != (h, w):
         fits = int(math.sqrt(max_pixels * min(height, width) / max(height, width)))
         LOG.warning(
-            "[XCtrl] %s: resolution %s on a %d x %d image gives a %s of %d x %d pixels, above the limit of %.1f MP; "
-            "processing at %d x %d instead. Set resolution to at most %d for this image to avoid the downscale.",
-            who, resolution, width, height, what, w, h, max_pixels / 1e6, cw, ch, fits,
+            "[XCtrl] %s: %s %d x %d (resolution %s on a %d x %d image) is above the limit of %.1f MP; "
+            "using %d x %d instead. Set resolution to at most %d for this image to avoid the downscale.",
+            who, what, w, h, resolution, width, height, max_pixels / 1e6, cw, ch, fits,
         )
     return ch, cw
 
@@ -68,7 +68,7 @@ def output_hw(height, width, resolution, output_size, who="XCtrl preprocessor"):
         raise ValueError(f"output_size must be one of {OUTPUT_SIZES}, got {output_size!r}.")
     if output_size == "input":
         return height, width
-    return limited_size(height, width, resolution, MAX_OUTPUT_PIXELS, who, "output")
+    return limited_size(height, width, resolution, MAX_OUTPUT_PIXELS, who, "output size")
 
 
 def plan_sizes(height, width, resolution, output_size, max_pixels, who, work_resolution=None):
