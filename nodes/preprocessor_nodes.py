@@ -1,11 +1,15 @@
 """Preprocessor nodes: canny, HED, Depth Anything V2, OpenPose body, DWPose, pose rendering.
 
 Every image node takes an IMAGE batch (video frames are a batch), returns an IMAGE batch of the
-same length, shows a progress bar over frames and stops between frames when the queue is
-interrupted. Greyscale input is replicated to RGB, RGBA loses its alpha (as ComfyUI's LoadImage).
+same length and shows a progress bar over frames. Cancel is checked between frames and, through
+the `check` callback the pure code takes, inside each network call (between blocks / stages /
+people), so a run stops within about a second of work. Greyscale input is replicated to RGB,
+RGBA loses its alpha (as ComfyUI's LoadImage).
 
-Output size (`output_size` input): "input" = the input's H x W; "resolution" = shorter side
-equal to `resolution`, aspect kept. What `resolution` changes besides is in each tooltip.
+Sizes (`preprocessors/frames.plan_sizes`, the one rule): images beyond 16:1 are refused; the
+working size (shorter side = `resolution`) and the output size (`output_size`: "input" = the
+input's H x W, "resolution" = shorter side equal to `resolution`) are capped by pixel limits, with
+a warning saying what was done. What `resolution` changes besides is in each tooltip.
 Weights: ComfyUI/models/annotators (see nodes/annotator_models.py), downloaded on first use.
 """
 import numpy as np
@@ -20,8 +24,8 @@ from ..preprocessors import depth_render
 from ..preprocessors import dwpose as dwp
 from ..preprocessors import hed as hed_mod
 from ..preprocessors import openpose_body
-from ..preprocessors.frames import OUTPUT_SIZES, batched_at_resolution, chunks, output_hw, resize
-from ..preprocessors.image_io import image_to_uint8, scaled_size, uint8_to_image
+from ..preprocessors.frames import OUTPUT_SIZES, batched_at_size, chunks, frames_per_call, plan_sizes, resize
+from ..preprocessors.image_io import ImageBatch, image_to_uint8
 from ..preprocessors.pose_draw import draw_openpose, draw_svd_v2
 from ..preprocessors.pose_format import PoseFrame, from_openpose_json, to_openpose_json
 from ..preprocessors.pose_sequence import every_nth, prepare_sequence, without_parts
@@ -30,7 +34,7 @@ from . import annotator_models as am
 CATEGORY = "XCtrl/Preprocessors"
 POSE_KEYPOINT = "POSE_KEYPOINT"  # list of OpenPose JSON dicts, one per frame (as comfyui_controlnet_aux)
 PoseKeypoint = io.Custom(POSE_KEYPOINT)
-NET_CHUNK = 4  # frames per network call
+NET_CHUNK = 4  # frames per network call at most (fewer for large frames: frames.frames_per_call)
 
 OUTPUT_SIZE_TIP = (
     "Size of the output. input: the input image's width x height (the map lines up with the image). "
@@ -59,32 +63,37 @@ def _for_frames(count, chunk, work):
         bar.update(stop - start)
 
 
-def _map_frames(image, resolution, output_size, chunk, fn):
-    """IMAGE -> IMAGE of ``fn(uint8 frames, (out_h, out_w))`` (uint8 maps) over the batch, ``chunk``
-    frames per call, with a progress bar and interrupt checks."""
-    frames = image_to_uint8(image)
-    out_hw = output_hw(frames.shape[1], frames.shape[2], resolution, output_size)
-    parts = []
-    _for_frames(len(frames), chunk, lambda start, stop: parts.append(fn(frames[start:stop], out_hw)))
-    return _to_image(np.concatenate(parts))
+def _map_frames(frames, out_hw, chunk, fn):
+    """uint8 frames -> IMAGE of ``fn(uint8 frames)`` (uint8 maps of out_hw) over the batch, ``chunk``
+    frames per call, written into the output as they come, with a progress bar and interrupt checks."""
+    out = ImageBatch(len(frames), *out_hw)
+    _for_frames(len(frames), chunk, lambda start, stop: out.put(start, fn(frames[start:stop])))
+    return out.image.to(mm.intermediate_device())
 
 
-def _to_image(maps):
-    """(B, H, W) or (B, H, W, 3) uint8 -> IMAGE on ComfyUI's intermediate device."""
-    if maps.ndim == 3:
-        maps = np.repeat(maps[..., None], 3, axis=3)
-    return uint8_to_image(maps, device=mm.intermediate_device())
+def _frames_and_sizes(who, image, resolution, output_size, max_pixels, work_resolution=None):
+    """uint8 frames and their (working, output) sizes by the size rule, checked before converting."""
+    h, w = image.shape[1:3]
+    work, out = plan_sizes(h, w, resolution, output_size, max_pixels, who, work_resolution)
+    return image_to_uint8(image), work, out
+
+
+def _check():
+    """The cancel check handed to the pure code (it imports no ComfyUI)."""
+    mm.throw_exception_if_processing_interrupted()
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 class Canny(io.ComfyNode):
+    NAME = "Canny Edges (XCtrl)"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_Canny",
-            display_name="Canny Edges (XCtrl)",
+            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Canny edges (white on black, RGB) as the control models were trained with. fixed: cv2.Canny(RGB, low, high) "
@@ -105,19 +114,23 @@ class Canny(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, mode, low_threshold, high_threshold, sigma, resolution, output_size):
-        def edges(frames, out_hw):
+        frames, _, out_hw = _frames_and_sizes(cls.NAME, image, resolution, output_size, None)
+
+        def edges(frames):
             f = resize(frames[0], *out_hw)
             return (canny_mod.canny(f, low_threshold, high_threshold) if mode == "fixed" else canny_mod.canny_median(f, sigma))[None]
 
-        return io.NodeOutput(_map_frames(image, resolution, output_size, 1, edges))
+        return io.NodeOutput(_map_frames(frames, out_hw, 1, edges))
 
 
 class HED(io.ComfyNode):
+    NAME = "HED Soft Edges / Scribble (XCtrl)"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_HED",
-            display_name="HED Soft Edges / Scribble (XCtrl)",
+            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "HED soft edges with lllyasviel's Apache-2.0 network (ControlNetHED.pth, 29 MB, downloaded to models/annotators "
@@ -135,23 +148,25 @@ class HED(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, mode, resolution, output_size):
+        frames, work_hw, out_hw = _frames_and_sizes(cls.NAME, image, resolution, output_size, hed_mod.MAX_PIXELS)
         net = am.torch_network(hed_mod.WEIGHT_FILE, hed_mod.build_hed)
 
-        def edges(frames, out_hw):
-            soft = batched_at_resolution(frames, resolution, lambda b: hed_mod.hed_soft_edges(net, b), out_hw)
+        def edges(frames):
+            soft = batched_at_size(frames, work_hw, lambda b: hed_mod.hed_soft_edges(net, b, _check), out_hw)
             return hed_mod.edges_from_soft(soft, mode)  # at the output size: binary maps stay binary
 
-        return io.NodeOutput(_map_frames(image, resolution, output_size, NET_CHUNK, edges))
+        return io.NodeOutput(_map_frames(frames, out_hw, frames_per_call(work_hw, NET_CHUNK), edges))
 
 
 class DepthAnythingV2(io.ComfyNode):
+    NAME = "Depth Anything V2 Small (XCtrl)"
     RENDERS = ("grey", "viridis", "viridis_near_bright")
 
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_DepthAnythingV2",
-            display_name="Depth Anything V2 Small (XCtrl)",
+            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "Relative depth with Depth Anything V2 Small (depth_anything_v2_vits.pth, Apache-2.0, 99 MB, downloaded to "
@@ -169,26 +184,30 @@ class DepthAnythingV2(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, render, resolution, output_size):
+        frames, work_hw, out_hw = _frames_and_sizes(cls.NAME, image, resolution, output_size, dav2.MAX_PIXELS,
+                                                    work_resolution=resolution if resolution > 0 else dav2.INPUT_SIZE)
+        input_size = dav2.input_size_for(min(work_hw))
         net = am.torch_network(dav2.WEIGHT_FILE, dav2.build_depth_anything_v2)
-        input_size = max(dav2.PATCH, int(round(resolution / dav2.PATCH)) * dav2.PATCH) if resolution > 0 else dav2.INPUT_SIZE
 
         def draw(d):
             if render == "grey":
                 return depth_render.render_grey(d)
             return depth_render.render_viridis(d, near="dark" if render == "viridis" else "bright")
 
-        def depth(frames, out_hw):
-            return np.stack([draw(d) for d in dav2.estimate_depth(net, frames, input_size, out_hw)])
+        def depth(frames):
+            return np.stack([draw(d) for d in dav2.estimate_depth(net, frames, input_size, out_hw, _check)])
 
-        return io.NodeOutput(_map_frames(image, resolution, output_size, NET_CHUNK, depth))
+        return io.NodeOutput(_map_frames(frames, out_hw, frames_per_call(work_hw, NET_CHUNK), depth))
 
 
 class OpenPose(io.ComfyNode):
+    NAME = "OpenPose Body (XCtrl)"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_OpenPose",
-            display_name="OpenPose Body (XCtrl)",
+            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "OpenPose body keypoints (18 points; CMU model body_pose_model.pth, 209 MB, NON-COMMERCIAL licence, downloaded "
@@ -206,18 +225,21 @@ class OpenPose(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, resolution, output_size, frame_stride=1):
-        frames = image_to_uint8(image)[every_nth(image.shape[0], frame_stride)]
+        every_nth(image.shape[0], frame_stride)  # checks the stride
+        frames, work_hw, out_hw = _frames_and_sizes(cls.NAME, image[::frame_stride], resolution, output_size, openpose_body.MAX_PIXELS)
         net = am.torch_network(openpose_body.WEIGHT_FILE, openpose_body.build_body_pose)
-        return io.NodeOutput(*_pose_outputs(frames, resolution, output_size, lambda f: openpose_body.detect_body(net, f),
+        return io.NodeOutput(*_pose_outputs(frames, work_hw, out_hw, lambda f: openpose_body.detect_body(net, f, _check),
                                             hands=False, face=False, threshold=0.0))
 
 
 class DWPose(io.ComfyNode):
+    NAME = "DWPose Whole Body (XCtrl)"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_DWPose",
-            display_name="DWPose Whole Body (XCtrl)",
+            display_name=cls.NAME,
             category=CATEGORY,
             description=(
                 "DWPose whole-body keypoints (body, hands, face; Apache-2.0; yolox_l.onnx 217 MB + dw-ll_ucoco_384.onnx 134 MB, "
@@ -239,28 +261,27 @@ class DWPose(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, resolution, output_size, draw_hands, draw_face, backend="auto", frame_stride=1):
-        frames = image_to_uint8(image)[every_nth(image.shape[0], frame_stride)]
+        every_nth(image.shape[0], frame_stride)  # checks the stride
+        frames, work_hw, out_hw = _frames_and_sizes(cls.NAME, image[::frame_stride], resolution, output_size, dwp.MAX_PIXELS)
         model = dwp.DWPose(am.onnx_network(dwp.DETECTOR_FILE, backend), am.onnx_network(dwp.POSE_FILE, backend))
-        return io.NodeOutput(*_pose_outputs(frames, resolution, output_size, model, hands=draw_hands, face=draw_face,
-                                            threshold=dwp.KEYPOINT_THRESHOLD))
+        return io.NodeOutput(*_pose_outputs(frames, work_hw, out_hw, lambda f: model(f, _check), hands=draw_hands,
+                                            face=draw_face, threshold=dwp.KEYPOINT_THRESHOLD))
 
 
-def _pose_outputs(frames, resolution, output_size, detect, hands, face, threshold):
-    h, w = frames.shape[1:3]
-    sh, sw = scaled_size(h, w, resolution)
-    oh, ow = output_hw(h, w, resolution, output_size)
-    out = np.empty((len(frames), oh, ow, 3), np.uint8)
+def _pose_outputs(frames, work_hw, out_hw, detect, hands, face, threshold):
+    oh, ow = out_hw
+    out = ImageBatch(len(frames), oh, ow)
     poses = [None] * len(frames)
 
     def work(start, stop):
         for i in range(start, stop):
-            found = detect(resize(frames[i], sh, sw))
+            found = detect(resize(frames[i], *work_hw))
             pose = PoseFrame(ow, oh, found.people)  # normalised coordinates: any canvas size
-            out[i] = draw_openpose(pose, ow, oh, body=True, hands=hands, face=face, threshold=threshold)
+            out.put(i, draw_openpose(pose, ow, oh, body=True, hands=hands, face=face, threshold=threshold)[None])
             poses[i] = to_openpose_json(pose)
 
     _for_frames(len(frames), 1, work)
-    return _to_image(out), poses
+    return out.image.to(mm.intermediate_device()), poses
 
 
 class RenderPose(io.ComfyNode):
@@ -301,17 +322,18 @@ class RenderPose(io.ComfyNode):
         reference = None if reference_pose is None else from_openpose_json(_pose_list(reference_pose, "reference_pose")[0])
         frames = prepare_sequence(frames, reference, one_person=style == "controlnext_svd_v2", prepend_reference=prepend_reference)
         ow, oh = int(width or frames[0].width), int(height or frames[0].height)
-        out = np.empty((len(frames), oh, ow, 3), np.uint8)
+        out = ImageBatch(len(frames), oh, ow)
 
         def work(start, stop):
             for i in range(start, stop):
                 if style == "openpose":
-                    out[i] = draw_openpose(frames[i], ow, oh, body=draw_body, hands=draw_hands, face=draw_face, threshold=threshold)
+                    drawn = draw_openpose(frames[i], ow, oh, body=draw_body, hands=draw_hands, face=draw_face, threshold=threshold)
                 else:
-                    out[i] = draw_svd_v2(without_parts(frames[i], draw_body, draw_hands, draw_face), ow, oh)
+                    drawn = draw_svd_v2(without_parts(frames[i], draw_body, draw_hands, draw_face), ow, oh)
+                out.put(i, drawn[None])
 
         _for_frames(len(frames), 1, work)
-        return io.NodeOutput(_to_image(out), [to_openpose_json(PoseFrame(ow, oh, f.people)) for f in frames])
+        return io.NodeOutput(out.image.to(mm.intermediate_device()), [to_openpose_json(PoseFrame(ow, oh, f.people)) for f in frames])
 
 
 def _pose_list(value, name):

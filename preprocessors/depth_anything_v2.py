@@ -44,6 +44,9 @@ POS_GRID = 37  # 518 / 14
 INTERPOLATE_OFFSET = 0.1
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+# Working-size limit: 74 x 74 patches, 4x the pixels of the 518 px training size; attention time
+# grows with the square of the patch count (about a minute per frame at the limit on two CPU cores).
+MAX_PIXELS = 1036 * 1036
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,8 +133,9 @@ class DinoV2Small(nn.Module):
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, EMBED_DIM)
         return torch.cat([cls_pos, patch_pos], dim=1).to(dtype)
 
-    def intermediate_features(self, x, layers=LAYERS):
-        """x: (B, 3, H, W), H and W multiples of 14 -> [normed patch tokens (B, N, 384)] per layer."""
+    def intermediate_features(self, x, layers=LAYERS, check=None):
+        """x: (B, 3, H, W), H and W multiples of 14 -> [normed patch tokens (B, N, 384)] per layer.
+        `check()`, when given, is called after each block (the caller's cancel check raises there)."""
         grid_h, grid_w = x.shape[-2] // PATCH, x.shape[-1] // PATCH
         tokens = self.patch_embed(x)
         tokens = torch.cat([self.cls_token.to(tokens.dtype).expand(tokens.shape[0], -1, -1), tokens], dim=1)
@@ -139,6 +143,8 @@ class DinoV2Small(nn.Module):
         out = []
         for i, block in enumerate(self.blocks):
             tokens = block(tokens)
+            if check is not None:
+                check()
             if i in layers:
                 out.append(self.norm(tokens)[:, 1:])
         return out
@@ -226,11 +232,11 @@ class DepthAnythingV2Small(nn.Module):
         self.pretrained = DinoV2Small()
         self.depth_head = DPTHead()
 
-    def forward(self, x):
+    def forward(self, x, check=None):
         if x.shape[-2] % PATCH or x.shape[-1] % PATCH:
             raise ValueError(f"Depth Anything needs sides that are multiples of {PATCH}, got {tuple(x.shape[-2:])}.")
         grid_h, grid_w = x.shape[-2] // PATCH, x.shape[-1] // PATCH
-        depth = self.depth_head(self.pretrained.intermediate_features(x), grid_h, grid_w)
+        depth = self.depth_head(self.pretrained.intermediate_features(x, check=check), grid_h, grid_w)
         return F.relu(depth).squeeze(1)
 
 
@@ -266,6 +272,11 @@ def network_size(height, width, input_size=INPUT_SIZE):
     return constrain(scale * height), constrain(scale * width)
 
 
+def input_size_for(side):
+    """The network input size (shorter side, a multiple of 14, at least 14) nearest `side` pixels."""
+    return max(PATCH, int(round(side / PATCH)) * PATCH)
+
+
 def prepare(images, input_size=INPUT_SIZE):
     """(B, H, W, 3) uint8 RGB -> (B, 3, h, w) float32 normalised tensor at the network size."""
     images = uint8_rgb_batch(images, "Depth Anything")
@@ -274,21 +285,23 @@ def prepare(images, input_size=INPUT_SIZE):
     mean, std = np.array(MEAN, np.float32), np.array(STD, np.float32)
     out = np.empty((len(images), 3, nh, nw), np.float32)
     for i, img in enumerate(images):
-        x = img.astype(np.float32) / 255.0
+        x = img.astype(np.float32)
+        x /= 255.0  # in place: one float copy of a (possibly large) input frame at a time
         x = cv2.resize(x, (nw, nh), interpolation=cv2.INTER_CUBIC)
         out[i] = ((x - mean) / std).transpose(2, 0, 1)
     return torch.from_numpy(out)
 
 
 @torch.no_grad()
-def estimate_depth(net, images, input_size=INPUT_SIZE, output_hw=None):
+def estimate_depth(net, images, input_size=INPUT_SIZE, output_hw=None, check=None):
     """Relative inverse depth (larger = nearer), float32 numpy (B, H', W'): (B, H, W, 3) uint8
     RGB frames of one size, on the network's device and dtype; resized bilinearly
-    (align_corners=True) to `output_hw` (default: the input H, W)."""
+    (align_corners=True) to `output_hw` (default: the input H, W). `check`: called between the
+    transformer blocks (the caller's cancel check)."""
     images = uint8_rgb_batch(images, "Depth Anything")
     out_h, out_w = output_hw if output_hw is not None else images.shape[1:3]
     param = next(net.parameters())
     x = prepare(images, input_size).to(device=param.device, dtype=param.dtype)
-    depth = net(x).float()
+    depth = net(x, check).float()
     depth = F.interpolate(depth[:, None], (int(out_h), int(out_w)), mode="bilinear", align_corners=True)[:, 0]
     return depth.cpu().numpy()

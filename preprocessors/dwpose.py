@@ -56,6 +56,9 @@ KEYPOINT_THRESHOLD = 0.3
 MMPOSE_IDX = [17, 6, 8, 10, 7, 9, 12, 14, 16, 13, 15, 2, 1, 4, 3]
 OPENPOSE_IDX = [1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17]
 BACKENDS = ("auto", "onnxruntime", "opencv")
+# Working-size limit: the detector letterboxes to 640 x 640 and the pose model crops 288 x 384, so
+# the working image only costs its own pixels (3 bytes each).
+MAX_PIXELS = 4096 * 4096
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,12 +325,15 @@ class DWPose:
             raise ValueError(f"{DETECTOR_FILE} should have one output, this file has {len(out)}: is it the right file?")
         return person_boxes(next(iter(out.values())), ratio)
 
-    def estimate(self, image, boxes):
-        """Keypoints (N, 133, 2) image pixels and scores (N, 133) for each box (whole image if none)."""
+    def estimate(self, image, boxes, check=None):
+        """Keypoints (N, 133, 2) image pixels and scores (N, 133) for each box (whole image if none);
+        `check()`, when given, is called before each box's network call (the caller's cancel check)."""
         if len(boxes) == 0:
             boxes = np.array([[0, 0, image.shape[1], image.shape[0]]], np.float64)
         keypoints, scores = [], []
         for box in boxes:
+            if check is not None:
+                check()
             x, center, scale = crop_person(image, box)
             simcc_x, simcc_y = self._simcc(self.pose.run(x[None]))
             locs, sc = simcc_decode(simcc_x, simcc_y)
@@ -335,9 +341,9 @@ class DWPose:
             scores.append(sc[0])
         return np.stack(keypoints), np.stack(scores)
 
-    def __call__(self, image):
+    def __call__(self, image, check=None):
         _check_image(image)
-        keypoints, scores = self.estimate(image, self.detect(image))
+        keypoints, scores = self.estimate(image, self.detect(image), check)
         keypoints, scores = wholebody_to_openpose(keypoints, scores)
         return to_pose_frame(keypoints, scores, image.shape[1], image.shape[0])
 

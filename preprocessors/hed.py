@@ -23,6 +23,8 @@ from .weights import load_exact
 
 WEIGHT_FILE = "ControlNetHED.pth"
 MODES = ("soft", "safe", "scribble")
+# Working-size limit: the VGG features take about 720 bytes per pixel in float32 (3 GB at the limit).
+MAX_PIXELS = 2048 * 2048
 
 
 class DoubleConvBlock(nn.Module):
@@ -55,13 +57,16 @@ class ControlNetHED_Apache2(nn.Module):
         self.block4 = DoubleConvBlock(256, 512, 3)
         self.block5 = DoubleConvBlock(512, 512, 3)
 
-    def forward(self, x):
-        """x: (B, 3, H, W) RGB in 0..255."""
+    def forward(self, x, check=None):
+        """x: (B, 3, H, W) RGB in 0..255. `check()`, when given, is called after each block (the
+        caller's cancel check raises there)."""
         h = x - self.norm
         sides = []
         for i, block in enumerate((self.block1, self.block2, self.block3, self.block4, self.block5)):
             h, side = block(h, down_sampling=i > 0)
             sides.append(side)
+            if check is not None:
+                check()
         return sides
 
 
@@ -71,17 +76,17 @@ def build_hed(state_dict):
 
 
 @torch.no_grad()
-def hed_soft_edges(net, images):
+def hed_soft_edges(net, images, check=None):
     """Soft edge probability in [0, 1], float64: (B, H, W, 3) uint8 RGB -> (B, H, W).
 
     Runs on the network's device and dtype; the average and sigmoid are taken in float64 on
-    the CPU like the reference.
+    the CPU like the reference. `check`: see ControlNetHED_Apache2.forward.
     """
     images = uint8_rgb_batch(images, "HED")
     param = next(net.parameters())
     x = torch.from_numpy(images).to(device=param.device, dtype=param.dtype).permute(0, 3, 1, 2)
     h, w = images.shape[1:3]
-    sides = [F.interpolate(s.float(), size=(h, w), mode="bilinear", align_corners=False) for s in net(x)]
+    sides = [F.interpolate(s.float(), size=(h, w), mode="bilinear", align_corners=False) for s in net(x, check)]
     mean = torch.cat(sides, dim=1).mean(dim=1).cpu().double().numpy()
     with np.errstate(over="ignore"):  # exp(-mean) = inf for very negative logits gives 0, as wanted
         return 1.0 / (1.0 + np.exp(-mean))

@@ -17,17 +17,47 @@ processes at the input size (still padded and cropped).
 import numpy as np
 import torch
 
-def image_to_uint8(image):
-    """(B, H, W, C) float IMAGE tensor -> (B, H, W, 3) uint8 numpy array (RGB)."""
+def image_to_uint8(image, band_pixels=1 << 22):
+    """(B, H, W, C) float IMAGE tensor -> (B, H, W, 3) uint8 numpy array (RGB).
+
+    Converted in bands of about `band_pixels` pixels, so the float temporaries stay small
+    whatever the batch size."""
     check_image_batch(image)
-    x = image.detach().to(device="cpu", dtype=torch.float32)
+    b, h, w, _ = image.shape
+    out = np.empty((b, h, w, 3), np.uint8)
+    rows = max(1, band_pixels // w)
+    for i in range(b):
+        for r in range(0, h, rows):
+            out[i, r:r + rows] = _band_to_uint8(image[i, r:r + rows])
+    return out
+
+
+def _band_to_uint8(x):
+    x = x.detach().to(device="cpu", dtype=torch.float32)
     channels = x.shape[-1]
     if channels == 1:
-        x = x.expand(-1, -1, -1, 3)
+        x = x.expand(-1, -1, 3)
     elif channels == 4:
         x = x[..., :3]
-    x = (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
-    return np.ascontiguousarray(x.numpy())
+    return (x.clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).numpy()
+
+
+class ImageBatch:
+    """A (count, H, W, 3) float32 IMAGE filled chunk by chunk from uint8 maps, so a node's output
+    costs its own size and no more (no list of parts, no concatenated copy)."""
+
+    def __init__(self, count, height, width):
+        self.image = torch.empty((count, height, width, 3), dtype=torch.float32)
+
+    def put(self, start, maps):
+        """Writes uint8 maps (B, H, W) or (B, H, W, 3) at frames start .. start + B."""
+        maps = np.asarray(maps)
+        if maps.dtype != np.uint8 or maps.shape[1:3] != self.image.shape[1:3] or maps.ndim not in (3, 4):
+            raise ValueError(f"Expected uint8 maps (B, {self.image.shape[1]}, {self.image.shape[2]}[, 3]), got {maps.dtype} {maps.shape}.")
+        src = torch.from_numpy(np.ascontiguousarray(maps))
+        dst = self.image[start:start + len(maps)]
+        dst.copy_(src[..., None].expand(-1, -1, -1, 3) if maps.ndim == 3 else src)
+        dst.div_(255.0)
 
 
 def uint8_to_image(arrays, device="cpu"):

@@ -23,6 +23,9 @@ WEIGHT_FILE = "body_pose_model.pth"
 BOXSIZE = 368
 STRIDE = 8
 PAD_VALUE = 128
+# Working-size limit: the network always sees 184 px high (0.5 x 368); the working image only sets
+# where its heatmaps are upsampled to and searched (about 700 bytes per pixel in the decoding).
+MAX_PIXELS = 1024 * 1024
 SCALE_SEARCH = (0.5,)  # the annotator runs one scale (CMU's original: 0.5, 1.0, 1.5, 2.0)
 
 # Limbs as 1-based keypoint pairs; the last two (shoulder-ear) only add parts to people.
@@ -76,11 +79,14 @@ class BodyPoseNet(nn.Module):
                 spec += [(f"Mconv6_stage{s}_L{branch}", 128, 128, 1), (f"Mconv7_stage{s}_L{branch}", 128, out, 1)]
                 setattr(self, f"model{s}_{branch}", _layers(spec, no_relu))
 
-    def forward(self, x):
-        """x: (B, 3, H, W) BGR as im / 256 - 0.5. Returns (pafs (B, 38, H/8, W/8), heatmaps (B, 19, ...))."""
+    def forward(self, x, check=None):
+        """x: (B, 3, H, W) BGR as im / 256 - 0.5. Returns (pafs (B, 38, H/8, W/8), heatmaps (B, 19, ...)).
+        `check()`, when given, is called after each stage (the caller's cancel check raises there)."""
         features = self.model0(x)
         h = features
         for s in range(1, 7):
+            if check is not None:
+                check()
             pafs = getattr(self, f"model{s}_1")(h)
             heat = getattr(self, f"model{s}_2")(h)
             h = torch.cat([pafs, heat, features], dim=1)
@@ -96,7 +102,7 @@ def build_body_pose(state_dict):
 
 
 @torch.no_grad()
-def run_network(net, image):
+def run_network(net, image, check=None):
     """(H, W, 3) uint8 RGB -> (heatmaps (H, W, 19), pafs (H, W, 38)) float32 at the image size."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
         raise ValueError(f"OpenPose expects a uint8 RGB image (H, W, 3), got {image.dtype} {image.shape}.")
@@ -111,7 +117,7 @@ def run_network(net, image):
         sh, sw = scaled.shape[:2]
         padded = np.pad(scaled, [(0, -sh % STRIDE), (0, -sw % STRIDE), (0, 0)], constant_values=PAD_VALUE)
         x = torch.from_numpy(padded.astype(np.float32) / 256.0 - 0.5).permute(2, 0, 1)[None]
-        pafs, heat = net(x.to(device=param.device, dtype=param.dtype))
+        pafs, heat = net(x.to(device=param.device, dtype=param.dtype), check)
         for out, total in ((heat, heat_sum), (pafs, paf_sum)):
             m = out[0].float().permute(1, 2, 0).cpu().numpy()
             m = _resize(m, m.shape[0] * STRIDE, m.shape[1] * STRIDE)[:sh, :sw]
@@ -119,14 +125,15 @@ def run_network(net, image):
     return heat_sum, paf_sum
 
 
-def decode(heatmaps, pafs, peak_threshold=0.1, paf_threshold=0.05):
+def decode(heatmaps, pafs, peak_threshold=0.1, paf_threshold=0.05, check=None):
     """Heatmaps (H, W, >=18) and PAFs (H, W, 38) -> PoseFrame of the people found.
 
     Peaks: maxima of each part map smoothed by a Gaussian (sigma 3), above `peak_threshold`,
     scored by the unsmoothed map. A limb candidate is sampled at 10 points along it; accepted
     when more than 80% of the PAF projections exceed `paf_threshold` and the mean (minus a
     penalty for limbs longer than half the image height) is positive. Limbs are assembled
-    greedily; people with fewer than 4 parts or a mean score below 0.4 are dropped.
+    greedily; people with fewer than 4 parts or a mean score below 0.4 are dropped. `check()` is
+    called per limb candidate (the caller's cancel check).
     """
     heatmaps = np.asarray(heatmaps, dtype=np.float64)
     pafs = np.asarray(pafs, dtype=np.float64)
@@ -135,7 +142,7 @@ def decode(heatmaps, pafs, peak_threshold=0.1, paf_threshold=0.05):
     h, w = heatmaps.shape[:2]
     peaks = [_find_peaks(heatmaps[:, :, part], peak_threshold) for part in range(BODY_POINTS)]
     candidates = np.array([p for part in peaks for p in part], dtype=np.float64).reshape(-1, 3)  # x, y, score; row = id
-    connections = [_connect_limb(pafs, peaks, k, paf_threshold, h) for k in range(len(LIMBS))]
+    connections = [_connect_limb(pafs, peaks, k, paf_threshold, h, check=check) for k in range(len(LIMBS))]
     frame = PoseFrame(width=w, height=h)
     for row in _assemble(connections, candidates):
         body = np.zeros((BODY_POINTS, 3))
@@ -147,9 +154,10 @@ def decode(heatmaps, pafs, peak_threshold=0.1, paf_threshold=0.05):
     return frame
 
 
-def detect_body(net, image):
-    """Runs the network and decodes: (H, W, 3) uint8 RGB -> PoseFrame."""
-    return decode(*run_network(net, image))
+def detect_body(net, image, check=None):
+    """Runs the network and decodes: (H, W, 3) uint8 RGB -> PoseFrame. `check`: the caller's cancel
+    check, called between stages and limb candidates."""
+    return decode(*run_network(net, image, check), check=check)
 
 
 def _resize(x, height, width):
@@ -177,7 +185,7 @@ def _find_peaks(part_map, threshold):
     return [(x, y, part_map[y, x]) for x, y in zip(xs, ys)]
 
 
-def _connect_limb(pafs, peaks, k, threshold, height, samples=10):
+def _connect_limb(pafs, peaks, k, threshold, height, samples=10, check=None):
     """Accepted connections of limb k: rows (id_a, id_b, score, i, j)."""
     a, b = LIMBS[k][0] - 1, LIMBS[k][1] - 1
     first_id = [0]
@@ -189,6 +197,8 @@ def _connect_limb(pafs, peaks, k, threshold, height, samples=10):
     paf_x, paf_y = pafs[:, :, PAF_CHANNELS[k][0]], pafs[:, :, PAF_CHANNELS[k][1]]
     scored = []
     for i, (xa, ya, score_a) in enumerate(cand_a):
+        if check is not None:
+            check()
         for j, (xb, yb, score_b) in enumerate(cand_b):
             vec = np.array([xb - xa, yb - ya], dtype=np.float64)
             norm = max(0.001, float(np.hypot(*vec)))

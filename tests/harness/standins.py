@@ -449,18 +449,20 @@ def _dwpose_onnx(folder):
     """yolox_l.onnx reporting one person box, dw-ll_ucoco_384.onnx a fixed whole-body pose.
 
     YOLOX raw output: (1, 8400, 85) = [cx, cy, w, h, objectness, 80 class scores] on the
-    640 x 640 letterbox grid (strides 8/16/32, decoded by the pack). The box sits in the
-    middle of the stride-32 grid; RTMPose SimCC outputs put 133 keypoints on a loose figure."""
+    640 x 640 letterbox grid (strides 8/16/32, decoded by the pack). The exported graph ends in
+    sigmoids, so objectness and class scores are probabilities: 0 everywhere but one anchor,
+    whose box sits in the middle of the stride-32 grid (exactly one person per frame);
+    RTMPose SimCC outputs put 133 keypoints on a loose figure."""
     import numpy as np
 
-    raw = np.full((1, 8400, 85), -10.0, np.float32)
-    # the first stride-32 cell is index 6400 (80*80 + 40*40); grid 20 x 20
+    raw = np.zeros((1, 8400, 85), np.float32)
+    # the first stride-32 cell is index 8000 (80*80 + 40*40); grid 20 x 20
     gx, gy = 10, 10
     idx = 80 * 80 + 40 * 40 + gy * 20 + gx
     raw[0, idx, 0:2] = 0.0  # offsets within the cell
     raw[0, idx, 2:4] = np.log(np.array([200.0, 400.0]) / 32.0)
-    raw[0, idx, 4] = 10.0
-    raw[0, idx, 5] = 10.0  # class 0: person
+    raw[0, idx, 4] = 0.95
+    raw[0, idx, 5] = 0.95  # class 0: person
     _constant_onnx(os.path.join(folder, "yolox_l.onnx"), "images", (1, 3, 640, 640), {"output": raw})
     k = 133
     sx = np.full((1, k, 288 * 2), -5.0, np.float32)

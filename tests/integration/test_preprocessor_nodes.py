@@ -432,3 +432,216 @@ def test_openpose_on_a_constant_network_finds_nobody(pn, constant_network):
     assert [p["people"] for p in poses] == [[], []]
     image, poses = node_result(pn.OpenPose, frames, 32, "input", 2)  # frame_stride 2: every 2nd frame
     assert image.shape[0] == 1 and len(poses) == 1
+
+
+# --------------------------------------------------------------------------------- sizes, memory, cancel
+
+
+class PeakRss:
+    """Peak increase of this process's resident memory over a block (a thread samples
+    /proc/self/statm every few ms; VmHWM would be the whole process's lifetime high-water mark)."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss(self):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = self.rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.003):
+            self.peak = max(self.peak, self.rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+        self.increase = self.peak - self.base
+
+
+EXTREME_SHAPES = [(1, 4096), (4096, 1), (1, 64), (64, 1), (8, 4096)]
+IMAGE_NODES = {
+    "Canny": lambda pn, img: node_result(pn.Canny, img, "fixed", 100, 200, 0.33, 512, "resolution"),
+    "Canny at input size": lambda pn, img: node_result(pn.Canny, img, "fixed", 100, 200, 0.33, 512, "input"),
+    "HED": lambda pn, img: node_result(pn.HED, img, "soft", 512, "resolution"),
+    "DepthAnythingV2": lambda pn, img: node_result(pn.DepthAnythingV2, img, "grey", 518, "resolution"),
+    "OpenPose": lambda pn, img: node_result(pn.OpenPose, img, 512, "resolution"),
+    "DWPose": lambda pn, img: node_result(pn.DWPose, img, 512, "resolution", True, True),
+}
+
+
+@pytest.mark.parametrize("node", list(IMAGE_NODES))
+def test_extreme_aspect_ratios_are_refused_before_any_work(pn, node):
+    """Scaling the shorter side of a 1 x 4096 image to the resolution made multi-GB working images
+    (and Depth Anything's 1 x 64 ran for a quarter of an hour): beyond 16:1 the node refuses at
+    once, naming itself, the shape and the fix."""
+    cls = getattr(pn, node.split()[0])
+    for h, w in EXTREME_SHAPES:
+        with PeakRss() as mem, pytest.raises(ValueError) as e:
+            IMAGE_NODES[node](pn, torch.rand(1, h, w, 3))
+        msg = str(e.value)
+        assert cls.NAME in msg and f"{w} x {h}" in msg and "16:1" in msg and "Crop or pad" in msg, msg
+        assert mem.increase < 64 << 20
+
+
+class _ShapeSpy(torch.nn.Module):
+    """Stands in for a network: records each input's shape and answers zeros of the shapes the
+    real one gives (the real networks at their size limits take minutes per frame on two CPU
+    cores; their memory per pixel is in the limits' comments)."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.shapes = []
+
+    def forward(self, x, check=None):
+        self.shapes.append(tuple(x.shape))
+        b, _, h, w = x.shape
+        if self.kind == "hed":
+            return [torch.zeros(b, 1, h >> i, w >> i) for i in range(5)]
+        if self.kind == "depth":
+            return torch.zeros(b, h, w)
+        return torch.zeros(b, 38, h // 8, w // 8), torch.zeros(b, 19, h // 8, w // 8)  # openpose
+
+
+@pytest.fixture(scope="module")
+def huge_image():
+    """8192 x 8192, one channel (268 MB; greyscale IMAGEs are valid and keep this test small)."""
+    return torch.rand(1, 8192, 8192, 1)
+
+
+@pytest.mark.parametrize("node, kind, module", [
+    ("HED", "hed", "preprocessors.hed"),
+    ("DepthAnythingV2", "depth", "preprocessors.depth_anything_v2"),
+    ("OpenPose", "openpose", "preprocessors.openpose_body"),
+])
+def test_huge_image_at_max_resolution_is_processed_within_limits(pn, am, huge_image, monkeypatch, caplog, node, kind, module):
+    """8192 x 8192 at resolution 16384: the working size is cut to the network's limit and the
+    output to 16.8 MP, with a warning saying so; peak memory stays within the uint8 copy of the
+    input, the output and a fixed margin (before: a 16384 x 16384 working image and output)."""
+    mod = pack_module(module)
+    limit = mod.MAX_PIXELS
+    spy = _ShapeSpy(kind)
+    monkeypatch.setattr(am, "torch_network", lambda name, build, allow_fp16=True: spy)
+    if kind == "openpose":  # the network always sees 184 px high: the working size is the image it searches
+        detect = mod.detect_body
+        monkeypatch.setattr(mod, "detect_body", lambda net, image, check=None: spy.shapes.append((1, 3) + image.shape[:2]) or detect(net, image, check))
+    cls = getattr(pn, node)
+    args = {"HED": ("soft", 16384, "resolution"), "DepthAnythingV2": ("grey", 16380, "resolution"),
+            "OpenPose": (16384, "resolution")}[node]
+    with caplog.at_level("WARNING", logger="xctrl"), PeakRss() as mem:
+        out = node_result(cls, huge_image, *args)[0]
+    assert out.shape == (1, 4096, 4096, 3)
+    shape = spy.shapes[0]
+    assert limit * 0.8 <= shape[2] * shape[3] <= limit * 1.03  # cut to the limit (Depth Anything rounds to 14)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert cls.NAME in warned and "working size" in warned and "output size" in warned and "8192 x 8192 image" in warned, warned
+    budget = 8192 * 8192 * 3 + out.numel() * 4 + (768 << 20)
+    if kind == "depth":  # the reference's bicubic resize works on a float copy of the input frame
+        budget += 8192 * 8192 * 3 * 4
+    assert mem.increase < budget, f"peak RSS +{mem.increase >> 20} MB, budget {budget >> 20} MB"
+
+
+def test_huge_image_canny_and_dwpose_memory(pn, dwpose_files, huge_image, caplog):
+    """The real Canny and DWPose (stand-in networks) on 8192 x 8192: at input size the output is
+    the input's size and the peak stays within the uint8 copy, the output and a margin; at
+    resolution 16384 the output is capped at 16.8 MP."""
+    for output_size, side in (("input", 8192), ("resolution", 4096)):
+        with PeakRss() as mem:
+            (out,) = node_result(pn.Canny, huge_image, "fixed", 100, 200, 0.33, 16384, output_size)
+        assert out.shape == (1, side, side, 3)
+        budget = 8192 * 8192 * 3 + out.numel() * 4 + (1 << 30)  # cv2.Canny's gradients: ~12 bytes per pixel
+        assert mem.increase < budget, f"Canny {output_size}: peak RSS +{mem.increase >> 20} MB, budget {budget >> 20} MB"
+        del out
+    with caplog.at_level("WARNING", logger="xctrl"), PeakRss() as mem:
+        image, poses = node_result(pn.DWPose, huge_image, 16384, "resolution", True, True)
+    assert image.shape == (1, 4096, 4096, 3) and len(poses[0]["people"]) == 1
+    assert "DWPose Whole Body (XCtrl)" in caplog.text and "working size" in caplog.text
+    budget = 8192 * 8192 * 3 + image.numel() * 4 + (768 << 20)
+    assert mem.increase < budget, f"DWPose: peak RSS +{mem.increase >> 20} MB, budget {budget >> 20} MB"
+
+
+def _units(pn, node, annotators_dir):
+    """(run the node on a batch, the modules whose calls are the units of work) for a real
+    (random-weight) network."""
+    frames = to_image(np.random.default_rng(7).integers(0, 256, (4, 96, 128, 3), dtype=np.uint8))
+    if node == "HED":
+        return lambda: node_result(pn.HED, frames, "soft", 512, "input"), lambda net: [getattr(net, f"block{i}") for i in range(1, 6)]
+    if node == "DepthAnythingV2":
+        return lambda: node_result(pn.DepthAnythingV2, frames, "grey", 518, "input"), lambda net: list(net.pretrained.blocks)
+    return lambda: node_result(pn.OpenPose, frames, 512, "input"), lambda net: [getattr(net, f"model{s}_1") for s in range(1, 7)]
+
+
+@pytest.mark.parametrize("node", ["HED", "DepthAnythingV2", "OpenPose"])
+def test_cancel_stops_inside_a_network_call(pn, am, annotators, monkeypatch, node):
+    """Cancel (ComfyUI's interrupt flag) raised while a network call runs stops at the next unit of
+    work (a block or stage), not at the end of the frames in hand. The flag is set from a hook of
+    the second unit, so the test does not depend on the machine's speed; the delay to the
+    exception is compared to the time one unit takes."""
+    import time
+
+    import comfy.model_management as mm
+
+    run, units_of = _units(pn, node, annotators)
+    real = am.torch_network
+    calls, flagged = [], []
+
+    def hook(module, args, output):
+        calls.append(time.perf_counter())
+        if len(calls) == 2:
+            mm.interrupt_current_processing(True)
+            flagged.append(calls[-1])
+
+    def network(name, build, allow_fp16=True):
+        net = real(name, build, allow_fp16)
+        for unit in units_of(net):
+            handles.append(unit.register_forward_hook(hook))
+        return net
+
+    handles = []
+    monkeypatch.setattr(am, "torch_network", network)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run()
+        stopped = time.perf_counter()
+    finally:
+        mm.interrupt_current_processing(False)
+        for h in handles:
+            h.remove()
+    assert len(calls) <= 3, f"{len(calls) - 2} units of work ran after Cancel"
+    unit_time = calls[1] - calls[0]
+    assert stopped - flagged[0] <= 2 * unit_time + 1.0, (stopped - flagged[0], unit_time)
+
+
+def test_cancel_stops_dwpose_between_people(pn, dwpose_files, monkeypatch):
+    """DWPose checks Cancel before each person's pose network call (and between frames)."""
+    import comfy.model_management as mm
+
+    dwp = pack_module("preprocessors.dwpose")
+    runs = []
+    real_run = dwp.OnnxModel.run
+
+    def run(self, x):
+        runs.append(self.path)
+        if len(runs) == 1:
+            mm.interrupt_current_processing(True)  # during the first frame's detector call
+        return real_run(self, x)
+
+    monkeypatch.setattr(dwp.OnnxModel, "run", run)
+    frames = to_image(np.random.default_rng(8).integers(0, 256, (3, 300, 400, 3), dtype=np.uint8))
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            node_result(pn.DWPose, frames, 300, "input", True, True)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert len(runs) == 1  # the pose model never ran

@@ -260,3 +260,19 @@ def test_wrong_model_outputs_are_refused(tiny_files, tmp_path):
     model = dwp.DWPose(dwp.OnnxModel(detector, backend="opencv"), dwp.OnnxModel(detector, backend="opencv"))
     with pytest.raises(ValueError, match="dw-ll_ucoco_384.onnx"):
         model.estimate(np.zeros((50, 50, 3), np.uint8), np.zeros((0, 4)))
+
+
+def test_workflow_standin_detects_exactly_one_person(tmp_path):
+    """The end-to-end workflows' DWPose stand-in (tests/harness/standins.py) must report one
+    person, as a real photo of one person does: its detector scores are probabilities, so
+    logits left in them would read as thousands of people and slow every pose path down."""
+    pytest.importorskip("onnx")
+    from harness import standins
+
+    standins._dwpose_onnx(str(tmp_path))
+    model = dwp.DWPose(dwp.OnnxModel(str(tmp_path / dwp.DETECTOR_FILE)), dwp.OnnxModel(str(tmp_path / dwp.POSE_FILE)))
+    image = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    assert len(model.detect(image)) == 1
+    frame = model(image)
+    assert len(frame.people) == 1
+    assert (frame.people[0].body[:, 2] > 0.3).all()  # a whole figure: every body point drawn

@@ -67,3 +67,24 @@ def test_scaled_size_and_padding():
     padded = pad_to_multiple(np.arange(6, dtype=np.uint8).reshape(2, 3, 1), 4)
     assert padded.shape == (4, 4, 1)
     assert padded[:, :, 0].tolist() == [[0, 1, 2, 2], [3, 4, 5, 5], [3, 4, 5, 5], [3, 4, 5, 5]]
+
+
+def test_image_to_uint8_in_bands_equals_one_piece():
+    image = torch.rand(2, 37, 23, 4)
+    whole = (image[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(image_to_uint8(image, band_pixels=50), whole)  # 2-row bands
+    grey = torch.rand(1, 5, 7, 1)
+    np.testing.assert_array_equal(image_to_uint8(grey, band_pixels=1)[..., 2], (grey[..., 0] * 255).round().to(torch.uint8).numpy())
+
+
+def test_image_batch_equals_uint8_to_image():
+    from xctrl.preprocessors.image_io import ImageBatch
+
+    rng = np.random.default_rng(0)
+    grey, rgb = rng.integers(0, 256, (2, 6, 9), dtype=np.uint8), rng.integers(0, 256, (1, 6, 9, 3), dtype=np.uint8)
+    out = ImageBatch(3, 6, 9)
+    out.put(0, grey)
+    out.put(2, rgb)
+    assert torch.equal(out.image, torch.cat([uint8_to_image(list(grey)), uint8_to_image(rgb)]))
+    with pytest.raises(ValueError, match="uint8 maps"):
+        out.put(0, np.zeros((1, 5, 9), np.uint8))
