@@ -16,13 +16,16 @@ setting it gives this copy a runner on the crop (docs/comfyui_hooks.md, "Tiled u
 import comfy.controlnet
 
 from . import hints
+from .model_family import family_title, model_signature
 
 
 class ConditioningControl(comfy.controlnet.ControlBase):
-    def __init__(self, runner):
+    def __init__(self, runner, made_for=None):
         super().__init__()
         self.runner = runner  # shared by every copy (one module, one per-step cache)
+        self.made_for = made_for  # model_signature of the MODEL given to the node
         self.base_model = None
+        self.checked = False  # the run's latent batch checked (at its first model call)
 
     @property
     def cond_hint_original(self):
@@ -36,7 +39,7 @@ class ConditioningControl(comfy.controlnet.ControlBase):
         self.runner = self.runner.for_tile(value)
 
     def copy(self):
-        c = ConditioningControl(self.runner)
+        c = ConditioningControl(self.runner, self.made_for)
         self.copy_to(c)
         return c
 
@@ -44,8 +47,16 @@ class ConditioningControl(comfy.controlnet.ControlBase):
         return super().get_models() + [self.runner.patcher]
 
     def pre_run(self, model, percent_to_timestep_function):
+        """Before sampling: the sampler's model must be the kind this control was set up for."""
         super().pre_run(model, percent_to_timestep_function)
+        have = model_signature(model)
+        if self.made_for is not None and have != self.made_for:
+            raise ValueError(
+                f"{self.runner.NODE}: the sampler's model is {_described(have)} but this control was set up for the "
+                f"{_described(self.made_for)} connected to the node's model input: connect the MODEL you sample with "
+                "to the node's model input too")
         self.base_model = model
+        self.checked = False
 
     def cleanup(self):
         self.runner.release()
@@ -55,11 +66,20 @@ class ConditioningControl(comfy.controlnet.ControlBase):
         previous = None
         if self.previous_controlnet is not None:
             previous = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
+        if not self.checked:  # the earliest point a conditioning's control sees the latent batch
+            layout = hints.BatchLayout(x_noisy.shape[0], transformer_options)
+            self.runner.check_sampling((layout.latent_count(), *x_noisy.shape[1:]), None, layout.window is not None)
+            self.checked = True
         try:
             self.runner.attach_to_call(self.base_model, x_noisy, t, transformer_options)
         except hints.HintBatchError as e:
             raise hints.HintBatchError(f"{self.runner.NODE}: {e}") from None
         return previous
+
+
+def _described(signature):
+    family, width = signature[0], signature[1] or signature[4]
+    return f"{family_title(family)} model" + (f" ({width} channels wide)" if width else "")
 
 
 def with_control(positive, negative, control):

@@ -94,8 +94,9 @@ class ControlRunner:
         check_video_anchor_frames(options, executor.class_obj.model_patcher, self.NODE)
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
-    def check_sampling(self, latent_shape, model_options):
-        latents, is_windowed = latent_shape[0], windowed(model_options)
+    def check_sampling(self, latent_shape, model_options, is_windowed=None):
+        latents = latent_shape[0]
+        is_windowed = windowed(model_options) if is_windowed is None else is_windowed
         try:
             hints.check_batch(self.hint.shape[0], latents, windowed=is_windowed)
             if self.mask is not None:

@@ -21,7 +21,7 @@ from .conditioning_control import ConditioningControl, with_control
 from .control_strengths import strength_inputs, strengths_from
 from .control_runner import control_patcher
 from .controlnet_xs_runtime import ControlNetXSRunner, build_control_net
-from .model_family import family_title, model_family
+from .model_family import family_title, model_family, model_signature
 from .weight_files import file_list, read, wrong_file
 
 LOG = logging.getLogger("xctrl")
@@ -230,7 +230,7 @@ class ApplyControlNetXSConditioning(io.ComfyNode):
                 uncond_multiplier=1.0):
         runner = _runner(model, controlnet_xs, image, strength, start_percent, end_percent, mask, connection_base_multiplier,
                          connection_weights, schedule, latent_strengths, uncond_multiplier, cls.NODE)
-        return io.NodeOutput(*with_control(positive, negative, ConditioningControl(runner)))
+        return io.NodeOutput(*with_control(positive, negative, ConditioningControl(runner, model_signature(model.model))))
 
 
 NODES = [LoadControlNetXS, ApplyControlNetXS, ApplyControlNetXSConditioning]

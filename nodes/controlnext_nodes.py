@@ -25,7 +25,7 @@ from .controlnext_runtime import INJECTIONS, ControlNeXtRunner, module_patcher
 from .long_video_runtime import NODE as LONG_VIDEO_NODE
 from .long_video_runtime import LongVideoError, LongVideoWindows
 from .unet_patches import base_weights, to_model_keys
-from .model_family import compute_dtype, family_title, model_family, unet_block_channels
+from .model_family import compute_dtype, family_title, model_family, model_signature, unet_block_channels
 from .weight_files import NONE, file_list, metadata_of, read, wrong_file
 
 LOG = logging.getLogger("xctrl")
@@ -206,7 +206,7 @@ class ApplyControlNeXtConditioning(io.ComfyNode):
                         "ControlNeXt, or Apply UNet Weights on the MODEL)", cls.NODE, controlnext.name)
         runner = _runner(model, controlnext, image, strength, start_percent, end_percent, mask, sd15_layout,
                          reference_pose_per_window, schedule, latent_strengths, uncond_multiplier, cls.NODE)
-        return io.NodeOutput(*with_control(positive, negative, ConditioningControl(runner)))
+        return io.NodeOutput(*with_control(positive, negative, ConditioningControl(runner, model_signature(model.model))))
 
 
 class ControlNeXtSVDLongVideo(io.ComfyNode):

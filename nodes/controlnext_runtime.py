@@ -92,13 +92,13 @@ class ControlNeXtRunner(ControlRunner):
         super().release(*args)
         self.new_caches()
 
-    def check_sampling(self, latent_shape, model_options):
+    def check_sampling(self, latent_shape, model_options, is_windowed=None):
         if (model_options or {}).get("transformer_options", {}).get(hints.WINDOW) and self.variant.name != "svd_v2":
             raise ValueError(
                 f"{self.NODE}: XCtrl Long Video runs the authors' ControlNeXt-SVD v2 window loop, but this module is "
                 f"ControlNeXt {self.variant.title}: use the SVD v2 control module (or remove the Long Video node)."
             )
-        super().check_sampling(latent_shape, model_options)
+        super().check_sampling(latent_shape, model_options, is_windowed)
 
     # ------------------------------------------------------------------ per model call
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):

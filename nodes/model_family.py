@@ -6,7 +6,19 @@ from ..models.families import family_title  # noqa: F401  (the vocabulary; re-ex
 
 def model_family(model_patcher):
     """"sd15", "sd21", "sdxl", "svd", "sd3", or the model config's class name for others."""
-    config = model_patcher.model.model_config
+    return config_family(model_patcher.model.model_config)
+
+
+def model_signature(base_model):
+    """What a control set up for one model needs of another to work on it: the family and the
+    denoiser's widths (a BaseModel, as samplers hand it to controls)."""
+    config = base_model.model_config
+    unet = getattr(config, "unet_config", {}) or {}
+    return (config_family(config),) + tuple(unet.get(k) for k in ("model_channels", "context_dim", "in_channels",
+                                                                    "hidden_size", "depth"))
+
+
+def config_family(config):
     # Order matters: subclasses first (SVD derives from BASE, SDXL variants from SDXL).
     for cls, name in ((sm.SVD_img2vid, "svd"), (sm.SDXL, "sdxl"), (sm.SD15, "sd15"), (sm.SD20, "sd21"), (sm.SD3, "sd3")):
         if isinstance(config, cls):

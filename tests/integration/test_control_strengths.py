@@ -478,3 +478,41 @@ def test_non_finite_images_masks_and_numbers_are_refused_at_apply(nodes, sd15, x
         apply_xs(nodes, xs[0], xs[2], hint, connection_base_multiplier=float("nan"))
     with pytest.raises(ValueError, match="finite numbers, got nan"):
         apply_xs(nodes, xs[0], xs[2], hint, connection_weights="1, nan")
+
+
+# ------------------------------------------------------------------------------ per-prompt nodes: the same checks
+def test_per_prompt_nodes_run_the_model_nodes_checks(nodes, sd15):
+    """Wrong-length latent strengths, a mask of another aspect ratio and a hint batch that fits no
+    latent batch are refused at the first model call, naming the node, as the MODEL nodes do."""
+    base, _, cnx = sd15
+    pos, neg = tm.text_cond(base), tm.text_cond(base, seed=2)
+    hint = torch.rand(1, 64, 64, 3)
+    node = r"Apply ControlNeXt to Conditioning \(XCtrl\)"
+
+    def run(lat_batch=1, **kw):
+        cpos, cneg = cnx_conditioning(nodes, pos, neg, base, cnx, hint, **kw)
+        lat = torch.zeros(lat_batch, 4, 8, 8)
+        comfy_sample(base, cpos, cneg, lat)
+
+    with pytest.raises(ValueError, match=node + r": the latent strength list has 2 values but the latent batch has 3"):
+        run(3, latent_strengths=latent_strengths(nodes, "1, 0.5"))
+    with pytest.raises(ValueError, match=node + r": the mask is 128x64 .* latent is 8x8"):
+        run(1, mask=torch.full((1, 64, 128), 0.5))
+    with pytest.raises(ValueError, match=node + r": the condition image batch has 2 images but the latent batch has 3"):
+        cpos, cneg = cnx_conditioning(nodes, pos, neg, base, cnx, torch.rand(2, 64, 64, 3))
+        comfy_sample(base, cpos, cneg, torch.zeros(3, 4, 8, 8))
+
+
+def test_per_prompt_control_on_another_model_than_its_node_was_given_is_refused(nodes, sd15, xs):
+    base, _, cnx = sd15
+    hint = torch.rand(1, 64, 64, 3)
+    pos, neg = tm.text_cond(base), tm.text_cond(base, seed=2)
+    cpos, cneg = cnx_conditioning(nodes, pos, neg, base, cnx, hint)
+    other = tm.sdxl()
+    carried = [[c[0], {**c[1], "control": cpos[0][1]["control"]}] for c in tm.text_cond(other)]
+    with pytest.raises(ValueError, match=r"Apply ControlNeXt to Conditioning \(XCtrl\): the sampler's model is SDXL .* "
+                                         r"set up for the SD1.5 .*connect the MODEL you sample with"):
+        comfy_sample(other, carried, tm.text_cond(other, seed=2), torch.zeros(1, 4, 8, 8))
+    xpos, xneg = node_result(nodes["XCtrl_ApplyControlNetXSConditioning"], pos, neg, xs[0], xs[2], hint, 0.7, 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"Apply ControlNet-XS to Conditioning \(XCtrl\): the sampler's model is SD1.5"):
+        comfy_sample(base, xpos, xneg, torch.zeros(1, 4, 8, 8))
