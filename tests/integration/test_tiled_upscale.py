@@ -121,6 +121,10 @@ def _per_prompt_case(usdu, node, base, control, tile_hw, strength, masked):
         extra = {"mask": torch.cat([hand_crop(mask, r, SCALE, tile_hw) for r in REGIONS])}
     rpos, rneg = node_result(node, pos, neg, base, control, crops, strength, 0.0, 1.0, **extra)
     want = sample(base, rpos, rneg, len(REGIONS), latent_hw)
+    if masked:  # untiled, the whole image's mask does not fit the tile's shape: refused, as the MODEL nodes refuse it
+        with pytest.raises(ValueError, match=r"the mask is 160x96 .* give a mask of the image's aspect ratio"):
+            sample(base, cpos, cneg, len(REGIONS), latent_hw)
+        cpos, cneg = node_result(node, pos, neg, base, control, image, strength, 0.0, 1.0)
     whole = sample(base, cpos, cneg, len(REGIONS), latent_hw)  # the whole image's hint squeezed into the tile
     plain = sample(base, pos, neg, len(REGIONS), latent_hw)
     return got, want, whole, plain
