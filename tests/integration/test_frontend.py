@@ -1,9 +1,10 @@
 """The example workflows in the real ComfyUI frontend (comfyui-frontend-package) in headless
 Chromium: each loads from the templates endpoint with no missing node types, no invalid widget
-values and no missing-models dialog (the stand-ins are there), opens with every node inside the
+values and no missing-models list (the stand-ins are there), opens with every node inside the
 visible canvas, is queued by the frontend itself (its own UI -> API conversion) and completes;
-on a server without models the missing-models dialog lists every file of each workflow with its
-download URL, downloadable; the pack's nodes are registered in the node library and the
+on a server without models the missing-models list (a dialog in older frontends, the errors
+panel in newer ones) names every file of each workflow with its folder and download URL,
+downloadable; the pack's nodes are registered in the node library and the
 workflows listed as templates under their titles. Screenshots go to
 test-artifacts/frontend/<ComfyUI version>/ (git-ignored).
 """
