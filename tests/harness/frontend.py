@@ -74,40 +74,92 @@ class Browser:
 
 
 # JavaScript run in the page -----------------------------------------------------------------
+# Closes what a load may have opened: dialogs, the error overlay and the side panel showing it.
 CLOSE_DIALOG_JS = """
 async () => {
   for (const d of document.querySelectorAll('.p-dialog')) {
     const close = d.querySelector('.p-dialog-close-button, button[aria-label="Close"]');
     if (close) close.click();
   }
+  const dismiss = document.querySelector('[data-testid="error-overlay-dismiss"]');
+  if (dismiss) dismiss.click();
+  const panel = document.querySelector('[data-testid="properties-panel"]');
+  const toggle = panel && panel.querySelector('button[aria-label="Toggle properties panel"]');
+  if (toggle) toggle.click();
   await new Promise(res => setTimeout(res, 300));
+}
+"""
+
+# The missing-models list a load brings up, whichever form the frontend gives it: a dialog
+# (.comfy-missing-models: each row's URL in a title, a download button titled with it) in older
+# frontends; in newer ones an error overlay whose details (the side panel's errors tab) list each
+# file, its folder and a Download button that opens the file's URL (read here by catching that
+# navigation). Waits up to waitMs for either; rows [{label: 'folder / file', url, downloadable}],
+# or null when none came.
+MISSING_MODELS_JS = """
+async ([waitMs]) => {
+  const sleep = ms => new Promise(res => setTimeout(res, ms));
+  const dialogRows = dialog => [...dialog.querySelectorAll('span[title]')].map(span => {
+    const url = span.title;
+    const button = [...dialog.querySelectorAll('button[title]')].find(b => b.title === url);
+    return {label: span.textContent.trim(), url, downloadable: !!button && !button.disabled};
+  });
+  const urlOpenedBy = async button => {
+    const opened = [], click = HTMLAnchorElement.prototype.click, open = window.open;
+    HTMLAnchorElement.prototype.click = function () { opened.push(this.getAttribute('href')); };
+    window.open = url => { opened.push(String(url)); return null; };
+    try {
+      button.click();
+      for (let i = 0; i < 50 && !opened.length; i++) await sleep(100);
+    } finally {
+      HTMLAnchorElement.prototype.click = click;
+      window.open = open;
+    }
+    return opened.length ? opened[0] : null;
+  };
+  const panelRows = async group => {
+    const rows = [];
+    for (const name of group.querySelectorAll('[title]:not([aria-label])')) {
+      const folder = (name.parentElement.nextElementSibling?.textContent || '').split(' · ')[0].trim();
+      const button = name.parentElement.parentElement.parentElement.querySelector('[data-testid="missing-model-download"]');
+      const url = button && !button.disabled ? await urlOpenedBy(button) : null;
+      rows.push({label: `${folder} / ${name.title}`, url, downloadable: !!button && !button.disabled && !!url});
+    }
+    return rows;
+  };
+  const groupSel = '[data-testid="error-group-missing-model"]';
+  const deadline = Date.now() + waitMs;
+  let opened = false;
+  while (Date.now() < deadline) {
+    const dialog = document.querySelector('.comfy-missing-models');
+    const group = document.querySelector(groupSel);
+    if (dialog || (group && group.querySelector('[title]:not([aria-label])'))) {
+      await sleep(300);  // the rows render with their list
+      return dialog ? dialogRows(dialog) : await panelRows(document.querySelector(groupSel));
+    }
+    const details = document.querySelector('[data-testid="error-overlay-see-errors"]');
+    if (details && !opened) { details.click(); opened = true; }
+    await sleep(100);
+  }
+  return null;
 }
 """
 
 # Loads a template as the templates menu does (file name in the URL as is), then reports: node
 # types the frontend lacks, widget values not in their lists, the rows of the missing-models
-# dialog (null when none opened; closed again unless keepDialog), every node's screen rectangle
-# (title bar included) and the rectangle of the canvas that the top bar and side toolbar leave
-# (null when the frontend's layout has neither).
+# list (MISSING_MODELS_JS, waiting up to waitMs; closed again unless keepDialog), every node's
+# screen rectangle (title bar included) and the rectangle of the canvas that the top bar and side
+# toolbar leave (null when the frontend's layout has neither).
 LOAD_WORKFLOW_JS = ("""
-async ([pack, name, keepDialog]) => {
+async ([pack, name, keepDialog, waitMs]) => {
   const r = await fetch(`/api/workflow_templates/${pack}/${name}.json`);
   if (!r.ok) return {error: `template fetch ${r.status}`};
   const wf = await r.json();
   const types = [...new Set(wf.nodes.map(n => n.type))];
   const missing = types.filter(t => !(t in LiteGraph.registered_node_types));
   await window.app.loadGraphData(wf);
-  await new Promise(res => setTimeout(res, 700));
-  let missing_models = null;
-  const dialog = document.querySelector('.comfy-missing-models');
-  if (dialog) {
-    missing_models = [...dialog.querySelectorAll('span[title]')].map(span => {
-      const url = span.title;
-      const button = [...dialog.querySelectorAll('button[title]')].find(b => b.title === url);
-      return {label: span.textContent.trim(), url, downloadable: !!button && !button.disabled};
-    });
-    if (!keepDialog) await (""" + CLOSE_DIALOG_JS + """)();
-  }
+  const missing_models = await (""" + MISSING_MODELS_JS + """)([waitMs]);
+  if (!keepDialog) await (""" + CLOSE_DIALOG_JS + """)();
   window.app.canvas.draw(true, true);
   const th = LiteGraph.NODE_TITLE_HEIGHT;
   const box = window.app.canvas.canvas.getBoundingClientRect();

@@ -86,16 +86,27 @@ class ComfyServer:
 
     def run_prompt(self, prompt, timeout=300):
         """Queues an API-format prompt and waits for its history entry."""
-        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "xctrl-tests"})
+        status, body = self.post("/prompt", {"prompt": prompt, "client_id": "xctrl-tests"}, timeout=timeout)
         if status != 200:
             return {"status": {"status_str": "invalid", "messages": [body]}, "outputs": {}}
-        pid = body["prompt_id"]
+        return self.wait_for_history(body["prompt_id"], timeout)
+
+    def wait_for_history(self, pid, timeout):
+        """The history entry of prompt ``pid`` once it succeeded or failed. Polls until the one
+        bound ``timeout``: a request the busy server answers slowly (it may be loading or
+        running on the same cores) is asked again, so no single read's time limit fails a run."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            hist = self.get(f"/history/{pid}")
-            if pid in hist and hist[pid].get("status", {}).get("completed") is not None:
-                if hist[pid]["status"].get("status_str") in ("success", "error"):
-                    return hist[pid]
+            try:
+                hist = self.get(f"/history/{pid}", timeout=max(1.0, deadline - time.time()))
+            except (TimeoutError, urllib.error.URLError, ConnectionError) as e:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"ComfyUI exited with {self.proc.returncode}:\n{self.log()[-4000:]}") from e
+                time.sleep(0.5)
+                continue
+            status = hist.get(pid, {}).get("status", {})
+            if status.get("completed") is not None and status.get("status_str") in ("success", "error"):
+                return hist[pid]
             time.sleep(0.5)
         raise TimeoutError(f"prompt {pid} did not finish in {timeout}s")
 

@@ -54,6 +54,7 @@ models folder. Run by hand: ``python tests/harness/standins.py /path/to/ComfyUI 
 """
 import contextlib
 import hashlib
+import inspect
 import math
 import os
 import shutil
@@ -284,9 +285,14 @@ def _checkpoint(path, config_cls, unet_config, seed, clip=True, vae="sd", clip_v
         with torch.device("meta"):
             cv = comfy.clip_vision.ClipVisionModel(cfg)
         cv_sd = _materialise(cv.model, seed + 3)
-    # ComfyUI's own saver naming: prefixes and OpenCLIP conversion of the text towers.
+    # ComfyUI's own saver naming: prefixes and OpenCLIP conversion of the text towers. Newer
+    # ComfyUI takes the UNet's state dict as an argument (its ModelPatcher passes it); older
+    # ones read it from the model themselves.
     model.diffusion_model.load_state_dict(unet, assign=True)
-    sd = model.state_dict_for_saving(clip_sd, vae_sd, cv_sd)
+    parts = dict(clip_state_dict=clip_sd, vae_state_dict=vae_sd, clip_vision_state_dict=cv_sd)
+    if "unet_state_dict" in inspect.signature(model.state_dict_for_saving).parameters:
+        parts["unet_state_dict"] = model.diffusion_model.state_dict()
+    sd = model.state_dict_for_saving(**parts)
     sd = {k: v for k, v in sd.items() if v.device.type != "meta"}
     _save(path, sd)
     return mc

@@ -24,6 +24,9 @@ PACK_DIR = os.path.dirname(os.path.dirname(HERE))
 # ComfyUI serves a pack's example_workflows/ as templates; the 0.8.0 frontend shows each file
 # name as the template's title and description, so the names are written as titles.
 WORKFLOW_DIR = os.path.join(PACK_DIR, "example_workflows")
+# The stock nodes' definitions the committed workflows were written from (written with them): the
+# drift test rebuilds the files from these on every ComfyUI, whose own stock nodes may differ.
+STOCK_DEFINITIONS = os.path.join(PACK_DIR, "tests", "data", "stock_node_definitions.json")
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
@@ -802,8 +805,45 @@ def write_thumbnail(ui, path):
     img.save(path, "JPEG", quality=88)
 
 
+def _first_option(spec):
+    """An input spec with its combo list cut to the first entry (a default's only use of it)."""
+    spec = list(spec)
+    if isinstance(spec[0], list):
+        spec[0] = spec[0][:1]
+    if len(spec) > 1 and isinstance(spec[1], dict) and isinstance(spec[1].get("options"), list):
+        spec[1] = dict(spec[1], options=spec[1]["options"][:1])
+    return spec
+
+
+def stock_definitions(object_info):
+    """What the builder reads of the stock (non-pack) nodes the workflows use: inputs, their
+    order, outputs."""
+    types = sorted({cls for build in WORKFLOWS.values() for cls, _inputs, _title in build().values()
+                    if cls not in VIRTUAL_NODES and not cls.startswith("XCtrl_")})
+    defs = {}
+    for cls in types:
+        info = object_info[cls]
+        inputs = {section: {name: _first_option(spec) for name, spec in info["input"][section].items()}
+                  for section in ("required", "optional") if section in info["input"]}
+        defs[cls] = {"input": inputs, "output": info["output"], "output_name": info["output_name"]}
+        if info.get("input_order"):
+            defs[cls]["input_order"] = info["input_order"]
+    return defs
+
+
+def build_definitions(object_info):
+    """The definitions the committed workflows are rebuilt from: the pack's nodes from
+    ``object_info``, the stock nodes as recorded when the files were written."""
+    with open(STOCK_DEFINITIONS) as f:
+        stock = json.load(f)
+    return {**stock, **{cls: info for cls, info in object_info.items() if cls.startswith("XCtrl_")}}
+
+
 def write_all(object_info, folder=WORKFLOW_DIR):
     os.makedirs(folder, exist_ok=True)
+    with open(STOCK_DEFINITIONS, "w") as f:
+        json.dump(stock_definitions(object_info), f, indent=1, sort_keys=True)
+        f.write("\n")
     for name, build in WORKFLOWS.items():
         ui = to_ui(build(), object_info)
         with open(os.path.join(folder, TITLES[name] + ".json"), "w") as f:

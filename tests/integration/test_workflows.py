@@ -85,13 +85,15 @@ def test_workflow_folder_holds_one_json_and_thumbnail_per_use():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_file_is_what_the_builder_writes(name, object_info):
+    """The committed UI file equals the one generated from its API description (so UI files and
+    API twins cannot drift), with this server's definitions of the pack's nodes and the stock
+    nodes' definitions recorded with the files (wb.STOCK_DEFINITIONS: another ComfyUI's stock
+    nodes may differ; that the file runs here is test_workflow_converts_to_a_valid_prompt's)."""
     skip_unless_available(name, object_info)
-    """The committed UI file equals the one generated from its API description with this
-    server's node definitions (so UI files and API twins cannot drift)."""
     with open(wb.workflow_path(name)) as f:
         committed = json.load(f)
     assert committed.get("version") == 0.4
-    fresh = json.loads(json.dumps(wb.to_ui(wb.WORKFLOWS[name](), object_info)))
+    fresh = json.loads(json.dumps(wb.to_ui(wb.WORKFLOWS[name](), wb.build_definitions(object_info))))
     assert committed == fresh, (
         f"{wb.workflow_path(name)} is out of date with the node definitions: regenerate with "
         "`python tests/harness/workflow_builder.py /path/to/ComfyUI`"
