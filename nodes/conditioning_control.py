@@ -8,6 +8,10 @@ carry it: it lets its runner compute the call's control and add the runner's pat
 wrappers to that call alone (nodes/call_patches.py). Rows whose conds carry no control run
 without it. Stock ControlNets chained before it keep working: their residuals are returned
 as the output of the chain. (docs/comfyui_hooks.md, "Conditioning-level control".)
+
+Under core's MultiGPU work units each device runs its own clone of the control
+(``deepclone_multigpu``): it shares the runner (settings, schedule) and uses the runner's lane
+of that device, a copy of the control network loaded there (nodes/control_runner.py).
 """
 import comfy.controlnet
 
@@ -15,18 +19,29 @@ from . import hints
 
 
 class ConditioningControl(comfy.controlnet.ControlBase):
-    def __init__(self, runner):
+    def __init__(self, runner, device=None):
         super().__init__()
-        self.runner = runner  # shared by every copy (one module, one per-step cache)
+        self.runner = runner  # shared by every copy (one module and one per-step cache per device)
+        self.device = device  # None: the runner's own device; else the device of this MultiGPU clone
         self.base_model = None
 
     def copy(self):
-        c = ConditioningControl(self.runner)
+        c = ConditioningControl(self.runner, self.device)
         self.copy_to(c)
         return c
 
+    def deepclone_multigpu(self, load_device, autoregister=False):
+        """Core's MultiGPU: this control for ``load_device``, with the runner's copy of the
+        control network there (made once)."""
+        self.runner.add_device(load_device)
+        c = ConditioningControl(self.runner, load_device)
+        self.copy_to(c)
+        if autoregister:
+            self.multigpu_clones[load_device] = c
+        return c
+
     def get_models(self):
-        return super().get_models() + [self.runner.patcher]
+        return super().get_models() + [self.runner.lane(device=self.device).patcher]
 
     def pre_run(self, model, percent_to_timestep_function):
         super().pre_run(model, percent_to_timestep_function)
@@ -41,7 +56,7 @@ class ConditioningControl(comfy.controlnet.ControlBase):
         if self.previous_controlnet is not None:
             previous = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
         try:
-            self.runner.attach_to_call(self.base_model, x_noisy, t, transformer_options)
+            self.runner.attach_to_call(self.base_model, x_noisy, t, transformer_options, self.device)
         except hints.HintBatchError as e:
             raise hints.HintBatchError(f"{self.runner.NODE}: {e}") from None
         return previous
