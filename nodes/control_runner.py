@@ -55,6 +55,7 @@ class ControlRunner:
         self._cursor_lock = threading.Lock()
         self._main = Lane(patcher)
         self._lanes = {}  # other devices (core's MultiGPU): device -> Lane
+        self._sampling_on = set()  # the other devices of the MODEL being sampled (matched this run)
 
     def __deepcopy__(self, memo):
         return self
@@ -68,9 +69,9 @@ class ControlRunner:
             model.add_callback_with_key(matched, self.uid, self.on_multigpu_clone)
 
     def models(self):
-        """The control network of every lane, for the ``models()`` of the runner's patch objects
-        (each ModelPatcher loads on its own device)."""
-        return [self._main.patcher] + [lane.patcher for lane in self._lanes.values()]
+        """The control network of every lane this run uses, for the ``models()`` of the runner's
+        patch objects (each ModelPatcher loads on its own device)."""
+        return [self._main.patcher] + [lane.patcher for d, lane in self._lanes.items() if d in self._sampling_on]
 
     def release(self, *args):
         """Drops per-run state when sampling ends."""
@@ -78,11 +79,14 @@ class ControlRunner:
             self._cursor.reset()
         for lane in [self._main, *self._lanes.values()]:
             lane.clear()
+        self._sampling_on.clear()
 
     # ------------------------------------------------------------------ devices
     def on_multigpu_clone(self, model, device_clone):
-        """Core built (or re-matched) the MODEL's clone for another device."""
+        """Core built (or, before loading the models of a run, re-matched) the MODEL's clone for
+        another device."""
         self.add_device(device_clone.load_device)
+        self._sampling_on.add(device_clone.load_device)
 
     def add_device(self, device):
         """The lane of ``device``, made once: its own copy of the control network there."""
@@ -100,8 +104,8 @@ class ControlRunner:
         lane = self._lanes.get(device)
         if lane is None:
             raise RuntimeError(f"{self.NODE}: this model call runs on {device}, where the control network has no "
-                               "copy (ComfyUI's MultiGPU did not report that device's model clone). Apply the "
-                               "control before 'MultiGPU CFG Split', or report this with your workflow.")
+                               "copy: ComfyUI's MultiGPU did not report its model clone for that device (remove "
+                               "'MultiGPU CFG Split' to sample on one device, and report this with your workflow).")
         return lane
 
     def outer_sample_wrapper(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):

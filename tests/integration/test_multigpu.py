@@ -9,8 +9,8 @@ Split builds a second model from the loader factory (``cached_patcher_init``, wh
 harness/tiny_models.py registers as core's loaders do), sampling deep-clones every control of
 the conditioning per device (``deepclone_multigpu``), and each step runs cond on one device and
 uncond on the other, concurrently, in core's thread pool (one thread per device). A spy wrapper
-checks that both devices ran. With a CUDA machine of two GPUs, the same tests run there by
-setting XCTRL_MULTIGPU_CUDA=1 (no device patching; ComfyUI imported without --cpu).
+checks that both devices ran; a global module hook checks that each device ran its own copy of
+the control network.
 
 Skipped on ComfyUI without comfy.multigpu (0.8.0, 0.3.64).
 """
@@ -45,13 +45,6 @@ def two_devices(one_thread):
     """(main device, second device) as core sees them."""
     import comfy.model_management as mm
 
-    if os.environ.get("XCTRL_MULTIGPU_CUDA") == "1":
-        devices = mm.get_all_torch_devices()
-        if len(devices) < 2:
-            pytest.skip("XCTRL_MULTIGPU_CUDA=1 needs two GPUs")
-        yield devices[0], devices[1]
-        mm.unload_all_models()
-        return
     main = mm.get_torch_device()
     second = torch.device(main.type, 1)
 
@@ -75,9 +68,8 @@ def nodes(pack):
 
 def multigpu(model):
     """MODEL -> MultiGPU CFG Split(MODEL, max_gpus 2), with a spy recording the device of each call."""
-    import comfy.patcher_extension as pe
-
     import comfy.model_management as mm
+    import comfy.patcher_extension as pe
 
     # Each graph starts with nothing loaded: core's reuse of loaded device clones trips over
     # entries of earlier graphs' clones that were since collected (not what is tested here).
@@ -129,10 +121,15 @@ def ran(module, called):
     return any(id(m) in called for m in module.modules())
 
 
-def both_ways(model, positive, negative, **kw):
-    """(one-device result, MultiGPU MODEL with .result and .called: the modules its sampling ran)."""
-    one = sample(model, positive, negative, **kw)
-    split = multigpu(model)
+def both_ways(model, positive, negative, apply=None, **kw):
+    """(one-device result, MultiGPU MODEL with .result and .called: the modules its sampling ran).
+    With ``apply``, ``model`` is the base and the method is applied before / after the split."""
+    if apply is None:
+        one, split = sample(model, positive, negative, **kw), multigpu(model)
+    else:
+        one, first = sample(apply(model), positive, negative, **kw), multigpu(model)
+        split = apply(first)
+        split.spy_calls = first.spy_calls  # the spy wrapper came along with the clone
     with modules_called() as split.called:
         split.result = sample(split, positive, negative, **kw)
     return one, split
@@ -142,8 +139,12 @@ def device_patchers(patchers, device):
     return [p for p in patchers if p.load_device == device]
 
 
-def check_one_network_per_device(patchers, split, two_devices):
-    """One control network per device, each loaded there, each run by that device's calls."""
+def check_one_network_per_device(network, split, two_devices):
+    """Core loaded one control network of ``network``'s kind per device, each there, each run by
+    that device's calls."""
+    import comfy.model_management as mm
+
+    patchers = {p for p in mm.loaded_models() if p is not None and type(p.model) is type(network)}
     (first,) = device_patchers(patchers, two_devices[0])
     (second,) = device_patchers(patchers, two_devices[1])
     assert second.model is not first.model
@@ -201,13 +202,19 @@ def stock_apply(positive, negative, control_net, image, strength=0.9, start=0.0,
 
 
 # ------------------------------------------------------------------------------ MODEL level
-def test_controlnext_model_with_unet_weights_schedule_mask(nodes, sd15, two_devices):
+@pytest.mark.parametrize("split_first", [False, True], ids=["control_then_split", "split_then_control"])
+def test_controlnext_model_with_unet_weights_schedule_mask(split_first, nodes, sd15, two_devices):
     base, loaded, hint, pos, neg = sd15
-    model = node_result(nodes["XCtrl_ApplyControlNeXt"], base, loaded, hint, 0.8, 0.0, 1.0, mask=half_mask(64),
-                        schedule=keyframes(nodes, (0.0, 1.0), (0.5, 0.4)), uncond_multiplier=0.5)[0]
-    one, split = both_ways(model, pos, neg)
-    compare("ControlNeXt (MODEL, UNet weights, schedule, mask, uncond multiplier)", one, split, two_devices)
-    check_one_network_per_device(set(split.model_patches_models()), split, two_devices)
+    schedule = keyframes(nodes, (0.0, 1.0), (0.5, 0.4))
+
+    def apply(model):
+        return node_result(nodes["XCtrl_ApplyControlNeXt"], model, loaded, hint, 0.8, 0.0, 1.0, mask=half_mask(64),
+                           schedule=schedule, uncond_multiplier=0.5)[0]
+
+    one, split = both_ways(base, pos, neg, apply) if split_first else both_ways(apply(base), pos, neg)
+    order = "split, then control" if split_first else "control, then split"
+    compare(f"ControlNeXt (MODEL, UNet weights, schedule, mask, uncond multiplier; {order})", one, split, two_devices)
+    check_one_network_per_device(next(iter(split.model_patches_models())).model, split, two_devices)
 
 
 def test_controlnet_xs_model_with_schedule_and_mask(nodes, xs, two_devices):
@@ -216,7 +223,7 @@ def test_controlnet_xs_model_with_schedule_and_mask(nodes, xs, two_devices):
                         schedule=keyframes(nodes, (0.0, 1.0), (0.5, 0.3)), uncond_multiplier=0.6)[0]
     one, split = both_ways(model, pos, neg, size=16)
     compare("ControlNet-XS (MODEL, schedule, mask, uncond multiplier)", one, split, two_devices)
-    check_one_network_per_device(set(split.model_patches_models()), split, two_devices)
+    check_one_network_per_device(next(iter(split.model_patches_models())).model, split, two_devices)
 
 
 # ------------------------------------------------------------------------------ per prompt
@@ -224,7 +231,7 @@ def check_per_device_clone(control, split, two_devices):
     """Core ran a clone of the control on the second device, with its own network there."""
     clone = control.get_instance_for_device(two_devices[1])
     assert clone is not control
-    check_one_network_per_device(set(control.get_models_only_self()), split, two_devices)  # what core loads
+    check_one_network_per_device(control.runner.patcher.model, split, two_devices)
     return clone
 
 
