@@ -12,6 +12,10 @@ as the output of the chain. (docs/comfyui_hooks.md, "Conditioning-level control"
 Tiled upscalers crop each control of a cond's chain to the tile (a ``copy()`` whose
 ``cond_hint_original`` they replace): that attribute is the runner's hint (and mask), and
 setting it gives this copy a runner on the crop (docs/comfyui_hooks.md, "Tiled upscaling").
+
+Under core's MultiGPU work units each device runs its own clone of the control
+(``deepclone_multigpu``): it shares the runner (settings, schedule) and uses the runner's lane
+of that device, a copy of the control network loaded there (nodes/control_runner.py).
 """
 import comfy.controlnet
 
@@ -20,10 +24,11 @@ from .model_family import family_title, model_signature
 
 
 class ConditioningControl(comfy.controlnet.ControlBase):
-    def __init__(self, runner, made_for=None):
+    def __init__(self, runner, made_for=None, device=None):
         super().__init__()
-        self.runner = runner  # shared by every copy (one module, one per-step cache)
+        self.runner = runner  # shared by every copy (one module and one per-step cache per device)
         self.made_for = made_for  # model_signature of the MODEL given to the node
+        self.device = device  # None: the runner's own device; else the device of this MultiGPU clone
         self.base_model = None
         self.checked = False  # the run's latent batch checked (at its first model call)
 
@@ -39,12 +44,22 @@ class ConditioningControl(comfy.controlnet.ControlBase):
         self.runner = self.runner.for_tile(value)
 
     def copy(self):
-        c = ConditioningControl(self.runner, self.made_for)
+        c = ConditioningControl(self.runner, self.made_for, self.device)
         self.copy_to(c)
         return c
 
+    def deepclone_multigpu(self, load_device, autoregister=False):
+        """Core's MultiGPU: this control for ``load_device``, with the runner's copy of the
+        control network there (made once)."""
+        self.runner.add_device(load_device)
+        c = ConditioningControl(self.runner, self.made_for, load_device)
+        self.copy_to(c)
+        if autoregister:
+            self.multigpu_clones[load_device] = c
+        return c
+
     def get_models(self):
-        return super().get_models() + [self.runner.patcher]
+        return super().get_models() + [self.runner.lane(device=self.device).patcher]
 
     def pre_run(self, model, percent_to_timestep_function):
         """Before sampling: the sampler's model must be the kind this control was set up for."""
@@ -71,7 +86,7 @@ class ConditioningControl(comfy.controlnet.ControlBase):
             self.runner.check_sampling((layout.latent_count(), *x_noisy.shape[1:]), None, layout.window is not None)
             self.checked = True
         try:
-            self.runner.attach_to_call(self.base_model, x_noisy, t, transformer_options)
+            self.runner.attach_to_call(self.base_model, x_noisy, t, transformer_options, self.device)
         except hints.HintBatchError as e:
             raise hints.HintBatchError(f"{self.runner.NODE}: {e}") from None
         return previous

@@ -13,12 +13,22 @@ objects (ComfyUI loads a MODEL's patch models with it), not as an "additional mo
 MODEL's clone clones its additional models, and every discarded clone of the control's
 ModelPatcher would stay in ComfyUI's list of loaded models as a leak (the module outliving
 that patcher). Patch objects are shared between clones, so the one patcher is.
+
+Devices (core's MultiGPU work units, docs/comfyui_hooks.md "MultiGPU"): the control network and
+its per-run caches form a :class:`Lane`. The runner's own lane is on the MODEL's device; for
+every other device core runs the MODEL on, the runner keeps a lane with its own copy of the
+network there (made when core matches its per-device MODEL clones, or when core deep-clones a
+conditioning's control), and each model call uses the lane of the device it runs on. Calls on
+two devices run at once in core's threads, so nothing they change is shared between lanes; the
+step cursor of the schedule, shared by all, is locked.
 """
 import copy
+import threading
 import uuid
 
 import torch
 
+import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension as pe
 
@@ -27,6 +37,7 @@ from . import hints
 from .model_family import model_family
 
 MASK_ASPECT_TOLERANCE = 0.02  # relative: masks are resized to each resolution, not cropped
+MULTIGPU_DEVICE = "multigpu_thread_device"  # transformer_options: the device core's MultiGPU runs the call on
 
 
 class ControlRunner:
@@ -44,12 +55,20 @@ class ControlRunner:
         self.strengths = strengths if strengths is not None else Strengths()
         self._cursor = self.strengths.schedule.cursor() if self.strengths.schedule is not None else None
         self._view = None  # tiler_view(), built when a tiler first asks
+        self._cursor_lock = threading.Lock()
+        self._main = Lane(patcher)
+        self._lanes = {}  # other devices (core's MultiGPU): device -> Lane
+        self._sampling_on = set()  # the other devices of the MODEL being sampled (matched this run)
 
     def __deepcopy__(self, memo):
         return self
 
     def new_caches(self):
-        """Empty per-run caches of computed hint features (subclasses add theirs)."""
+        """Fresh lanes (the same control networks, empty per-run caches) for a copy of this runner
+        on other hints: a tile's features are not the whole image's."""
+        self._main = Lane(self._main.patcher)
+        self._lanes = {device: Lane(lane.patcher) for device, lane in self._lanes.items()}
+        self._sampling_on = set()
 
     def tiler_view(self):
         """The hint as tilers crop it (``cond_hint_original``, (B, C, H, W)): with a mask, the mask
@@ -74,15 +93,49 @@ class ControlRunner:
         """Wrappers and callbacks every runner needs, on a cloned MODEL."""
         model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, self.uid, self.outer_sample_wrapper)
         model.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, self.uid, self.release)
+        matched = getattr(pe.CallbacksMP, "ON_MATCH_MULTIGPU_CLONES", None)
+        if matched is not None:  # ComfyUI with MultiGPU work units: a lane per device clone of the MODEL
+            model.add_callback_with_key(matched, self.uid, self.on_multigpu_clone)
 
     def models(self):
-        """The control network, for the ``models()`` of the runner's patch objects."""
-        return [self.patcher]
+        """The control network of every lane this run uses, for the ``models()`` of the runner's
+        patch objects (each ModelPatcher loads on its own device)."""
+        return [self._main.patcher] + [lane.patcher for d, lane in self._lanes.items() if d in self._sampling_on]
 
     def release(self, *args):
-        """Drops per-run state when sampling ends (subclasses extend it)."""
+        """Drops per-run state when sampling ends."""
         if self._cursor is not None:
             self._cursor.reset()
+        for lane in [self._main, *self._lanes.values()]:
+            lane.clear()
+        self._sampling_on.clear()
+
+    # ------------------------------------------------------------------ devices
+    def on_multigpu_clone(self, model, device_clone):
+        """Core built (or, before loading the models of a run, re-matched) the MODEL's clone for
+        another device."""
+        self.add_device(device_clone.load_device)
+        self._sampling_on.add(device_clone.load_device)
+
+    def add_device(self, device):
+        """The lane of ``device``, made once: its own copy of the control network there."""
+        if device != self._main.patcher.load_device and device not in self._lanes:
+            self._lanes[device] = Lane(device_patcher(self._main.patcher, device))
+        return self.lane(device=device)
+
+    def lane(self, transformer_options=None, device=None):
+        """The lane of ``device``, or of the device core's MultiGPU runs this call on (named in
+        the call's transformer_options); the runner's own lane otherwise."""
+        if device is None:
+            device = (transformer_options or {}).get(MULTIGPU_DEVICE)
+        if device is None or device == self._main.patcher.load_device:
+            return self._main
+        lane = self._lanes.get(device)
+        if lane is None:
+            raise RuntimeError(f"{self.NODE}: this model call runs on {device}, where the control network has no "
+                               "copy: ComfyUI's MultiGPU did not report its model clone for that device (remove "
+                               "'MultiGPU CFG Split' to sample on one device, and report this with your workflow).")
+        return lane
 
     def outer_sample_wrapper(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         """Before anything is loaded or sampled: the checks that need the latent batch."""
@@ -117,7 +170,8 @@ class ControlRunner:
         if self._cursor is not None:
             sigmas = (transformer_options or {}).get("sample_sigmas")
             max_sigma = float(sigmas.max()) if isinstance(sigmas, torch.Tensor) and sigmas.numel() else float("inf")
-            step, step_latents = self._cursor.at(float(sigma.reshape(-1)[0]), model_sampling.percent_to_sigma, max_sigma)
+            with self._cursor_lock:  # two devices' calls of one step may ask at once
+                step, step_latents = self._cursor.at(float(sigma.reshape(-1)[0]), model_sampling.percent_to_sigma, max_sigma)
             if step != 1.0:
                 scale = torch.full((layout.rows,), float(step))
             if step_latents is not None:
@@ -219,6 +273,34 @@ def control_patcher(module, model):
     """Wraps a control network for model management on the MODEL's own load/offload devices, so
     that a UNet placed on another GPU (e.g. by a multi-GPU pack) takes its control along."""
     return comfy.model_patcher.ModelPatcher(module, load_device=model.load_device, offload_device=model.offload_device)
+
+
+def device_patcher(patcher, device):
+    """A copy of a control network managed on another ``device``, made as core copies a stock
+    ControlNet for MultiGPU: unloaded first, so the copy starts on the offload device and its
+    model-management bookkeeping is that of an unloaded module."""
+    comfy.model_management.unload_model_and_clones(patcher, unload_additional_models=False)
+    return comfy.model_patcher.ModelPatcher(copy.deepcopy(patcher.model), load_device=device,
+                                            offload_device=patcher.offload_device)
+
+
+class Lane:
+    """One device's control network and per-run caches: ``frames`` (per-frame results of the
+    hints, e.g. ControlNeXt's stem, ControlNet-XS's hint embedding) and ``step`` (results of
+    the current step, e.g. ControlNeXt's features)."""
+
+    def __init__(self, patcher):
+        self.patcher = patcher
+        self.frames = FrameCache()
+        self.step = {}
+
+    @property
+    def module(self):
+        return self.patcher.model
+
+    def clear(self):
+        self.frames.clear()
+        self.step = {}
 
 
 class FrameCache:

@@ -36,7 +36,7 @@ from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
 from ..models.controlnet_xs import load_controlnet_xs, mix_time_embeddings
 from . import call_patches, hints
-from .control_runner import ControlRunner, FrameCache, image_size
+from .control_runner import ControlRunner, image_size
 
 STASH = "xctrl_controlnet_xs"
 TIME_EMBEDDING_MIX = 1.0  # the released configs: the control's learned embedding replaces the base's
@@ -63,7 +63,8 @@ def build_control_net(state_dict, num_params):
 class _Call:
     """State of one UNet call while the control is active (lives in transformer_options)."""
 
-    def __init__(self, x, timesteps, context, y, unet, hint, scale, mask):
+    def __init__(self, net, x, timesteps, context, y, unet, hint, scale, mask):
+        self.net = net  # the control network of the device this call runs on
         self.x = x
         self.timesteps = timesteps
         self.context = context
@@ -93,14 +94,6 @@ class ControlNetXSRunner(ControlRunner):
         self.weights = list(weights) if weights is not None else [1.0] * (2 * n + 1)
         if len(self.weights) != 2 * n + 1:
             raise ValueError(f"{self.NODE}: {len(self.weights)} connection weights for {2 * n + 1} connections")
-        self.new_caches()
-
-    def new_caches(self):
-        self._hint_emb = FrameCache()
-
-    @property
-    def net(self):
-        return self.patcher.model
 
     def install(self, model):
         """Adds wrappers, patches and the control network (for loading) to a cloned MODEL."""
@@ -111,10 +104,6 @@ class ControlNetXSRunner(ControlRunner):
         model.set_model_input_block_patch(_Hook(self, self.input_patch))
         model.set_model_output_block_patch(_Hook(self, self.output_patch))
 
-    def release(self, *args):
-        super().release(*args)
-        self.new_caches()
-
     # ------------------------------------------------------------------ wrappers
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         if transformer_options is None:
@@ -122,23 +111,24 @@ class ControlNetXSRunner(ControlRunner):
         self.prepare_call(executor.class_obj, x, t, transformer_options)
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-    def prepare_call(self, base, x, t, transformer_options):
-        """Whether the control acts in this call, at which row scales: stashed for the UNet wrapper."""
+    def prepare_call(self, base, x, t, transformer_options, device=None):
+        """Whether the control acts in this call, at which row scales, on which lane (that of
+        ``device`` or of the call's device): stashed for the UNet wrapper."""
         entry = None
         if self.strength != 0.0 and self.active(base.model_sampling, t):
             layout = hints.BatchLayout(x.shape[0], transformer_options)
             more = self.row_scale(layout, t, base.model_sampling, transformer_options)
             scale = self.strength if more is None else (more * self.strength).to(x.device).reshape(-1, 1, 1, 1)
             if more is None or bool((more != 0).any()):
-                entry = (image_size(base, x), scale)
+                entry = (image_size(base, x), scale, self.lane(transformer_options, device))
         stash = dict(transformer_options.get(STASH, {}))
         stash[self.uid] = entry
         transformer_options[STASH] = stash
 
-    def attach_to_call(self, base, x, t, transformer_options):
+    def attach_to_call(self, base, x, t, transformer_options, device=None):
         """Conditioning-level control: the stash, the UNet wrapper and the block patches added to
         this call's transformer_options only (the MODEL carries nothing)."""
-        self.prepare_call(base, x, t, transformer_options)
+        self.prepare_call(base, x, t, transformer_options, device)
         call_patches.add_wrapper(transformer_options, pe.WrappersMP.DIFFUSION_MODEL, self.uid, self.diffusion_model_wrapper)
         call_patches.add_patch(transformer_options, "emb_patch", _Hook(self, self.emb_patch))
         call_patches.add_patch(transformer_options, "input_block_patch", _Hook(self, self.input_patch))
@@ -149,23 +139,24 @@ class ControlNetXSRunner(ControlRunner):
         entry = stash.get(self.uid)
         if not isinstance(entry, tuple):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        size, scale = entry
+        size, scale, lane = entry
         layout = hints.BatchLayout(x.shape[0], transformer_options)
-        g = self._embedded_hint(layout.items(self.hint.shape[0]), size, x.device, x.dtype)
+        g = self._embedded_hint(lane, layout.items(self.hint.shape[0]), size, x.device, x.dtype)
         if isinstance(scale, torch.Tensor):
             scale = scale.to(x.dtype)
         mask = self.row_mask(layout, x.device)
-        stash[self.uid] = _Call(x, timesteps, context, y, executor.class_obj, g, scale,
+        stash[self.uid] = _Call(lane.module, x, timesteps, context, y, executor.class_obj, g, scale,
                                 None if mask is None else mask.to(x.dtype))
         try:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         finally:
             stash[self.uid] = None  # frees the control skips
 
-    def _embedded_hint(self, rows, size, device, dtype):
-        """input_hint_block of each row's hint image, resized to the image size; cached per frame for the run."""
-        return self._hint_emb.get(rows.tolist(), (tuple(size), str(device), dtype),
-                                  lambda idx: (self.net.embed_hint(hints.resize(self.hint[idx], size).to(device=device, dtype=dtype)),))[0]
+    def _embedded_hint(self, lane, rows, size, device, dtype):
+        """input_hint_block of each row's hint image, resized to the image size; cached per frame
+        for the run on the lane."""
+        return lane.frames.get(rows.tolist(), (tuple(size), str(device), dtype),
+                               lambda idx: (lane.module.embed_hint(hints.resize(self.hint[idx], size).to(device=device, dtype=dtype)),))[0]
 
     # ------------------------------------------------------------------ UNet hooks
     def _call(self, transformer_options):
@@ -176,7 +167,7 @@ class ControlNetXSRunner(ControlRunner):
         call = self._call(transformer_options)
         if call is None:
             return emb
-        ctrl_emb = self.net.time_embedding(timestep_embedding(call.timesteps, model_channels).to(call.x.dtype))
+        ctrl_emb = call.net.time_embedding(timestep_embedding(call.timesteps, model_channels).to(call.x.dtype))
         if ctrl_emb is not None:
             emb = mix_time_embeddings(ctrl_emb.to(emb.dtype), emb, TIME_EMBEDDING_MIX)
         # The UNet adds label_emb(y) after the emb patches; the control blocks need the sum too.
@@ -194,7 +185,7 @@ class ControlNetXSRunner(ControlRunner):
                 f"{call.next_block}{'' if call.emb is not None else ' and no timestep embedding reached it'}; "
                 "another node replaces the UNet's forward in a way ControlNet-XS cannot follow."
             )
-        net = self.net
+        net = call.net
         if i == 0:
             h_c = net.control_block(0, call.x, call.emb, call.context) + call.hint  # hint after conv_in
         else:
@@ -213,11 +204,11 @@ class ControlNetXSRunner(ControlRunner):
         if call is None:
             return h, hsp
         j = transformer_options["block"][1]
-        n = self.net.num_input_blocks
+        n = call.net.num_input_blocks
         if j == 0:
             h = h + self._term(call, call.mid, self.weights[n])
             call.mid = None
-        return h + self._term(call, self.net.to_base_dec(j, call.hs_c.pop()), self.weights[n + 1 + j]), hsp
+        return h + self._term(call, call.net.to_base_dec(j, call.hs_c.pop()), self.weights[n + 1 + j]), hsp
 
     @staticmethod
     def _term(call, term, weight):

@@ -18,7 +18,7 @@ import comfy.patcher_extension as pe
 from ..models import controlnext as cnx
 from ..models.cross_norm import control_to_tokens, cross_normalize, cross_normalize_tokens
 from . import call_patches, hints
-from .control_runner import ControlRunner, FrameCache, control_patcher, image_size
+from .control_runner import ControlRunner, control_patcher, image_size
 from .model_family import compute_dtype
 
 STASH = "xctrl_controlnext"
@@ -65,11 +65,6 @@ class ControlNeXtRunner(ControlRunner):
         # ControlNeXt-SVD v2's long-video loop gives window position 0 the reference pose (frame 0).
         self.reference_first = bool(reference_pose_per_window) and self.variant.name == "svd_v2"
         self.learned_scale = module_patcher.model.learned_scale()
-        self.new_caches()
-
-    def new_caches(self):
-        self._stems = FrameCache()
-        self._features = {}  # (hint index, timestep) -> (1, C, h, w) feature of the current step
 
     @property
     def module_patcher(self):
@@ -88,10 +83,6 @@ class ControlNeXtRunner(ControlRunner):
             previous = model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(("double_block", 0))
             model.set_model_patch_replace(JointBlockInjection(self, previous), "dit", "double_block", 0)
 
-    def release(self, *args):
-        super().release(*args)
-        self.new_caches()
-
     def check_sampling(self, latent_shape, model_options, is_windowed=None):
         if (model_options or {}).get("transformer_options", {}).get(hints.WINDOW) and self.variant.name != "svd_v2":
             raise ValueError(
@@ -107,9 +98,10 @@ class ControlNeXtRunner(ControlRunner):
         self.prepare_call(executor.class_obj, x, t, transformer_options)
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-    def prepare_call(self, base_model, x, t, transformer_options):
-        """Computes this call's features and stashes them for the injection patch."""
-        entry = self._entry(base_model, x, t, transformer_options)
+    def prepare_call(self, base_model, x, t, transformer_options, device=None):
+        """Computes this call's features (with the lane of ``device`` or of the call's device) and
+        stashes them for the injection patch."""
+        entry = self._entry(base_model, x, t, transformer_options, self.lane(transformer_options, device))
         stash = dict(transformer_options.get(STASH, {}))
         stash[self.uid] = entry
         transformer_options[STASH] = stash
@@ -117,10 +109,10 @@ class ControlNeXtRunner(ControlRunner):
         if embedder is not None:  # MMDiT: the patch grid of the image tokens
             transformer_options[PATCH_SIZE_KEY] = embedder.patch_size[0]
 
-    def attach_to_call(self, base_model, x, t, transformer_options):
+    def attach_to_call(self, base_model, x, t, transformer_options, device=None):
         """Conditioning-level control: this call's features, and the injection patch added to this
         call's transformer_options only (the MODEL carries nothing)."""
-        self.prepare_call(base_model, x, t, transformer_options)
+        self.prepare_call(base_model, x, t, transformer_options, device)
         hook = self.injection.hook
         if hook == OUTPUT_BLOCK_PATCH:
             call_patches.add_patch(transformer_options, "output_block_patch", OutputBlockInjection(self))
@@ -130,7 +122,7 @@ class ControlNeXtRunner(ControlRunner):
             call_patches.wrap_replace(transformer_options, "dit", ("double_block", 0),
                                       lambda previous: JointBlockInjection(self, previous))
 
-    def _entry(self, base_model, x, sigma, transformer_options):
+    def _entry(self, base_model, x, sigma, transformer_options, lane):
         """(features per row, scale per row, mask per row, latent size) for this call, or None when inactive."""
         if self.strength == 0.0 or not self.active(base_model.model_sampling, sigma):
             return None
@@ -146,28 +138,29 @@ class ControlNeXtRunner(ControlRunner):
         mask = self.row_mask(layout, x.device)  # masks follow the latent
         sigma_rows = sigma.reshape(-1).expand(rows) if sigma.numel() == 1 else sigma.reshape(-1)
         steps = cnx.control_timesteps(self.variant, sigma_rows, base_model.model_sampling.timestep(sigma_rows).float())
-        self._stems.capacity = layout.per_chunk if layout.window is not None else None
-        feats = self._features_for(hint_idx, steps, image_size(base_model, x), x.device)
+        lane.frames.capacity = layout.per_chunk if layout.window is not None else None
+        feats = self._features_for(lane, hint_idx, steps, image_size(base_model, x), x.device)
         return feats, scale.to(x.device), mask, tuple(x.shape[-2:])
 
-    def _features_for(self, hint_idx, steps, size, device):
-        """The control feature of each row; the module runs once on the (hint, timestep) pairs
-        this call needs that the step has not computed yet (cond and uncond rows share them, and
-        so do the overlapping frames of consecutive windows)."""
-        module = self.module_patcher.model
+    def _features_for(self, lane, hint_idx, steps, size, device):
+        """The control feature of each row; the lane's module runs once on the (hint, timestep)
+        pairs this call needs that the step has not computed yet on this lane (cond and uncond
+        rows share them, and so do the overlapping frames of consecutive windows)."""
+        module = lane.module
         dtype = next(module.parameters()).dtype
         keys = [(int(i), float(s)) for i, s in zip(hint_idx.tolist(), steps.tolist())]
-        self._features = {k: v for k, v in self._features.items() if k in set(keys)}  # this call's only
-        todo = sorted({k for k in keys if k not in self._features})
+        # (hint index, timestep) -> (1, C, h, w) feature: this call's only
+        lane.step = features = {k: v for k, v in lane.step.items() if k in set(keys)}
+        todo = sorted({k for k in keys if k not in features})
         if todo:
             frames = [i for i, _ in todo]
-            stem = self._stems.get(frames, (tuple(size), str(device), dtype),
+            stem = lane.frames.get(frames, (tuple(size), str(device), dtype),
                                    lambda idx: module.stem(hints.resize(self.hint[idx], size).to(device=device, dtype=dtype)))
             ts = torch.tensor([s for _, s in todo], device=device, dtype=torch.float32)
             out = module.forward_from_stem(stem, ts)
             for n, k in enumerate(todo):
-                self._features[k] = out[n:n + 1]
-        return torch.cat([self._features[k] for k in keys], dim=0)
+                features[k] = out[n:n + 1]
+        return torch.cat([features[k] for k in keys], dim=0)
 
     # ------------------------------------------------------------------ at the injection point
     def inject(self, h, transformer_options):

@@ -15,6 +15,7 @@ sigma, and constant CFG is linear (docs/long_video.md). A per-window-position CF
 not linear in the fused predictions: the wrapper then also keeps the ramp-weighted averages of
 the cond and uncond predictions and a sampler CFG function rebuilds the reference's result.
 """
+import threading
 import uuid
 
 import torch
@@ -46,6 +47,7 @@ class LongVideoWindows:
         self.overlap = int(overlap)
         self.min_cfg = None if min_cfg is None else float(min_cfg)  # None: constant CFG
         self._ramp_step = None  # {"sigma": float, "cond"/"uncond": ramp-weighted prediction}
+        self._ramp_lock = threading.Lock()  # under core's MultiGPU, cond and uncond calls keep theirs at once
 
     def __deepcopy__(self, memo):
         return self
@@ -115,16 +117,17 @@ class LongVideoWindows:
     # ------------------------------------------------------------------ per-window CFG ramp
     def _keep_ramp(self, sigma, kinds, ramp_out, n):
         s = float(sigma.reshape(-1)[0])
-        if self._ramp_step is None or self._ramp_step["sigma"] != s:
-            self._ramp_step = {"sigma": s}
-        for k, kind in enumerate(kinds):
-            name = "uncond" if kind == 1 else "cond"
-            if name in self._ramp_step:
-                raise LongVideoError(
-                    f"{NODE}: the per-window CFG ramp needs exactly one positive and one negative conditioning "
-                    "(this sampler gave several): combine the conditionings, or set cfg_ramp to constant."
-                )
-            self._ramp_step[name] = ramp_out[k * n:(k + 1) * n]
+        with self._ramp_lock:
+            if self._ramp_step is None or self._ramp_step["sigma"] != s:
+                self._ramp_step = {"sigma": s}
+            for k, kind in enumerate(kinds):
+                name = "uncond" if kind == 1 else "cond"
+                if name in self._ramp_step:
+                    raise LongVideoError(
+                        f"{NODE}: the per-window CFG ramp needs exactly one positive and one negative conditioning "
+                        "(this sampler gave several): combine the conditionings, or set cfg_ramp to constant."
+                    )
+                self._ramp_step[name] = ramp_out[k * n:(k + 1) * n]
 
     def cfg_function(self, args):
         cond, uncond, x = args["cond_denoised"], args["uncond_denoised"], args["input"]

@@ -51,6 +51,7 @@ the residual goes: "input i" (after input block i), "middle", "skip k" (the skip
 block k), "block i" (after MMDiT joint block i). Sum mode computes no weights.
 """
 import logging
+import threading
 
 import torch
 
@@ -103,6 +104,7 @@ class Balance:
         self.last_stats = None  # {"sigma": float, "layers": {layer: {"cond"|"uncond": summary}}}
         self._step_sigma = None
         self._step = {}  # layer -> {"cond"|"uncond": [lambda tensors]} of the current step
+        self._lock = threading.Lock()  # under core's MultiGPU, cond and uncond calls record at once
 
     def __repr__(self):
         return f"Balance(mode={self.mode}, granularity={self.granularity}, cap={self.cap:g})"
@@ -154,18 +156,20 @@ class Balance:
     def begin_call(self, sigma):
         """Called once per model call: a new sigma starts a new step's statistics."""
         s = float(sigma.reshape(-1)[0])
-        if s != self._step_sigma:
-            self._step_sigma, self._step = s, {}
+        with self._lock:
+            if s != self._step_sigma:
+                self._step_sigma, self._step = s, {}
 
     def _record(self, layer, lam, transformer_options):
         kinds = transformer_options.get("cond_or_uncond") or [0]
         rows = lam.shape[0] // len(kinds) if lam.shape[0] % len(kinds) == 0 else None
-        per_layer = self._step.setdefault(layer, {})
-        if rows is None:  # unknown batch layout: keep all rows together
-            per_layer.setdefault("all", []).append(lam)
-            return
-        for n, kind in enumerate(kinds):
-            per_layer.setdefault("uncond" if kind == 1 else "cond", []).append(lam[n * rows:(n + 1) * rows])
+        with self._lock:
+            per_layer = self._step.setdefault(layer, {})
+            if rows is None:  # unknown batch layout: keep all rows together
+                per_layer.setdefault("all", []).append(lam)
+                return
+            for n, kind in enumerate(kinds):
+                per_layer.setdefault("uncond" if kind == 1 else "cond", []).append(lam[n * rows:(n + 1) * rows])
 
     def report(self):
         """Summarises the latest step into last_stats and logs it once; no-op without new data."""
@@ -287,6 +291,17 @@ class BalancedControl(comfy.controlnet.ControlBase):
     def copy(self):
         c = BalancedControl([m.copy() for m in self.members], self.balance, self._view)
         self.copy_to(c)
+        return c
+
+    def deepclone_multigpu(self, load_device, autoregister=False):
+        """Core's MultiGPU: this control for ``load_device``, each member deep-cloned there by its
+        own class (its own network on that device). The Balance (settings, statistics) stays
+        shared: every weight is computed per batch row, so cond and uncond rows are balanced alike
+        on whichever device they run."""
+        c = BalancedControl([m.deepclone_multigpu(load_device) for m in self.members], self.balance)
+        self.copy_to(c)
+        if autoregister:
+            self.multigpu_clones[load_device] = c
         return c
 
 

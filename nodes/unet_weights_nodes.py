@@ -141,27 +141,36 @@ class LoadSVDUNet(io.ComfyNode):
 
     @classmethod
     def execute(cls, unet_file, weight_dtype="default"):
-        ldm = svd_ldm_state_dict(read(unet_file, *UNET_FOLDERS), unet_file)
-        keys = set(ldm)
-        options = {} if DTYPES[weight_dtype] is None else {"dtype": DTYPES[weight_dtype]}
-        model = comfy.sd.load_diffusion_model_state_dict(ldm, model_options=options)
-        if model is None:
-            cin = ldm.get("input_blocks.0.0.weight")
-            raise WeightFileError(
-                f"ComfyUI did not recognise {unet_file} as an SVD model (model_channels "
-                f"{None if cin is None else int(cin.shape[0])}): only the standard SVD architecture (320 channels, "
-                "1024-wide image context, 8 input channels) loads."
-            )
-        if model_family(model) != "svd":
-            raise WeightFileError(f"{unet_file} loaded as {family_title(model_family(model))}, not as SVD")
-        have = set(model.model.diffusion_model.state_dict())
-        if have != keys:
-            extra, absent = sorted(keys - have), sorted(have - keys)
-            raise WeightFileError(
-                f"{unet_file} does not match ComfyUI's SVD model: {len(extra)} file tensors unused "
-                f"(e.g. {', '.join(extra[:3])}), {len(absent)} model tensors not in the file (e.g. {', '.join(absent[:3])})"
-            )
-        return io.NodeOutput(model)
+        return io.NodeOutput(load_svd_unet(unet_file, weight_dtype))
+
+
+def load_svd_unet(unet_file, weight_dtype="default", disable_dynamic=False):
+    """The SVD UNet of a file as a MODEL, with its loader factory registered as core's loaders
+    register theirs (ComfyUI's MultiGPU and device nodes build a model per device from it)."""
+    ldm = svd_ldm_state_dict(read(unet_file, *UNET_FOLDERS), unet_file)
+    keys = set(ldm)
+    options = {} if DTYPES[weight_dtype] is None else {"dtype": DTYPES[weight_dtype]}
+    more = {"disable_dynamic": True} if disable_dynamic else {}  # asked for only by ComfyUI versions that take it
+    model = comfy.sd.load_diffusion_model_state_dict(ldm, model_options=options, **more)
+    if model is None:
+        cin = ldm.get("input_blocks.0.0.weight")
+        raise WeightFileError(
+            f"ComfyUI did not recognise {unet_file} as an SVD model (model_channels "
+            f"{None if cin is None else int(cin.shape[0])}): only the standard SVD architecture (320 channels, "
+            "1024-wide image context, 8 input channels) loads."
+        )
+    if model_family(model) != "svd":
+        raise WeightFileError(f"{unet_file} loaded as {family_title(model_family(model))}, not as SVD")
+    have = set(model.model.diffusion_model.state_dict())
+    if have != keys:
+        extra, absent = sorted(keys - have), sorted(have - keys)
+        raise WeightFileError(
+            f"{unet_file} does not match ComfyUI's SVD model: {len(extra)} file tensors unused "
+            f"(e.g. {', '.join(extra[:3])}), {len(absent)} model tensors not in the file (e.g. {', '.join(absent[:3])})"
+        )
+    if hasattr(model, "cached_patcher_init"):
+        model.cached_patcher_init = (load_svd_unet, (unet_file, weight_dtype))
+    return model
 
 
 NODES = [ApplyUNetWeights, LoadSVDUNet]

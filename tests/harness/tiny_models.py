@@ -65,7 +65,9 @@ def _init_weights(module, seed):
                 b.copy_(0.02 * torch.randn(b.shape, generator=g))
 
 
-def _patcher(model_config_cls, unet_config, seed, dtype=torch.float32):
+def _patcher(model_config_cls, unet_config, seed, dtype=torch.float32, disable_dynamic=False):
+    """``disable_dynamic``: asked for by core when it rebuilds a model from the factory; these
+    are plain ModelPatchers anyway."""
     import comfy.model_management as mm
     import comfy.model_patcher
 
@@ -74,7 +76,11 @@ def _patcher(model_config_cls, unet_config, seed, dtype=torch.float32):
     model = mc.get_model({})
     _init_weights(model.diffusion_model, seed)
     model.diffusion_model.to(dtype)
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    # The loader factory core's loaders register (ComfyUI with MultiGPU builds a model per device
+    # from it): the same seed gives the same weights.
+    patcher.cached_patcher_init = (_patcher, (model_config_cls, unet_config, seed, dtype))
+    return patcher
 
 
 def sd15(seed=0, dtype=torch.float32):

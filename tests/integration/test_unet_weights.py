@@ -306,3 +306,17 @@ def test_loader_and_stock_unet_loader_build_the_same_model(nodes_mod, detectable
     a, b = svd_forward(ours), svd_forward(stock)
     assert torch.isfinite(a).all() and a.abs().mean() > 0
     assert torch.equal(a, b)
+
+
+def test_loader_registers_the_factory_core_builds_a_model_per_device_from(nodes_mod, detectable):
+    """ComfyUI's MultiGPU CFG Split and Select Model Device rebuild a MODEL from its loader's
+    ``cached_patcher_init`` (core's loaders set it; without one those nodes fail)."""
+    ours = node_result(nodes_mod.LoadSVDUNet, detectable["diffusers"], "default")[0]
+    if getattr(ours, "cached_patcher_init", None) is None:
+        pytest.skip("this ComfyUI builds no model per device (ModelPatcher has no cached_patcher_init)")
+    factory, args = ours.cached_patcher_init
+    again = factory(*args, disable_dynamic=True)  # how core asks for a plain ModelPatcher
+    assert again.model is not ours.model and not again.is_dynamic()
+    mine = ours.model.diffusion_model.state_dict()
+    for k, v in again.model.diffusion_model.state_dict().items():
+        assert torch.equal(v, mine[k]), k
