@@ -20,6 +20,12 @@ def step_range_inputs():
     ]
 
 
+def resize_mode_input():
+    return io.Combo.Input("resize_mode", optional=True, options=["crop", "stretch", "pad"], default="crop",
+                          tooltip="A condition image of another shape than the generated image: crop its centre (as "
+                          "ComfyUI's Apply ControlNet does), stretch it, or pad it with black borders.")
+
+
 def mask_input():
     return io.Mask.Input("mask", optional=True, tooltip="Where to apply the control (1 = full control): one mask for "
                          "every latent or one per latent, of the image's aspect ratio; resized to each resolution the "

@@ -51,6 +51,7 @@ class ControlRunner:
         self.hint = hint  # (B, 3, H, W) float32 on the CPU, RGB in [0, 1]
         self.mask = mask  # (B, 1, H, W) float32 on the CPU, or None
         self.strength = float(strength)
+        self.fit_mode = "crop"  # hints.fit: a hint of another shape than the image (the Apply node's resize_mode)
         self.percent_range = (float(start_percent), float(end_percent))
         self.strengths = strengths if strengths is not None else Strengths()
         self._cursor = self.strengths.schedule.cursor() if self.strengths.schedule is not None else None

@@ -16,7 +16,7 @@ from ..models.checkpoint_io import WeightFileError
 from ..models.families import family_of_context_width
 from . import hints
 from .apply_inputs import (check_step_range, image_input, mask_batch, mask_input, require_finite, require_step_range,
-                           step_range_inputs)
+                           resize_mode_input, step_range_inputs)
 from .conditioning_control import ConditioningControl, with_control
 from .control_strengths import strength_inputs, strengths_from
 from .control_runner import control_patcher
@@ -132,7 +132,7 @@ def _weight_inputs():
 
 
 def _runner(model, controlnet_xs, image, strength, start_percent, end_percent, mask, connection_base_multiplier,
-            connection_weights, schedule, latent_strengths, uncond_multiplier, node):
+            connection_weights, schedule, latent_strengths, uncond_multiplier, node, resize_mode="crop"):
     require_step_range(start_percent, end_percent, node)
     require_finite(node, image=image, mask=mask, strength=strength, uncond_multiplier=uncond_multiplier, connection_base_multiplier=connection_base_multiplier)
     controlnet_xs.check_base(model)
@@ -146,6 +146,7 @@ def _runner(model, controlnet_xs, image, strength, start_percent, end_percent, m
         raise ScheduleError(f"{node}: {e}") from None
     runner = ControlNetXSRunner(patcher, hint, strength, start_percent, end_percent, mask_batch(mask), strengths, weights)
     runner.NODE = node  # the node its errors name
+    runner.fit_mode = resize_mode
     return runner
 
 
@@ -172,6 +173,7 @@ class ApplyControlNetXS(io.ComfyNode):
                 mask_input(),
                 *_weight_inputs(),
                 *strength_inputs(),
+                resize_mode_input(),
             ],
             outputs=[io.Model.Output()],
         )
@@ -183,9 +185,9 @@ class ApplyControlNetXS(io.ComfyNode):
     @classmethod
     def execute(cls, model, controlnet_xs, image, strength, start_percent, end_percent, mask=None,
                 connection_base_multiplier=1.0, connection_weights="", schedule=None, latent_strengths=None,
-                uncond_multiplier=1.0):
+                uncond_multiplier=1.0, resize_mode="crop"):
         runner = _runner(model, controlnet_xs, image, strength, start_percent, end_percent, mask, connection_base_multiplier,
-                         connection_weights, schedule, latent_strengths, uncond_multiplier, cls.NODE)
+                         connection_weights, schedule, latent_strengths, uncond_multiplier, cls.NODE, resize_mode)
         patched = model.clone()
         runner.install(patched)
         return io.NodeOutput(patched)
@@ -216,6 +218,7 @@ class ApplyControlNetXSConditioning(io.ComfyNode):
                 mask_input(),
                 *_weight_inputs(),
                 *strength_inputs(),
+                resize_mode_input(),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
         )
@@ -227,9 +230,9 @@ class ApplyControlNetXSConditioning(io.ComfyNode):
     @classmethod
     def execute(cls, positive, negative, model, controlnet_xs, image, strength, start_percent, end_percent, mask=None,
                 connection_base_multiplier=1.0, connection_weights="", schedule=None, latent_strengths=None,
-                uncond_multiplier=1.0):
+                uncond_multiplier=1.0, resize_mode="crop"):
         runner = _runner(model, controlnet_xs, image, strength, start_percent, end_percent, mask, connection_base_multiplier,
-                         connection_weights, schedule, latent_strengths, uncond_multiplier, cls.NODE)
+                         connection_weights, schedule, latent_strengths, uncond_multiplier, cls.NODE, resize_mode)
         return io.NodeOutput(*with_control(positive, negative, ConditioningControl(runner, model_signature(model.model))))
 
 

@@ -156,7 +156,7 @@ class ControlNetXSRunner(ControlRunner):
         """input_hint_block of each row's hint image, resized to the image size; cached per frame
         for the run on the lane."""
         return lane.frames.get(rows.tolist(), (tuple(size), str(device), dtype),
-                               lambda idx: (lane.module.embed_hint(hints.resize(self.hint[idx], size).to(device=device, dtype=dtype)),))[0]
+                               lambda idx: (lane.module.embed_hint(hints.fit(self.hint[idx], size, self.fit_mode).to(device=device, dtype=dtype)),))[0]
 
     # ------------------------------------------------------------------ UNet hooks
     def _call(self, transformer_options):

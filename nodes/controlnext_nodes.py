@@ -18,7 +18,7 @@ from ..models.checkpoint_io import WeightFileError
 from ..models.file_kinds import kind_of
 from . import hints
 from .apply_inputs import (check_step_range, image_input, mask_batch, mask_input, require_finite, require_step_range,
-                           step_range_inputs)
+                           resize_mode_input, step_range_inputs)
 from .conditioning_control import ConditioningControl, with_control
 from .control_strengths import strength_inputs, strengths_from
 from .controlnext_runtime import INJECTIONS, ControlNeXtRunner, module_patcher
@@ -126,6 +126,7 @@ class ApplyControlNeXt(io.ComfyNode):
                 io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse", tooltip="An SDXL-layout file on an SD1.5 model: 'refuse' (no SD1.5-Training weights were released, so it is most likely an SDXL file) or 'sd15_training' for a module you trained with the ControlNeXt SD1.5-Training code."),
                 io.Boolean.Input("reference_pose_per_window", optional=True, default=True, tooltip="SVD v2 under context windows (XCtrl Long Video, ComfyUI's Context Windows, AnimateDiff-Evolved context options): every window gets pose frame 0 (the reference image's pose) at its first position, as the authors' long-video loop does. Off: every frame gets its own pose. Other variants always use their own frame's image."),
                 *strength_inputs(),
+                resize_mode_input(),
             ],
             outputs=[io.Model.Output()],
         )
@@ -137,9 +138,10 @@ class ApplyControlNeXt(io.ComfyNode):
     @classmethod
     def execute(cls, model, controlnext, image, strength, start_percent, end_percent, mask=None, unet_strength=1.0,
                 sd15_layout="refuse", reference_pose_per_window=True, schedule=None, latent_strengths=None,
-                uncond_multiplier=1.0):
+                uncond_multiplier=1.0, resize_mode="crop"):
         runner = _runner(model, controlnext, image, strength, start_percent, end_percent, mask, sd15_layout,
-                         reference_pose_per_window, schedule, latent_strengths, uncond_multiplier, "Apply ControlNeXt (XCtrl)")
+                         reference_pose_per_window, schedule, latent_strengths, uncond_multiplier, "Apply ControlNeXt (XCtrl)",
+                         resize_mode)
         patched = model.clone()
         if controlnext.unet_sd is not None and unet_strength != 0.0:
             add_unet_weight_patches(patched, controlnext, unet_strength)
@@ -148,7 +150,7 @@ class ApplyControlNeXt(io.ComfyNode):
 
 
 def _runner(model, controlnext, image, strength, start_percent, end_percent, mask, sd15_layout, reference_pose_per_window,
-            schedule, latent_strengths, uncond_multiplier, node):
+            schedule, latent_strengths, uncond_multiplier, node, resize_mode="crop"):
     require_step_range(start_percent, end_percent, node)
     require_finite(node, image=image, mask=mask, strength=strength, uncond_multiplier=uncond_multiplier)
     variant = _variant_for(controlnext, model, sd15_layout)
@@ -157,6 +159,7 @@ def _runner(model, controlnext, image, strength, start_percent, end_percent, mas
     runner = ControlNeXtRunner(controlnext.module_patcher(variant, model), variant, hints.image_to_nchw(image), strength,
                                start_percent, end_percent, mask_batch(mask), reference_pose_per_window, strengths)
     runner.NODE = node  # the node its errors name
+    runner.fit_mode = resize_mode
     return runner
 
 
@@ -189,6 +192,7 @@ class ApplyControlNeXtConditioning(io.ComfyNode):
                 io.Boolean.Input("reference_pose_per_window", optional=True, default=True,
                                  tooltip="As Apply ControlNeXt's reference_pose_per_window."),
                 *strength_inputs(),
+                resize_mode_input(),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
         )
@@ -200,12 +204,12 @@ class ApplyControlNeXtConditioning(io.ComfyNode):
     @classmethod
     def execute(cls, positive, negative, model, controlnext, image, strength, start_percent, end_percent, mask=None,
                 sd15_layout="refuse", reference_pose_per_window=True, schedule=None, latent_strengths=None,
-                uncond_multiplier=1.0):
+                uncond_multiplier=1.0, resize_mode="crop"):
         if controlnext.unet_sd is not None:
             LOG.warning("[XCtrl] %s: the UNet weights loaded with %s act on a MODEL and are not applied here (use Apply "
                         "ControlNeXt, or Apply UNet Weights on the MODEL)", cls.NODE, controlnext.name)
         runner = _runner(model, controlnext, image, strength, start_percent, end_percent, mask, sd15_layout,
-                         reference_pose_per_window, schedule, latent_strengths, uncond_multiplier, cls.NODE)
+                         reference_pose_per_window, schedule, latent_strengths, uncond_multiplier, cls.NODE, resize_mode)
         return io.NodeOutput(*with_control(positive, negative, ConditioningControl(runner, model_signature(model.model))))
 
 

@@ -155,7 +155,7 @@ class ControlNeXtRunner(ControlRunner):
         if todo:
             frames = [i for i, _ in todo]
             stem = lane.frames.get(frames, (tuple(size), str(device), dtype),
-                                   lambda idx: module.stem(hints.resize(self.hint[idx], size).to(device=device, dtype=dtype)))
+                                   lambda idx: module.stem(hints.fit(self.hint[idx], size, self.fit_mode).to(device=device, dtype=dtype)))
             ts = torch.tensor([s for _, s in todo], device=device, dtype=torch.float32)
             out = module.forward_from_stem(stem, ts)
             for n, k in enumerate(todo):

@@ -69,6 +69,31 @@ def resize(x, size):
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=shrink)
 
 
+FIT_MODES = ("crop", "stretch", "pad")
+
+
+def fit(x, size, mode="crop"):
+    """(B, C, H, W) to ``size`` (H, W) when its aspect ratio differs: "crop" cuts the centre of the
+    generated image's shape first (as ComfyUI's Apply ControlNet does), "pad" adds black borders
+    around it, "stretch" resizes as it is. Then a plain resize."""
+    h, w = x.shape[-2:]
+    th, tw = size
+    if mode != "stretch" and h * tw != w * th:
+        if mode == "crop":
+            # the crop arithmetic of ComfyUI's centre crop: the same rounding, so the same pixels
+            if w / h > tw / th:
+                cut = round((w - w * ((tw / th) / (w / h))) / 2)
+                x = x[..., :, cut:w - cut]
+            else:
+                cut = round((h - h * ((w / h) / (tw / th))) / 2)
+                x = x[..., cut:h - cut, :]
+        else:
+            ph, pw = (h, round(h * tw / th)) if w / h < tw / th else (round(w * th / tw), w)
+            top, left = (ph - h) // 2, (pw - w) // 2
+            x = F.pad(x, (left, pw - w - left, top, ph - h - top))
+    return resize(x, size)
+
+
 def check_batch(n_items, latents, what="condition image", windowed=False):
     """Raises HintBatchError unless ``n_items`` images can serve a latent batch of ``latents``:
     1 (for all), exactly one per latent, or (without windows) a divisor of it (e.g. the frames of

@@ -516,3 +516,32 @@ def test_per_prompt_control_on_another_model_than_its_node_was_given_is_refused(
     xpos, xneg = node_result(nodes["XCtrl_ApplyControlNetXSConditioning"], pos, neg, xs[0], xs[2], hint, 0.7, 0.0, 1.0)
     with pytest.raises(ValueError, match=r"Apply ControlNet-XS to Conditioning \(XCtrl\): the sampler's model is SD1.5"):
         comfy_sample(base, xpos, xneg, torch.zeros(1, 4, 8, 8))
+
+
+# ------------------------------------------------------------------------------ condition images of another shape
+def test_fit_crops_like_comfyuis_apply_controlnet_pads_and_stretches(pack):
+    import comfy.utils
+
+    hints = pack_module("nodes.hints")
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for size in [(64, 42), (40, 64), (64, 48)]:  # target = the crop's own size: no resize after the crop
+        stock = comfy.utils.common_upscale(x, size[1], size[0], "bilinear", "center")
+        assert torch.equal(hints.fit(x, size, "crop"), stock), size
+    padded = hints.fit(x, (64, 128), "pad")  # a square into a 1:2 frame: black bars left and right, no resize
+    assert torch.equal(padded[..., 32:96], x) and padded[..., :32].abs().max() == 0 and padded[..., 96:].abs().max() == 0
+    assert torch.equal(hints.fit(x, (32, 64), "stretch"), hints.resize(x, (32, 64)))
+
+
+def test_resize_mode_default_crops_a_condition_image_of_another_shape(nodes, sd15):
+    """A square pose map on a portrait latent: by default the centre of the portrait's shape is used
+    (as stock Apply ControlNet), exactly as if the image had been cropped first; 'stretch' squeezes."""
+    base, _, cnx = sd15
+    g = torch.Generator().manual_seed(4)
+    square = torch.rand(1, 128, 128, 3, generator=g)
+    cropped = square[:, :, 32:96]  # the centre 64x128 (W x H) of the square: the latent's 1:2 shape
+    x, sigma, ctx = torch.randn(2, 4, 16, 8, generator=g), torch.tensor(3.0), torch.randn(2, 7, 32, generator=g)
+    default = call(apply_cnx(nodes, base, cnx, square), x, sigma, ctx, [0, 1])
+    precropped = call(apply_cnx(nodes, base, cnx, cropped, resize_mode="stretch"), x, sigma, ctx, [0, 1])
+    stretched = call(apply_cnx(nodes, base, cnx, square, resize_mode="stretch"), x, sigma, ctx, [0, 1])
+    assert torch.equal(default, precropped)
+    assert (stretched - default).abs().max() > 1e-4 * default.abs().max()
