@@ -42,8 +42,8 @@ def load(xs_nodes, controlnet_dir, name, sd):
     return node_result(xs_nodes[0], save(controlnet_dir, name, sd))[0]
 
 
-def apply(xs_nodes, base, loaded, hint, strength=0.7, start=0.0, end=1.0):
-    return node_result(xs_nodes[1], base, loaded, hint, strength, start, end)[0]
+def apply(xs_nodes, base, loaded, hint, strength=0.7, start=0.0, end=1.0, **kw):
+    return node_result(xs_nodes[1], base, loaded, hint, strength, start, end, **kw)[0]
 
 
 BASES = {"sd15": xs_reference.sd15_768, "sd21": xs_reference.sd21, "sdxl": tiny_models.sdxl, "sdxl_learned": tiny_models.sdxl}
@@ -132,10 +132,14 @@ def test_hint_of_another_size_is_resized_to_8x_the_latent(xs_nodes, controlnet_d
     loaded = load(xs_nodes, controlnet_dir, "resize_sd15.safetensors", sd)
     x, ctx, y, _ = inputs(base, rows=1)
     odd = torch.rand(1, 72, 200, 3)
-    got = denoised(apply(xs_nodes, base, loaded, odd), x, 1.5, ctx)
-    resized = hints.resize(odd.movedim(-1, 1), (8 * LATENT, 8 * LATENT)).movedim(1, -1)
-    assert torch.equal(got, denoised(apply(xs_nodes, base, loaded, resized), x, 1.5, ctx))
-    assert rel_err(got, reference(base, sd, x, 1.5, ctx, None, resized, 0.7)) < 1e-5
+    size = (8 * LATENT, 8 * LATENT)
+    got = denoised(apply(xs_nodes, base, loaded, odd), x, 1.5, ctx)  # default: the centre of the image's shape
+    fitted = hints.fit(odd.movedim(-1, 1), size, "crop").movedim(1, -1)
+    assert torch.equal(got, denoised(apply(xs_nodes, base, loaded, fitted), x, 1.5, ctx))
+    assert rel_err(got, reference(base, sd, x, 1.5, ctx, None, fitted, 0.7)) < 1e-5
+    stretched = denoised(apply(xs_nodes, base, loaded, odd, resize_mode="stretch"), x, 1.5, ctx)
+    squeezed = hints.resize(odd.movedim(-1, 1), size).movedim(1, -1)
+    assert torch.equal(stretched, denoised(apply(xs_nodes, base, loaded, squeezed), x, 1.5, ctx))
 
 
 def test_strength_zero_is_the_base_bit_for_bit(xs_nodes, controlnet_dir):
