@@ -98,6 +98,8 @@ def _classify(sd):
         return "controlnet", f"a ControlNet (LDM format){_for(base)}"
     if _has(sd, "controlnet_cond_embedding.conv_in.weight") and _has(sd, "controlnet_down_blocks.0.weight"):
         return "controlnet", f"a ControlNet (diffusers format){_for(base)}"
+    if _starts(sd, "controlnet_blocks.", "controlnet_single_blocks.") or _has(sd, "pos_embed_input.proj.weight"):
+        return "controlnet", "a ControlNet for a DiT model (SD3 / SD3.5 / Flux)"
     if _starts(sd, "body.0.", "adapter.body.0."):
         return "t2i_adapter", "a T2I-Adapter"
     if _starts(sd, "model.diffusion_model."):

@@ -299,3 +299,15 @@ def test_svd_modules_are_told_by_their_name():
         assert named_as_svd_module(name), name
     for name in ("ControlAny-SDXL/anime_canny/controlnet.safetensors", "mysvdish_canny.safetensors", "controlnet.safetensors"):
         assert not named_as_svd_module(name), name
+
+
+def test_dit_controlnets_are_named_for_what_they_are():
+    import torch
+
+    from xctrl.models.file_kinds import describe_state_dict, kind_of
+
+    sd3 = {"pos_embed_input.proj.weight": torch.zeros(2), "controlnet_blocks.0.weight": torch.zeros(2),
+           "transformer_blocks.0.attn.to_q.weight": torch.zeros(2)}
+    flux = {"controlnet_blocks.0.weight": torch.zeros(2), "controlnet_x_embedder.weight": torch.zeros(2)}
+    for sd in (sd3, flux):
+        assert kind_of(sd) == "controlnet" and "DiT" in describe_state_dict(sd)
