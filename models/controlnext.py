@@ -57,7 +57,7 @@ class Variant:
     mid_residual: bool  # mid_convs.0 = x + [conv, ReLU, GN, conv, GN](x), else [conv, ReLU, conv]
     out_channels: int
     has_learned_scale: bool
-    # Numerics of the injection (where it happens is the glue's: nodes/controlnext_runtime.py)
+    # Numerics of the injection (where it happens is the glue's: runtime/controlnext.py)
     eps: float
     order: str  # cross-normalization order
     scale_mode: str

@@ -1,6 +1,6 @@
 """The base-model family vocabulary, one home for the pure code and the glue.
 
-Family ids are the glue's names of ComfyUI model configs (nodes/model_family.py tells which a
+Family ids are the glue's names of ComfyUI model configs (runtime/model_family.py tells which a
 MODEL is); titles are what messages show; the text-context width of cross-attention tells an
 SD base from a weight file (768 SD1.x, 1024 SD2.x, 2048 SDXL).
 """

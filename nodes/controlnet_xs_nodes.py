@@ -14,15 +14,15 @@ from ..models.control_schedule import ScheduleError, parse_strength_list
 from ..models.controlnet_xs import connection_weights as weights_of_connections
 from ..models.checkpoint_io import WeightFileError
 from ..models.families import family_of_context_width
-from . import hints
+from ..runtime import batch_rows
 from .apply_inputs import (check_step_range, image_input, mask_batch, mask_input, require_finite, require_step_range,
                            resize_mode_input, step_range_inputs)
-from .conditioning_control import ConditioningControl, with_control
-from .control_strengths import strength_inputs, strengths_from
-from .control_runner import control_patcher
-from .controlnet_xs_runtime import ControlNetXSRunner, build_control_net
-from .model_family import family_title, model_family, model_signature
-from .weight_files import file_list, read, wrong_file
+from ..runtime.conditioning_control import ConditioningControl, with_control
+from .control_strength_nodes import strength_inputs, strengths_from
+from ..runtime.control_runner import control_patcher
+from ..runtime.controlnet_xs import ControlNetXSRunner, build_control_net
+from ..runtime.model_family import family_title, model_family, model_signature
+from ..runtime.weight_files import file_list, read, wrong_file
 
 LOG = logging.getLogger("xctrl")
 CATEGORY = "XCtrl/ControlNet-XS"
@@ -136,7 +136,7 @@ def _runner(model, controlnet_xs, image, strength, start_percent, end_percent, m
     require_step_range(start_percent, end_percent, node)
     require_finite(node, image=image, mask=mask, strength=strength, uncond_multiplier=uncond_multiplier, connection_base_multiplier=connection_base_multiplier)
     controlnet_xs.check_base(model)
-    hint = hints.image_to_nchw(image)
+    hint = batch_rows.image_to_nchw(image)
     strengths = strengths_from(schedule, latent_strengths, uncond_multiplier, node)
     patcher = controlnet_xs.patcher_for(model)
     explicit = parse_strength_list(connection_weights, node) if connection_weights.strip() else None

@@ -16,17 +16,17 @@ from ..models import svd_reference
 from ..models import video_windows as vw
 from ..models.checkpoint_io import WeightFileError
 from ..models.file_kinds import kind_of
-from . import hints
+from ..runtime import batch_rows
 from .apply_inputs import (check_step_range, image_input, mask_batch, mask_input, require_finite, require_step_range,
                            resize_mode_input, step_range_inputs)
-from .conditioning_control import ConditioningControl, with_control
-from .control_strengths import strength_inputs, strengths_from
-from .controlnext_runtime import INJECTIONS, ControlNeXtRunner, module_patcher
-from .long_video_runtime import NODE as LONG_VIDEO_NODE
-from .long_video_runtime import LongVideoError, LongVideoWindows
-from .unet_patches import base_weights, to_model_keys
-from .model_family import compute_dtype, family_title, model_family, model_signature, unet_block_channels
-from .weight_files import NONE, file_list, metadata_of, read, wrong_file
+from ..runtime.conditioning_control import ConditioningControl, with_control
+from .control_strength_nodes import strength_inputs, strengths_from
+from ..runtime.controlnext import INJECTIONS, ControlNeXtRunner, module_patcher
+from ..runtime.long_video import NODE as LONG_VIDEO_NODE
+from ..runtime.long_video import LongVideoError, LongVideoWindows
+from ..runtime.unet_patches import base_weights, to_model_keys
+from ..runtime.model_family import compute_dtype, family_title, model_family, model_signature, unet_block_channels
+from ..runtime.weight_files import NONE, file_list, metadata_of, read, wrong_file
 
 LOG = logging.getLogger("xctrl")
 CATEGORY = "XCtrl/ControlNeXt"
@@ -156,7 +156,7 @@ def _runner(model, controlnext, image, strength, start_percent, end_percent, mas
     variant = _variant_for(controlnext, model, sd15_layout)
     _check_width(controlnext, variant, model)
     strengths = strengths_from(schedule, latent_strengths, uncond_multiplier, node)
-    runner = ControlNeXtRunner(controlnext.module_patcher(variant, model), variant, hints.image_to_nchw(image), strength,
+    runner = ControlNeXtRunner(controlnext.module_patcher(variant, model), variant, batch_rows.image_to_nchw(image), strength,
                                start_percent, end_percent, mask_batch(mask), reference_pose_per_window, strengths)
     runner.NODE = node  # the node its errors name
     runner.fit_mode = resize_mode

@@ -5,8 +5,8 @@ import logging
 from comfy_api.latest import io
 
 from ..models import mi_balance as mb
-from .mi_runtime import CHANNEL_DIM, SUPPORTED, Balance, BalancedControl, apply_balance, architecture, format_stats
-from .model_family import family_title, model_family
+from ..runtime.mi import CHANNEL_DIM, SUPPORTED, Balance, BalancedControl, apply_balance, architecture, format_stats
+from ..runtime.model_family import family_title, model_family
 
 LOG = logging.getLogger("xctrl.mi")
 CATEGORY = "XCtrl/MIControlNet"

@@ -10,7 +10,7 @@ Sizes (`preprocessors/frames.plan_sizes`, the one rule): images beyond 16:1 are 
 working size (shorter side = `resolution`) and the output size (`output_size`: "input" = the
 input's H x W, "resolution" = shorter side equal to `resolution`) are capped by pixel limits, with
 a warning saying what was done. What `resolution` changes besides is in each tooltip.
-Weights: ComfyUI/models/annotators (see nodes/annotator_models.py), downloaded on first use.
+Weights: ComfyUI/models/annotators (see runtime/annotator_models.py), downloaded on first use.
 """
 import numpy as np
 
@@ -29,7 +29,7 @@ from ..preprocessors.image_io import ImageBatch, image_to_uint8
 from ..preprocessors.pose_draw import draw_openpose, draw_svd_v2
 from ..preprocessors.pose_format import PoseFrame, from_openpose_json, to_openpose_json
 from ..preprocessors.pose_sequence import every_nth, prepare_sequence, without_parts
-from . import annotator_models as am
+from ..runtime import annotator_models as am
 
 CATEGORY = "XCtrl/Preprocessors"
 POSE_KEYPOINT = "POSE_KEYPOINT"  # list of OpenPose JSON dicts, one per frame (as comfyui_controlnet_aux)

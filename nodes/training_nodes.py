@@ -22,14 +22,14 @@ from ..models import controlnext as cnx
 from ..models import controlnext_training as tr
 from ..models.checkpoint_io import WeightFileError, load_pickle
 from ..models.cross_norm import cross_normalize
-from . import hints
+from ..runtime import batch_rows
 from .controlnext_nodes import TRAINED_LAYOUT_KEY as LAYOUT_KEY
 from .controlnext_nodes import TRAINED_UNET_KEY as UNET_SEMANTICS_KEY
 from .controlnext_nodes import ControlNeXtType, LoadedControlNeXt
-from .control_runner import image_size
-from .controlnext_runtime import INJECTIONS
-from .model_family import family_title, model_family, unet_block_channels
-from .unet_patches import key_map_for
+from ..runtime.control_runner import image_size
+from ..runtime.controlnext import INJECTIONS
+from ..runtime.model_family import family_title, model_family, unet_block_channels
+from ..runtime.unet_patches import key_map_for
 
 LOG = logging.getLogger("xctrl")
 NODE = "Train ControlNeXt (XCtrl)"
@@ -353,7 +353,7 @@ def _to(value, device):
 def _forward(setup, model, module, device, scale, dtype):
     """The denoiser's prediction with the control injected at the variant's point (training's own call)."""
     dm = model.model.diffusion_model
-    hint_all = hints.resize(hints.image_to_nchw(setup.images), setup.image_hw).to(device)
+    hint_all = batch_rows.resize(batch_rows.image_to_nchw(setup.images), setup.image_hw).to(device)
     v = cnx.get_variant(setup.variant)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 

@@ -17,9 +17,9 @@ from comfy_api.latest import io
 from ..models import svd_unet_keys as svk
 from ..models import unet_weight_files as uwf
 from ..models.checkpoint_io import WeightFileError
-from .model_family import family_title, model_family
-from .unet_patches import base_weights, describe, to_model_keys, unet_part
-from .weight_files import file_list, read
+from ..runtime.model_family import family_title, model_family
+from ..runtime.unet_patches import base_weights, describe, to_model_keys, unet_part
+from ..runtime.weight_files import file_list, read
 
 LOG = logging.getLogger("xctrl")
 CATEGORY = "XCtrl/UNet"

@@ -1,6 +1,6 @@
 """The preprocessor weight files: where they come from, and downloading one safely.
 
-Pure Python (urllib, hashlib); the ComfyUI glue (nodes/annotator_models.py) chooses the folder
+Pure Python (urllib, hashlib); the ComfyUI glue (runtime/annotator_models.py) chooses the folder
 (ComfyUI/models/annotators) and passes a progress callback.
 
 Integrity: the download goes to a temporary `<name>.<random>.partial` file in the target

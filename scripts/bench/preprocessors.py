@@ -22,7 +22,7 @@ def run_preprocessors(bench):
     folder_paths.add_model_folder_path("annotators", bench.annotator_dir, is_default=True)
     os.environ["XCTRL_OFFLINE"] = "1"  # never download: every file is a local random-weight one
     pn = pack_module("nodes.preprocessor_nodes")
-    am = pack_module("nodes.annotator_models")
+    am = pack_module("runtime.annotator_models")
     hed = pack_module("preprocessors.hed")
     body = pack_module("preprocessors.openpose_body")
     dav2 = pack_module("preprocessors.depth_anything_v2")

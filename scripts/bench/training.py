@@ -97,7 +97,7 @@ def _toy_run(join, steps, pretrained, seed=0):
     cnx = pack_module("models.controlnext")
     tr = pack_module("models.controlnext_training")
     cross_normalize = pack_module("models.cross_norm").cross_normalize
-    block = pack_module("nodes.controlnext_runtime").INJECTIONS["sd15_training"].block
+    block = pack_module("runtime.controlnext").INJECTIONS["sd15_training"].block
 
     base, dm, alphas, ctx = _toy_unet(pretrained)
     for p in dm.parameters():
@@ -109,7 +109,7 @@ def _toy_run(join, steps, pretrained, seed=0):
     held_lat, held_hints = toy_data(TOY_HELD_OUT, seed=2)
     variant = cnx.get_variant("sd15_training")
     torch.manual_seed(seed)
-    width = pack_module("nodes.model_family").unet_block_channels(base)[block]
+    width = pack_module("runtime.model_family").unet_block_channels(base)[block]
     module = cnx.ControlNeXt("sd15_training", out_channels=width)
     if join == "zero_conv":
         with torch.no_grad():

@@ -522,7 +522,7 @@ def test_per_prompt_control_on_another_model_than_its_node_was_given_is_refused(
 def test_fit_crops_like_comfyuis_apply_controlnet_pads_and_stretches(pack):
     import comfy.utils
 
-    hints = pack_module("nodes.hints")
+    hints = pack_module("runtime.batch_rows")
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     for size in [(64, 42), (40, 64), (64, 48)]:  # target = the crop's own size: no resize after the crop
         stock = comfy.utils.common_upscale(x, size[1], size[0], "bilinear", "center")

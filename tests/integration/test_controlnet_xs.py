@@ -126,7 +126,7 @@ def test_per_latent_hints_and_cond_uncond_batched_equal_separate(xs_nodes, contr
 
 
 def test_hint_of_another_size_is_resized_to_8x_the_latent(xs_nodes, controlnet_dir):
-    hints = comfy_runtime.pack_module("nodes.hints")
+    hints = comfy_runtime.pack_module("runtime.batch_rows")
     base = base_for("sd15")
     sd = xs_reference.xs_state_dict("sd15", seed=3)
     loaded = load(xs_nodes, controlnet_dir, "resize_sd15.safetensors", sd)

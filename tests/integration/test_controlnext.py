@@ -106,7 +106,7 @@ def test_lazily_initialised_layers_load_and_give_the_same_output(nodes_mod, cont
 
 def test_control_module_follows_a_compute_dtype_set_on_the_model(pack):
     """A compute-dtype node sets the dtype as an object patch of its clone: the module is built in it."""
-    family = pack_module("nodes.model_family")
+    family = pack_module("runtime.model_family")
     base = tm.sd15()
     patched = base.clone()
     patched.set_model_compute_dtype(torch.bfloat16)
@@ -389,7 +389,7 @@ def test_mmdit_sampling_end_to_end(nodes_mod, controlnet_dir):
 
 def test_injection_points_follow_the_released_code(pack):
     """Where each variant's feature is added (ComfyUI hook and block)."""
-    runtime = pack_module("nodes.controlnext_runtime")
+    runtime = pack_module("runtime.controlnext")
     table = {
         "sd15": ("output_block_patch", ("output", 0)),
         "sd15_training": ("input_block_patch_after_skip", ("input", 3)),

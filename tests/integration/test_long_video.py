@@ -186,7 +186,7 @@ def test_module_runs_on_window_frames_only_and_stems_once_per_frame(setup, nodes
     """Cost rule: per step the module runs once per window on the frames no earlier window of
     the step computed; its stem once per run per frame (the cache holds one window)."""
     base, _, loaded = setup
-    runtime = pack_module("nodes.controlnext_runtime")
+    runtime = pack_module("runtime.controlnext")
     n, length = 10, 4  # windows 0, 2, 4, 6 (overlap 2)
     poses, image_emb, concat, noise = video_inputs(n, seed=7)
     model = long_video_model(nodes_mod, base, loaded, poses, length, 2)
@@ -260,7 +260,7 @@ def test_core_causal_anchor_frames_on_svd_are_refused_before_sampling(setup, nod
 def test_a_causal_anchor_frame_gets_its_own_pose(pack):
     """The anchor frame newer ComfyUI runs before a window is a row of the call: it gets its frame's
     pose (or, with reference_first, position 0 gets frame 0's)."""
-    hints = pack_module("nodes.hints")
+    hints = pack_module("runtime.batch_rows")
     window = types.SimpleNamespace(index_list=[4, 5, 6], total_frames=7, causal_anchor_index=3)
     layout = hints.BatchLayout(8, {"cond_or_uncond": [0, 1], "context_window": window})
     assert layout.items(7).tolist() == [3, 4, 5, 6] * 2
@@ -272,7 +272,7 @@ def test_a_causal_anchor_frame_gets_its_own_pose(pack):
 @pytest.mark.parametrize("reference_first", [True, False])
 def test_comfyui_context_windows_give_each_window_its_poses(reference_first, setup, nodes_mod, comfy_root, monkeypatch):
     base, _, loaded = setup
-    hints = pack_module("nodes.hints")
+    hints = pack_module("runtime.batch_rows")
     n = 7
     poses, image_emb, concat, noise = video_inputs(n, seed=3)
     controlled = node_result(nodes_mod.ApplyControlNeXt, base, loaded, poses, 1.0, 0.0, 1.0, None, 1.0, "refuse", reference_first)[0]
@@ -300,7 +300,7 @@ def test_comfyui_context_windows_give_each_window_its_poses(reference_first, set
 
 
 def test_animatediff_context_options_give_each_window_its_poses(pack):
-    hints = pack_module("nodes.hints")
+    hints = pack_module("runtime.batch_rows")
     to = {"cond_or_uncond": [0, 1], "ad_params": {"sub_idxs": [5, 6, 7, 8], "full_length": 9}}
     layout = hints.BatchLayout(8, to)
     assert layout.items(9).tolist() == [5, 6, 7, 8] * 2

@@ -1,4 +1,4 @@
-"""MIControlNet glue (nodes/mi_runtime.py, nodes/mi_nodes.py) inside a real ComfyUI.
+"""MIControlNet glue (runtime/mi.py, nodes/mi_nodes.py) inside a real ComfyUI.
 
 Stock ControlNets are tiny random ones built with ComfyUI's own classes and applied with
 ComfyUI's own "Apply ControlNet (Advanced)" node. Independent oracle: each control network
@@ -273,7 +273,7 @@ def test_sd15_sum_is_stock_bit_for_bit(sd15):
 
     controls = spec(STRENGTHS[:2], {1: (0.0, 0.6)})
     pos, neg = apply_controls(sd15, controls)
-    runtime = pack_module("nodes.mi_runtime")
+    runtime = pack_module("runtime.mi")
     freeu = lambda m: _freeu(nodes_freelunch, m)  # noqa: E731
     stock = full_sample(sd15["patcher"], pos, neg, sd15["latent"])
     stock_freeu = full_sample(freeu(sd15["patcher"]), pos, neg, sd15["latent"])
@@ -399,7 +399,7 @@ def test_input_residuals_injected_after_input_blocks(sd15):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     layers = mpos[0][1]["control"].balance.report()["layers"]
     assert {f"input {i}" for i in range(12) if i != 8} <= set(layers) and "input 8" not in layers
-    runtime = pack_module("nodes.mi_runtime")
+    runtime = pack_module("runtime.mi")
     summed = runtime.apply_balance(sd15["patcher"], pos, neg, runtime.Balance("sum"))[:3]
     args = (sd15["x"], sd15["sigma"])
     assert torch.equal(denoise_once(*summed, *args), denoise_once(sd15["patcher"], pos, neg, *args))
@@ -451,7 +451,7 @@ def test_sdxl_controls_with_label_embedding(sdxl):
     pos, neg = apply_controls(sdxl, spec(STRENGTHS[:2], {1: (0.0, 0.7)}))
     stock = full_sample(sdxl["patcher"], pos, neg, sdxl["latent"], steps=2)
     assert torch.equal(full_sample(*run_node(sdxl["patcher"], pos, neg, "sum"), sdxl["latent"], steps=2), stock)
-    runtime = pack_module("nodes.mi_runtime")
+    runtime = pack_module("runtime.mi")
     summed = runtime.apply_balance(sdxl["patcher"], pos, neg, runtime.Balance("sum"))[:3]
     assert torch.equal(full_sample(*summed, sdxl["latent"], steps=2), stock)
     model, mpos, mneg = run_node(sdxl["patcher"], pos, neg)
@@ -477,7 +477,7 @@ def test_sd3_matches_hand_computation(sd3, granularity):
 
 def test_sd3_sum_is_stock_bit_for_bit(sd3):
     pos, neg = apply_controls(sd3, spec(STRENGTHS[:2], {1: (0.0, 0.6)}))
-    runtime = pack_module("nodes.mi_runtime")
+    runtime = pack_module("runtime.mi")
     stock = full_sample(sd3["patcher"], pos, neg, sd3["latent"], steps=2)
     assert torch.equal(full_sample(*run_node(sd3["patcher"], pos, neg, "sum"), sd3["latent"], steps=2), stock)
     model, mpos, mneg, _ = runtime.apply_balance(sd3["patcher"], pos, neg, runtime.Balance("sum", channel_dim=-1))
@@ -655,7 +655,7 @@ def test_flux_matches_hand_computation(flux, mode, granularity):
 
 
 def test_flux_sum_is_stock_bit_for_bit_and_an_inactive_control_drops_out(flux):
-    runtime = pack_module("nodes.mi_runtime")
+    runtime = pack_module("runtime.mi")
     controls = spec(STRENGTHS[:2], {1: (0.0, 0.5)})
     pos, neg = flux_controls(flux, controls)
     stock = full_sample(flux["patcher"], pos, neg, flux["latent"])

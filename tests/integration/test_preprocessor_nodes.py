@@ -34,7 +34,7 @@ def pn(pack):
 
 @pytest.fixture(scope="module")
 def am(pack):
-    return pack_module("nodes.annotator_models")
+    return pack_module("runtime.annotator_models")
 
 
 @pytest.fixture(scope="module")

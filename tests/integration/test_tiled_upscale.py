@@ -165,7 +165,7 @@ def test_mi_balanced_members_are_cropped(usdu, nodes, sd15):
     as the tiler crops a stock ControlNet's."""
     import comfy.controlnet
 
-    mi = pack_module("nodes.mi_runtime")
+    mi = pack_module("runtime.mi")
     base, cnx = sd15
     g = torch.Generator().manual_seed(9)
     hints = [torch.rand(1, 3, *IMAGE_HW, generator=g), torch.rand(1, 1, *IMAGE_HW, generator=g)]

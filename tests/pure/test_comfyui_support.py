@@ -1,5 +1,5 @@
 """The one line a ComfyUI older than the tested releases gets at load."""
-from xctrl.nodes.comfyui_support import OLDEST_TESTED, TESTED, older_than_tested_notice, version_tuple
+from xctrl.runtime.comfyui_support import OLDEST_TESTED, TESTED, older_than_tested_notice, version_tuple
 
 
 def test_tested_releases_and_newer_get_no_notice():

@@ -6,7 +6,7 @@ the video (models/video_windows.py): for each window it slices the batch rows of
 (cond, uncond), the concat latent (image conditioning), the other per-row inputs and any stock
 ControlNet residuals, calls the model with ``num_video_frames`` = the window length, and fuses
 the denoised windows with the reference's rule. ControlNeXt reads the window from
-``transformer_options[hints.WINDOW]`` to give each row its pose (window position 0: the
+``transformer_options[batch_rows.WINDOW]`` to give each row its pose (window position 0: the
 reference pose, frame 0).
 
 Fusing denoised predictions is exact for the reference loop: an Euler step is affine in the
@@ -25,7 +25,7 @@ import comfy.model_management as mm
 import comfy.patcher_extension as pe
 
 from ..models import video_windows as vw
-from . import hints
+from . import batch_rows
 
 NODE = "ControlNeXt-SVD Long Video (XCtrl)"
 
@@ -62,7 +62,7 @@ class LongVideoWindows:
         _make_outermost(model, pe.WrappersMP.APPLY_MODEL, self.uid)
         model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, self.uid, self.outer_sample_wrapper)
         model.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, self.uid, self.prepare_sampling_wrapper)
-        model.model_options.setdefault("transformer_options", {})[hints.WINDOW] = (self.frames_per_window, self.overlap)
+        model.model_options.setdefault("transformer_options", {})[batch_rows.WINDOW] = (self.frames_per_window, self.overlap)
         if self.min_cfg is not None:
             model.set_model_sampler_cfg_function(self.cfg_function, disable_cfg1_optimization=True)
 
@@ -103,7 +103,7 @@ class LongVideoWindows:
             frames = list(range(start, start + length))
             idx = torch.tensor([k * n + f for k in range(chunks) for f in frames], device=x.device)
             window_to = dict(to)
-            window_to[hints.WINDOW] = hints.Window(frames, n)
+            window_to[batch_rows.WINDOW] = batch_rows.Window(frames, n)
             sub = {key: _rows(v, idx, rows) for key, v in kwargs.items()}
             sub["num_video_frames"] = length
             out = executor(x[idx], _rows(t, idx, rows), _rows(c_concat, idx, rows), _rows(c_crossattn, idx, rows),

@@ -17,7 +17,7 @@ import comfy.patcher_extension as pe
 
 from ..models import controlnext as cnx
 from ..models.cross_norm import control_to_tokens, cross_normalize, cross_normalize_tokens
-from . import call_patches, hints
+from . import call_patches, batch_rows
 from .control_runner import ControlRunner, control_patcher, image_size
 from .model_family import compute_dtype
 
@@ -84,7 +84,7 @@ class ControlNeXtRunner(ControlRunner):
             model.set_model_patch_replace(JointBlockInjection(self, previous), "dit", "double_block", 0)
 
     def check_sampling(self, latent_shape, model_options, is_windowed=None):
-        if (model_options or {}).get("transformer_options", {}).get(hints.WINDOW) and self.variant.name != "svd_v2":
+        if (model_options or {}).get("transformer_options", {}).get(batch_rows.WINDOW) and self.variant.name != "svd_v2":
             raise ValueError(
                 f"{self.NODE}: XCtrl Long Video runs the authors' ControlNeXt-SVD v2 window loop, but this module is "
                 f"ControlNeXt {self.variant.title}: use the SVD v2 control module (or remove the Long Video node)."
@@ -127,7 +127,7 @@ class ControlNeXtRunner(ControlRunner):
         if self.strength == 0.0 or not self.active(base_model.model_sampling, sigma):
             return None
         rows = x.shape[0]
-        layout = hints.BatchLayout(rows, transformer_options)
+        layout = batch_rows.BatchLayout(rows, transformer_options)
         scale = cnx.injection_scales(self.variant, self.strength, layout.uncond, self.learned_scale)
         more = self.row_scale(layout, sigma, base_model.model_sampling, transformer_options)
         if more is not None:
@@ -155,7 +155,7 @@ class ControlNeXtRunner(ControlRunner):
         if todo:
             frames = [i for i, _ in todo]
             stem = lane.frames.get(frames, (tuple(size), str(device), dtype),
-                                   lambda idx: module.stem(hints.fit(self.hint[idx], size, self.fit_mode).to(device=device, dtype=dtype)))
+                                   lambda idx: module.stem(batch_rows.fit(self.hint[idx], size, self.fit_mode).to(device=device, dtype=dtype)))
             ts = torch.tensor([s for _, s in todo], device=device, dtype=torch.float32)
             out = module.forward_from_stem(stem, ts)
             for n, k in enumerate(todo):
@@ -172,7 +172,7 @@ class ControlNeXtRunner(ControlRunner):
             raise RuntimeError(f"ControlNeXt: {feats.shape[0]} control rows for a batch of {h.shape[0]}")
         term = cross_normalize(h, feats, self.variant.eps, self.variant.order, scale)
         if mask is not None:
-            term = term * hints.resize(mask, tuple(h.shape[-2:])).to(term.dtype)
+            term = term * batch_rows.resize(mask, tuple(h.shape[-2:])).to(term.dtype)
         return h + term
 
     def inject_tokens(self, img, transformer_options, patch_size):

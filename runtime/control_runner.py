@@ -33,7 +33,7 @@ import comfy.model_patcher
 import comfy.patcher_extension as pe
 
 from ..models.control_schedule import ScheduleError, Strengths
-from . import hints
+from . import batch_rows
 from .model_family import model_family
 
 MASK_ASPECT_TOLERANCE = 0.02  # relative: masks are resized to each resolution, not cropped
@@ -51,7 +51,7 @@ class ControlRunner:
         self.hint = hint  # (B, 3, H, W) float32 on the CPU, RGB in [0, 1]
         self.mask = mask  # (B, 1, H, W) float32 on the CPU, or None
         self.strength = float(strength)
-        self.fit_mode = "crop"  # hints.fit: a hint of another shape than the image (the Apply node's resize_mode)
+        self.fit_mode = "crop"  # batch_rows.fit: a hint of another shape than the image (the Apply node's resize_mode)
         self.percent_range = (float(start_percent), float(end_percent))
         self.strengths = strengths if strengths is not None else Strengths()
         self._cursor = self.strengths.schedule.cursor() if self.strengths.schedule is not None else None
@@ -75,7 +75,7 @@ class ControlRunner:
         """The hint as tilers crop it (``cond_hint_original``, (B, C, H, W)): with a mask, the mask
         is one more channel, so the tiler crops both alike (docs/comfyui_hooks.md, "Tiled upscaling")."""
         if self._view is None:
-            self._view = hints.stack_channels([self.hint] + ([self.mask] if self.mask is not None else []))
+            self._view = batch_rows.stack_channels([self.hint] + ([self.mask] if self.mask is not None else []))
         return self._view
 
     def for_tile(self, view):
@@ -84,7 +84,7 @@ class ControlRunner:
         tile = copy.copy(self)
         tile.uid = f"{self.STASH}_{uuid.uuid4().hex[:12]}"
         channels = [self.hint.shape[1]] + ([self.mask.shape[1]] if self.mask is not None else [])
-        parts = hints.split_channels(view.float(), channels)
+        parts = batch_rows.split_channels(view.float(), channels)
         tile.hint, tile.mask = parts[0], (parts[1] if self.mask is not None else None)
         tile._view = view
         tile.new_caches()
@@ -152,11 +152,11 @@ class ControlRunner:
         latents = latent_shape[0]
         is_windowed = windowed(model_options) if is_windowed is None else is_windowed
         try:
-            hints.check_batch(self.hint.shape[0], latents, windowed=is_windowed)
+            batch_rows.check_batch(self.hint.shape[0], latents, windowed=is_windowed)
             if self.mask is not None:
-                hints.check_batch(self.mask.shape[0], latents, "mask", windowed=is_windowed)
-        except hints.HintBatchError as e:
-            raise hints.HintBatchError(f"{self.NODE}: {e}") from None
+                batch_rows.check_batch(self.mask.shape[0], latents, "mask", windowed=is_windowed)
+        except batch_rows.HintBatchError as e:
+            raise batch_rows.HintBatchError(f"{self.NODE}: {e}") from None
         if self.mask is not None:
             check_mask_aspect(self.mask.shape[-2:], latent_shape[-2:], self.NODE)
         if self.strengths.latents is not None:
@@ -236,7 +236,7 @@ def check_not_a_tile(hint_hw, image_hw, node, per_prompt_node):
 def windowed(model_options):
     """Whether sampling runs the video in context windows (XCtrl Long Video or ComfyUI's)."""
     to = (model_options or {}).get("transformer_options", {})
-    return bool(to.get(hints.WINDOW)) or (model_options or {}).get("context_handler") is not None
+    return bool(to.get(batch_rows.WINDOW)) or (model_options or {}).get("context_handler") is not None
 
 
 def check_core_context_windows(model_options, latents, sigmas, node):

@@ -35,7 +35,7 @@ import comfy.patcher_extension as pe
 from comfy.ldm.modules.diffusionmodules.util import timestep_embedding
 
 from ..models.controlnet_xs import load_controlnet_xs, mix_time_embeddings
-from . import call_patches, hints
+from . import call_patches, batch_rows
 from .control_runner import ControlRunner, image_size
 
 STASH = "xctrl_controlnet_xs"
@@ -116,7 +116,7 @@ class ControlNetXSRunner(ControlRunner):
         ``device`` or of the call's device): stashed for the UNet wrapper."""
         entry = None
         if self.strength != 0.0 and self.active(base.model_sampling, t):
-            layout = hints.BatchLayout(x.shape[0], transformer_options)
+            layout = batch_rows.BatchLayout(x.shape[0], transformer_options)
             more = self.row_scale(layout, t, base.model_sampling, transformer_options)
             scale = self.strength if more is None else (more * self.strength).to(x.device).reshape(-1, 1, 1, 1)
             if more is None or bool((more != 0).any()):
@@ -140,7 +140,7 @@ class ControlNetXSRunner(ControlRunner):
         if not isinstance(entry, tuple):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         size, scale, lane = entry
-        layout = hints.BatchLayout(x.shape[0], transformer_options)
+        layout = batch_rows.BatchLayout(x.shape[0], transformer_options)
         g = self._embedded_hint(lane, layout.items(self.hint.shape[0]), size, x.device, x.dtype)
         if isinstance(scale, torch.Tensor):
             scale = scale.to(x.dtype)
@@ -156,7 +156,7 @@ class ControlNetXSRunner(ControlRunner):
         """input_hint_block of each row's hint image, resized to the image size; cached per frame
         for the run on the lane."""
         return lane.frames.get(rows.tolist(), (tuple(size), str(device), dtype),
-                               lambda idx: (lane.module.embed_hint(hints.fit(self.hint[idx], size, self.fit_mode).to(device=device, dtype=dtype)),))[0]
+                               lambda idx: (lane.module.embed_hint(batch_rows.fit(self.hint[idx], size, self.fit_mode).to(device=device, dtype=dtype)),))[0]
 
     # ------------------------------------------------------------------ UNet hooks
     def _call(self, transformer_options):
@@ -217,7 +217,7 @@ class ControlNetXSRunner(ControlRunner):
         if weight != 1.0:
             term = term * weight
         if call.mask is not None:
-            term = term * hints.resize(call.mask, tuple(term.shape[-2:]))
+            term = term * batch_rows.resize(call.mask, tuple(term.shape[-2:]))
         return term
 
 

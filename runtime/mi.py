@@ -63,7 +63,7 @@ from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
 from ..models import mi_balance as mb
-from . import call_patches, hints
+from . import call_patches, batch_rows
 
 LOG = logging.getLogger("xctrl.mi")
 
@@ -275,7 +275,7 @@ class BalancedControl(comfy.controlnet.ControlBase):
         if self._view.tensor is None:
             parts = [m.cond_hint_original for m in self.members]
             if parts and all(isinstance(p, torch.Tensor) and p.dim() == 4 for p in parts):
-                self._view.tensor = hints.stack_channels(parts)
+                self._view.tensor = batch_rows.stack_channels(parts)
         return self._view.tensor
 
     @cond_hint_original.setter
@@ -284,7 +284,7 @@ class BalancedControl(comfy.controlnet.ControlBase):
         if value is None or not self.members or value is self.cond_hint_original:
             return
         channels = [m.cond_hint_original.shape[1] for m in self.members]
-        for member, part in zip(self.members, hints.split_channels(value, channels)):
+        for member, part in zip(self.members, batch_rows.split_channels(value, channels)):
             member.cond_hint_original = part
         self._view = _View(value)
 

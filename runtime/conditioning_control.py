@@ -5,7 +5,7 @@ ComfyUI batches into one model call only conds that carry the same control objec
 each call's control for its output right before the call (``get_control``, which receives that
 call's ``transformer_options``). So a :class:`ConditioningControl` sees exactly the rows that
 carry it: it lets its runner compute the call's control and add the runner's patches and
-wrappers to that call alone (nodes/call_patches.py). Rows whose conds carry no control run
+wrappers to that call alone (runtime/call_patches.py). Rows whose conds carry no control run
 without it. Stock ControlNets chained before it keep working: their residuals are returned
 as the output of the chain. (docs/comfyui_hooks.md, "Conditioning-level control".)
 
@@ -15,11 +15,11 @@ setting it gives this copy a runner on the crop (docs/comfyui_hooks.md, "Tiled u
 
 Under core's MultiGPU work units each device runs its own clone of the control
 (``deepclone_multigpu``): it shares the runner (settings, schedule) and uses the runner's lane
-of that device, a copy of the control network loaded there (nodes/control_runner.py).
+of that device, a copy of the control network loaded there (runtime/control_runner.py).
 """
 import comfy.controlnet
 
-from . import hints
+from . import batch_rows
 from .model_family import family_title, model_signature
 
 
@@ -82,13 +82,13 @@ class ConditioningControl(comfy.controlnet.ControlBase):
         if self.previous_controlnet is not None:
             previous = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
         if not self.checked:  # the earliest point a conditioning's control sees the latent batch
-            layout = hints.BatchLayout(x_noisy.shape[0], transformer_options)
+            layout = batch_rows.BatchLayout(x_noisy.shape[0], transformer_options)
             self.runner.check_sampling((layout.latent_count(), *x_noisy.shape[1:]), None, layout.window is not None)
             self.checked = True
         try:
             self.runner.attach_to_call(self.base_model, x_noisy, t, transformer_options, self.device)
-        except hints.HintBatchError as e:
-            raise hints.HintBatchError(f"{self.runner.NODE}: {e}") from None
+        except batch_rows.HintBatchError as e:
+            raise batch_rows.HintBatchError(f"{self.runner.NODE}: {e}") from None
         return previous
 
 
