@@ -1,12 +1,17 @@
-"""Inputs every Apply node of a control method shares (condition image, step range, mask), and their checks."""
-import math
-
-import torch
-
+"""Schemas several node files share: the pack's own socket types, and the inputs every Apply node of a
+control method has (condition image, step range, mask, resize mode, schedule, latent strengths,
+uncond multiplier). Their checks: runtime/control_inputs.py."""
 from comfy_api.latest import io
 
 IMAGE_TIP = ("Condition image ({what}), RGB in [0, 1]; resized to the generated image size. A batch of 1 serves every "
              "latent; otherwise one per latent.")
+ControlNeXtType = io.Custom("XCTRL_CONTROLNEXT")
+ControlNetXSType = io.Custom("XCTRL_CONTROLNET_XS")
+StepScheduleType = io.Custom("XCTRL_STEP_SCHEDULE")
+LatentStrengthsType = io.Custom("XCTRL_LATENT_STRENGTHS")
+# Advanced-ControlNet's types, accepted as they are
+AcnTimestepKeyframe = io.Custom("TIMESTEP_KEYFRAME")
+AcnLatentKeyframe = io.Custom("LATENT_KEYFRAME")
 
 
 def image_input(what):
@@ -32,39 +37,17 @@ def mask_input():
                          "control acts at.")
 
 
-def mask_batch(mask):
-    """ComfyUI MASK (B, H, W) or (H, W) -> (B, 1, H, W) float32; None without a mask or for one
-    that is 1 everywhere (full control: the output stays bit for bit the unmasked one)."""
-    if mask is None or bool((mask == 1).all()):
-        return None
-    return (mask if mask.dim() == 3 else mask.reshape(-1, *mask.shape[-2:])).float().unsqueeze(1)
-
-
-def check_step_range(start_percent, end_percent):
-    """True, or the message validate_inputs shows. ComfyUI skips its own min/max checks for the
-    inputs a validate_inputs names, so the range is checked here; a linked input arrives as None
-    at validation and is checked when the node runs (require_step_range)."""
-    for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
-        if value is not None and not 0.0 <= value <= 1.0:  # NaN fails too
-            return f"{name} must be between 0 and 1, got {value}"
-    if start_percent is not None and end_percent is not None and start_percent > end_percent:
-        return f"start_percent ({start_percent}) is after end_percent ({end_percent}): set start_percent <= end_percent"
-    return True
-
-
-def require_step_range(start_percent, end_percent, node):
-    """check_step_range when the node runs (values from links were not seen at validation)."""
-    message = check_step_range(start_percent, end_percent)
-    if message is not True:
-        raise ValueError(f"{node}: {message}")
-
-
-def require_finite(node, **values):
-    """Refuses NaN / inf in numbers and images (they would turn the whole result into NaN without a
-    word): {input name: float, tensor or None}."""
-    for name, value in values.items():
-        if value is None:
-            continue
-        finite = bool(torch.isfinite(value).all()) if isinstance(value, torch.Tensor) else math.isfinite(float(value))
-        if not finite:
-            raise ValueError(f"{node}: the {name} input contains NaN or infinite values: fix the node that feeds it")
+def strength_inputs():
+    """The optional inputs every Apply node of ours appends (after its published ones)."""
+    return [
+        io.MultiType.Input("schedule", types=[StepScheduleType, AcnTimestepKeyframe], optional=True,
+                           tooltip="Strength over the sampling steps: from Step Keyframe (XCtrl) nodes or Advanced-ControlNet's "
+                                   "timestep keyframes. Multiplies strength."),
+        io.MultiType.Input("latent_strengths", types=[LatentStrengthsType, AcnLatentKeyframe], optional=True,
+                           tooltip="Strength per latent (video frame, batch item): from Latent Strengths (XCtrl) or "
+                                   "Advanced-ControlNet's latent keyframes (latents not listed there get no control). "
+                                   "Multiplies strength."),
+        io.Float.Input("uncond_multiplier", optional=True, default=1.0, min=0.0, max=10.0, step=0.01,
+                       tooltip="Multiplies the control on the negative (uncond) prompt's rows. 1 = as the reference "
+                               "pipelines; 0 = the control acts on the positive only ('ControlNet is more important')."),
+    ]

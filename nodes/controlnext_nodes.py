@@ -1,76 +1,17 @@
 """ControlNeXt nodes: load a control module (+ optional UNet weights), apply it to a MODEL or
 to conditioning (per prompt), run SVD videos longer than one window and condition SVD the
 authors' way."""
-import logging
-import os
-
-import torch
-
-import comfy.model_management as mm
-import comfy.utils
 from comfy_api.latest import io
 
-from ..models import controlnext as cnx
-from ..models import unet_weight_files as uwf
-from ..models import svd_reference
-from ..models import video_windows as vw
-from ..models.checkpoint_io import WeightFileError
-from ..models.file_kinds import kind_of
-from ..runtime import batch_rows
-from .apply_inputs import (check_step_range, image_input, mask_batch, mask_input, require_finite, require_step_range,
-                           resize_mode_input, step_range_inputs)
-from ..runtime.conditioning_control import ConditioningControl, with_control
-from .control_strength_nodes import strength_inputs, strengths_from
-from ..runtime.controlnext import INJECTIONS, ControlNeXtRunner, module_patcher
+from ..runtime import controlnext_apply as apply
+from ..runtime.control_inputs import ControlInputs, check_step_range
 from ..runtime.long_video import NODE as LONG_VIDEO_NODE
-from ..runtime.long_video import LongVideoError, LongVideoWindows
-from ..runtime.unet_patches import base_weights, to_model_keys
-from ..runtime.model_family import compute_dtype, family_title, model_family, model_signature, unet_block_channels
-from ..runtime.weight_files import NONE, file_list, metadata_of, read, wrong_file
+from ..runtime.long_video import check_window_inputs, windowed_model
+from ..runtime.svd_conditioning import reference_conditioning
+from ..runtime.weight_files import NONE, file_list
+from .apply_inputs import ControlNeXtType, image_input, mask_input, resize_mode_input, step_range_inputs, strength_inputs
 
-LOG = logging.getLogger("xctrl")
 CATEGORY = "XCtrl/ControlNeXt"
-CONTROLNEXT = "XCTRL_CONTROLNEXT"
-ControlNeXtType = io.Custom(CONTROLNEXT)
-UNET_FOLDERS = ("controlnet", "diffusion_models")
-# safetensors metadata XCtrl's trainer writes (nodes/training_nodes.py): the module's variant, and
-# that the UNet file holds differences.
-TRAINED_LAYOUT_KEY, TRAINED_UNET_KEY = "xctrl_layout", "xctrl_unet"
-
-# Which ControlNeXt member a base model family selects (resolve_variant's base names).
-_BASE_FOR_FAMILY = {"sd15": "sd15", "sdxl": "sdxl", "svd": "svd", "sd3": "sd3"}
-
-
-class LoadedControlNeXt:
-    """A ControlNeXt file read from disk; the module is built per variant when applied."""
-
-    def __init__(self, name, state_dict, unet_name=None, unet_sd=None, unet_delta=False, trained_for=None):
-        self.name = name
-        self.trained_for = trained_for  # "sd15_training" for a module XCtrl trained for SD1.5 (from its metadata)
-        self.state_dict = cnx.strip_common_prefix(state_dict)
-        try:
-            self.family = cnx.detect_variant(self.state_dict)
-            cnx.check_file_layout(self.state_dict, self.family)
-        except WeightFileError as e:
-            if kind_of(state_dict).startswith("controlnext_") and not uwf.is_unet_weight_file(state_dict):
-                raise WeightFileError(f"{name}: {e}") from None  # a ControlNeXt module, altered
-            raise wrong_file(name, state_dict, "a ControlNeXt control module") from None
-        self.unet_name = unet_name
-        self.unet_sd = unet_sd
-        self.unet_semantics = None
-        if unet_sd is not None:
-            try:
-                self.unet_semantics = uwf.parse_unet_weight_file(unet_sd, delta=unet_delta)
-            except WeightFileError as e:
-                raise wrong_file(unet_name, unet_sd, "a ControlNeXt UNet weight file", str(e)) from None
-        self._patchers = {}
-
-    def module_patcher(self, variant, model):
-        """The module for a variant, on the MODEL's compute dtype and devices (built once per combination)."""
-        key = (variant, compute_dtype(model), str(model.load_device), str(model.offload_device))
-        if key not in self._patchers:
-            self._patchers[key] = module_patcher(self.state_dict, variant, model)
-        return self._patchers[key]
 
 
 class LoadControlNeXt(io.ComfyNode):
@@ -86,30 +27,24 @@ class LoadControlNeXt(io.ComfyNode):
             ),
             inputs=[
                 io.Combo.Input("control_file", options=file_list("controlnet"), tooltip="The control module, e.g. controlnet.safetensors of a ControlNeXt release."),
-                io.Combo.Input("unet_weights", options=[NONE] + file_list(*UNET_FOLDERS), tooltip="Optional fine-tuned UNet weights released with the module (SD1.5: replacement attention weights; SDXL: deltas). From models/controlnet or models/diffusion_models."),
+                io.Combo.Input("unet_weights", options=[NONE] + file_list(*apply.UNET_FOLDERS), tooltip="Optional fine-tuned UNet weights released with the module (SD1.5: replacement attention weights; SDXL: deltas). From models/controlnet or models/diffusion_models."),
             ],
             outputs=[ControlNeXtType.Output(display_name="controlnext")],
         )
 
     @classmethod
     def execute(cls, control_file, unet_weights):
-        sd = read(control_file, "controlnet")
-        trained_for = metadata_of(control_file, "controlnet").get(TRAINED_LAYOUT_KEY)
-        unet_sd, delta = None, False
-        if unet_weights != NONE:
-            unet_sd = read(unet_weights, *UNET_FOLDERS)
-            delta = ("increasement" in os.path.basename(unet_weights).lower()
-                     or metadata_of(unet_weights, *UNET_FOLDERS).get(TRAINED_UNET_KEY) == "delta")
-        return io.NodeOutput(LoadedControlNeXt(control_file, sd, None if unet_sd is None else unet_weights, unet_sd,
-                                               unet_delta=delta, trained_for=trained_for))
+        return io.NodeOutput(apply.load(control_file, unet_weights))
 
 
 class ApplyControlNeXt(io.ComfyNode):
+    NODE = "Apply ControlNeXt (XCtrl)"
+
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_ApplyControlNeXt",
-            display_name="Apply ControlNeXt (XCtrl)",
+            display_name=cls.NODE,
             category=CATEGORY,
             description=(
                 "Applies ControlNeXt to a MODEL: the control feature is cross-normalized and added inside the denoiser at the "
@@ -139,28 +74,10 @@ class ApplyControlNeXt(io.ComfyNode):
     def execute(cls, model, controlnext, image, strength, start_percent, end_percent, mask=None, unet_strength=1.0,
                 sd15_layout="refuse", reference_pose_per_window=True, schedule=None, latent_strengths=None,
                 uncond_multiplier=1.0, resize_mode="crop"):
-        runner = _runner(model, controlnext, image, strength, start_percent, end_percent, mask, sd15_layout,
-                         reference_pose_per_window, schedule, latent_strengths, uncond_multiplier, "Apply ControlNeXt (XCtrl)",
-                         resize_mode)
-        patched = model.clone()
-        if controlnext.unet_sd is not None and unet_strength != 0.0:
-            add_unet_weight_patches(patched, controlnext, unet_strength)
-        runner.install(patched)
-        return io.NodeOutput(patched)
-
-
-def _runner(model, controlnext, image, strength, start_percent, end_percent, mask, sd15_layout, reference_pose_per_window,
-            schedule, latent_strengths, uncond_multiplier, node, resize_mode="crop"):
-    require_step_range(start_percent, end_percent, node)
-    require_finite(node, image=image, mask=mask, strength=strength, uncond_multiplier=uncond_multiplier)
-    variant = _variant_for(controlnext, model, sd15_layout)
-    _check_width(controlnext, variant, model)
-    strengths = strengths_from(schedule, latent_strengths, uncond_multiplier, node)
-    runner = ControlNeXtRunner(controlnext.module_patcher(variant, model), variant, batch_rows.image_to_nchw(image), strength,
-                               start_percent, end_percent, mask_batch(mask), reference_pose_per_window, strengths)
-    runner.NODE = node  # the node its errors name
-    runner.fit_mode = resize_mode
-    return runner
+        inputs = ControlInputs(cls.NODE, image, strength, start_percent, end_percent, mask, schedule, latent_strengths,
+                               uncond_multiplier, resize_mode)
+        return io.NodeOutput(apply.apply_to_model(model, controlnext, inputs, unet_strength, sd15_layout=sd15_layout,
+                                                  reference_pose_per_window=reference_pose_per_window))
 
 
 class ApplyControlNeXtConditioning(io.ComfyNode):
@@ -205,12 +122,11 @@ class ApplyControlNeXtConditioning(io.ComfyNode):
     def execute(cls, positive, negative, model, controlnext, image, strength, start_percent, end_percent, mask=None,
                 sd15_layout="refuse", reference_pose_per_window=True, schedule=None, latent_strengths=None,
                 uncond_multiplier=1.0, resize_mode="crop"):
-        if controlnext.unet_sd is not None:
-            LOG.warning("[XCtrl] %s: the UNet weights loaded with %s act on a MODEL and are not applied here (use Apply "
-                        "ControlNeXt, or Apply UNet Weights on the MODEL)", cls.NODE, controlnext.name)
-        runner = _runner(model, controlnext, image, strength, start_percent, end_percent, mask, sd15_layout,
-                         reference_pose_per_window, schedule, latent_strengths, uncond_multiplier, cls.NODE, resize_mode)
-        return io.NodeOutput(*with_control(positive, negative, ConditioningControl(runner, model_signature(model.model))))
+        inputs = ControlInputs(cls.NODE, image, strength, start_percent, end_percent, mask, schedule, latent_strengths,
+                               uncond_multiplier, resize_mode)
+        return io.NodeOutput(*apply.apply_to_conditioning(positive, negative, model, controlnext, inputs,
+                                                          sd15_layout=sd15_layout,
+                                                          reference_pose_per_window=reference_pose_per_window))
 
 
 class ControlNeXtSVDLongVideo(io.ComfyNode):
@@ -239,25 +155,11 @@ class ControlNeXtSVDLongVideo(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, frames_per_window, overlap):
-        if frames_per_window is None or overlap is None:  # linked: checked when the node runs
-            return True
-        try:
-            vw.check_window_settings(frames_per_window, overlap)
-        except vw.WindowError as e:
-            return f"{e}. The authors' setting is frames_per_window 24, overlap 6."
-        return True
+        return check_window_inputs(frames_per_window, overlap)
 
     @classmethod
     def execute(cls, model, frames_per_window, overlap, cfg_ramp="constant", min_cfg=1.0):
-        family = model_family(model)
-        if family != "svd":
-            raise LongVideoError(
-                f"{LONG_VIDEO_NODE} windows Stable Video Diffusion models; this MODEL is {family_title(family)}. "
-                "Connect an SVD model (e.g. the ControlNeXt-SVD v2 UNet)."
-            )
-        patched = model.clone()
-        LongVideoWindows(frames_per_window, overlap, min_cfg if cfg_ramp == "linear" else None).install(patched)
-        return io.NodeOutput(patched)
+        return io.NodeOutput(windowed_model(model, frames_per_window, overlap, cfg_ramp, min_cfg))
 
 
 class SVDReferenceConditioning(io.ComfyNode):
@@ -292,75 +194,8 @@ class SVDReferenceConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip_vision, init_image, vae, width, height, video_frames, motion_bucket_id, fps, augmentation_level, seed=0):
-        pixels = comfy.utils.common_upscale(init_image[..., :3].movedim(-1, 1), width, height, "bilinear", "center").movedim(1, -1)
-        pooled = clip_vision.encode_image(svd_reference.clip_pixels(pixels)).image_embeds.unsqueeze(0)
-        noisy = svd_reference.augment(pixels, augmentation_level, torch.Generator().manual_seed(seed))
-        latent = vae.encode(noisy)
-        ids = {"motion_bucket_id": motion_bucket_id, "fps": fps, "augmentation_level": augmentation_level}
-        positive = [[pooled, dict(ids, concat_latent_image=latent)]]
-        negative = [[torch.zeros_like(pooled), dict(ids, concat_latent_image=torch.zeros_like(latent))]]
-        samples = torch.zeros([video_frames, 4, height // 8, width // 8], device=mm.intermediate_device())
-        return io.NodeOutput(positive, negative, {"samples": samples})
-
-
-def _variant_for(controlnext, model, sd15_layout):
-    """The ControlNeXt variant for this file on this MODEL, or a WeightFileError saying what to load."""
-    family = model_family(model)
-    base = _BASE_FOR_FAMILY.get(family)
-    if base is None:
-        raise WeightFileError(
-            f"{controlnext.name} is a ControlNeXt {cnx.module_family_title(controlnext.family)} module; it cannot control a "
-            f"{family_title(family)} model. Use a ControlNeXt model made for your base model."
-        )
-    try:
-        variant = cnx.resolve_variant(controlnext.family, base)
-    except WeightFileError as e:
-        raise WeightFileError(
-            f"{controlnext.name} is a ControlNeXt {cnx.module_family_title(controlnext.family)} module but the MODEL is "
-            f"{family_title(family)}: load the ControlNeXt file made for {family_title(family)}, or use a "
-            f"{cnx.module_family_title(controlnext.family)} checkpoint."
-        ) from e
-    if family != "svd" and controlnext.family == cnx.SDXL_FAMILY and controlnext.trained_for is None \
-            and cnx.named_as_svd_module(controlnext.name):
-        raise WeightFileError(
-            f"{controlnext.name} is, by its name, the ControlNeXt-SVD v2 control module (it has the SDXL layout, so only "
-            f"the name tells them apart): it controls SVD image-to-video models, not {family_title(family)}. Load an SVD "
-            "model (the ControlNeXt-SVD v2 UNet); if this file really is an SDXL module, rename it without 'svd'."
-        )
-    if variant == "sd15_training" and sd15_layout != "sd15_training" and controlnext.trained_for != "sd15_training":
-        raise WeightFileError(
-            f"{controlnext.name} has the SDXL ControlNeXt layout but the MODEL is SD1.5. No SD1.5-Training weights "
-            "were released; this is most likely an SDXL ControlNeXt file: use an SDXL checkpoint (or, for a module "
-            "you trained with the SD1.5-Training code, set sd15_layout to sd15_training)."
-        )
-    return variant
-
-
-def _check_width(controlnext, variant, model):
-    """The module's output width must equal the UNet's at the injection point (else the file
-    is for another model, e.g. a distilled/pruned UNet): fail now, not mid-sampling."""
-    v = cnx.get_variant(variant)
-    have = int(controlnext.state_dict["mid_convs.1.weight"].shape[0])
-    if model_family(model) == "sd3":
-        need = model.model.diffusion_model.x_embedder.proj.weight.shape[0]  # hidden size of the tokens
-    else:
-        need = unet_block_channels(model).get(INJECTIONS[variant].block)
-    if need is not None and need != have:
-        raise WeightFileError(
-            f"{controlnext.name} outputs {have} channels but this {family_title(model_family(model))} model has {need} "
-            f"at the ControlNeXt {v.title} injection point ({INJECTIONS[variant].where}): the file is for a different model."
-        )
-
-
-def add_unet_weight_patches(model, controlnext, strength):
-    """The UNet weight file as ComfyUI diff patches, so LoRAs stack on top in any order."""
-    semantics, _ = controlnext.unet_semantics
-    sd = to_model_keys(model, controlnext.unet_sd, controlnext.unet_name)
-    try:
-        deltas = uwf.weight_patches(sd, base_weights(model, sd), semantics)
-    except WeightFileError as e:
-        raise WeightFileError(f"{controlnext.unet_name}: {e}") from e
-    model.add_patches({"diffusion_model." + k: (d,) for k, d in deltas.items()}, strength)
+        return io.NodeOutput(*reference_conditioning(clip_vision, init_image, vae, width, height, video_frames,
+                                                     motion_bucket_id, fps, augmentation_level, seed))
 
 
 NODES = [LoadControlNeXt, ApplyControlNeXt, ControlNeXtSVDLongVideo, SVDReferenceConditioning, ApplyControlNeXtConditioning]

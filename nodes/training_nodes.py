@@ -23,9 +23,10 @@ from ..models import controlnext_training as tr
 from ..models.checkpoint_io import WeightFileError, load_pickle
 from ..models.cross_norm import cross_normalize
 from ..runtime import batch_rows
-from .controlnext_nodes import TRAINED_LAYOUT_KEY as LAYOUT_KEY
-from .controlnext_nodes import TRAINED_UNET_KEY as UNET_SEMANTICS_KEY
-from .controlnext_nodes import ControlNeXtType, LoadedControlNeXt
+from ..runtime.controlnext_apply import TRAINED_LAYOUT_KEY as LAYOUT_KEY
+from ..runtime.controlnext_apply import TRAINED_UNET_KEY as UNET_SEMANTICS_KEY
+from ..runtime.controlnext_apply import LoadedControlNeXt
+from .apply_inputs import ControlNeXtType
 from ..runtime.control_runner import image_size
 from ..runtime.controlnext import INJECTIONS
 from ..runtime.model_family import family_title, model_family, unet_block_channels

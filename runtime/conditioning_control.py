@@ -97,6 +97,11 @@ def _described(signature):
     return f"{family_title(family)} model" + (f" ({width} channels wide)" if width else "")
 
 
+def attach(positive, negative, model, runner):
+    """positive/negative carrying the runner's control, made for the MODEL it was checked against."""
+    return with_control(positive, negative, ConditioningControl(runner, model_signature(model.model)))
+
+
 def with_control(positive, negative, control):
     """positive/negative with ``control`` at the end of each cond's control chain, as ComfyUI's
     Apply ControlNet does (one copy per distinct previous chain, so positive and negative that

@@ -26,6 +26,7 @@ import comfy.patcher_extension as pe
 
 from ..models import video_windows as vw
 from . import batch_rows
+from .model_family import family_title, model_family
 
 NODE = "ControlNeXt-SVD Long Video (XCtrl)"
 
@@ -168,3 +169,27 @@ def _frames_first(out, chunks, length):
 def _chunks_first(video, chunks):
     """Frames first -> batch rows (chunk, frame), as ComfyUI batches them."""
     return rearrange(video, "frame chunk ... -> (chunk frame) ...", chunk=chunks)
+
+
+def check_window_inputs(frames_per_window, overlap):
+    """True, or the message validate_inputs shows; linked inputs (None) are checked when the node runs."""
+    if frames_per_window is None or overlap is None:
+        return True
+    try:
+        vw.check_window_settings(frames_per_window, overlap)
+    except vw.WindowError as e:
+        return f"{e}. The authors' setting is frames_per_window 24, overlap 6."
+    return True
+
+
+def windowed_model(model, frames_per_window, overlap, cfg_ramp="constant", min_cfg=1.0):
+    """ControlNeXt-SVD Long Video: a clone of an SVD MODEL that denoises in the authors' windows."""
+    family = model_family(model)
+    if family != "svd":
+        raise LongVideoError(
+            f"{NODE} windows Stable Video Diffusion models; this MODEL is {family_title(family)}. "
+            "Connect an SVD model (e.g. the ControlNeXt-SVD v2 UNet)."
+        )
+    patched = model.clone()
+    LongVideoWindows(frames_per_window, overlap, min_cfg if cfg_ramp == "linear" else None).install(patched)
+    return patched
