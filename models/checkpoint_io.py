@@ -11,9 +11,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-
 class WeightFileError(ValueError):
     """A weight file that cannot be read or is not what the node expects."""
 

@@ -99,10 +99,6 @@ class StepSchedule:
             keyframes.insert(0, StepKeyframe(0.0, 1.0, guarantee_steps=0))
         self.keyframes = tuple(keyframes)
 
-    def is_identity(self):
-        """True when every step gets strength 1 and no latent strengths (bit-identical to none)."""
-        return all(k.strength == 1.0 and k.latents is None for k in self.keyframes)
-
     def cursor(self):
         return StepCursor(self)
 
@@ -171,10 +167,6 @@ class Strengths:
     schedule: StepSchedule = None
     latents: LatentStrengths = None
     uncond_multiplier: float = 1.0
-
-    def is_identity(self):
-        return ((self.schedule is None or self.schedule.is_identity()) and self.latents is None
-                and self.uncond_multiplier == 1.0)
 
 
 def parse_strength_list(text, node="XCtrl"):

@@ -12,29 +12,14 @@ input's H x W, "resolution" = shorter side equal to `resolution`) are capped by 
 a warning saying what was done. What `resolution` changes besides is in each tooltip.
 Weights: ComfyUI/models/annotators (see runtime/annotator_models.py), downloaded on first use.
 """
-import numpy as np
-
-import comfy.model_management as mm
-import comfy.utils
 from comfy_api.latest import io
 
-from ..preprocessors import canny as canny_mod
-from ..preprocessors import depth_anything_v2 as dav2
-from ..preprocessors import depth_render
-from ..preprocessors import dwpose as dwp
-from ..preprocessors import hed as hed_mod
-from ..preprocessors import openpose_body
-from ..preprocessors.frames import OUTPUT_SIZES, batched_at_size, chunks, frames_per_call, plan_sizes, resize
-from ..preprocessors.image_io import ImageBatch, image_to_uint8
-from ..preprocessors.pose_draw import draw_openpose, draw_svd_v2
-from ..preprocessors.pose_format import PoseFrame, from_openpose_json, to_openpose_json
-from ..preprocessors.pose_sequence import every_nth, prepare_sequence, without_parts
-from ..runtime import annotator_models as am
+from ..runtime import preprocessing as run
+from ..runtime.preprocessing import DEPTH_RENDERS, DWPOSE_BACKENDS, HED_MODES, OUTPUT_SIZE_CHOICES, POSE_STYLES
 
 CATEGORY = "XCtrl/Preprocessors"
 POSE_KEYPOINT = "POSE_KEYPOINT"  # list of OpenPose JSON dicts, one per frame (as comfyui_controlnet_aux)
 PoseKeypoint = io.Custom(POSE_KEYPOINT)
-NET_CHUNK = 4  # frames per network call at most (fewer for large frames: frames.frames_per_call)
 
 OUTPUT_SIZE_TIP = (
     "Size of the output. input: the input image's width x height (the map lines up with the image). "
@@ -47,40 +32,11 @@ STRIDE_TIP = (
 
 
 def _output_size_input():
-    return io.Combo.Input("output_size", options=list(OUTPUT_SIZES), default="input", tooltip=OUTPUT_SIZE_TIP)
+    return io.Combo.Input("output_size", options=list(OUTPUT_SIZE_CHOICES), default="input", tooltip=OUTPUT_SIZE_TIP)
 
 
 def _resolution_input(default, tip, step=8):
     return io.Int.Input("resolution", default=default, min=0, max=16384, step=step, tooltip=tip)
-
-
-def _for_frames(count, chunk, work):
-    """Calls work(start, stop) over the batch with a progress bar and interrupt checks."""
-    bar = comfy.utils.ProgressBar(count)
-    for start, stop in chunks(count, chunk):
-        mm.throw_exception_if_processing_interrupted()
-        work(start, stop)
-        bar.update(stop - start)
-
-
-def _map_frames(frames, out_hw, chunk, fn):
-    """uint8 frames -> IMAGE of ``fn(uint8 frames)`` (uint8 maps of out_hw) over the batch, ``chunk``
-    frames per call, written into the output as they come, with a progress bar and interrupt checks."""
-    out = ImageBatch(len(frames), *out_hw)
-    _for_frames(len(frames), chunk, lambda start, stop: out.put(start, fn(frames[start:stop])))
-    return out.image.to(mm.intermediate_device())
-
-
-def _frames_and_sizes(who, image, resolution, output_size, max_pixels, work_resolution=None):
-    """uint8 frames and their (working, output) sizes by the size rule, checked before converting."""
-    h, w = image.shape[1:3]
-    work, out = plan_sizes(h, w, resolution, output_size, max_pixels, who, work_resolution)
-    return image_to_uint8(image), work, out
-
-
-def _check():
-    """The cancel check handed to the pure code (it imports no ComfyUI)."""
-    mm.throw_exception_if_processing_interrupted()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,13 +70,8 @@ class Canny(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, mode, low_threshold, high_threshold, sigma, resolution, output_size):
-        frames, _, out_hw = _frames_and_sizes(cls.NAME, image, resolution, output_size, None)
-
-        def edges(frames):
-            f = resize(frames[0], *out_hw)
-            return (canny_mod.canny(f, low_threshold, high_threshold) if mode == "fixed" else canny_mod.canny_median(f, sigma))[None]
-
-        return io.NodeOutput(_map_frames(frames, out_hw, 1, edges))
+        return io.NodeOutput(run.canny_edges(cls.NAME, image, mode, low_threshold, high_threshold, sigma, resolution,
+                                             output_size))
 
 
 class HED(io.ComfyNode):
@@ -139,7 +90,7 @@ class HED(io.ComfyNode):
             ),
             inputs=[
                 io.Image.Input("image"),
-                io.Combo.Input("mode", options=list(hed_mod.MODES), default="soft"),
+                io.Combo.Input("mode", options=list(HED_MODES), default="soft"),
                 _resolution_input(512, "The network runs on the image scaled so its shorter side is this many pixels (padded to a multiple of 64, padding cropped); edge thickness follows this scale. 0 = input size."),
                 _output_size_input(),
             ],
@@ -148,19 +99,11 @@ class HED(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, mode, resolution, output_size):
-        frames, work_hw, out_hw = _frames_and_sizes(cls.NAME, image, resolution, output_size, hed_mod.MAX_PIXELS)
-        net = am.torch_network(hed_mod.WEIGHT_FILE, hed_mod.build_hed)
-
-        def edges(frames):
-            soft = batched_at_size(frames, work_hw, lambda b: hed_mod.hed_soft_edges(net, b, _check), out_hw)
-            return hed_mod.edges_from_soft(soft, mode)  # at the output size: binary maps stay binary
-
-        return io.NodeOutput(_map_frames(frames, out_hw, frames_per_call(work_hw, NET_CHUNK), edges))
+        return io.NodeOutput(run.hed_edges(cls.NAME, image, mode, resolution, output_size))
 
 
 class DepthAnythingV2(io.ComfyNode):
     NAME = "Depth Anything V2 Small (XCtrl)"
-    RENDERS = ("grey", "viridis", "viridis_near_bright")
 
     @classmethod
     def define_schema(cls):
@@ -175,7 +118,7 @@ class DepthAnythingV2(io.ComfyNode):
             ),
             inputs=[
                 io.Image.Input("image"),
-                io.Combo.Input("render", options=list(cls.RENDERS), default="grey", tooltip="grey for ControlNet depth models; viridis for ControlNeXt depth models."),
+                io.Combo.Input("render", options=list(DEPTH_RENDERS), default="grey", tooltip="grey for ControlNet depth models; viridis for ControlNeXt depth models."),
                 _resolution_input(518, "Network input: the image is scaled (bicubic) so its shorter side is this many pixels, rounded to a multiple of 14 (518 = the size the model was trained at; larger = finer detail, slower). The depth map is then resized bilinearly to the output size.", step=14),
                 _output_size_input(),
             ],
@@ -184,20 +127,7 @@ class DepthAnythingV2(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, render, resolution, output_size):
-        frames, work_hw, out_hw = _frames_and_sizes(cls.NAME, image, resolution, output_size, dav2.MAX_PIXELS,
-                                                    work_resolution=resolution if resolution > 0 else dav2.INPUT_SIZE)
-        input_size = dav2.input_size_for(min(work_hw))
-        net = am.torch_network(dav2.WEIGHT_FILE, dav2.build_depth_anything_v2)
-
-        def draw(d):
-            if render == "grey":
-                return depth_render.render_grey(d)
-            return depth_render.render_viridis(d, near="dark" if render == "viridis" else "bright")
-
-        def depth(frames):
-            return np.stack([draw(d) for d in dav2.estimate_depth(net, frames, input_size, out_hw, _check)])
-
-        return io.NodeOutput(_map_frames(frames, out_hw, frames_per_call(work_hw, NET_CHUNK), depth))
+        return io.NodeOutput(run.depth_maps(cls.NAME, image, render, resolution, output_size))
 
 
 class OpenPose(io.ComfyNode):
@@ -225,11 +155,7 @@ class OpenPose(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, resolution, output_size, frame_stride=1):
-        every_nth(image.shape[0], frame_stride)  # checks the stride
-        frames, work_hw, out_hw = _frames_and_sizes(cls.NAME, image[::frame_stride], resolution, output_size, openpose_body.MAX_PIXELS)
-        net = am.torch_network(openpose_body.WEIGHT_FILE, openpose_body.build_body_pose)
-        return io.NodeOutput(*_pose_outputs(frames, work_hw, out_hw, lambda f: openpose_body.detect_body(net, f, _check),
-                                            hands=False, face=False, threshold=0.0))
+        return io.NodeOutput(*run.openpose_poses(cls.NAME, image, resolution, output_size, frame_stride))
 
 
 class DWPose(io.ComfyNode):
@@ -253,7 +179,7 @@ class DWPose(io.ComfyNode):
                 _output_size_input(),
                 io.Boolean.Input("draw_hands", default=True),
                 io.Boolean.Input("draw_face", default=True),
-                io.Combo.Input("backend", optional=True, options=list(dwp.BACKENDS), default="auto", tooltip="auto: onnxruntime if installed, else OpenCV DNN."),
+                io.Combo.Input("backend", optional=True, options=list(DWPOSE_BACKENDS), default="auto", tooltip="auto: onnxruntime if installed, else OpenCV DNN."),
                 io.Int.Input("frame_stride", optional=True, default=1, min=1, max=1024, tooltip=STRIDE_TIP),
             ],
             outputs=[io.Image.Output(display_name="image"), PoseKeypoint.Output(display_name="pose_keypoint")],
@@ -261,31 +187,11 @@ class DWPose(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, resolution, output_size, draw_hands, draw_face, backend="auto", frame_stride=1):
-        every_nth(image.shape[0], frame_stride)  # checks the stride
-        frames, work_hw, out_hw = _frames_and_sizes(cls.NAME, image[::frame_stride], resolution, output_size, dwp.MAX_PIXELS)
-        model = dwp.DWPose(am.onnx_network(dwp.DETECTOR_FILE, backend), am.onnx_network(dwp.POSE_FILE, backend))
-        return io.NodeOutput(*_pose_outputs(frames, work_hw, out_hw, lambda f: model(f, _check), hands=draw_hands,
-                                            face=draw_face, threshold=dwp.KEYPOINT_THRESHOLD))
-
-
-def _pose_outputs(frames, work_hw, out_hw, detect, hands, face, threshold):
-    oh, ow = out_hw
-    out = ImageBatch(len(frames), oh, ow)
-    poses = [None] * len(frames)
-
-    def work(start, stop):
-        for i in range(start, stop):
-            found = detect(resize(frames[i], *work_hw))
-            pose = PoseFrame(ow, oh, found.people)  # normalised coordinates: any canvas size
-            out.put(i, draw_openpose(pose, ow, oh, body=True, hands=hands, face=face, threshold=threshold)[None])
-            poses[i] = to_openpose_json(pose)
-
-    _for_frames(len(frames), 1, work)
-    return out.image.to(mm.intermediate_device()), poses
+        return io.NodeOutput(*run.dwpose_poses(cls.NAME, image, resolution, output_size, draw_hands, draw_face, backend,
+                                               frame_stride))
 
 
 class RenderPose(io.ComfyNode):
-    STYLES = ("openpose", "controlnext_svd_v2")
 
     @classmethod
     def define_schema(cls):
@@ -302,7 +208,7 @@ class RenderPose(io.ComfyNode):
             ),
             inputs=[
                 PoseKeypoint.Input("pose_keypoint"),
-                io.Combo.Input("style", options=list(cls.STYLES), default="openpose"),
+                io.Combo.Input("style", options=list(POSE_STYLES), default="openpose"),
                 io.Int.Input("width", default=0, min=0, max=16384, step=8, tooltip="Output width; 0 = the canvas width of the keypoints (of the reference pose when aligning; of the first frame otherwise)."),
                 io.Int.Input("height", default=0, min=0, max=16384, step=8, tooltip="Output height; 0 = the canvas height, as for width."),
                 io.Boolean.Input("draw_body", default=True),
@@ -318,29 +224,8 @@ class RenderPose(io.ComfyNode):
     @classmethod
     def execute(cls, pose_keypoint, style, width, height, draw_body, draw_hands, draw_face, threshold,
                 reference_pose=None, prepend_reference=False):
-        frames = [from_openpose_json(d) for d in _pose_list(pose_keypoint, "pose_keypoint")]
-        reference = None if reference_pose is None else from_openpose_json(_pose_list(reference_pose, "reference_pose")[0])
-        frames = prepare_sequence(frames, reference, one_person=style == "controlnext_svd_v2", prepend_reference=prepend_reference)
-        ow, oh = int(width or frames[0].width), int(height or frames[0].height)
-        out = ImageBatch(len(frames), oh, ow)
-
-        def work(start, stop):
-            for i in range(start, stop):
-                if style == "openpose":
-                    drawn = draw_openpose(frames[i], ow, oh, body=draw_body, hands=draw_hands, face=draw_face, threshold=threshold)
-                else:
-                    drawn = draw_svd_v2(without_parts(frames[i], draw_body, draw_hands, draw_face), ow, oh)
-                out.put(i, drawn[None])
-
-        _for_frames(len(frames), 1, work)
-        return io.NodeOutput(out.image.to(mm.intermediate_device()), [to_openpose_json(PoseFrame(ow, oh, f.people)) for f in frames])
-
-
-def _pose_list(value, name):
-    items = [value] if isinstance(value, dict) else list(value or [])
-    if not items:
-        raise ValueError(f"{name} is empty: no pose to draw (connect the keypoints output of XCtrl OpenPose or DWPose).")
-    return items
+        return io.NodeOutput(*run.render_poses(pose_keypoint, style, width, height, draw_body, draw_hands, draw_face,
+                                               threshold, reference_pose, prepend_reference))
 
 
 NODES = [Canny, HED, DepthAnythingV2, OpenPose, DWPose, RenderPose]

@@ -245,11 +245,6 @@ def build_depth_anything_v2(state_dict):
     return load_exact(DepthAnythingV2Small(), state_dict, WEIGHT_FILE)
 
 
-def parameter_count(net=None):
-    net = net if net is not None else DepthAnythingV2Small()
-    return sum(p.numel() for p in net.parameters())
-
-
 # ---------------------------------------------------------------------------------------------
 # Pre- and post-processing
 

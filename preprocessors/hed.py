@@ -92,14 +92,6 @@ def hed_soft_edges(net, images, check=None):
         return 1.0 / (1.0 + np.exp(-mean))
 
 
-def hed_edges(net, images, mode="soft"):
-    """HED map(s) as uint8: (H, W, 3) -> (H, W); (B, H, W, 3) -> (B, H, W)."""
-    _check_mode(mode)
-    single = isinstance(images, np.ndarray) and images.ndim == 3
-    out = edges_from_soft(hed_soft_edges(net, images), mode)
-    return out[0] if single else out
-
-
 def edges_from_soft(edge, mode="soft"):
     """The mode applied to soft edge maps in [0, 1] (B, H, W) -> uint8 (B, H, W). Apply it at the
     size the map is shown at, so binary maps stay binary."""

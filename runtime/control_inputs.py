@@ -9,6 +9,8 @@ from ..models.control_schedule import (HOLD, INTERPOLATIONS, LatentStrengths, Sc
                                        parse_strength_list)
 from . import batch_rows
 
+__all__ = ["INTERPOLATIONS"]  # re-exported for the Step Keyframe node's choices
+
 
 class Keyframes:
     """What Step Keyframe (XCtrl) passes on: the keyframes so far (a new tuple per node)."""

@@ -3,7 +3,7 @@ of the keyframe rules (docs/schedules.md), on a made-up linear percent -> sigma 
 import pytest
 import torch
 
-from xctrl.models.control_schedule import (LINEAR, LatentStrengths, ScheduleError, StepKeyframe, StepSchedule, Strengths,
+from xctrl.models.control_schedule import (LINEAR, LatentStrengths, ScheduleError, StepKeyframe, StepSchedule,
                                            parse_strength_list, percent_of_sigma)
 from xctrl.models.controlnet_xs import connection_weights
 
@@ -101,13 +101,6 @@ def test_latent_keyframes_count_negative_indices_from_the_end_and_null_the_rest(
     kf = LatentStrengths(values={0: 0.9, -1: 0.2}, missing=0.0)
     assert kf.for_latents([0, 1, 2, 3], 4).tolist() == pytest.approx([0.9, 0.0, 0.0, 0.2])
     assert kf.for_latents([3, 4], 5).tolist() == pytest.approx([0.0, 0.2])  # a window of a 5-frame video
-
-
-def test_identity():
-    assert Strengths().is_identity()
-    assert Strengths(StepSchedule([StepKeyframe(0.0, 1.0)])).is_identity()
-    assert not Strengths(uncond_multiplier=0.0).is_identity()
-    assert not Strengths(StepSchedule([StepKeyframe(0.5, 0.9)])).is_identity()
 
 
 def test_strength_lists_parse_commas_spaces_and_lines():

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from xctrl.models.checkpoint_io import load_state_dict
-from xctrl.preprocessors.hed import ControlNetHED_Apache2, build_hed, hed_edges, hed_soft_edges, nms, safe_step, scribble
+from xctrl.preprocessors.hed import ControlNetHED_Apache2, build_hed, edges_from_soft, hed_soft_edges, nms, safe_step, scribble
+
+
+def hed_edges(net, images, mode="soft"):
+    """The node's two steps on one image (H, W, 3) or a batch: soft edges, then the mode."""
+    out = edges_from_soft(hed_soft_edges(net, images), mode)
+    return out[0] if isinstance(images, np.ndarray) and images.ndim == 3 else out
 
 
 def real_layout():
@@ -166,7 +172,7 @@ def test_hed_scribble_mode_is_binary(net):
 
 def test_bad_input(net):
     with pytest.raises(ValueError, match="mode"):
-        hed_edges(net, np.zeros((8, 8, 3), np.uint8), "hard")
+        edges_from_soft(np.zeros((1, 8, 8)), "hard")
     with pytest.raises(ValueError, match="uint8 RGB"):
         hed_edges(net, np.zeros((8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="empty"):
