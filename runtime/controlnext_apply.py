@@ -54,6 +54,10 @@ class LoadedControlNeXt:
             self._patchers[key] = module_patcher(self.state_dict, variant, model)
         return self._patchers[key]
 
+    def built_modules(self):
+        """The modules built so far (one per variant, dtype and device pair), oldest first."""
+        return [patcher.model for patcher in self._patchers.values()]
+
 
 def load(control_file, unet_weights=NONE):
     """Load ControlNeXt: the module file from models/controlnet, and optionally its UNet weight file."""

@@ -9,7 +9,12 @@
 - report: the generated part of docs/benchmarks.md
 """
 import os
+import sys
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TESTS_DIR = os.path.join(PACK_DIR, "tests")
+# The benchmark builds its models and imports ComfyUI with the tests' harness (tests/harness: one
+# home for random weights in the released layouts and for loading the pack as ComfyUI does).
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
 GB = 1024 ** 3

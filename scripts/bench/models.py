@@ -1,29 +1,14 @@
 """ComfyUI imported for measuring, full-size random-weight base UNets, stock ControlNets, conditionings."""
 import os
-import sys
-
-from . import TESTS_DIR
 
 
 def import_comfyui(root, force_cpu):
     """ComfyUI on sys.path; CPU mode when there is no CUDA device (or when asked)."""
     import torch
 
-    sys.path.insert(0, TESTS_DIR)
     from harness import comfy_runtime
 
-    root = comfy_runtime.check_root(root)
-    sys.path.insert(0, root)
-    import utils.extra_config  # noqa: F401  (before nodes.py puts ComfyUI/comfy on sys.path)
-    import comfy.cli_args
-
-    use_cpu = force_cpu or not torch.cuda.is_available()
-    comfy.cli_args.args.cpu = use_cpu
-    import comfy.model_management  # noqa: F401
-    import folder_paths  # noqa: F401
-
-    comfy_runtime._state["root"] = root
-    comfy_runtime._state["version"] = comfy_runtime.comfyui_version(root)
+    comfy_runtime.import_comfyui(root, cpu=force_cpu or not torch.cuda.is_available())
     return comfy_runtime
 
 
@@ -61,10 +46,9 @@ CONTEXT = {"sd15": (77, 768), "sd21": (77, 1024), "sdxl": (77, 2048), "svd": (1,
 
 def init_random_(module, seed):
     """comfy ops leave weights uninitialised: N(0, 1/fan_in) matrices, norms ~1, small biases."""
-    sys.path.insert(0, TESTS_DIR)
     from harness import tiny_models
 
-    tiny_models._init_weights(module, seed)
+    tiny_models.init_weights(module, seed)
 
 
 def build_base(family, dtype, seed=0):
@@ -100,7 +84,6 @@ def stock_controlnet(family, dtype, seed):
 
 def random_layout(layout_file, seed):
     """Random tensors with a released key -> shape layout (the tests' generator)."""
-    sys.path.insert(0, TESTS_DIR)
     from harness.random_weights import random_layout as layout
 
     return layout(layout_file, seed)

@@ -1,9 +1,8 @@
 """Time per frame of the preprocessor nodes (random-weight networks, offline)."""
 import os
-import sys
 import time
 
-from . import TESTS_DIR
+
 from .runner import run_node
 from .stats import median
 
@@ -14,7 +13,6 @@ def run_preprocessors(bench):
     import torch
 
     a = bench.args
-    sys.path.insert(0, TESTS_DIR)
     from harness.comfy_runtime import pack_module
 
     import folder_paths
@@ -87,7 +85,6 @@ def dwpose_job(bench, pn, image, px):
     except ImportError:
         return (label, "skipped: needs the onnx package to write stand-in networks; the real YOLOX-L/RTMPose "
                        "graphs cannot be built here (no weights can be downloaded)", None)
-    sys.path.insert(0, TESTS_DIR)
     from harness.comfy_runtime import pack_module
 
     dwp = pack_module("preprocessors.dwpose")

@@ -4,7 +4,7 @@ import platform
 import sys
 import time
 
-from . import GB, PACK_DIR, TESTS_DIR
+from . import GB, PACK_DIR
 from .runner import FAMILY_TITLES
 from .stats import (CNX_FLOOR_FACTOR, MI_VS_SUM, XS_VS_CN_OVERHEAD, fmt, md_table, overhead, ratio, spread,
                     verdict)
@@ -41,10 +41,9 @@ def _load(avg):
 
 
 def _comfy_version():
-    sys.path.insert(0, TESTS_DIR)
     from harness import comfy_runtime
 
-    return comfy_runtime._state.get("version", "unknown")
+    return comfy_runtime.imported_version()
 
 
 def write_report(bench, path):

@@ -3,11 +3,10 @@
 warm-up), then timed runs interleaved A B C A B C ..."""
 import gc
 import os
-import sys
 import tempfile
 import time
 
-from . import GB, TESTS_DIR
+from . import GB
 from .measure import CallCounter, Probe, mem_available, param_bytes, param_count
 from .models import build_base, random_layout, save_sd, stock_controlnet, text_conds
 from .stats import check_cnx_floor, check_mi_vs_sum, check_xs_vs_cn, fmt, interleaved, md_table, median, ratio
@@ -20,7 +19,6 @@ FAMILY_TITLES = {"sd15": "SD1.5", "sd21": "SD2.1", "sdxl": "SDXL", "svd": "SVD (
 
 def node(module, name):
     """A node class of the pack, as ComfyUI loaded it."""
-    sys.path.insert(0, TESTS_DIR)
     from harness.comfy_runtime import pack_module
 
     return getattr(pack_module(module), name)
@@ -50,11 +48,10 @@ class Config:
 
 def cnx_counters(loaded):
     """CallCounters on the ControlNeXt module instance(s) the XCtrl runner uses."""
-    module = None
-    for patcher in loaded._patchers.values():  # built by the apply node, cached per (variant, dtype)
-        module = patcher.model
-    if module is None:
+    built = loaded.built_modules()  # built by the apply node, cached per (variant, dtype, devices)
+    if not built:
         return None, None
+    module = built[-1]
     stem = CallCounter("stem", module, "stem")
     rows = CallCounter("forward_from_stem", module, "forward_from_stem", rows=lambda stem_state, ts: int(stem_state[1].shape[0]))
     return stem, rows
@@ -86,7 +83,6 @@ class Bench:
 
     # ------------------------------------------------------------------ nodes
     def load_cnx(self, variant, seed):
-        sys.path.insert(0, TESTS_DIR)
         from harness.controlnext_files import LAYOUTS
 
         name = save_sd(self.controlnet_dir, f"controlnext_{variant}.safetensors", random_layout(LAYOUTS[variant], seed))
@@ -279,7 +275,7 @@ class Bench:
             loaded = self.load_cnx(cnx_variant, seed=11)
             model = self.apply_cnx(base, loaded, image)
             stem, rows = cnx_counters(loaded)
-            module = next(iter(loaded._patchers.values())).model
+            module = loaded.built_modules()[0]
             label = {"sd15": "+ ControlNeXt SD1.5 (released, 1280 out)", "sdxl": "+ ControlNeXt SDXL"}[family]
             c = Config("cnx", label, model, pos, neg, param_count(module), [module])
             c.stem_counter, c.module_counter = stem, rows
@@ -350,7 +346,7 @@ class Bench:
         loaded = self.load_cnx("svd_v2", seed=12)
         model = self.apply_cnx(base, loaded, poses)
         stem, rows = cnx_counters(loaded)
-        module = next(iter(loaded._patchers.values())).model
+        module = loaded.built_modules()[0]
         c = Config("cnx", "+ ControlNeXt-SVD v2", model, pos, neg, param_count(module), [module])
         c.stem_counter, c.module_counter = stem, rows
         c.distinct_hints = frames

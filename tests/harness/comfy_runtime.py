@@ -37,8 +37,8 @@ def comfyui_version(root):
     return "unknown"
 
 
-def import_comfyui(root):
-    """Puts ComfyUI on sys.path in CPU mode and imports its core. Idempotent."""
+def import_comfyui(root, cpu=True):
+    """Puts ComfyUI on sys.path (in CPU mode unless asked otherwise) and imports its core. Idempotent."""
     if "root" in _state:
         if _state["root"] != root:
             raise RuntimeError(f"this process already imported ComfyUI from {_state['root']}")
@@ -51,7 +51,7 @@ def import_comfyui(root):
     import comfy.cli_args
 
     # Must happen before comfy.model_management is imported: it reads --cpu at import time.
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu
     comfy.cli_args.args.disable_all_custom_nodes = False
     import comfy.model_management  # noqa: F401
     import folder_paths  # noqa: F401
@@ -59,6 +59,11 @@ def import_comfyui(root):
     _state["root"] = root
     _state["version"] = comfyui_version(root)
     return root
+
+
+def imported_version():
+    """The version of the ComfyUI this process imported ("unknown" before any)."""
+    return _state.get("version", "unknown")
 
 
 def pack_custom_nodes_dir():

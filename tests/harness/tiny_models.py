@@ -48,7 +48,7 @@ FLUX_TINY = dict(
 )
 
 
-def _init_weights(module, seed):
+def init_weights(module, seed):
     """comfy.ops.disable_weight_init leaves parameters uninitialised: fill them."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -74,7 +74,7 @@ def _patcher(model_config_cls, unet_config, seed, dtype=torch.float32, disable_d
     mc = model_config_cls(dict(unet_config))
     mc.set_inference_dtype(dtype, None)
     model = mc.get_model({})
-    _init_weights(model.diffusion_model, seed)
+    init_weights(model.diffusion_model, seed)
     model.diffusion_model.to(dtype)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
     # The loader factory core's loaders register (ComfyUI with MultiGPU builds a model per device
@@ -160,7 +160,7 @@ def stock_controlnet(module, seed, **kwargs):
     import comfy.controlnet
     import comfy.model_management as mm
 
-    _init_weights(module, seed)
+    init_weights(module, seed)
     module.eval()
     return comfy.controlnet.ControlNet(module, load_device=mm.get_torch_device(), manual_cast_dtype=None, **kwargs)
 
