@@ -12,7 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-# transformer_options key set by XCtrl Long Video for each window: a Window.
+# transformer_options keys set by XCtrl Long Video: on the MODEL, its (frames per window, overlap);
+# in each windowed model call, that call's Window.
+LONG_VIDEO = "xctrl_long_video"
 WINDOW = "xctrl_window"
 
 

@@ -236,7 +236,7 @@ def check_not_a_tile(hint_hw, image_hw, node, per_prompt_node):
 def windowed(model_options):
     """Whether sampling runs the video in context windows (XCtrl Long Video or ComfyUI's)."""
     to = (model_options or {}).get("transformer_options", {})
-    return bool(to.get(batch_rows.WINDOW)) or (model_options or {}).get("context_handler") is not None
+    return bool(to.get(batch_rows.LONG_VIDEO)) or (model_options or {}).get("context_handler") is not None
 
 
 def check_core_context_windows(model_options, latents, sigmas, node):

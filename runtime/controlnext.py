@@ -84,7 +84,7 @@ class ControlNeXtRunner(ControlRunner):
             model.set_model_patch_replace(JointBlockInjection(self, previous), "dit", "double_block", 0)
 
     def check_sampling(self, latent_shape, model_options, is_windowed=None):
-        if (model_options or {}).get("transformer_options", {}).get(batch_rows.WINDOW) and self.variant.name != "svd_v2":
+        if (model_options or {}).get("transformer_options", {}).get(batch_rows.LONG_VIDEO) and self.variant.name != "svd_v2":
             raise ValueError(
                 f"{self.NODE}: XCtrl Long Video runs the authors' ControlNeXt-SVD v2 window loop, but this module is "
                 f"ControlNeXt {self.variant.title}: use the SVD v2 control module (or remove the Long Video node)."

@@ -63,7 +63,7 @@ class LongVideoWindows:
         _make_outermost(model, pe.WrappersMP.APPLY_MODEL, self.uid)
         model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, self.uid, self.outer_sample_wrapper)
         model.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, self.uid, self.prepare_sampling_wrapper)
-        model.model_options.setdefault("transformer_options", {})[batch_rows.WINDOW] = (self.frames_per_window, self.overlap)
+        model.model_options.setdefault("transformer_options", {})[batch_rows.LONG_VIDEO] = (self.frames_per_window, self.overlap)
         if self.min_cfg is not None:
             model.set_model_sampler_cfg_function(self.cfg_function, disable_cfg1_optimization=True)
 

@@ -387,20 +387,6 @@ def test_mmdit_sampling_end_to_end(nodes_mod, controlnet_dir):
     assert torch.isfinite(out).all() and not torch.allclose(out, run(base))
 
 
-def test_injection_points_follow_the_released_code(pack):
-    """Where each variant's feature is added (ComfyUI hook and block)."""
-    runtime = pack_module("runtime.controlnext")
-    table = {
-        "sd15": ("output_block_patch", ("output", 0)),
-        "sd15_training": ("input_block_patch_after_skip", ("input", 3)),
-        "sdxl": ("input_block_patch_after_skip", ("input", 0)),
-        "svd_v1": ("input_block_patch_after_skip", ("input", 11)),
-        "svd_v2": ("input_block_patch_after_skip", ("input", 3)),
-        "sd3": ("dit_double_block_0", ("double_block", 0)),
-    }
-    assert {k: (v.hook, v.block) for k, v in runtime.INJECTIONS.items()} == table
-
-
 def test_control_module_follows_the_models_devices(controlnet_dir, nodes_mod):
     """A UNet that a multi-GPU pack placed on another device takes its control module along."""
     base = tm.sdxl()

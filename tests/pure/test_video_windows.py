@@ -1,5 +1,6 @@
 """The long-video window rules (models/video_windows.py) against hand-written versions of the
 ControlNeXt-SVD v2 authors' loop."""
+import math
 import random
 
 import pytest
@@ -9,16 +10,13 @@ from xctrl.models import video_windows as vw
 
 
 def reference_starts(n, length, overlap):
-    """The reference pipeline's loop, written out: windows of min(L, N) frames from
-    range(0, N - O, L - O), a window past the end moved back to N - L. (With L clamped to N
-    the reference's range can be empty or have step 0; a video this short is one window.)"""
-    length = min(length, n)
-    if length == n:
+    """The authors' windows in closed form: ceil((N - O) / (L - O)) windows (the length of their
+    range(0, N - O, L - O)), window k at k * (L - O), moved back to N - L if it would end past the
+    last frame; a video no longer than one window is one window."""
+    if n <= length:
         return [0]
-    out = []
-    for start in range(0, n - overlap, length - overlap):
-        out.append(n - length if start + length > n else start)
-    return out
+    stride = length - overlap
+    return [min(k * stride, n - length) for k in range(math.ceil((n - overlap) / stride))]
 
 
 @pytest.mark.parametrize("n, length, overlap, starts", [
