@@ -1,6 +1,7 @@
-"""The tests' hand-written UNet loop (harness/reference.py) is ComfyUI's forward: without hooks it
-equals ComfyUI's own apply_model bit for bit, so a failing parity test points at the method, not
-at the loop."""
+"""The tests' hand-written loops (harness/reference.py, harness/mi_reference.py) are ComfyUI's
+forward: without hooks they equal ComfyUI's own apply_model bit for bit, and the MI references put
+stock control residuals where ComfyUI does, so a failing parity test points at the method, not at
+the loop."""
 import pytest
 import torch
 
@@ -43,3 +44,37 @@ def test_hooks_change_what_they_say(pack):
         for point in [("input", 3), ("input", 3, "skip"), ("middle", 0), ("output", 2), ("skip", 4)]:
             changed = ref.unet_denoised(model, x, sigma, ctx, hooks={point: lambda h: h * 1.5})
             assert not torch.equal(changed, plain), point
+
+
+def test_mmdit_loop_without_hooks_is_comfyuis_apply_model(pack):
+    from harness.mi_reference import mmdit_reference
+    from harness.mi_setups import sd3_setup
+
+    setup = sd3_setup()
+    model, cond = setup["base"], setup["pos"][0]
+    sigma = setup["sigma"].reshape(1)
+    y = cond[1]["pooled_output"]
+    with torch.no_grad():
+        want = model.apply_model(setup["x"], sigma, c_crossattn=cond[0], y=y, transformer_options={})
+        got = mmdit_reference(model, setup["x"], sigma, cond[0], y, lambda kind, i, img: img)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd3", "flux"])
+def test_control_points_of_the_mi_references_are_comfyuis(family, pack):
+    """In mode "sum" the MI references add each stock ControlNet's residuals where they say ComfyUI
+    does: they then equal ComfyUI's own stock forward with the same ControlNets applied."""
+    from harness import mi_reference as mr
+    from harness import mi_setups as ms
+
+    setup = getattr(ms, f"{family}_setup")()
+    controls = ms.spec(ms.STRENGTHS[:2])
+    pos, neg = ms.apply_controls(setup, controls)
+    stock = ms.denoise_once(setup["patcher"], pos, neg, setup["x"], setup["sigma"])
+    if family == "flux":
+        want = mr.flux_reference(setup, controls, setup["sigma"], "sum", "layer")
+    else:
+        want = mr.reference_denoised(setup, controls, setup["sigma"], "sum", "layer")
+    plain = ms.denoise_once(setup["patcher"], setup["pos"], setup["neg"], setup["x"], setup["sigma"])
+    assert (stock - plain).abs().max() > 1e-3  # the controls act at these points
+    torch.testing.assert_close(want.to(stock.dtype), stock, rtol=1e-5, atol=1e-5)
