@@ -51,3 +51,18 @@ def strength_inputs():
                        tooltip="Multiplies the control on the negative (uncond) prompt's rows. 1 = as the reference "
                                "pipelines; 0 = the control acts on the positive only ('ControlNet is more important')."),
     ]
+
+
+def control_inputs(what, strength_tip, method_inputs=()):
+    """An Apply node's inputs after its MODEL / conditioning and control, in their published order:
+    the condition image, strength, step range and mask, the method's own inputs, then the inputs
+    appended since (schedule, latent strengths, uncond multiplier, resize mode)."""
+    return [
+        image_input(what),
+        io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip=strength_tip),
+        *step_range_inputs(),
+        mask_input(),
+        *method_inputs,
+        *strength_inputs(),
+        resize_mode_input(),
+    ]

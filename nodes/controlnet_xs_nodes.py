@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..runtime import controlnet_xs_apply as apply
 from ..runtime.control_inputs import ControlInputs, check_step_range
 from ..runtime.weight_files import file_list
-from .apply_inputs import ControlNetXSType, image_input, mask_input, resize_mode_input, step_range_inputs, strength_inputs
+from .apply_inputs import ControlNetXSType, control_inputs
 
 CATEGORY = "XCtrl/ControlNet-XS"
 
@@ -66,13 +66,7 @@ class ApplyControlNetXS(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 ControlNetXSType.Input("controlnet_xs"),
-                image_input("canny edges, depth, ..."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="Scales every control -> base connection (the authors' conditioning scale). 0 leaves the model untouched."),
-                *step_range_inputs(),
-                mask_input(),
-                *_weight_inputs(),
-                *strength_inputs(),
-                resize_mode_input(),
+                *control_inputs("canny edges, depth, ...", "Scales every control -> base connection (the authors' conditioning scale). 0 leaves the model untouched.", method_inputs=_weight_inputs()),
             ],
             outputs=[io.Model.Output()],
         )
@@ -110,13 +104,7 @@ class ApplyControlNetXSConditioning(io.ComfyNode):
                 io.Conditioning.Input("negative"),
                 io.Model.Input("model", tooltip="The MODEL these conditionings will be sampled with (read only)."),
                 ControlNetXSType.Input("controlnet_xs"),
-                image_input("canny edges, depth, ..."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="As Apply ControlNet-XS's strength."),
-                *step_range_inputs(),
-                mask_input(),
-                *_weight_inputs(),
-                *strength_inputs(),
-                resize_mode_input(),
+                *control_inputs("canny edges, depth, ...", "As Apply ControlNet-XS's strength.", method_inputs=_weight_inputs()),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
         )

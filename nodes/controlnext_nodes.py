@@ -9,7 +9,7 @@ from ..runtime.long_video import NODE as LONG_VIDEO_NODE
 from ..runtime.long_video import check_window_inputs, windowed_model
 from ..runtime.svd_conditioning import reference_conditioning
 from ..runtime.weight_files import NONE, file_list
-from .apply_inputs import ControlNeXtType, image_input, mask_input, resize_mode_input, step_range_inputs, strength_inputs
+from .apply_inputs import ControlNeXtType, control_inputs
 
 CATEGORY = "XCtrl/ControlNeXt"
 
@@ -53,15 +53,11 @@ class ApplyControlNeXt(io.ComfyNode):
             inputs=[
                 io.Model.Input("model"),
                 ControlNeXtType.Input("controlnext"),
-                image_input("pose, edges, depth, ..."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="Control strength. SD1.5 released: multiplies the learned scale. SDXL: the scale itself (authors: ~0.35 for canny, 1.0 for dense conditions)."),
-                *step_range_inputs(),
-                mask_input(),
-                io.Float.Input("unet_strength", optional=True, default=1.0, min=-2.0, max=2.0, step=0.01, tooltip="Strength of the UNet weight file loaded with the module (ignored without one)."),
-                io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse", tooltip="An SDXL-layout file on an SD1.5 model: 'refuse' (no SD1.5-Training weights were released, so it is most likely an SDXL file) or 'sd15_training' for a module you trained with the ControlNeXt SD1.5-Training code."),
-                io.Boolean.Input("reference_pose_per_window", optional=True, default=True, tooltip="SVD v2 under context windows (XCtrl Long Video, ComfyUI's Context Windows, AnimateDiff-Evolved context options): every window gets pose frame 0 (the reference image's pose) at its first position, as the authors' long-video loop does. Off: every frame gets its own pose. Other variants always use their own frame's image."),
-                *strength_inputs(),
-                resize_mode_input(),
+                *control_inputs("pose, edges, depth, ...", "Control strength. SD1.5 released: multiplies the learned scale. SDXL: the scale itself (authors: ~0.35 for canny, 1.0 for dense conditions).", method_inputs=[
+                    io.Float.Input("unet_strength", optional=True, default=1.0, min=-2.0, max=2.0, step=0.01, tooltip="Strength of the UNet weight file loaded with the module (ignored without one)."),
+                    io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse", tooltip="An SDXL-layout file on an SD1.5 model: 'refuse' (no SD1.5-Training weights were released, so it is most likely an SDXL file) or 'sd15_training' for a module you trained with the ControlNeXt SD1.5-Training code."),
+                    io.Boolean.Input("reference_pose_per_window", optional=True, default=True, tooltip="SVD v2 under context windows (XCtrl Long Video, ComfyUI's Context Windows, AnimateDiff-Evolved context options): every window gets pose frame 0 (the reference image's pose) at its first position, as the authors' long-video loop does. Off: every frame gets its own pose. Other variants always use their own frame's image."),
+                ]),
             ],
             outputs=[io.Model.Output()],
         )
@@ -100,16 +96,12 @@ class ApplyControlNeXtConditioning(io.ComfyNode):
                 io.Conditioning.Input("negative"),
                 io.Model.Input("model", tooltip="The MODEL these conditionings will be sampled with (read only)."),
                 ControlNeXtType.Input("controlnext"),
-                image_input("pose, edges, depth, ..."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="As Apply ControlNeXt's strength."),
-                *step_range_inputs(),
-                mask_input(),
-                io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse",
-                               tooltip="As Apply ControlNeXt's sd15_layout."),
-                io.Boolean.Input("reference_pose_per_window", optional=True, default=True,
-                                 tooltip="As Apply ControlNeXt's reference_pose_per_window."),
-                *strength_inputs(),
-                resize_mode_input(),
+                *control_inputs("pose, edges, depth, ...", "As Apply ControlNeXt's strength.", method_inputs=[
+                    io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse",
+                                   tooltip="As Apply ControlNeXt's sd15_layout."),
+                    io.Boolean.Input("reference_pose_per_window", optional=True, default=True,
+                                     tooltip="As Apply ControlNeXt's reference_pose_per_window."),
+                ]),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
         )

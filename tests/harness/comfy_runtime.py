@@ -152,3 +152,21 @@ def combo_options(node_class, name):
     inputs = node_class.INPUT_TYPES()
     spec = inputs.get("required", {}).get(name) or inputs.get("optional", {}).get(name)
     return spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])
+
+
+def model_call(patcher, x, sigma, ctx, cond_or_uncond=(0,), y=None, sample_sigmas=None):
+    """One model call as a sampler makes it, with the patcher's wrappers and patches installed."""
+    import torch
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher])
+    to = dict(patcher.model_options["transformer_options"])
+    to["wrappers"] = patcher.wrappers
+    to["cond_or_uncond"] = list(cond_or_uncond)
+    sigmas = torch.full((x.shape[0],), float(sigma))
+    to["sigmas"] = sigmas
+    if sample_sigmas is not None:
+        to["sample_sigmas"] = sample_sigmas
+    kw = {} if y is None else {"y": y}
+    with torch.no_grad():
+        return patcher.model.apply_model(x, sigmas, c_crossattn=ctx, transformer_options=to, **kw)

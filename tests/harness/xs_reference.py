@@ -389,3 +389,16 @@ def xs_denoised(base_model, p, x, sigma, context, hint, scale, y=None, weights=N
     hooks.update({("input", i, "skip"): encoder(i) for i in range(n_in)})
     hooks.update({("output", j): decoder(j) for j in range(len(dm.output_blocks))})
     return ref.unet_denoised(base_model, x, sigma, context, y=y, hooks=hooks)
+
+
+def loaded_sd15_xs(load_node, controlnet_dir, file_name, seed=4):
+    """(tiny SD1.5 base at 768 context, its ControlNet-XS state dict, the file loaded by the pack's
+    Load ControlNet-XS node from ``controlnet_dir``)."""
+    from safetensors.torch import save_file
+
+    from harness.comfy_runtime import node_result
+
+    base = sd15_768()
+    sd = xs_state_dict("sd15", seed=seed)
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(controlnet_dir, file_name))
+    return base, sd, node_result(load_node, file_name)[0]

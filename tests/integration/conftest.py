@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from harness import comfy_runtime
+from harness import comfy_runtime, mi_setups
 
 ROOT = os.environ.get("XCTRL_COMFYUI_ROOT")
 SKIP_REASON = "no ComfyUI runtime: set COMFYUI_PATH (run_tests.sh) or XCTRL_COMFYUI_ROOT"
@@ -86,3 +86,24 @@ def controlnet_dir(model_folder):
 def nodes_mod(pack):
     """The ControlNeXt node module (modules testing other nodes name theirs)."""
     return comfy_runtime.pack_module("nodes.controlnext_nodes")
+
+
+# Tiny models with stock ControlNets for the MIControlNet tests (harness/mi_setups.py), one per module.
+@pytest.fixture(scope="module")
+def mi_sd15(pack):
+    return mi_setups.sd15_setup()
+
+
+@pytest.fixture(scope="module")
+def mi_sdxl(pack):
+    return mi_setups.sdxl_setup()
+
+
+@pytest.fixture(scope="module")
+def mi_sd3(pack):
+    return mi_setups.sd3_setup()
+
+
+@pytest.fixture(scope="module")
+def mi_flux(pack):
+    return mi_setups.flux_setup()

@@ -10,7 +10,7 @@ import torch
 from harness import reference as ref
 from harness import tiny_models as tm
 from harness import xs_reference
-from harness.comfy_runtime import node_result, pack_module, pack_node_classes
+from harness.comfy_runtime import model_call, node_result, pack_module, pack_node_classes
 from harness.controlnext_files import TINY_OUT, controlnext_sd, load, rel_err, write
 
 
@@ -23,20 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def call(patcher, x, sigma, ctx, cond_or_uncond, y=None, sample_sigmas=None):
-    """One model call as a sampler makes it (wrappers and patches installed)."""
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([patcher])
-    to = dict(patcher.model_options["transformer_options"])
-    to["wrappers"] = patcher.wrappers
-    to["cond_or_uncond"] = list(cond_or_uncond)
-    sigmas = torch.full((x.shape[0],), float(sigma))
-    to["sigmas"] = sigmas
-    if sample_sigmas is not None:
-        to["sample_sigmas"] = sample_sigmas
-    kw = {} if y is None else {"y": y}
-    with torch.no_grad():
-        return patcher.model.apply_model(x, sigmas, c_crossattn=ctx, transformer_options=to, **kw)
+    return model_call(patcher, x, sigma, ctx, cond_or_uncond, y, sample_sigmas)
 
 
 def keyframes(nodes, *frames):
@@ -209,14 +196,8 @@ def test_step_range_checked_at_validation_and_linked_values_when_the_node_runs(n
 @pytest.fixture(scope="module")
 def xs(nodes, controlnet_dir):
     import comfy.model_management as mm
-    from safetensors.torch import save_file
-    import os
 
-    base = xs_reference.sd15_768()
-    sd = xs_reference.xs_state_dict("sd15", seed=4)
-    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(controlnet_dir, "strengths_xs.safetensors"))
-    loaded = node_result(nodes["XCtrl_LoadControlNetXS"], "strengths_xs.safetensors")[0]
-    yield base, sd, loaded
+    yield xs_reference.loaded_sd15_xs(nodes["XCtrl_LoadControlNetXS"], controlnet_dir, "strengths_xs.safetensors")
     mm.unload_all_models()
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness import comfy_runtime, tiny_models, xs_reference
-from harness.comfy_runtime import node_result, pack_node_classes
+from harness.comfy_runtime import model_call, node_result, pack_node_classes
 from harness.layouts import load_layout
 from harness.xs_reference import vislearn_to_diffusers
 
@@ -68,18 +68,7 @@ def inputs(base, rows, seed=0, hints=1):
 
 
 def denoised(patcher, x, sigma, ctx, y=None, cond_or_uncond=(0,)):
-    """The model call a sampler makes (wrappers and patches of the patcher installed)."""
-    import comfy.model_management as mm
-
-    mm.load_models_gpu([patcher])
-    to = dict(patcher.model_options["transformer_options"])
-    to["wrappers"] = patcher.wrappers
-    to["cond_or_uncond"] = list(cond_or_uncond)
-    sigmas = torch.full((x.shape[0],), float(sigma))
-    to["sigmas"] = sigmas
-    kwargs = {} if y is None else {"y": y}
-    with torch.no_grad():
-        return patcher.model.apply_model(x, sigmas, c_crossattn=ctx, transformer_options=to, **kwargs)
+    return model_call(patcher, x, sigma, ctx, cond_or_uncond, y)
 
 
 def reference(base, sd, x, sigma, ctx, y, image_rows, scale):

@@ -15,7 +15,6 @@ the control network.
 Skipped on ComfyUI without comfy.multigpu (0.8.0, 0.3.64).
 """
 import contextlib
-import os
 
 import pytest
 import torch
@@ -184,12 +183,7 @@ def sd15(controlnet_dir):
 
 @pytest.fixture(scope="module")
 def xs(nodes, controlnet_dir):
-    from safetensors.torch import save_file
-
-    base = xs_reference.sd15_768()
-    sd = xs_reference.xs_state_dict("sd15", seed=4)
-    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(controlnet_dir, "mgpu_xs.safetensors"))
-    loaded = node_result(nodes["XCtrl_LoadControlNetXS"], "mgpu_xs.safetensors")[0]
+    base, sd, loaded = xs_reference.loaded_sd15_xs(nodes["XCtrl_LoadControlNetXS"], controlnet_dir, "mgpu_xs.safetensors")
     g = torch.Generator().manual_seed(5)
     image = torch.rand(1, 128, 128, 3, generator=g)
     return base, loaded, image, [[torch.randn(1, 5, 768, generator=g), {}]], [[torch.randn(1, 5, 768, generator=g), {}]]
