@@ -98,6 +98,14 @@ class ControlRunner:
         if matched is not None:  # ComfyUI with MultiGPU work units: a lane per device clone of the MODEL
             model.add_callback_with_key(matched, self.uid, self.on_multigpu_clone)
 
+    def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
+                            **kwargs):
+        """MODEL-level control: this call's work is prepared (``prepare_call``) before the model runs."""
+        if transformer_options is None:
+            transformer_options = {}
+        self.prepare_call(executor.class_obj, x, t, transformer_options)
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
     def models(self):
         """The control network of every lane this run uses, for the ``models()`` of the runner's
         patch objects (each ModelPatcher loads on its own device)."""

@@ -105,12 +105,6 @@ class ControlNetXSRunner(ControlRunner):
         model.set_model_output_block_patch(_Hook(self, self.output_patch))
 
     # ------------------------------------------------------------------ wrappers
-    def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
-        if transformer_options is None:
-            transformer_options = {}
-        self.prepare_call(executor.class_obj, x, t, transformer_options)
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-
     def prepare_call(self, base, x, t, transformer_options, device=None):
         """Whether the control acts in this call, at which row scales, on which lane (that of
         ``device`` or of the call's device): stashed for the UNet wrapper."""

@@ -92,12 +92,6 @@ class ControlNeXtRunner(ControlRunner):
         super().check_sampling(latent_shape, model_options, is_windowed)
 
     # ------------------------------------------------------------------ per model call
-    def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
-        if transformer_options is None:
-            transformer_options = {}
-        self.prepare_call(executor.class_obj, x, t, transformer_options)
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-
     def prepare_call(self, base_model, x, t, transformer_options, device=None):
         """Computes this call's features (with the lane of ``device`` or of the call's device) and
         stashes them for the injection patch."""

@@ -89,21 +89,11 @@ def nodes_mod(pack):
 
 
 # Tiny models with stock ControlNets for the MIControlNet tests (harness/mi_setups.py), one per module.
-@pytest.fixture(scope="module")
-def mi_sd15(pack):
-    return mi_setups.sd15_setup()
+def _mi_setup(family):
+    @pytest.fixture(scope="module")
+    def setup(pack):
+        return getattr(mi_setups, f"{family}_setup")()
+    return setup
 
 
-@pytest.fixture(scope="module")
-def mi_sdxl(pack):
-    return mi_setups.sdxl_setup()
-
-
-@pytest.fixture(scope="module")
-def mi_sd3(pack):
-    return mi_setups.sd3_setup()
-
-
-@pytest.fixture(scope="module")
-def mi_flux(pack):
-    return mi_setups.flux_setup()
+mi_sd15, mi_sdxl, mi_sd3, mi_flux = (_mi_setup(f) for f in ("sd15", "sdxl", "sd3", "flux"))
