@@ -325,6 +325,21 @@ def _depth(sd, prefix):
     return depth
 
 
+def _attention(vis, family, context_dim, ctrl, depth, depth_mid):
+    """(heads per level, middle heads, attention width per level, middle attention width)."""
+    cm = "control_model."
+    levels = range(len(ctrl))
+    heads = [heads_for(family, context_dim, ctrl[lv]) if depth[lv] else 0 for lv in levels]
+    mid_heads = heads_for(family, context_dim, ctrl[-1]) if depth_mid else 0
+    inner = [_shape(vis, f"{cm}input_blocks.{1 + 3 * lv}.1.transformer_blocks.0.attn1.to_q.weight")[0] if depth[lv] else 0
+             for lv in levels]
+    inner_mid = _shape(vis, f"{cm}middle_block.1.transformer_blocks.0.attn1.to_q.weight")[0] if depth_mid else 0
+    for c, h in list(zip(inner, heads)) + [(inner_mid, mid_heads)]:
+        if h and c % h:
+            raise ControlNetXSFormatError(f"ControlNet-XS attention width {c} is not divisible into {h} attention heads.")
+    return heads, mid_heads, inner, inner_mid
+
+
 def read_config(sd):
     """Reads the architecture from a ControlNet-XS state dict (any supported format)."""
     vis = to_vislearn(sd)
@@ -338,7 +353,7 @@ def read_config(sd):
     num_levels = (n_in + 1) // (NUM_RES_BLOCKS + 1)
 
     conv_in = _shape(vis, f"{cm}input_blocks.0.0.weight")
-    ctrl, base, depth, heads = [], [], [], []
+    ctrl, base, depth = [], [], []
     context_dim, use_linear = None, None
     for level in range(num_levels):
         first = 1 + (NUM_RES_BLOCKS + 1) * level
@@ -357,15 +372,7 @@ def read_config(sd):
     else:
         raise ControlNetXSFormatError("ControlNet-XS state dict without any transformer block: not a released layout.")
 
-    for level in range(num_levels):
-        heads.append(heads_for(family, context_dim, ctrl[level]) if depth[level] else 0)
-    mid_heads = heads_for(family, context_dim, ctrl[-1]) if depth_mid else 0
-    inner = [_shape(vis, f"{cm}input_blocks.{1 + 3 * lv}.1.transformer_blocks.0.attn1.to_q.weight")[0] if depth[lv] else 0
-             for lv in range(num_levels)]
-    inner_mid = _shape(vis, f"{cm}middle_block.1.transformer_blocks.0.attn1.to_q.weight")[0] if depth_mid else 0
-    for c, h in list(zip(inner, heads)) + [(inner_mid, mid_heads)]:
-        if h and c % h:
-            raise ControlNetXSFormatError(f"ControlNet-XS attention width {c} is not divisible into {h} attention heads.")
+    heads, mid_heads, inner, inner_mid = _attention(vis, family, context_dim, ctrl, depth, depth_mid)
 
     learned = f"{cm}time_embed.0.weight" in vis
     emb_shape = _shape(vis, f"{cm}input_blocks.1.0.emb_layers.1.weight")

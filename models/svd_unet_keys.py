@@ -133,7 +133,18 @@ def svd_unet_key_map(config):
             for p in _WB:
                 out[f"{dn}.{p}"] = f"{ln}.{p}"
 
-    # Input side: ComfyUI block n counts conv_in (0), res(+attention) blocks and downsamplers.
+    ch, skip_chans = _input_side(out, mc, mult, res, depth_in, temporal_cross)
+    _res_block(out, "mid_block.resnets.0", "middle_block.0", False)
+    _video_transformer(out, "mid_block.attentions.0", "middle_block.1", depth_mid, temporal_cross)
+    _res_block(out, "mid_block.resnets.1", "middle_block.2", False)
+    _output_side(out, mc, mult, res, depth_out, temporal_cross, ch, skip_chans)
+    return out
+
+
+def _input_side(out, mc, mult, res, depth_in, temporal_cross):
+    """Input blocks: ComfyUI block n counts conv_in (0), res(+attention) blocks and downsamplers.
+    Returns the width after the last block and the skip widths, for the output side."""
+    levels = len(mult)
     ch, n, r = mc, 1, 0
     skip_chans = [mc]
     for x in range(levels):
@@ -150,13 +161,13 @@ def svd_unet_key_map(config):
                 out[f"down_blocks.{x}.downsamplers.0.conv.{p}"] = f"input_blocks.{n}.0.op.{p}"
             skip_chans.append(ch)
             n += 1
+    return ch, skip_chans
 
-    _res_block(out, "mid_block.resnets.0", "middle_block.0", False)
-    _video_transformer(out, "mid_block.attentions.0", "middle_block.1", depth_mid, temporal_cross)
-    _res_block(out, "mid_block.resnets.1", "middle_block.2", False)
 
-    # Output side: diffusers up block x is level (levels - 1 - x); ComfyUI pops the
-    # per-output-block transformer depths from the end of transformer_depth_output.
+def _output_side(out, mc, mult, res, depth_out, temporal_cross, ch, skip_chans):
+    """Output blocks: diffusers up block x is level (levels - 1 - x); ComfyUI pops the
+    per-output-block transformer depths from the end of transformer_depth_output."""
+    levels = len(mult)
     depth_out = list(depth_out)
     n = 0
     for x in range(levels):
@@ -175,7 +186,6 @@ def svd_unet_key_map(config):
                 for p in _WB:
                     out[f"up_blocks.{x}.upsamplers.0.conv.{p}"] = f"output_blocks.{n}.{sub}.conv.{p}"
             n += 1
-    return out
 
 
 def _indices(keys, prefix):
