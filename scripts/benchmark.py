@@ -96,19 +96,36 @@ def snapshot(bench, started):
         elapsed=time.time() - started, started=started, argv=_argv_for_report())
 
 
+def write_all(state, out):
+    """The generated blocks of the report from a run's state (partial runs included)."""
+    write_report(state, out)
+    for name, report in (("long_video", long_video_report), ("flux", flux_report), ("training", training_report)):
+        if getattr(state, name, None):
+            replace_block(out, name, report(state))
+
+
+def run_family(bench, family):
+    a = bench.args
+    if family in ("sd15", "sd21", "sdxl"):
+        saved = set(a.configs)
+        if a.quick and family == "sdxl":
+            a.configs = a.configs & {"cnx", "xs"}
+        try:
+            bench.family_unet(family)
+        finally:
+            a.configs = saved
+        return
+    {"svd": lambda b: b.family_svd(), "pre": run_preprocessors, "long_video": run_long_video, "flux": run_flux,
+     "training": run_training}[family](bench)
+
+
 def main(argv=None):
     started = time.time()
     a = parse_args(argv)
     if a.render:  # re-render a saved run (e.g. after editing the report text), no measuring
         with open(a.render, "rb") as f:
-            state = pickle.load(f)
-        write_report(state, a.out)
-        if getattr(state, "long_video", None):
-            replace_block(a.out, "long_video", long_video_report(state))
-        if getattr(state, "flux", None):
-            replace_block(a.out, "flux", flux_report(state))
-        if getattr(state, "training", None):
-            replace_block(a.out, "training", training_report(state))
+            state = pickle.load(f)  # a state file this script wrote (--save-state), never a downloaded one
+        write_all(state, a.out)
         print(f"report written to {a.out} from {a.render}")
         return
     comfy_runtime = import_comfyui(a.comfyui, a.cpu)
@@ -129,24 +146,7 @@ def main(argv=None):
           f"steps/run {a.steps}, families {a.families}", flush=True)
     for family in a.families:
         t0 = time.perf_counter()
-        if family in ("sd15", "sd21", "sdxl"):
-            saved = set(a.configs)
-            if a.quick and family == "sdxl":
-                a.configs = a.configs & {"cnx", "xs"}
-            try:
-                bench.family_unet(family)
-            finally:
-                a.configs = saved
-        elif family == "svd":
-            bench.family_svd()
-        elif family == "pre":
-            run_preprocessors(bench)
-        elif family == "long_video":
-            run_long_video(bench)
-        elif family == "flux":
-            run_flux(bench)
-        elif family == "training":
-            run_training(bench)
+        run_family(bench, family)
         print(f"[{family}] done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         a.load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -154,13 +154,7 @@ def main(argv=None):
         if a.save_state:
             with open(a.save_state, "wb") as f:
                 pickle.dump(state, f)
-        write_report(state, a.out)  # after each family: partial results survive a crash
-        if bench.long_video:
-            replace_block(a.out, "long_video", long_video_report(state))
-        if bench.flux:
-            replace_block(a.out, "flux", flux_report(state))
-        if getattr(bench, "training", None):
-            replace_block(a.out, "training", training_report(state))
+        write_all(state, a.out)  # after each family: partial results survive a crash
     print(f"report written to {a.out} ({(time.time() - started) / 60:.1f} min)")
     with contextlib.suppress(Exception):
         import shutil
