@@ -21,21 +21,7 @@ def run_preprocessors(bench):
     os.environ["XCTRL_OFFLINE"] = "1"  # never download: every file is a local random-weight one
     pn = pack_module("nodes.preprocessor_nodes")
     am = pack_module("runtime.annotator_models")
-    hed = pack_module("preprocessors.hed")
-    body = pack_module("preprocessors.openpose_body")
-    dav2 = pack_module("preprocessors.depth_anything_v2")
-    torch.manual_seed(0)
-    net = hed.ControlNetHED_Apache2()
-    with torch.no_grad():
-        net.norm.uniform_(100, 150)
-    torch.save(net.state_dict(), os.path.join(bench.annotator_dir, hed.WEIGHT_FILE))
-    net = body.BodyPoseNet()
-    torch.save({k.split(".", 1)[1]: v for k, v in net.state_dict().items()}, os.path.join(bench.annotator_dir, body.WEIGHT_FILE))
-    net = dav2.DepthAnythingV2Small()
-    with torch.no_grad():
-        net.pretrained.pos_embed.normal_(0, 0.02)
-    torch.save(net.state_dict(), os.path.join(bench.annotator_dir, dav2.WEIGHT_FILE))
-    del net
+    _write_random_annotators(bench.annotator_dir, pack_module)
 
     px = a.pre_size
     rng = np.random.default_rng(0)
@@ -52,25 +38,54 @@ def run_preprocessors(bench):
     dw = dwpose_job(bench, pn, image, px)
     jobs.append(dw)
     for label, what, fn in jobs:
-        if fn is None:
-            bench.pre.append({"label": label, "what": what, "per_frame": None})
-            continue
-        try:
-            with torch.inference_mode():
-                fn()  # warm-up (loads the network)
-                times = []
-                for _ in range(a.repeats):
-                    t0 = time.perf_counter()
-                    fn()
-                    times.append((time.perf_counter() - t0) / a.pre_frames)
-            bench.pre.append({"label": label, "what": what, "per_frame": median(times), "times": times})
-            bench.log(f"  [pre] {label}: {median(times):.3f} s/frame")
-        except Exception as e:
-            import traceback
-
-            traceback.print_exc()
-            bench.pre.append({"label": label, "what": f"{what}; failed: {type(e).__name__}: {e}", "per_frame": None})
+        bench.pre.append(_time_job(bench, label, what, fn))
     am.free_models()
+
+
+def _write_random_annotators(folder, pack_module):
+    """Random-weight HED, OpenPose body and Depth Anything V2 files in the annotators folder."""
+    import torch
+
+    hed = pack_module("preprocessors.hed")
+    body = pack_module("preprocessors.openpose_body")
+    dav2 = pack_module("preprocessors.depth_anything_v2")
+    torch.manual_seed(0)
+    net = hed.ControlNetHED_Apache2()
+    with torch.no_grad():
+        net.norm.uniform_(100, 150)
+    torch.save(net.state_dict(), os.path.join(folder, hed.WEIGHT_FILE))
+    net = body.BodyPoseNet()
+    torch.save({k.split(".", 1)[1]: v for k, v in net.state_dict().items()}, os.path.join(folder, body.WEIGHT_FILE))
+    net = dav2.DepthAnythingV2Small()
+    with torch.no_grad():
+        net.pretrained.pos_embed.normal_(0, 0.02)
+    torch.save(net.state_dict(), os.path.join(folder, dav2.WEIGHT_FILE))
+    del net
+
+
+def _time_job(bench, label, what, fn):
+    """One preprocessor's row: warm-up (loads the network), then the median time per frame."""
+    import torch
+
+    a = bench.args
+    if fn is None:
+        return {"label": label, "what": what, "per_frame": None}
+    try:
+        with torch.inference_mode():
+            fn()
+            times = []
+            for _ in range(a.repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) / a.pre_frames)
+        bench.log(f"  [pre] {label}: {median(times):.3f} s/frame")
+        return {"label": label, "what": what, "per_frame": median(times), "times": times}
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        return {"label": label, "what": f"{what}; failed: {type(e).__name__}: {e}", "per_frame": None}
+
 
 def dwpose_job(bench, pn, image, px):
     """DWPose's networks are ONNX graphs (YOLOX-L, RTMPose-L); the pack has no torch definition

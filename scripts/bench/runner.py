@@ -263,15 +263,17 @@ class Bench:
 
     def unet_configs(self, family, base, image, image2, pos, neg):
         """The configurations of a UNet family, each on its own clone of ``base``."""
-        import torch
-
-        a = self.args
         configs = [Config("base", "base", base.clone(), pos, neg)]
-        notes = self.notes.setdefault(family, [])
+        configs += self._controlnext_configs(family, base, image, pos, neg)
+        configs += self._stock_controlnet_configs(family, base, image, image2, pos, neg)
+        configs += self._controlnet_xs_configs(family, base, image, pos, neg)
+        return configs
 
-        # ControlNeXt (the released module of the family)
+    def _controlnext_configs(self, family, base, image, pos, neg):
+        """The released ControlNeXt module of the family."""
+        configs = []
         cnx_variant = {"sd15": "sd15", "sdxl": "sdxl"}.get(family)
-        if cnx_variant and "cnx" in a.configs:
+        if cnx_variant and "cnx" in self.args.configs:
             loaded = self.load_cnx(cnx_variant, seed=11)
             model = self.apply_cnx(base, loaded, image)
             stem, rows = cnx_counters(loaded)
@@ -281,8 +283,15 @@ class Bench:
             c.stem_counter, c.module_counter = stem, rows
             c.per_run_work = True
             configs.append(c)
+        return configs
 
-        # stock ControlNet(s)
+    def _stock_controlnet_configs(self, family, base, image, image2, pos, neg):
+        """One stock ControlNet; two summed and two balanced by MI."""
+        import torch
+
+        a = self.args
+        configs = []
+        notes = self.notes.setdefault(family, [])
         want_cn = "cn" in a.configs or ("cn2" in a.configs and (family != "sdxl" or a.sdxl_cn2))
         cn_ok = want_cn and family in ("sd15", "sdxl")
         if cn_ok and family == "sdxl" and a.sdxl_controlnet != "on":
@@ -315,9 +324,12 @@ class Bench:
                 configs.append(Config("cn2_sum", "+ 2 ControlNets, summed (stock)", base.clone(), p2, n2, 2 * cn_params, mods))
                 mi_model, mp, mn = self.apply_mi(base, p2, n2)
                 configs.append(Config("cn2_mi", "+ 2 ControlNets, balanced (MI, paper)", mi_model, mp, mn, 2 * cn_params, mods))
+        return configs
 
-        # ControlNet-XS, each released size of the family
-        if "xs" in a.configs:
+    def _controlnet_xs_configs(self, family, base, image, pos, neg):
+        """Each released ControlNet-XS size of the family."""
+        configs = []
+        if "xs" in self.args.configs:
             for size_name in {"sd15": ["sd15_53m"], "sd21": ["sd21_14m"], "sdxl": ["sdxl_20m", "sdxl_48m"]}.get(family, []):
                 loaded = self.load_xs(size_name, seed=31)
                 model = self.apply_xs(base, loaded, image)
@@ -326,7 +338,6 @@ class Bench:
                 c = Config(f"xs_{size_name}", label, model, pos, neg, param_count(net), [net])
                 c.per_run_work = True
                 configs.append(c)
-
         return configs
 
     def family_svd(self):
