@@ -14,6 +14,9 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)  # for `import harness`
+SCRIPTS_DIR = os.path.join(PACK_DIR, "scripts")
+if SCRIPTS_DIR not in sys.path:
+    sys.path.insert(0, SCRIPTS_DIR)  # for `import example_workflows` (the workflow generator)
 
 if "xctrl" not in sys.modules:
     _pkg = types.ModuleType("xctrl")

@@ -1,5 +1,5 @@
 """Random-weight stand-ins for every weight file the example workflows (example_workflows/*.json)
-load, under the names the workflows use (workflow_builder.MODELS), as small as ComfyUI's model
+load, under the names the workflows use (scripts/example_workflows/files.py: MODELS), as small as ComfyUI's model
 detection allows.
 
 Why: the real files (2-16 GB each) cannot be downloaded here, and the end-to-end tests must run
@@ -40,7 +40,7 @@ What is reduced, and why it still loads as the named model:
   keep the released control widths (48m: 32/64/128 and learned time embedding; 14m: 4/8/16/16)
   with base-facing convolutions of the reduced base widths;
   stock ControlNets (SD1.5 v1.1 fp16 copies, SD3.5 Large Stability format) mirror the reduced UNet/MMDiT.
-- Placeholders (workflow_builder.PLACEHOLDERS): the Flux workflow's files are one-tensor files
+- Placeholders (example_workflows.files.PLACEHOLDERS): the Flux workflow's files are one-tensor files
   under their names, so the file lists and the workflow's validation see them; that workflow is
   not run (a Flux stand-in would need ComfyUI's full-size T5-XXL).
 - Annotators: Depth Anything V2 Small full size (random); DWPose ONNX files are constant
@@ -63,11 +63,10 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-if __package__:
-    from .workflow_builder import MODELS, PLACEHOLDERS
-else:  # run as a script
-    sys.path.insert(0, os.path.dirname(HERE))
-    from harness.workflow_builder import MODELS, PLACEHOLDERS
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "scripts")
+if SCRIPTS not in sys.path:  # the workflow catalogue (scripts/example_workflows)
+    sys.path.insert(0, SCRIPTS)
+from example_workflows.files import MODELS, PLACEHOLDERS  # noqa: E402
 
 # folder -> file names: every model file of the workflows, plus the preprocessors' networks
 FILES = {}
@@ -150,13 +149,13 @@ def server(comfy_root, prepare=None):
     workflows' input files in place; offline for annotator downloads. ``prepare(server)``
     runs before start (e.g. to add a corrupt file). Always stopped and cleaned up."""
     from .server import ComfyServer
-    from . import workflow_builder as wb
+    from . import workflow_runs
 
     old = os.environ.get("XCTRL_OFFLINE")
     os.environ["XCTRL_OFFLINE"] = "1"  # the annotators are there; never try the network
     srv = ComfyServer(comfy_root)
     link_into(ensure(comfy_root), srv.models_dir)
-    wb.write_test_inputs(os.path.join(srv.base, "input"), comfy_root)
+    workflow_runs.write_test_inputs(os.path.join(srv.base, "input"), comfy_root)
     if prepare is not None:
         prepare(srv)
     try:
@@ -522,7 +521,7 @@ def generate(comfy_root, out):
     _text_encoder(p("text_encoders", "clip_l.safetensors"), "l", 53)
     _text_encoder(p("text_encoders", "clip_g.safetensors"), "g", 54)
 
-    for folder, name in sorted(PLACEHOLDERS):  # listed, never loaded (see workflow_builder.PLACEHOLDERS)
+    for folder, name in sorted(PLACEHOLDERS):  # listed, never loaded (see example_workflows.files.PLACEHOLDERS)
         _save(p(folder, name), {"placeholder": torch.zeros(1)})
 
     _annotators(tmp, 60)

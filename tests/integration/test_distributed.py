@@ -25,7 +25,8 @@ import time
 import pytest
 
 from harness import standins
-from harness import workflow_builder as wb
+from example_workflows import ui_format
+from harness import workflow_runs
 from harness.server import ComfyServer
 
 ROOT = os.environ.get("XCTRL_COMFYUI_ROOT")
@@ -73,7 +74,7 @@ def _server(comfy_root, standin_dir, is_worker):
     shutil.copytree(DIST_DIR, os.path.join(srv.base, "custom_nodes", FOLDER),
                     ignore=shutil.ignore_patterns(".git", "gpu_config.json", "tests", "node_modules"))
     standins.link_into(standin_dir, srv.models_dir)
-    wb.write_test_inputs(os.path.join(srv.base, "input"), comfy_root)
+    workflow_runs.write_test_inputs(os.path.join(srv.base, "input"), comfy_root)
     return srv
 
 
@@ -118,7 +119,7 @@ def _seeded(prompt, seed):
     """The plain prompt: every seed input given ``seed``."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
-        for name in wb.SEED_NAMES:
+        for name in ui_format.SEED_NAMES:
             if name in node["inputs"]:
                 node["inputs"][name] = seed
     return prompt
@@ -129,7 +130,7 @@ def _distributed(prompt, seed):
     prompt = copy.deepcopy(prompt)
     seeded = 0
     for node in prompt.values():
-        for name in wb.SEED_NAMES:
+        for name in ui_format.SEED_NAMES:
             if name in node["inputs"]:
                 node["inputs"][name] = [SEED_NODE, 0]
                 seeded += 1
@@ -204,7 +205,7 @@ def _free(*servers):
 def _check_each_participant_equals_its_seed_alone(cluster, name):
     master, worker = cluster
     _free(master, worker)
-    base = _single_save(wb.api_prompt(name, master.get("/object_info"), wb.TEST_OVERRIDES))
+    base = _single_save(workflow_runs.api_prompt(name, master.get("/object_info"), workflow_runs.TEST_OVERRIDES))
     together = _saved(master, _run_distributed(master, worker, _distributed(base, SEED)))
     # Each seed's reference on the server that did not run that seed above.
     with concurrent.futures.ThreadPoolExecutor(2) as pool:

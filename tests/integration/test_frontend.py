@@ -14,7 +14,8 @@ import os
 import pytest
 
 from harness import frontend, standins
-from harness import workflow_builder as wb
+from example_workflows import catalogue, files
+from harness import workflow_runs
 from harness.server import ComfyServer
 from harness.comfy_runtime import PACK_FOLDER_NAME, comfyui_version
 
@@ -26,7 +27,7 @@ if _REASON:
     print(f"\n!!! {_REASON} !!!")
     pytest.skip(_REASON, allow_module_level=True)
 
-NAMES = sorted(wb.WORKFLOWS)
+NAMES = sorted(catalogue.WORKFLOWS)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def _load(page, name, expect_missing=False):
     """Loads a workflow; waits for its missing-models list up to 3 s where none is expected (the
     frontend raises it right after the load) and up to 60 s where one is (kept open then)."""
     wait_ms = 60000 if expect_missing else 3000
-    return page.evaluate(frontend.LOAD_WORKFLOW_JS, [PACK_FOLDER_NAME, wb.TITLES[name], expect_missing, wait_ms])
+    return page.evaluate(frontend.LOAD_WORKFLOW_JS, [PACK_FOLDER_NAME, catalogue.TITLES[name], expect_missing, wait_ms])
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def shots(comfy_root):
 
 def test_templates_endpoint_lists_every_workflow(fe_server, browser):
     listed = browser.page.evaluate("async () => (await (await fetch('/api/workflow_templates')).json())")
-    assert sorted(listed.get(PACK_FOLDER_NAME, [])) == sorted(wb.TITLES.values()), listed
+    assert sorted(listed.get(PACK_FOLDER_NAME, [])) == sorted(catalogue.TITLES.values()), listed
 
 
 def test_pack_nodes_are_in_the_node_library(fe_server, browser, shots):
@@ -84,9 +85,9 @@ def test_workflow_loads_queues_and_completes_in_the_frontend(name, fe_server, br
     outside = [n for n in result["nodes"] if not _inside(n["rect"], result["visible"])]
     assert not outside, f"{name}: nodes outside the visible canvas {result['visible']}: {outside}"
     browser.screenshot(shots, f"{name}_graph.png")
-    if name in wb.NOT_RUN:
-        pytest.skip(f"{name} loads in view with its files listed; not queued: {wb.NOT_RUN[name]}")
-    assert page.evaluate(frontend.SET_WIDGETS_JS, wb.TEST_OVERRIDES) > 0
+    if name in catalogue.NOT_RUN:
+        pytest.skip(f"{name} loads in view with its files listed; not queued: {catalogue.NOT_RUN[name]}")
+    assert page.evaluate(frontend.SET_WIDGETS_JS, workflow_runs.TEST_OVERRIDES) > 0
     with page.expect_response(lambda r: r.url.endswith("/prompt") and r.request.method == "POST", timeout=120000) as info:
         page.evaluate(frontend.QUEUE_JS)
     body = info.value.json()
@@ -121,7 +122,7 @@ def test_missing_models_dialog_offers_every_file_of_the_workflow(name, bare_brow
     bare_browser.screenshot(shots, f"{name}_missing_models.png")
     bare_browser.page.evaluate(frontend.CLOSE_DIALOG_JS)
     assert "error" not in result, result
-    wanted = {(f"{folder} / {file}", url) for (folder, file), url in wb.MODELS.items()
+    wanted = {(f"{folder} / {file}", url) for (folder, file), url in files.MODELS.items()
               if any(file in (node.get("widgets_values") or []) for node in result["workflow_nodes"])}
     assert wanted, f"{name} loads no model file"
     rows = result["missing_models"]

@@ -3,7 +3,7 @@
 Random-weight stand-ins of the right architectures sit under the published file names in the
 server's models folder (tests/harness/standins.py: what is reduced and why); the first run
 generates them into a cache (about 3 minutes, 8 GB). Each workflow's API twin is what the
-frontend would queue (tests/harness/workflow_builder.py), with the size, step and frame widgets
+frontend would queue (scripts/example_workflows, tests/harness/workflow_runs.py), with the size, step and frame widgets
 lowered (TEST_OVERRIDES) so that a run takes seconds to a few minutes on a CPU.
 """
 import asyncio
@@ -13,14 +13,15 @@ import os
 import pytest
 
 from harness import standins
-from harness import workflow_builder as wb
+from example_workflows import catalogue, ui_format, writer
+from harness import workflow_runs
 
-NAMES = sorted(wb.WORKFLOWS)
+NAMES = sorted(catalogue.WORKFLOWS)
 
 
 def skip_unless_available(name, node_types):
-    """A workflow using nodes this ComfyUI does not have (wb.REQUIRES) is skipped here, saying so."""
-    missing = [n for n in wb.REQUIRES.get(name, ()) if n not in node_types]
+    """A workflow using nodes this ComfyUI does not have (catalogue.REQUIRES) is skipped here, saying so."""
+    missing = [n for n in catalogue.REQUIRES.get(name, ()) if n not in node_types]
     if missing:
         pytest.skip(f"{name} needs {', '.join(missing)}, which this ComfyUI does not have")
 CORRUPT = "corrupt_controlnext.safetensors"
@@ -74,10 +75,10 @@ def object_info(wf_server):
 
 # ----------------------------------------------------------------------------- the files
 def test_workflow_folder_holds_one_json_and_thumbnail_per_use():
-    files = set(os.listdir(wb.WORKFLOW_DIR))
-    assert {f for f in files if f.endswith(".json")} == {wb.TITLES[n] + ".json" for n in NAMES}
+    files = set(os.listdir(writer.WORKFLOW_DIR))
+    assert {f for f in files if f.endswith(".json")} == {catalogue.TITLES[n] + ".json" for n in NAMES}
     for name in NAMES:
-        thumbnail = wb.workflow_path(name, ".jpg")
+        thumbnail = writer.workflow_path(name, ".jpg")
         assert os.path.isfile(thumbnail), f"thumbnail {thumbnail} missing"
         with open(thumbnail, "rb") as f:
             assert f.read(3) == b"\xff\xd8\xff", f"{thumbnail} is not a JPEG"
@@ -87,16 +88,16 @@ def test_workflow_folder_holds_one_json_and_thumbnail_per_use():
 def test_workflow_file_is_what_the_builder_writes(name, object_info):
     """The committed UI file equals the one generated from its API description (so UI files and
     API twins cannot drift), with this server's definitions of the pack's nodes and the stock
-    nodes' definitions recorded with the files (wb.STOCK_DEFINITIONS: another ComfyUI's stock
+    nodes' definitions recorded with the files (writer.STOCK_DEFINITIONS: another ComfyUI's stock
     nodes may differ; that the file runs here is test_workflow_converts_to_a_valid_prompt's)."""
     skip_unless_available(name, object_info)
-    with open(wb.workflow_path(name)) as f:
+    with open(writer.workflow_path(name)) as f:
         committed = json.load(f)
     assert committed.get("version") == 0.4
-    fresh = json.loads(json.dumps(wb.to_ui(wb.WORKFLOWS[name](), wb.build_definitions(object_info))))
+    fresh = json.loads(json.dumps(ui_format.to_ui(catalogue.WORKFLOWS[name](), writer.build_definitions(object_info))))
     assert committed == fresh, (
-        f"{wb.workflow_path(name)} is out of date with the node definitions: regenerate with "
-        "`python tests/harness/workflow_builder.py /path/to/ComfyUI`"
+        f"{writer.workflow_path(name)} is out of date with the node definitions: regenerate with "
+        "`python scripts/example_workflows /path/to/ComfyUI`"
     )
 
 
@@ -109,7 +110,7 @@ def in_process_folders(pack, standin_dir, tmp_path_factory, comfy_root):
         folder_paths.add_model_folder_path(folder, os.path.join(standin_dir, folder))
     folder_paths.filename_list_cache.clear()
     inputs = tmp_path_factory.mktemp("wf_input")
-    wb.write_test_inputs(str(inputs), comfy_root)
+    workflow_runs.write_test_inputs(str(inputs), comfy_root)
     old = folder_paths.get_input_directory()
     folder_paths.set_input_directory(str(inputs))
     yield
@@ -133,13 +134,13 @@ def test_workflow_converts_to_a_valid_prompt(name, in_process_folders):
     import nodes
 
     skip_unless_available(name, nodes.NODE_CLASS_MAPPINGS)
-    with open(wb.workflow_path(name)) as f:
+    with open(writer.workflow_path(name)) as f:
         ui = json.load(f)
     info = {cls: _node_info(nodes.NODE_CLASS_MAPPINGS[cls]) for cls in {n["type"] for n in ui["nodes"]}
             if cls in nodes.NODE_CLASS_MAPPINGS}
-    missing = {n["type"] for n in ui["nodes"]} - set(info) - set(wb.VIRTUAL_NODES)
+    missing = {n["type"] for n in ui["nodes"]} - set(info) - set(ui_format.VIRTUAL_NODES)
     assert not missing, f"unknown node types {missing}"
-    prompt = wb.to_api(ui, info)
+    prompt = ui_format.to_api(ui, info)
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt("wf-" + name, prompt, None))
     assert ok, f"{name}: {error} {json.dumps(node_errors)[:3000]}"
     assert outputs, f"{name} has no output node"
@@ -195,8 +196,8 @@ def test_workflows_saved_with_the_first_release_still_load(name, legacy_folders)
         ui = json.load(f)
     info = {cls: _node_info(nodes.NODE_CLASS_MAPPINGS[cls]) for cls in {n["type"] for n in ui["nodes"]}
             if cls in nodes.NODE_CLASS_MAPPINGS}
-    assert not {n["type"] for n in ui["nodes"]} - set(info) - set(wb.VIRTUAL_NODES)
-    prompt = wb.to_api(ui, info)
+    assert not {n["type"] for n in ui["nodes"]} - set(info) - set(ui_format.VIRTUAL_NODES)
+    prompt = ui_format.to_api(ui, info)
     ok, error, _, node_errors = asyncio.run(execution.validate_prompt("legacy-" + name, prompt, None))
     assert ok, f"{name}: {error} {json.dumps(node_errors)[:3000]}"
 
@@ -220,10 +221,10 @@ server_runs = pytest.mark.skipif(
 @server_runs
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_on_the_server(name, wf_server, object_info):
-    if name in wb.NOT_RUN:
-        pytest.skip(f"{name} is validated, not run: {wb.NOT_RUN[name]}")
+    if name in catalogue.NOT_RUN:
+        pytest.skip(f"{name} is validated, not run: {catalogue.NOT_RUN[name]}")
     skip_unless_available(name, object_info)
-    prompt = wb.api_prompt(name, object_info, wb.TEST_OVERRIDES)
+    prompt = workflow_runs.api_prompt(name, object_info, workflow_runs.TEST_OVERRIDES)
     history = wf_server.run_prompt(prompt, timeout=900)
     assert history["status"]["status_str"] == "success", f"{name}: {_error(history).get('exception_message')}\n" + wf_server.log()[-3000:]
     saved = [img for node_id, out in history["outputs"].items()
@@ -236,7 +237,7 @@ def test_workflow_runs_on_the_server(name, wf_server, object_info):
 
 def _run_with(server, object_info, workflow, seed, cls=None, values=None, overrides=None):
     """Runs a workflow's prompt with ``values`` given to every ``cls`` node (and ``overrides`` by input name)."""
-    prompt = wb.api_prompt(workflow, object_info, dict(wb.TEST_OVERRIDES, seed=seed, **(overrides or {})))
+    prompt = workflow_runs.api_prompt(workflow, object_info, dict(workflow_runs.TEST_OVERRIDES, seed=seed, **(overrides or {})))
     for node in prompt.values():
         if node["class_type"] == cls:
             node["inputs"].update(values)

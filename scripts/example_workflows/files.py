@@ -1,0 +1,80 @@
+"""Every model file the example workflows load: models folder, the name the loader lists, the
+download URL. The stand-ins the tests link, the loaders' ``models`` properties (the frontend's
+missing-models dialog), the notes nodes and the README table all come from ``MODELS``."""
+
+HF = "https://huggingface.co"
+PBIHAO = f"{HF}/Pbihao/ControlNeXt/resolve/main"
+# Every model file a workflow loads: (models folder, name as the loader lists it) -> download URL.
+# Files published under a generic name (controlnet.safetensors) keep their source repository's
+# folders, so they land apart and need no renaming; ComfyUI lists them with those folders.
+MODELS = {
+    ("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors"):
+        f"{HF}/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors",
+    ("checkpoints", "v2-1_512-ema-pruned.safetensors"):
+        f"{HF}/stabilityai/stable-diffusion-2-1-base/resolve/main/v2-1_512-ema-pruned.safetensors",
+    ("checkpoints", "sd_xl_base_1.0.safetensors"):
+        f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+    ("checkpoints", "svd_xt_1_1.safetensors"):
+        f"{HF}/stabilityai/stable-video-diffusion-img2vid-xt-1-1/resolve/main/svd_xt_1_1.safetensors",
+    ("checkpoints", "sd3.5_large.safetensors"):
+        f"{HF}/stabilityai/stable-diffusion-3.5-large/resolve/main/sd3.5_large.safetensors",
+    ("diffusion_models", "controlnext-svd_v2-unet-fp16_converted.safetensors"):
+        f"{HF}/Kijai/ControlNeXt-SVD-V2-Comfy/resolve/main/controlnext-svd_v2-unet-fp16_converted.safetensors",
+    ("text_encoders", "clip_l.safetensors"): f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
+    ("text_encoders", "clip_g.safetensors"):
+        f"{HF}/stabilityai/stable-diffusion-3.5-large/resolve/main/text_encoders/clip_g.safetensors",
+    ("controlnet", "ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors"):
+        f"{PBIHAO}/ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors",
+    ("controlnet", "ControlNeXt-SD1.5/deepfashion_multiview/unet.safetensors"):
+        f"{PBIHAO}/ControlNeXt-SD1.5/deepfashion_multiview/unet.safetensors",
+    ("controlnet", "ControlAny-SDXL/anime_canny/controlnet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/anime_canny/controlnet.safetensors",
+    ("controlnet", "ControlAny-SDXL/anime_canny/unet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/anime_canny/unet.safetensors",
+    ("controlnet", "ControlAny-SDXL/vidit_depth/controlnet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/vidit_depth/controlnet.safetensors",
+    ("controlnet", "ControlAny-SDXL/vidit_depth/unet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/vidit_depth/unet.safetensors",
+    ("controlnet", "controlnext-svd_v2-controlnet-fp16.safetensors"):
+        f"{HF}/Kijai/ControlNeXt-SVD-V2-Comfy/resolve/main/controlnext-svd_v2-controlnet-fp16.safetensors",
+    ("controlnet", "sdxl_encD_depth_48m.safetensors"): f"{HF}/CVL-Heidelberg/ControlNet-XS/resolve/main/sdxl_encD_depth_48m.safetensors",
+    ("controlnet", "Testing-ConrolNetXS-SD2.1-canny/diffusion_pytorch_model.safetensors"):
+        f"{HF}/UmerHA/Testing-ConrolNetXS-SD2.1-canny/resolve/main/diffusion_pytorch_model.safetensors",
+    ("controlnet", "control_v11p_sd15_openpose_fp16.safetensors"):
+        f"{HF}/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/control_v11p_sd15_openpose_fp16.safetensors",
+    ("controlnet", "control_v11p_sd15_canny_fp16.safetensors"):
+        f"{HF}/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/control_v11p_sd15_canny_fp16.safetensors",
+    ("controlnet", "sd3.5_large_controlnet_canny.safetensors"):
+        f"{HF}/Comfy-Org/stable-diffusion-3.5-controlnets_ComfyUI_repackaged/resolve/main/split_files/controlnet/sd3.5_large_controlnet_canny.safetensors",
+    ("controlnet", "sd3.5_large_controlnet_depth.safetensors"):
+        f"{HF}/Comfy-Org/stable-diffusion-3.5-controlnets_ComfyUI_repackaged/resolve/main/split_files/controlnet/sd3.5_large_controlnet_depth.safetensors",
+    ("diffusion_models", "flux1-dev.safetensors"): f"{HF}/Comfy-Org/flux1-dev/resolve/main/flux1-dev.safetensors",
+    ("text_encoders", "t5xxl_fp8_e4m3fn_scaled.safetensors"):
+        f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp8_e4m3fn_scaled.safetensors",
+    ("vae", "ae.safetensors"): f"{HF}/Comfy-Org/Lumina_Image_2.0_Repackaged/resolve/main/split_files/vae/ae.safetensors",
+    ("controlnet", "flux-canny-controlnet-v3.safetensors"):
+        f"{HF}/XLabs-AI/flux-controlnet-collections/resolve/main/flux-canny-controlnet-v3.safetensors",
+    ("controlnet", "flux-depth-controlnet-v3.safetensors"):
+        f"{HF}/XLabs-AI/flux-controlnet-collections/resolve/main/flux-depth-controlnet-v3.safetensors",
+}
+# Files the tests can only list, not load: a stand-in of Flux needs ComfyUI's fixed T5-XXL (4.7B
+# parameters), more than this machine holds next to everything else. The workflow that uses them
+# is validated and opened in the browser, not run (MI on Flux is tested on a tiny Flux).
+PLACEHOLDERS = {("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "t5xxl_fp8_e4m3fn_scaled.safetensors"),
+                ("vae", "ae.safetensors"), ("controlnet", "flux-canny-controlnet-v3.safetensors"),
+                ("controlnet", "flux-depth-controlnet-v3.safetensors")}
+MODEL_FOLDER = {name: folder for folder, name in MODELS}
+
+
+def source_repo(url):
+    """owner/name of a Hugging Face download URL."""
+    return "/".join(url[len(HF) + 1:].split("/")[:2])
+
+
+
+def model_files(graph):
+    """[(folder, file name, url)] of every model file a graph loads, in graph order."""
+    out = []
+    for _cls, inputs, _title in graph.values():
+        for v in inputs.values():
+            entry = (MODEL_FOLDER[v], v, MODELS[MODEL_FOLDER[v], v]) if isinstance(v, str) and v in MODEL_FOLDER else None
+            if entry and entry not in out:
+                out.append(entry)
+    return out
+

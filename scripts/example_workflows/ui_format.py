@@ -1,0 +1,207 @@
+"""API-format graph <-> the frontend's "Workflow JSON 0.4", using the server's ``/object_info``.
+
+``to_ui`` writes widgets_values in input order (the hidden "control_after_generate" value after
+seed widgets, the upload widget's value after LoadImage's file), a left-to-right layout by
+dependency depth, the links array, each loader's ``models`` property from ``MODELS`` so the
+frontend's missing-models dialog offers the downloads, and the view (``layout.view_showing``);
+``to_api`` is the inverse, the conversion the frontend makes when it queues a prompt (virtual
+nodes such as Note are dropped)."""
+from .files import MODEL_FOLDER, MODELS
+from .layout import view_showing
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
+SEED_NAMES = ("seed", "noise_seed")
+
+
+def _is_link(v):
+    return isinstance(v, list) and len(v) == 2 and isinstance(v[0], (str, int)) and isinstance(v[1], int)
+
+
+def _input_specs(info):
+    """[(name, type, options, optional)] in the order the frontend creates slots/widgets."""
+    out = []
+    order = info.get("input_order") or {s: list(info["input"].get(s, {})) for s in ("required", "optional")}
+    for section in ("required", "optional"):
+        for name in order.get(section, []):
+            spec = info["input"][section][name]
+            typ = spec[0]
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            out.append((name, "COMBO" if isinstance(typ, list) else typ, opts, section == "optional"))
+    return out
+
+
+def _is_widget(typ, opts):
+    return typ in WIDGET_TYPES and not opts.get("forceInput")
+
+
+def _default(typ, opts, info_spec):
+    if "default" in opts:
+        return opts["default"]
+    if typ == "COMBO":
+        options = info_spec[0] if isinstance(info_spec[0], list) else opts.get("options", [])
+        return options[0] if options else ""
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[typ]
+
+
+def _has_seed_control(name, typ, opts):
+    return typ == "INT" and (opts.get("control_after_generate") or name in SEED_NAMES)
+
+
+def widget_values(class_type, inputs, info):
+    values = []
+    for name, typ, opts, optional in _input_specs(info):
+        if not _is_widget(typ, opts):
+            continue
+        section = "optional" if optional else "required"
+        v = inputs.get(name, _default(typ, opts, info["input"][section][name]))
+        if _is_link(v):  # fed by a link: the widget keeps its default value slot
+            v = _default(typ, opts, info["input"][section][name])
+        values.append(v)
+        if _has_seed_control(name, typ, opts):
+            values.append("fixed")
+        if opts.get("image_upload"):
+            values.append("image")
+    return values
+
+
+def _depths(graph):
+    memo = {}
+
+    def depth(nid):
+        if nid not in memo:
+            memo[nid] = 0
+            ups = [v[0] for v in graph[nid][1].values() if _is_link(v)]
+            memo[nid] = 1 + max((depth(u) for u in ups), default=-1)
+        return memo[nid]
+
+    return {nid: depth(nid) for nid in graph}
+
+
+def _node_height(n_slots):
+    return 46 + 24 * n_slots
+
+
+def to_ui(graph, object_info):
+    """API-style description -> UI workflow JSON (version 0.4)."""
+    ids = {key: i + 1 for i, key in enumerate(graph)}
+    depths = _depths(graph)
+    links, nodes = [], []
+    out_links = {}
+    next_link = 1
+    # links first (so outputs can list them)
+    node_inputs = {}
+    for key, (cls, inputs, _title) in graph.items():
+        if cls in VIRTUAL_NODES:
+            node_inputs[key] = []
+            continue
+        info = object_info[cls]
+        slots = []
+        for name, typ, opts, optional in _input_specs(info):
+            v = inputs.get(name)
+            widget = _is_widget(typ, opts)
+            if widget and not _is_link(v):
+                continue
+            link_id = None
+            if v is not None:
+                if not _is_link(v):
+                    raise ValueError(f"{key}.{name}: {cls} takes a link here, got {v!r}")
+                src, slot = v
+                link_id = next_link
+                next_link += 1
+                links.append([link_id, ids[src], slot, ids[key], len(slots), info_type(object_info, graph, src, slot)])
+                out_links.setdefault((src, slot), []).append(link_id)
+            elif not optional:
+                raise ValueError(f"{key}.{name}: required input of {cls} not connected")
+            slot = {"name": name, "type": typ, "link": link_id}
+            if widget:  # a widget fed by a link: an input slot that names its widget
+                slot["widget"] = {"name": name}
+            slots.append(slot)
+        unknown = set(inputs) - {s[0] for s in _input_specs(info)}
+        if unknown:
+            raise ValueError(f"{key}: {cls} has no inputs {sorted(unknown)}")
+        node_inputs[key] = slots
+    columns = {}
+    order = sorted(graph, key=lambda k: (depths[k], list(graph).index(k)))
+    for rank, key in enumerate(order):
+        cls, inputs, title = graph[key]
+        col = depths[key] if cls not in VIRTUAL_NODES else 0
+        if cls in VIRTUAL_NODES:
+            node = {"id": ids[key], "type": cls, "pos": None, "size": [400, 200], "flags": {}, "order": rank, "mode": 0,
+                    "inputs": [], "outputs": [], "properties": {}, "widgets_values": [inputs["text"]]}
+            h = 200
+        else:
+            info = object_info[cls]
+            outputs = []
+            for slot, (otype, oname) in enumerate(zip(info["output"], info["output_name"])):
+                ls = out_links.get((key, slot), [])
+                outputs.append({"name": oname, "type": otype, "links": ls, "slot_index": slot})
+            wv = widget_values(cls, inputs, info)
+            h = _node_height(max(len(node_inputs[key]) + len(wv), len(outputs)))
+            if cls in ("LoadImage", "PreviewImage", "SaveImage", "SaveAnimatedWEBP", "LoadVideo"):
+                h += 260
+            properties = {"Node name for S&R": cls}
+            models = model_properties(wv)
+            if models:
+                properties["models"] = models
+            node = {"id": ids[key], "type": cls, "pos": None, "size": [330, h], "flags": {}, "order": rank, "mode": 0,
+                    "inputs": node_inputs[key], "outputs": outputs, "properties": properties, "widgets_values": wv}
+        if title:
+            node["title"] = title
+        y = columns.get(col, 40)
+        node["pos"] = [40 + 380 * col, y]
+        columns[col] = y + h + 50
+        nodes.append(node)
+    nodes.sort(key=lambda n: n["id"])
+    return {
+        "last_node_id": len(graph), "last_link_id": next_link - 1, "nodes": nodes, "links": links, "groups": [],
+        "config": {}, "extra": {"ds": view_showing(nodes)}, "version": 0.4,
+    }
+
+
+def model_properties(widget_values):
+    """The frontend's per-node ``models`` list (name, url, directory) for the files a node's
+    widgets select: what its missing-models dialog lists and offers to download."""
+    return [{"name": v, "url": MODELS[MODEL_FOLDER[v], v], "directory": MODEL_FOLDER[v]}
+            for v in widget_values if isinstance(v, str) and v in MODEL_FOLDER]
+
+
+
+def info_type(object_info, graph, src, slot):
+    return object_info[graph[src][0]]["output"][slot]
+
+
+def to_api(ui, object_info):
+    """UI workflow JSON -> API prompt {id: {class_type, inputs}}, as the frontend converts it."""
+    links = {l[0]: l for l in ui["links"]}
+    prompt = {}
+    for node in ui["nodes"]:
+        if node["type"] in VIRTUAL_NODES or node.get("mode", 0) in (2, 4):
+            continue
+        info = object_info.get(node["type"])
+        if info is None:
+            raise KeyError(f"node {node['id']}: unknown node type {node['type']}")
+        inputs = {}
+        values = list(node.get("widgets_values") or [])
+        linked = {i["name"]: i.get("link") for i in node.get("inputs", [])}
+        for name, typ, opts, optional in _input_specs(info):
+            if name in linked and linked[name] is not None:
+                l = links[linked[name]]
+                inputs[name] = [str(l[1]), l[2]]
+                if _is_widget(typ, opts) and values:  # a widget converted to an input keeps its value slot
+                    values.pop(0)
+                continue
+            if not _is_widget(typ, opts):
+                continue
+            if not values:  # a widget added after the file was saved: the frontend keeps its default
+                section = "optional" if optional else "required"
+                inputs[name] = _default(typ, opts, info["input"][section][name])
+                continue
+            inputs[name] = values.pop(0)
+            if _has_seed_control(name, typ, opts) and values and values[0] in ("fixed", "increment", "decrement", "randomize"):
+                values.pop(0)
+            if opts.get("image_upload") and values and values[0] == "image":
+                values.pop(0)
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
+
