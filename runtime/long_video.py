@@ -7,7 +7,8 @@ the video (models/video_windows.py): for each window it slices the batch rows of
 ControlNet residuals, calls the model with ``num_video_frames`` = the window length, and fuses
 the denoised windows with the reference's rule. ControlNeXt reads the window from
 ``transformer_options[batch_rows.WINDOW]`` to give each row its pose (window position 0: the
-reference pose, frame 0).
+reference pose, frame 0). Each model call moves the node's progress bar once per window (the
+sampler's bar moves once per step, which can take minutes here).
 
 Fusing denoised predictions is exact for the reference loop: an Euler step is affine in the
 prediction with coefficients that depend only on sigma, every window steps from the same
@@ -23,6 +24,7 @@ from einops import rearrange
 
 import comfy.model_management as mm
 import comfy.patcher_extension as pe
+import comfy.utils
 
 from ..models import video_windows as vw
 from . import batch_rows
@@ -99,7 +101,8 @@ class LongVideoWindows:
         starts = vw.window_starts(n, self.frames_per_window, self.overlap)
         fusion = vw.WindowFusion(n, starts, length, ramp=self.min_cfg is not None)
         chunks = len(kinds)
-        for start in starts:
+        bar = comfy.utils.ProgressBar(len(starts))  # a model call of a long video takes minutes on a CPU
+        for i, start in enumerate(starts):
             mm.throw_exception_if_processing_interrupted()
             frames = list(range(start, start + length))
             idx = torch.tensor([k * n + f for k in range(chunks) for f in frames], device=x.device)
@@ -110,6 +113,7 @@ class LongVideoWindows:
             out = executor(x[idx], _rows(t, idx, rows), _rows(c_concat, idx, rows), _rows(c_crossattn, idx, rows),
                            _control_rows(control, idx, rows), window_to, **sub)
             fusion.add(start, _frames_first(out, chunks, length))
+            bar.update_absolute(i + 1, len(starts))
         fused = _chunks_first(fusion.result(), chunks)
         if self.min_cfg is not None:
             self._keep_ramp(t, kinds, _chunks_first(fusion.ramp_result(), chunks), n)

@@ -362,3 +362,21 @@ def test_reference_conditioning_node_feeds_clip_and_vae_as_the_pipeline(nodes_mo
     assert pos[0][1]["fps"] == 7 and pos[0][1]["motion_bucket_id"] == 128 and pos[0][1]["augmentation_level"] == 0.02
     assert torch.equal(neg[0][0], torch.zeros(1, 1, 32)) and not neg[0][1]["concat_latent_image"].any()
     assert latent["samples"].shape == (5, 4, 12, 8)
+
+
+def test_progress_bar_moves_once_per_window_inside_each_model_call(setup, nodes_mod):
+    """A step of a long video runs several windows (minutes on a CPU): each window reports."""
+    import comfy.utils
+
+    base, sd, loaded = setup
+    poses, image_emb, concat, noise = video_inputs(7, seed=5)
+    seen = []
+    old = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, *a, **k: seen.append((value, total)))
+    try:
+        sample(long_video_model(nodes_mod, base, loaded, poses, 4, 2), image_emb, concat, noise)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(old)
+    windows = [(v, t) for v, t in seen if t == 3]  # 7 frames in windows of 4, overlap 2: starts 0, 2, 3
+    calls = len(SIGMAS) - 1  # euler: one model call per step (cond and uncond batched)
+    assert windows == [(1, 3), (2, 3), (3, 3)] * calls, seen
