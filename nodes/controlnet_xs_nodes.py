@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..runtime import controlnet_xs_apply as apply
 from ..runtime.control_inputs import ControlInputs, check_step_range
 from ..runtime.weight_files import file_list
+from ..runtime.node_search import search_aliases
 from .apply_inputs import ControlNetXSType, control_inputs
 
 CATEGORY = "XCtrl/ControlNet-XS"
@@ -19,6 +20,7 @@ class LoadControlNetXS(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_LoadControlNetXS",
+            **search_aliases("XCtrl_LoadControlNetXS"),
             display_name="Load ControlNet-XS (XCtrl)",
             category=CATEGORY,
             description=(
@@ -56,6 +58,7 @@ class ApplyControlNetXS(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_ApplyControlNetXS",
+            **search_aliases("XCtrl_ApplyControlNetXS"),
             display_name=cls.NODE,
             category=CATEGORY,
             description=(
@@ -92,6 +95,7 @@ class ApplyControlNetXSConditioning(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_ApplyControlNetXSConditioning",
+            **search_aliases("XCtrl_ApplyControlNetXSConditioning"),
             display_name=cls.NODE,
             category=CATEGORY,
             description=(

@@ -9,6 +9,7 @@ from ..runtime.long_video import NODE as LONG_VIDEO_NODE
 from ..runtime.long_video import check_window_inputs, windowed_model
 from ..runtime.svd_conditioning import reference_conditioning
 from ..runtime.weight_files import NONE, file_list
+from ..runtime.node_search import search_aliases
 from .apply_inputs import ControlNeXtType, control_inputs
 
 CATEGORY = "XCtrl/ControlNeXt"
@@ -19,6 +20,7 @@ class LoadControlNeXt(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_LoadControlNeXt",
+            **search_aliases("XCtrl_LoadControlNeXt"),
             display_name="Load ControlNeXt (XCtrl)",
             category=CATEGORY,
             description=(
@@ -44,6 +46,7 @@ class ApplyControlNeXt(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_ApplyControlNeXt",
+            **search_aliases("XCtrl_ApplyControlNeXt"),
             display_name=cls.NODE,
             category=CATEGORY,
             description=(
@@ -83,6 +86,7 @@ class ApplyControlNeXtConditioning(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_ApplyControlNeXtConditioning",
+            **search_aliases("XCtrl_ApplyControlNeXtConditioning"),
             display_name=cls.NODE,
             category=CATEGORY,
             description=(
@@ -126,6 +130,7 @@ class ControlNeXtSVDLongVideo(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_ControlNeXtSVDLongVideo",
+            **search_aliases("XCtrl_ControlNeXtSVDLongVideo"),
             display_name=LONG_VIDEO_NODE,
             category=CATEGORY,
             description=(

@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..models import mi_balance as mb
 from ..runtime.mi import CHANNEL_DIM, SUPPORTED, Balance, BalancedControl, apply_balance, architecture, format_stats
 from ..runtime.model_family import family_title, model_family
+from ..runtime.node_search import search_aliases
 
 LOG = logging.getLogger("xctrl.mi")
 CATEGORY = "XCtrl/MIControlNet"
@@ -36,6 +37,7 @@ class MIBalancedControl(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_MIBalancedControl",
+            **search_aliases("XCtrl_MIBalancedControl"),
             display_name="MI Balanced Control (XCtrl)",
             category=CATEGORY,
             description=DESCRIPTION,
@@ -85,6 +87,7 @@ class MILambdaStats(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_MILambdaStats",
+            **search_aliases("XCtrl_MILambdaStats"),
             display_name="MI Lambda Stats (XCtrl)",
             category=CATEGORY,
             description=(
