@@ -98,6 +98,10 @@ class HED(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, image):  # linked: None here; the files are checked
+        return am.check_files("XCtrl_HED")
+
+    @classmethod
     def execute(cls, image, mode, resolution, output_size):
         return io.NodeOutput(run.hed_edges(cls.NAME, image, mode, resolution, output_size))
 
@@ -126,6 +130,10 @@ class DepthAnythingV2(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, image):  # linked: None here; the files are checked
+        return am.check_files("XCtrl_DepthAnythingV2")
+
+    @classmethod
     def execute(cls, image, render, resolution, output_size):
         return io.NodeOutput(run.depth_maps(cls.NAME, image, render, resolution, output_size))
 
@@ -152,6 +160,10 @@ class OpenPose(io.ComfyNode):
             ],
             outputs=[io.Image.Output(display_name="image"), PoseKeypoint.Output(display_name="pose_keypoint")],
         )
+
+    @classmethod
+    def validate_inputs(cls, image):  # linked: None here; the files are checked
+        return am.check_files("XCtrl_OpenPose")
 
     @classmethod
     def execute(cls, image, resolution, output_size, frame_stride=1):
@@ -184,6 +196,10 @@ class DWPose(io.ComfyNode):
             ],
             outputs=[io.Image.Output(display_name="image"), PoseKeypoint.Output(display_name="pose_keypoint")],
         )
+
+    @classmethod
+    def validate_inputs(cls, image):  # linked: None here; the files are checked
+        return am.check_files("XCtrl_DWPose")
 
     @classmethod
     def execute(cls, image, resolution, output_size, draw_hands, draw_face, backend="auto", frame_stride=1):

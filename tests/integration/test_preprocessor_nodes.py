@@ -645,3 +645,28 @@ def test_cancel_stops_dwpose_between_people(pn, dwpose_files, monkeypatch):
     finally:
         mm.interrupt_current_processing(False)
     assert len(runs) == 1  # the pose model never ran
+
+
+def test_offline_validation_names_every_missing_file_at_once(pack, am, tmp_path, monkeypatch):
+    """Offline, a preprocessor's validation (which ComfyUI runs for every node of a prompt before
+    anything executes, and reports together) names all of its missing files, not the first."""
+    import folder_paths
+
+    from harness.comfy_runtime import pack_node_classes
+
+    monkeypatch.setenv("XCTRL_OFFLINE", "1")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "annotators", ([str(tmp_path)], set(am.EXTENSIONS)))
+    classes = pack_node_classes()
+    msg = classes["XCtrl_DWPose"].validate_inputs(image=None)
+    assert isinstance(msg, str), msg
+    for name in (DET_FILE, POSE_FILE):
+        assert name in msg and am.af.KNOWN_FILES[name].url in msg, msg
+    assert str(tmp_path) in msg
+    depth = classes["XCtrl_DepthAnythingV2"].validate_inputs(image=None)
+    assert isinstance(depth, str) and DEPTH_FILE in depth
+    (tmp_path / DET_FILE).write_bytes(b"x")
+    (tmp_path / POSE_FILE).write_bytes(b"x")
+    assert classes["XCtrl_DWPose"].validate_inputs(image=None) is True
+    monkeypatch.delenv("XCTRL_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert classes["XCtrl_DepthAnythingV2"].validate_inputs(image=None) is True  # online: downloaded when it runs
