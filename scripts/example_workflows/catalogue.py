@@ -1,7 +1,7 @@
 """The example workflows in API terms: node id -> (class_type, inputs, title), where an input is a
 widget value or a link ``[node_id, output_slot]``; widgets left out get the node's default. Also
 their titles (the template names), the README summaries, and which need newer ComfyUI nodes."""
-from .files import model_files, source_repo
+from .files import model_files, rename_note, source_repo
 
 IMAGE = "example.png"  # ships in ComfyUI/input/
 POSE_VIDEO = "pose_video.mp4"  # the user's driving video, in ComfyUI/input/
@@ -29,7 +29,8 @@ def _sample_and_save(model, pos, neg, latent, vae, prefix, steps, cfg, sampler="
 
 def _note(graph, text):
     """A note with the workflow's text, then every model file it loads: where it goes, where from."""
-    files = [f"models/{folder}/{file}  ({source_repo(url)})" for folder, file, url in model_files(graph)]
+    files = [f"models/{folder}/{file}  ({source_repo(url)}" + (f"; {rename_note(file, url)}" if rename_note(file, url) else "")
+             + ")" for folder, file, url in model_files(graph)]
     return {"note": ("Note", {"text": text + "\n\nFiles (the missing-models dialog offers each download):\n" + "\n".join(files)},
                      "Files and notes")}
 
@@ -39,8 +40,8 @@ def controlnext_sd15_pose():
          "image": ("LoadImage", {"image": IMAGE}, "Person photo (pose source)"),
          "pose": ("XCtrl_DWPose", {"image": ["image", 0], "resolution": 512, "draw_hands": False, "draw_face": False}, None),
          "preview": ("PreviewImage", {"images": ["pose", 0]}, "Pose"),
-         "cnx": ("XCtrl_LoadControlNeXt", {"control_file": "ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors",
-                                           "unet_weights": "ControlNeXt-SD1.5/deepfashion_multiview/unet.safetensors"}, None),
+         "cnx": ("XCtrl_LoadControlNeXt", {"control_file": "controlnext_sd15_deepfashion_multiview_controlnet.safetensors",
+                                           "unet_weights": "controlnext_sd15_deepfashion_multiview_unet.safetensors"}, None),
          "apply": ("XCtrl_ApplyControlNeXt", {"model": ["ckpt", 0], "controlnext": ["cnx", 0], "image": ["pose", 0],
                                               "strength": 1.0}, None),
          "latent": ("EmptyLatentImage", {"width": 512, "height": 768, "batch_size": 1}, None)}
@@ -60,8 +61,8 @@ def _controlnext_sdxl(kind):
          "image": ("LoadImage", {"image": IMAGE}, "Source image"),
          "hint": pre,
          "preview": ("PreviewImage", {"images": ["hint", 0]}, "Condition"),
-         "cnx": ("XCtrl_LoadControlNeXt", {"control_file": f"ControlAny-SDXL/{name}/controlnet.safetensors",
-                                           "unet_weights": f"ControlAny-SDXL/{name}/unet.safetensors"}, None),
+         "cnx": ("XCtrl_LoadControlNeXt", {"control_file": f"controlnext_sdxl_{name}_controlnet.safetensors",
+                                           "unet_weights": f"controlnext_sdxl_{name}_unet.safetensors"}, None),
          "apply": ("XCtrl_ApplyControlNeXt", {"model": ["ckpt", 0], "controlnext": ["cnx", 0], "image": ["hint", 0],
                                               "strength": 0.35 if canny else 1.0}, None),
          "latent": ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None)}
@@ -195,15 +196,15 @@ def controlnet_xs_sd21_canny():
          "image": ("LoadImage", {"image": IMAGE}, "Source image"),
          "hint": ("XCtrl_Canny", {"image": ["image", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 250}, None),
          "preview": ("PreviewImage", {"images": ["hint", 0]}, "Edges"),
-         "xs": ("XCtrl_LoadControlNetXS", {"control_file": "Testing-ConrolNetXS-SD2.1-canny/diffusion_pytorch_model.safetensors"},
-                None),
+         "xs": ("XCtrl_LoadControlNetXS", {"control_file": "sd21_encD_canny_14m.ckpt"}, None),
          "apply": ("XCtrl_ApplyControlNetXS", {"model": ["ckpt", 0], "controlnet_xs": ["xs", 0], "image": ["hint", 0],
                                               "strength": 1.0}, None),
          "latent": ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, None)}
     g.update(_sd_text(["ckpt", 1], "a stone bridge over a river in autumn, photo"))
     g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2], "xctrl/controlnet_xs_sd21_canny", 30, 7.0))
-    g.update(_note(g, "ControlNet-XS SD2.1 canny on SD2.1-base 512 (eps): the 14M-parameter model in diffusers' "
-                      "adapter format (the authors' sd21_encD_canny_14m.ckpt / _depth_14m.ckpt load the same way).\n"
+    g.update(_note(g, "ControlNet-XS SD2.1 canny on SD2.1-base 512 (eps): the authors' 14M-parameter canny model "
+                      "(sd21_encD_depth_14m.ckpt works the same way with a depth map; the pickle is read without running "
+                      "code in it; diffusers' adapter files load too).\n"
                       "Canny 100 / 250, as the authors' examples."))
     return g
 
@@ -342,6 +343,9 @@ WORKFLOWS = {
 }
 # Workflows that need nodes only newer ComfyUI versions have (the tests skip them elsewhere).
 REQUIRES = {"controlnext_sd15_train_canny": ("LoadImageTextDataSetFromFolder", "MakeTrainingDataset")}
+# The oldest ComfyUI release with those nodes: said in the template's title, since ComfyUI offers
+# every file of example_workflows/ on any version.
+MIN_COMFYUI = {"controlnext_sd15_train_canny": "0.8"}
 # Workflows the tests do not run (their models are PLACEHOLDERS), with the reason.
 NOT_RUN = {"mi_flux_canny_depth": "Flux stand-ins would need ComfyUI's full-size T5-XXL (4.7B parameters); MI on Flux "
                                   "is tested on a tiny Flux in test_mi_controlnet.py"}
@@ -360,7 +364,7 @@ TITLES = {
     "mi_sd15_pose_canny": "MIControlNet SD1.5 balanced pose and canny",
     "mi_sd35_canny_depth": "MIControlNet SD3.5 Large balanced canny and depth",
     "mi_flux_canny_depth": "MIControlNet Flux dev balanced canny and depth",
-    "controlnext_sd15_train_canny": "Train ControlNeXt for canny on SD1.5, then use it",
+    "controlnext_sd15_train_canny": "Train ControlNeXt for canny on SD1.5, then use it (needs ComfyUI 0.8 or newer)",
 }
 
 
@@ -377,7 +381,7 @@ SUMMARIES = {
     "controlnext_svd_v2_long_video": "the same for 72 frames (the first 142 driving frames), in the authors' windows of 24 "
                                      "with overlap 6",
     "controlnet_xs_sdxl_depth": "Depth Anything V2 (grey) -> ControlNet-XS SDXL",
-    "controlnet_xs_sd21_canny": "Canny -> ControlNet-XS SD2.1 (diffusers' adapter format)",
+    "controlnet_xs_sd21_canny": "Canny -> ControlNet-XS SD2.1 (the authors' 14M canny model)",
     "mi_sd15_pose_canny": "stock Load ControlNet + Apply ControlNet (pose, then canny) -> MI Balanced Control; "
                           "MI Lambda Stats shows the per-layer weights",
     "mi_sd35_canny_depth": "SD3.5 Large ControlNets (canny + depth, Apply ControlNet with VAE) -> MI Balanced Control",

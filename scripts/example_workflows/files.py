@@ -5,8 +5,10 @@ missing-models dialog), the notes nodes and the README table all come from ``MOD
 HF = "https://huggingface.co"
 PBIHAO = f"{HF}/Pbihao/ControlNeXt/resolve/main"
 # Every model file a workflow loads: (models folder, name as the loader lists it) -> download URL.
-# Files published under a generic name (controlnet.safetensors) keep their source repository's
-# folders, so they land apart and need no renaming; ComfyUI lists them with those folders.
+# Names are flat (no folders) and unique: ComfyUI Desktop's downloader saves a file under the part
+# of its name before the first "/", a browser under the URL's last part. Where the authors
+# published a generic name (controlnet.safetensors, unet.safetensors) the browser's file must be
+# renamed: the notes node and the README say so (``rename_note``).
 MODELS = {
     ("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors"):
         f"{HF}/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors",
@@ -23,19 +25,18 @@ MODELS = {
     ("text_encoders", "clip_l.safetensors"): f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors",
     ("text_encoders", "clip_g.safetensors"):
         f"{HF}/stabilityai/stable-diffusion-3.5-large/resolve/main/text_encoders/clip_g.safetensors",
-    ("controlnet", "ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors"):
+    ("controlnet", "controlnext_sd15_deepfashion_multiview_controlnet.safetensors"):
         f"{PBIHAO}/ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors",
-    ("controlnet", "ControlNeXt-SD1.5/deepfashion_multiview/unet.safetensors"):
+    ("controlnet", "controlnext_sd15_deepfashion_multiview_unet.safetensors"):
         f"{PBIHAO}/ControlNeXt-SD1.5/deepfashion_multiview/unet.safetensors",
-    ("controlnet", "ControlAny-SDXL/anime_canny/controlnet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/anime_canny/controlnet.safetensors",
-    ("controlnet", "ControlAny-SDXL/anime_canny/unet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/anime_canny/unet.safetensors",
-    ("controlnet", "ControlAny-SDXL/vidit_depth/controlnet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/vidit_depth/controlnet.safetensors",
-    ("controlnet", "ControlAny-SDXL/vidit_depth/unet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/vidit_depth/unet.safetensors",
+    ("controlnet", "controlnext_sdxl_anime_canny_controlnet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/anime_canny/controlnet.safetensors",
+    ("controlnet", "controlnext_sdxl_anime_canny_unet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/anime_canny/unet.safetensors",
+    ("controlnet", "controlnext_sdxl_vidit_depth_controlnet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/vidit_depth/controlnet.safetensors",
+    ("controlnet", "controlnext_sdxl_vidit_depth_unet.safetensors"): f"{PBIHAO}/ControlAny-SDXL/vidit_depth/unet.safetensors",
     ("controlnet", "controlnext-svd_v2-controlnet-fp16.safetensors"):
         f"{HF}/Kijai/ControlNeXt-SVD-V2-Comfy/resolve/main/controlnext-svd_v2-controlnet-fp16.safetensors",
     ("controlnet", "sdxl_encD_depth_48m.safetensors"): f"{HF}/CVL-Heidelberg/ControlNet-XS/resolve/main/sdxl_encD_depth_48m.safetensors",
-    ("controlnet", "Testing-ConrolNetXS-SD2.1-canny/diffusion_pytorch_model.safetensors"):
-        f"{HF}/UmerHA/Testing-ConrolNetXS-SD2.1-canny/resolve/main/diffusion_pytorch_model.safetensors",
+    ("controlnet", "sd21_encD_canny_14m.ckpt"): f"{HF}/CVL-Heidelberg/ControlNet-XS/resolve/main/sd21_encD_canny_14m.ckpt",
     ("controlnet", "control_v11p_sd15_openpose_fp16.safetensors"):
         f"{HF}/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/control_v11p_sd15_openpose_fp16.safetensors",
     ("controlnet", "control_v11p_sd15_canny_fp16.safetensors"):
@@ -68,13 +69,49 @@ def source_repo(url):
 
 
 
+# The preprocessors' weight files (models/annotators; downloaded on a node's first run when online):
+# file -> URL, and the files each preprocessor node reads (as runtime/annotator_models.py).
+ANNOTATORS_FOLDER = "annotators"
+ANNOTATORS = {
+    "yolox_l.onnx": f"{HF}/yzd-v/DWPose/resolve/main/yolox_l.onnx",
+    "dw-ll_ucoco_384.onnx": f"{HF}/yzd-v/DWPose/resolve/main/dw-ll_ucoco_384.onnx",
+    "depth_anything_v2_vits.pth": f"{HF}/depth-anything/Depth-Anything-V2-Small/resolve/main/depth_anything_v2_vits.pth",
+    "ControlNetHED.pth": f"{HF}/lllyasviel/Annotators/resolve/main/ControlNetHED.pth",
+    "body_pose_model.pth": f"{HF}/lllyasviel/Annotators/resolve/main/body_pose_model.pth",
+}
+NODE_ANNOTATORS = {
+    "XCtrl_DWPose": ("yolox_l.onnx", "dw-ll_ucoco_384.onnx"),
+    "XCtrl_DepthAnythingV2": ("depth_anything_v2_vits.pth",),
+    "XCtrl_HED": ("ControlNetHED.pth",),
+    "XCtrl_OpenPose": ("body_pose_model.pth",),
+}
+
+
+def downloaded_name(url):
+    """The name a browser saves a download under: the URL's last part."""
+    return url.rsplit("/", 1)[1]
+
+
+def rename_note(name, url):
+    """'' or, where the browser's download has another name than the workflow's, what to do."""
+    saved = downloaded_name(url)
+    return "" if saved == name else f"the download is called {saved}: rename it to {name}"
+
+
+def node_files(cls, inputs):
+    """[(folder, file name, url)] a node reads: the model files its widgets select, the
+    preprocessor weights it needs."""
+    out = [(MODEL_FOLDER[v], v, MODELS[MODEL_FOLDER[v], v]) for v in inputs.values()
+           if isinstance(v, str) and v in MODEL_FOLDER]
+    return out + [(ANNOTATORS_FOLDER, n, ANNOTATORS[n]) for n in NODE_ANNOTATORS.get(cls, ())]
+
+
 def model_files(graph):
-    """[(folder, file name, url)] of every model file a graph loads, in graph order."""
+    """[(folder, file name, url)] of every file a graph loads, in graph order."""
     out = []
-    for _cls, inputs, _title in graph.values():
-        for v in inputs.values():
-            entry = (MODEL_FOLDER[v], v, MODELS[MODEL_FOLDER[v], v]) if isinstance(v, str) and v in MODEL_FOLDER else None
-            if entry and entry not in out:
+    for cls, inputs, _title in graph.values():
+        for entry in node_files(cls, inputs):
+            if entry not in out:
                 out.append(entry)
     return out
 

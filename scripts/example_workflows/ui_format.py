@@ -6,7 +6,7 @@ dependency depth, the links array, each loader's ``models`` property from ``MODE
 frontend's missing-models dialog offers the downloads, and the view (``layout.view_showing``);
 ``to_api`` is the inverse, the conversion the frontend makes when it queues a prompt (virtual
 nodes such as Note are dropped)."""
-from .files import MODEL_FOLDER, MODELS
+from .files import ANNOTATORS, ANNOTATORS_FOLDER, MODEL_FOLDER, MODELS, NODE_ANNOTATORS
 from .layout import view_showing
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -141,7 +141,7 @@ def to_ui(graph, object_info):
             if cls in ("LoadImage", "PreviewImage", "SaveImage", "SaveAnimatedWEBP", "LoadVideo"):
                 h += 260
             properties = {"Node name for S&R": cls}
-            models = model_properties(wv)
+            models = model_properties(wv, cls)
             if models:
                 properties["models"] = models
             node = {"id": ids[key], "type": cls, "pos": None, "size": [330, h], "flags": {}, "order": rank, "mode": 0,
@@ -159,11 +159,12 @@ def to_ui(graph, object_info):
     }
 
 
-def model_properties(widget_values):
+def model_properties(widget_values, cls=None):
     """The frontend's per-node ``models`` list (name, url, directory) for the files a node's
-    widgets select: what its missing-models dialog lists and offers to download."""
-    return [{"name": v, "url": MODELS[MODEL_FOLDER[v], v], "directory": MODEL_FOLDER[v]}
-            for v in widget_values if isinstance(v, str) and v in MODEL_FOLDER]
+    widgets select and a preprocessor's weights: what its missing-models list offers to download."""
+    return ([{"name": v, "url": MODELS[MODEL_FOLDER[v], v], "directory": MODEL_FOLDER[v]}
+             for v in widget_values if isinstance(v, str) and v in MODEL_FOLDER] +
+            [{"name": n, "url": ANNOTATORS[n], "directory": ANNOTATORS_FOLDER} for n in NODE_ANNOTATORS.get(cls, ())])
 
 
 

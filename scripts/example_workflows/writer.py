@@ -4,6 +4,7 @@ import json
 import os
 
 from .catalogue import SUMMARIES, TITLES, WORKFLOWS, files_of
+from .files import rename_note
 from .ui_format import VIRTUAL_NODES, to_ui
 
 PACK_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,7 +30,8 @@ def readme_table():
     lines = ["| workflow (templates menu title) | what it does | files: `ComfyUI/models/<folder>/<name>` (download) |",
              "|---|---|---|"]
     for name in WORKFLOWS:
-        files = "; ".join(f"[`{folder}/{file}`]({url})" for folder, file, url in files_of(name))
+        files = "; ".join(f"[`{folder}/{file}`]({url})" + (f" ({rename_note(file, url)})" if rename_note(file, url) else "")
+                          for folder, file, url in files_of(name))
         lines.append(f"| {TITLES[name]} | {SUMMARIES[name]} | {files} |")
     return "\n".join([README_BEGIN, *lines, README_END])
 
@@ -109,6 +111,10 @@ def write_all(object_info, folder=WORKFLOW_DIR):
     with open(STOCK_DEFINITIONS, "w") as f:
         json.dump(stock_definitions(object_info), f, indent=1, sort_keys=True)
         f.write("\n")
+    current = {TITLES[name] + ext for name in WORKFLOWS for ext in (".json", ".jpg")}
+    for old in sorted(set(os.listdir(folder)) - current):  # a renamed workflow's old files
+        if old.endswith((".json", ".jpg")):
+            os.remove(os.path.join(folder, old))
     for name, build in WORKFLOWS.items():
         ui = to_ui(build(), object_info)
         with open(os.path.join(folder, TITLES[name] + ".json"), "w") as f:

@@ -36,7 +36,7 @@ What is reduced, and why it still loads as the named model:
 - Control files are built for the reduced bases: ControlNeXt modules keep the released key
   layout with ``mid_convs.1`` producing the reduced width at the injection point (320 for the
   SD1.5 middle block); ControlNeXt UNet weight files cover exactly the reduced UNet's attention
-  outputs; ControlNet-XS files (vislearn format for SDXL, diffusers' adapter format for SD2.1)
+  outputs; ControlNet-XS files in the authors' formats (safetensors for SDXL, a .ckpt pickle for SD2.1)
   keep the released control widths (48m: 32/64/128 and learned time embedding; 14m: 4/8/16/16)
   with base-facing convolutions of the reduced base widths;
   stock ControlNets (SD1.5 v1.1 fp16 copies, SD3.5 Large Stability format) mirror the reduced UNet/MMDiT.
@@ -494,19 +494,19 @@ def generate(comfy_root, out):
     p = lambda folder, name: os.path.join(tmp, folder, name)  # noqa: E731
 
     sd15 = _checkpoint(p("checkpoints", "v1-5-pruned-emaonly-fp16.safetensors"), sm.SD15, SD15, 10)
-    _controlnext(p("controlnet", "ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors"), "sd15", 320, 11)
-    _controlnext_unet(p("controlnet", "ControlNeXt-SD1.5/deepfashion_multiview/unet.safetensors"), sd15, ("attn1", "attn2"), 12)
+    _controlnext(p("controlnet", "controlnext_sd15_deepfashion_multiview_controlnet.safetensors"), "sd15", 320, 11)
+    _controlnext_unet(p("controlnet", "controlnext_sd15_deepfashion_multiview_unet.safetensors"), sd15, ("attn1", "attn2"), 12)
     _controlnet_sd15(p("controlnet", "control_v11p_sd15_openpose_fp16.safetensors"), sd15, 13)
     _controlnet_sd15(p("controlnet", "control_v11p_sd15_canny_fp16.safetensors"), sd15, 14)
 
     _checkpoint(p("checkpoints", "v2-1_512-ema-pruned.safetensors"), sm.SD20, SD21, 20)
-    _xs(p("controlnet", "Testing-ConrolNetXS-SD2.1-canny/diffusion_pytorch_model.safetensors"),
-        "controlnet_xs_vislearn_sd21_14m.json", [320 * m for m in SD21["channel_mult"]], 21, diffusers=True)
+    _xs(p("controlnet", "sd21_encD_canny_14m.ckpt"), "controlnet_xs_vislearn_sd21_14m.json",
+        [320 * m for m in SD21["channel_mult"]], 21)  # the authors' format: a pickle with state_dict
 
     sdxl = _checkpoint(p("checkpoints", "sd_xl_base_1.0.safetensors"), sm.SDXL, SDXL, 30)
     for i, name in enumerate(("anime_canny", "vidit_depth")):
-        _controlnext(p("controlnet", f"ControlAny-SDXL/{name}/controlnet.safetensors"), "sdxl", 320, 31 + i)
-        _controlnext_unet(p("controlnet", f"ControlAny-SDXL/{name}/unet.safetensors"), sdxl, ("attn2",), 33 + i, scale=0.01)
+        _controlnext(p("controlnet", f"controlnext_sdxl_{name}_controlnet.safetensors"), "sdxl", 320, 31 + i)
+        _controlnext_unet(p("controlnet", f"controlnext_sdxl_{name}_unet.safetensors"), sdxl, ("attn2",), 33 + i, scale=0.01)
     _xs(p("controlnet", "sdxl_encD_depth_48m.safetensors"), "controlnet_xs_vislearn_sdxl_48m.json",
         [320 * m for m in SDXL["channel_mult"]], 35)
 

@@ -157,14 +157,14 @@ LEGACY = sorted(f[:-5] for f in os.listdir(LEGACY_DIR) if f.endswith(".json"))
 LEGACY_FILES = {
     "checkpoints": {"v1-5-pruned-emaonly.safetensors": "v1-5-pruned-emaonly-fp16.safetensors"},
     "controlnet": {
-        "controlnext_sd15_deepfashion_pose.safetensors": "ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors",
-        "controlnext_sd15_deepfashion_pose_unet.safetensors": "ControlNeXt-SD1.5/deepfashion_multiview/unet.safetensors",
-        "controlnext_sdxl_anime_canny.safetensors": "ControlAny-SDXL/anime_canny/controlnet.safetensors",
-        "controlnext_sdxl_anime_canny_unet.safetensors": "ControlAny-SDXL/anime_canny/unet.safetensors",
-        "controlnext_sdxl_vidit_depth.safetensors": "ControlAny-SDXL/vidit_depth/controlnet.safetensors",
-        "controlnext_sdxl_vidit_depth_unet.safetensors": "ControlAny-SDXL/vidit_depth/unet.safetensors",
+        "controlnext_sd15_deepfashion_pose.safetensors": "controlnext_sd15_deepfashion_multiview_controlnet.safetensors",
+        "controlnext_sd15_deepfashion_pose_unet.safetensors": "controlnext_sd15_deepfashion_multiview_unet.safetensors",
+        "controlnext_sdxl_anime_canny.safetensors": "controlnext_sdxl_anime_canny_controlnet.safetensors",
+        "controlnext_sdxl_anime_canny_unet.safetensors": "controlnext_sdxl_anime_canny_unet.safetensors",
+        "controlnext_sdxl_vidit_depth.safetensors": "controlnext_sdxl_vidit_depth_controlnet.safetensors",
+        "controlnext_sdxl_vidit_depth_unet.safetensors": "controlnext_sdxl_vidit_depth_unet.safetensors",
         "sdxl_encD_canny_48m.safetensors": "sdxl_encD_depth_48m.safetensors",
-        "sd21_encD_depth_14m.ckpt": "Testing-ConrolNetXS-SD2.1-canny/diffusion_pytorch_model.safetensors",
+        "sd21_encD_depth_14m.ckpt": "sd21_encD_canny_14m.ckpt",
         "control_v11p_sd15_openpose.pth": "control_v11p_sd15_openpose_fp16.safetensors",
         "control_v11p_sd15_canny.pth": "control_v11p_sd15_canny_fp16.safetensors",
     },
@@ -253,7 +253,7 @@ WRONG_FILES = [
     ("XCtrl_LoadControlNeXt", "controlnext_sdxl_canny", T2I, "a T2I-Adapter", "Load ControlNet Model"),
     ("XCtrl_LoadControlNeXt", "controlnext_sdxl_canny", LORA, "a LoRA", "Load LoRA"),
     ("XCtrl_LoadControlNeXt", "controlnext_sdxl_canny", CHECKPOINT, "a full Stable Diffusion checkpoint", "Load Checkpoint"),
-    ("XCtrl_LoadControlNetXS", "controlnet_xs_sdxl_depth", "ControlAny-SDXL/anime_canny/controlnet.safetensors",
+    ("XCtrl_LoadControlNetXS", "controlnet_xs_sdxl_depth", "controlnext_sdxl_anime_canny_controlnet.safetensors",
      "a ControlNeXt control module", "Load ControlNeXt (XCtrl)"),
     ("XCtrl_LoadControlNetXS", "controlnet_xs_sdxl_depth", "control_v11p_sd15_canny_fp16.safetensors", "a ControlNet (LDM format)",
      "Load ControlNet Model"),
@@ -298,7 +298,7 @@ def test_corrupt_or_unsafe_file_gives_the_packs_error_and_the_server_goes_on(con
 @server_runs
 def test_a_controlnext_module_of_another_base_is_refused_at_apply(wf_server, object_info):
     history = _run_with(wf_server, object_info, "controlnext_sdxl_canny", 5, "XCtrl_LoadControlNeXt",
-                        {"control_file": "ControlNeXt-SD1.5/deepfashion_multiview/controlnet.safetensors", "unet_weights": "none"})
+                        {"control_file": "controlnext_sd15_deepfashion_multiview_controlnet.safetensors", "unet_weights": "none"})
     assert history["status"]["status_str"] == "error"
     err = _error(history)
     assert err.get("node_type") == "XCtrl_ApplyControlNeXt", err

@@ -11,25 +11,74 @@ ALLOWED_SOURCES = ("https://huggingface.co/", "https://civitai.com/")
 ALLOWED_SUFFIXES = (".safetensors", ".sft")
 
 
+# Files only newer frontends' dialogs download (the pickle suffixes); their notes give the link.
+PICKLE_SUFFIXES = (".ckpt",)
+
+
 def test_every_model_file_can_be_downloaded_by_the_frontend():
     for (folder, name), url in files.MODELS.items():
         assert url.startswith(ALLOWED_SOURCES), url
-        assert name.endswith(ALLOWED_SUFFIXES), name
-        assert url.rsplit("/", 1)[1] == os.path.basename(name), f"{name} would be saved under another name ({url})"
+        assert name.endswith(ALLOWED_SUFFIXES + PICKLE_SUFFIXES), name
+    for name, url in files.ANNOTATORS.items():
+        assert url.startswith(ALLOWED_SOURCES) and files.downloaded_name(url) == name, url
 
 
-def test_generic_file_names_keep_their_source_folders():
-    """Two files called controlnet.safetensors must not land on each other."""
-    names = list(files.MODEL_FOLDER)
-    assert len(names) == len(files.MODELS), "one name in two folders"
-    base = {}
-    for folder, name in files.MODELS:
-        base.setdefault((folder, os.path.basename(name)), []).append(name)
-    for (folder, file), paths in base.items():
-        if len(paths) > 1:
-            for path in paths:
-                repo_path = files.MODELS[folder, path].split("/resolve/main/", 1)[1]
-                assert repo_path.endswith(path), f"{path} is not the repository's own path {repo_path}"
+def desktop_saves_to(folder, name):
+    """ComfyUI Desktop's downloader: the label's part before the first "/" is the file name."""
+    return f"models/{folder}/{name.split('/')[0]}"
+
+
+def browser_saves_to(folder, name, url, instructions):
+    """A browser saves the URL's last part; the user moves it to models/<folder>/ (the README and
+    the notes say so) and renames it only where the instructions say to."""
+    saved = url.rsplit("/", 1)[1]
+    if saved != name and f"the download is called {saved}: rename it to {name}" not in instructions:
+        return f"models/{folder}/{saved}"
+    return f"models/{folder}/{name}"
+
+
+def test_downloads_land_where_the_loader_looks():
+    """Both download routes put every file of every workflow where its loader looks
+    (models/<folder>/<name>), and no two files of the catalogue share a path."""
+    with open(os.path.join(PACK, "README.md")) as f:
+        readme = f.read()
+    for wf, build in catalogue.WORKFLOWS.items():
+        graph = build()
+        note = graph["note"][1]["text"]
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {catalogue.TITLES[wf]} |"))
+        for folder, name, url in files.model_files(graph):
+            wanted = f"models/{folder}/{name}"
+            assert desktop_saves_to(folder, name) == wanted, f"{wf}: ComfyUI Desktop saves {name} elsewhere"
+            assert browser_saves_to(folder, name, url, note) == wanted, f"{wf}: the notes leave {name} misnamed"
+            assert browser_saves_to(folder, name, url, row) == wanted, f"{wf}: the README leaves {name} misnamed"
+    paths = [f"{folder}/{name}" for folder, name in files.MODELS] + [f"annotators/{n}" for n in files.ANNOTATORS]
+    assert len(set(p.lower() for p in paths)) == len(paths)
+
+
+def test_preprocessor_weights_are_in_every_workflows_file_lists():
+    """A workflow with DWPose / Depth Anything lists their weights (notes, dialog, README) like
+    its model files: offline users learn every file before the first run."""
+    with open(os.path.join(PACK, "README.md")) as f:
+        readme = f.read()
+    checked = 0
+    for wf, build in catalogue.WORKFLOWS.items():
+        graph = build()
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {catalogue.TITLES[wf]} |"))
+        for cls, inputs, _title in graph.values():
+            for name in files.NODE_ANNOTATORS.get(cls, ()):
+                checked += 1
+                assert f"models/annotators/{name}" in graph["note"][1]["text"], (wf, name)
+                assert f"[`annotators/{name}`]({files.ANNOTATORS[name]})" in row, (wf, name)
+                props = ui_format.model_properties([], cls)
+                assert {"name": name, "url": files.ANNOTATORS[name], "directory": "annotators"} in props
+    assert checked >= 10
+
+
+def test_preprocessor_urls_are_the_ones_the_nodes_download():
+    from xctrl.preprocessors import annotator_files as af
+
+    for name, url in files.ANNOTATORS.items():
+        assert af.KNOWN_FILES[name].url == url, name
 
 
 def test_every_workflow_loader_value_is_in_the_catalogue():
@@ -51,9 +100,9 @@ def test_every_workflow_loader_value_is_in_the_catalogue():
 
 
 def test_model_properties_are_what_the_frontend_reads():
-    props = ui_format.model_properties(["ControlAny-SDXL/anime_canny/controlnet.safetensors", "none", 1.0])
-    assert props == [{"name": "ControlAny-SDXL/anime_canny/controlnet.safetensors", "directory": "controlnet",
-                      "url": files.MODELS["controlnet", "ControlAny-SDXL/anime_canny/controlnet.safetensors"]}]
+    name = "controlnext_sdxl_anime_canny_controlnet.safetensors"
+    props = ui_format.model_properties([name, "none", 1.0])
+    assert props == [{"name": name, "directory": "controlnet", "url": files.MODELS["controlnet", name]}]
 
 
 def test_readme_lists_every_workflow_file_with_its_url():
@@ -63,6 +112,11 @@ def test_readme_lists_every_workflow_file_with_its_url():
         "README's workflow table is out of date: regenerate with `python scripts/example_workflows <ComfyUI>`")
     for (folder, name), url in files.MODELS.items():
         assert f"[`{folder}/{name}`]({url})" in text
+    used = {n for build in catalogue.WORKFLOWS.values() for cls, _i, _t in build().values()
+            for n in files.NODE_ANNOTATORS.get(cls, ())}
+    assert used
+    for name in used:
+        assert f"[`annotators/{name}`]({files.ANNOTATORS[name]})" in text
 
 
 def test_titles_read_as_titles():
@@ -70,6 +124,13 @@ def test_titles_read_as_titles():
         assert "_" not in title and "-" not in title and title[0].isupper(), title
         assert not any(c in title for c in '<>:"/\\|?*'), f"{title} is not a portable file name"
     assert len(set(catalogue.TITLES.values())) == len(catalogue.TITLES) and set(catalogue.TITLES) == set(catalogue.WORKFLOWS)
+
+
+def test_a_workflow_needing_newer_nodes_says_so_in_its_title():
+    """ComfyUI offers every template on every version: the title tells which ComfyUI it needs."""
+    assert set(catalogue.MIN_COMFYUI) == set(catalogue.REQUIRES)
+    for name, version in catalogue.MIN_COMFYUI.items():
+        assert f"needs ComfyUI {version} or newer" in catalogue.TITLES[name]
 
 
 def test_the_view_shows_the_whole_graph():
