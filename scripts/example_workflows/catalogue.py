@@ -31,7 +31,8 @@ def _note(graph, text):
     """A note with the workflow's text, then every model file it loads: where it goes, where from."""
     files = [f"models/{folder}/{file}  ({source_repo(url)}" + (f"; {rename_note(file, url)}" if rename_note(file, url) else "")
              + ")" for folder, file, url in model_files(graph)]
-    return {"note": ("Note", {"text": text + "\n\nFiles (the missing-models dialog offers each download):\n" + "\n".join(files)},
+    head = "Files (the missing-models list offers the model files; models/annotators/ files download on a first run online):"
+    return {"note": ("Note", {"text": text + "\n\n" + head + "\n" + "\n".join(files)},
                      "Files and notes")}
 
 
