@@ -15,6 +15,7 @@ Weights: ComfyUI/models/annotators (see runtime/annotator_models.py), downloaded
 from comfy_api.latest import io
 
 from ..runtime import preprocessing as run
+from ..runtime.annotator_models import check_files
 from ..runtime.preprocessing import DEPTH_RENDERS, DWPOSE_BACKENDS, HED_MODES, OUTPUT_SIZE_CHOICES, POSE_STYLES
 
 CATEGORY = "XCtrl/Preprocessors"
@@ -99,7 +100,7 @@ class HED(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, image):  # linked: None here; the files are checked
-        return am.check_files("XCtrl_HED")
+        return check_files("XCtrl_HED")
 
     @classmethod
     def execute(cls, image, mode, resolution, output_size):
@@ -131,7 +132,7 @@ class DepthAnythingV2(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, image):  # linked: None here; the files are checked
-        return am.check_files("XCtrl_DepthAnythingV2")
+        return check_files("XCtrl_DepthAnythingV2")
 
     @classmethod
     def execute(cls, image, render, resolution, output_size):
@@ -163,7 +164,7 @@ class OpenPose(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, image):  # linked: None here; the files are checked
-        return am.check_files("XCtrl_OpenPose")
+        return check_files("XCtrl_OpenPose")
 
     @classmethod
     def execute(cls, image, resolution, output_size, frame_stride=1):
@@ -199,7 +200,7 @@ class DWPose(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, image):  # linked: None here; the files are checked
-        return am.check_files("XCtrl_DWPose")
+        return check_files("XCtrl_DWPose")
 
     @classmethod
     def execute(cls, image, resolution, output_size, draw_hands, draw_face, backend="auto", frame_stride=1):
