@@ -19,6 +19,7 @@ ZIMAGE_TINY = dict(
     image_model="lumina2", patch_size=2, in_channels=16, dim=256, cap_feat_dim=32, n_layers=6, qk_norm=True,
     n_heads=8, n_kv_heads=8, axes_dims=[8, 12, 12], axes_lens=[64, 32, 32], rope_theta=256.0,
     ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, multiple_of=16,
+    pad_tokens_multiple=32,  # real Z-Image files carry cap_pad_token: image tokens padded to 32
 )
 QWEN_TINY = dict(
     image_model="qwen_image", in_channels=64, out_channels=16, num_layers=3, attention_head_dim=16,

@@ -1,0 +1,308 @@
+"""MIControlNet for ComfyUI's model-patch controls (runtime/model_patch_control.py, "MI Balanced
+Model Patches") inside a real ComfyUI: tiny random-weight Z-Image and Qwen-Image models with
+control patches applied by ComfyUI's own Apply Z-Image Fun ControlNet / Apply Qwen Image DiffSynth
+ControlNet nodes.
+
+Independent oracle: a reference patch (written here, no pack code) takes the place of the
+control patches; at each injection point it lets every core patch add its term to its own copy
+of the features (the difference, in float64, is that control's residual x strength as core
+would add it), combines and injects them with the MI formulas written out in float64, and
+writes the result back. The features after every injection point are recorded in both runs and
+compared, as is the denoised output. docs/model_patch_control.md.
+"""
+import re
+
+import pytest
+import torch
+
+from harness import model_patch_models as mpm
+from harness.comfy_runtime import node_result, pack_module
+
+CFG = 2.0
+STRENGTHS = (0.8, 1.3)
+NODE = re.escape("MI Balanced Model Patches (XCtrl)")
+LATENT_HW = (8, 8)
+TOKENS = (LATENT_HW[0] // 2) * (LATENT_HW[1] // 2)  # 2x2 patches: where the controls add
+
+
+def has_zimage():
+    try:
+        import comfy.ldm.lumina.controlnet  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- hand formulas (float64)
+def reduce_dims(x, granularity):
+    return tuple(range(1, x.dim())) if granularity == "layer" else (x.dim() - 1,)
+
+
+def hand_lambda_star(v1, v2, dims):
+    d = v2 - v1
+    return ((d * v2).sum(dims, keepdim=True) / (d * d).sum(dims, keepdim=True)).clamp(0.0, 1.0)
+
+
+def hand_lambda(s, cap=20.0):
+    return torch.where(s >= cap / (cap + 1.0), torch.full_like(s, cap), s / (1.0 - s))
+
+
+def hand_balanced(e, residuals, mode, granularity):
+    dims = reduce_dims(e, granularity)
+    out = residuals[0]
+    for r in residuals[1:]:
+        s = hand_lambda_star(out, r, dims)
+        out = (1 - s) * out + s * r if mode == "paper" else s * out + (1 - s) * r
+    s = hand_lambda_star(e, out, dims) if mode == "paper" else hand_lambda_star(out, e, dims)
+    return e + hand_lambda(s) * out
+
+
+class ReferencePatch:
+    """Stands for the control patches in the reference run (see the module doc)."""
+
+    def __init__(self, members, mode, granularity, lumina):
+        self.members, self.mode, self.granularity, self.lumina = members, mode, granularity, lumina
+
+    def __call__(self, kwargs):
+        img = kwargs["img"]
+        e = img[:, :TOKENS].double()
+        residuals = []
+        for p in self.members:
+            copy = img.clone()
+            p(dict(kwargs, img=copy))
+            d = copy[:, :TOKENS].double() - e
+            if bool((copy[:, TOKENS:] != img[:, TOKENS:]).any()):
+                raise AssertionError("a control added outside the image tokens")
+            if bool((d != 0).any()):
+                residuals.append(d)
+        if residuals:
+            img[:, :TOKENS] = hand_balanced(e, residuals, self.mode, self.granularity).to(img.dtype)
+        if self.lumina:
+            kwargs.pop("img")
+            kwargs.pop("txt")
+        return kwargs
+
+
+class Recorder:
+    """Appended to the patch lists: keeps the image tokens after each injection point."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def __call__(self, kwargs):
+        site = kwargs.get("block_type", "double")
+        self.seen[(site, kwargs["block_index"])] = kwargs["img"][:, :TOKENS].clone()
+        return kwargs
+
+
+def _is_control(p):
+    return hasattr(p, "model_patch")
+
+
+def reference_model(model, mode, granularity, lumina):
+    ref = model.clone()
+    patches = ref.model_options["transformer_options"]["patches"]
+    members = list(dict.fromkeys(p for ps in patches.values() for p in ps if _is_control(p)))
+    rp = ReferencePatch(members, mode, granularity, lumina)
+    for site, ps in list(patches.items()):
+        if any(_is_control(p) for p in ps):
+            patches[site] = [rp] + [p for p in ps if not _is_control(p)]
+    return ref
+
+
+def with_recorder(model, sites):
+    rec = Recorder()
+    m = model.clone()
+    for site in sites:
+        m.set_model_patch(rec, site)
+    return m, rec
+
+
+def denoise_once(model, pos, neg, x, sigma):
+    import comfy.sample
+    import comfy.samplers
+
+    got = {}
+
+    def one_call(model_k, noise, sigmas, extra_args=None, callback=None, disable=None):
+        with torch.no_grad():
+            got["d"] = model_k(x.clone(), sigma.reshape(1).expand(x.shape[0]), **extra_args)
+        return noise
+
+    comfy.sample.sample_custom(model, torch.zeros_like(x), CFG, comfy.samplers.KSAMPLER(one_call),
+                               torch.stack([sigma, torch.zeros(())]), pos, neg, torch.zeros_like(x))
+    return got["d"]
+
+
+def full_sample(model, pos, neg, latent, steps=3):
+    import comfy.sample
+
+    noise = comfy.sample.prepare_noise(latent, 7)
+    return comfy.sample.sample(model, noise, steps, 2.5, "euler", "normal", pos, neg, latent, disable_pbar=True)
+
+
+def balance(model, mode="paper", granularity="layer", cap=20.0):
+    return node_result(pack_module("nodes.mi_nodes").MIBalancedModelPatches, model, mode, granularity, cap)[0]
+
+
+def randn(seed, *shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------- setups
+@pytest.fixture(scope="module", autouse=True)
+def _threads(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def core_nodes(pack):
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="module")
+def zimage(core_nodes):
+    if not has_zimage():
+        pytest.skip("this ComfyUI has no Z-Image Fun ControlNet")
+    apply = core_nodes["ZImageFunControlnet"]()
+    base = mpm.zimage(0)
+    vae = mpm.StubVAE(3)
+    controls = [mpm.zimage_control(11, "2.1"), mpm.zimage_control(12, "2.0")]
+    model = base
+    for i, (cnet, s) in enumerate(zip(controls, STRENGTHS)):
+        model = apply.diffsynth_controlnet(model, cnet, vae, strength=s, image=mpm.image(i + 1))[0]
+    return dict(base=base, model=model, controls=controls, vae=vae, apply=apply, lumina=True,
+                sites=("noise_refiner", "double_block"), x=randn(5, 2, 16, *LATENT_HW),
+                pos=mpm.text_cond("z_image", seed=1), neg=mpm.text_cond("z_image", seed=2))
+
+
+@pytest.fixture(scope="module")
+def qwen(core_nodes):
+    import sys
+
+    apply = core_nodes["QwenImageDiffsynthControlnet"]()
+    module = sys.modules[type(apply).__module__]
+    base = mpm.qwen_image(0)
+    vae = mpm.StubVAE(4, frames=True)
+    controls = [mpm.qwen_control(21, module), mpm.qwen_control(22, module, inpaint=True)]
+    model = base
+    # the first image is not the latent's size: core re-encodes it at the first call
+    for i, (cnet, s, size) in enumerate(zip(controls, STRENGTHS, (48, 64))):
+        model = apply.diffsynth_controlnet(model, cnet, vae, mpm.image(i + 1, size), s)[0]
+    return dict(base=base, model=model, controls=controls, vae=vae, apply=apply, lumina=False, module=module,
+                sites=("double_block",), x=randn(5, 2, 16, 1, *LATENT_HW),
+                pos=mpm.text_cond("qwen_image", seed=1), neg=mpm.text_cond("qwen_image", seed=2))
+
+
+def _compare_every_point(setup, mode, granularity):
+    sigma = torch.tensor(0.7)
+    got_model, got = with_recorder(balance(setup["model"], mode, granularity), setup["sites"])
+    ref_model, want = with_recorder(reference_model(setup["model"], mode, granularity, setup["lumina"]), setup["sites"])
+    d_got = denoise_once(got_model, setup["pos"], setup["neg"], setup["x"], sigma)
+    d_ref = denoise_once(ref_model, setup["pos"], setup["neg"], setup["x"], sigma)
+    assert set(got.seen) == set(want.seen) and got.seen
+    for key in want.seen:
+        a, b = got.seen[key], want.seen[key]
+        assert a.shape[0] == 2 * setup["x"].shape[0]  # cond and uncond rows in one call
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()), msg=f"{key}")
+    torch.testing.assert_close(d_got, d_ref, rtol=1e-5, atol=1e-5 * float(d_ref.abs().max()))
+    return d_got
+
+
+# ---------------------------------------------------------------------------- balanced == hand computation
+@pytest.mark.parametrize("mode,granularity", [("paper", "layer"), ("paper", "pixel"), ("min_norm", "layer"),
+                                              ("min_norm", "pixel")])
+def test_zimage_matches_hand_computation(zimage, mode, granularity):
+    d = _compare_every_point(zimage, mode, granularity)
+    plain = denoise_once(zimage["model"], zimage["pos"], zimage["neg"], zimage["x"], torch.tensor(0.7))
+    assert (d - plain).abs().max() > 1e-3  # balancing changed something
+
+
+@pytest.mark.parametrize("mode,granularity", [("paper", "layer"), ("min_norm", "pixel")])
+def test_qwen_matches_hand_computation(qwen, mode, granularity):
+    d = _compare_every_point(qwen, mode, granularity)
+    plain = denoise_once(qwen["model"], qwen["pos"], qwen["neg"], qwen["x"], torch.tensor(0.7))
+    assert (d - plain).abs().max() > 1e-3
+
+
+def test_zimage_injection_points_named(zimage):
+    """Both layouts' points are reached: the refiner (2.1 only), and blocks 0, 2, 4 (2.1: every 2nd
+    block) and 0, 5 (2.0: every 5th block)."""
+    m = balance(zimage["model"])
+    denoise_once(m, zimage["pos"], zimage["neg"], zimage["x"], torch.tensor(0.7))
+    text = pack_module("nodes.mi_nodes").lambda_stats_text([], m)
+    for layer in ("Z-Image refiner 0", "Z-Image refiner 1", "Z-Image block 0", "Z-Image block 2", "Z-Image block 4",
+                  "Z-Image block 5"):
+        assert layer in text, text
+    assert "Z-Image block 1 " not in text and "Z-Image block 3" not in text
+
+
+# ---------------------------------------------------------------------------- sum == core
+@pytest.mark.parametrize("family", ["zimage", "qwen"])
+def test_sum_is_core_bit_for_bit(request, family):
+    setup = request.getfixturevalue(family)
+    latent = torch.zeros_like(setup["x"][:1])
+    want = full_sample(setup["model"], setup["pos"], setup["neg"], latent)
+    got = full_sample(balance(setup["model"], "sum"), setup["pos"], setup["neg"], latent)
+    assert torch.equal(got, want)
+    assert not torch.equal(want, full_sample(setup["base"], setup["pos"], setup["neg"], latent))
+
+
+def test_other_packs_patches_chained(zimage):
+    """A foreign double-block patch stays in the list, after the balanced one, and runs every block."""
+    calls = []
+
+    def foreign(kwargs):
+        calls.append(kwargs["block_index"])
+        return kwargs
+
+    m = zimage["model"].clone()
+    m.set_model_double_block_patch(foreign)
+    b = balance(m)
+    lst = b.model_options["transformer_options"]["patches"]["double_block"]
+    assert len(lst) == 2 and lst[1] is foreign
+    denoise_once(b, zimage["pos"], zimage["neg"], zimage["x"], torch.tensor(0.7))
+    assert calls == list(range(6))
+
+
+def test_node_applied_twice_balances_each_control_once(zimage):
+    once = balance(zimage["model"])
+    twice = balance(once, "min_norm")
+    lst = twice.model_options["transformer_options"]["patches"]["double_block"]
+    assert len(lst) == 1 and len(lst[0].members) == 2 and lst[0].balance.mode == "min_norm"
+
+
+# ---------------------------------------------------------------------------- bad input
+def test_one_control_is_refused(zimage):
+    one = zimage["apply"].diffsynth_controlnet(zimage["base"], zimage["controls"][0], zimage["vae"], strength=1.0,
+                                               image=mpm.image(1))[0]
+    with pytest.raises(ValueError, match=f"{NODE}.*one Z-Image Fun ControlNet patch.*two or more"):
+        balance(one)
+    with pytest.raises(ValueError, match=f"{NODE}.*no Z-Image or Qwen-Image control patch"):
+        balance(zimage["base"])
+
+
+def test_control_of_another_family_is_named(zimage, qwen):
+    wrong = qwen["base"].clone()
+    for p in zimage["model"].model_options["transformer_options"]["patches"]["double_block"]:
+        wrong.set_model_double_block_patch(p)
+    with pytest.raises(ValueError, match=f"{NODE}: a Z-Image Fun ControlNet patch is applied to a Qwen-Image model"):
+        balance(wrong)
+
+
+def test_control_of_another_width_is_named(qwen):
+    import comfy.ops
+
+    narrow = qwen["module"].QwenImageBlockWiseControlNet(num_layers=3, dim=16, operations=comfy.ops.manual_cast)
+    from harness.model_patch_models import _model_patch
+    m = qwen["apply"].diffsynth_controlnet(qwen["model"], _model_patch(narrow, 5), qwen["vae"], mpm.image(3), 1.0)[0]
+    with pytest.raises(ValueError, match=f"{NODE}: a Qwen-Image DiffSynth ControlNet of width 16 .* width 32"):
+        balance(m)
+
+
+def test_mi_balanced_control_points_to_the_model_patch_node(zimage):
+    node = pack_module("nodes.mi_nodes").MIBalancedControl
+    with pytest.raises(ValueError, match="model patches: use .MI Balanced Model Patches"):
+        node_result(node, zimage["model"], zimage["pos"], zimage["neg"], "paper", "layer", 20.0)
