@@ -79,24 +79,25 @@ def model_kind(model_patcher):
     return None
 
 
-def patch_kind(patch):
-    """ZIMAGE / QWEN for core's control patch objects of those families, else None."""
-    if isinstance(patch, BalancedModelPatches):
-        return patch.kind
-    net = getattr(getattr(patch, "model_patch", None), "model", None)
-    if net is None:
-        return None
+def network_kind(net):
+    """ZIMAGE / QWEN for core's control networks of those families (a MODEL_PATCH's model), else None."""
     zcls = zimage_control_class()
     if zcls is not None and isinstance(net, zcls):
         return ZIMAGE
-    if all(hasattr(net, a) for a in ("control_block", "controlnet_blocks", "process_input_latent_image")) \
-            and hasattr(patch, "encoded_image"):
+    if all(hasattr(net, a) for a in ("control_block", "controlnet_blocks", "process_input_latent_image")):
         return QWEN
     return None
 
 
-def control_width(patch, kind):
-    net = patch.model_patch.model
+def patch_kind(patch):
+    """ZIMAGE / QWEN for the control patch objects of those families (core's and ours), else None."""
+    if isinstance(patch, BalancedModelPatches) or hasattr(patch, "xctrl_residual"):
+        return patch.kind
+    net = getattr(getattr(patch, "model_patch", None), "model", None)
+    return None if net is None else network_kind(net)
+
+
+def control_width(net, kind):
     if kind == ZIMAGE:
         return next(iter(net.control_all_x_embedder.values())).weight.shape[0]
     return net.img_in.weight.shape[0]
@@ -153,6 +154,13 @@ def qwen_residual(patch, kwargs):
 RESIDUAL = {ZIMAGE: zimage_residual, QWEN: qwen_residual}
 
 
+def member_residual(patch, kind, kwargs):
+    """A member's term at this point: an XCtrl Apply node's patch scales its own (schedule, mask)."""
+    if hasattr(patch, "xctrl_residual"):
+        return patch.xctrl_residual(kwargs)
+    return RESIDUAL[kind](patch, kwargs)
+
+
 # ---------------------------------------------------------------------------- the balanced patch
 class BalancedModelPatches:
     """One entry in the MODEL's patch lists standing for several control patches of one family."""
@@ -172,11 +180,11 @@ class BalancedModelPatches:
             self.balance.begin_call(options["sigmas"])
         if self.balance.mode == "sum":
             for p in self.members:
-                r = RESIDUAL[self.kind](p, kwargs)
+                r = member_residual(p, self.kind, kwargs)
                 if r is not None:
                     img[:, :r.shape[1]] += r
         else:
-            self.inject(img, [RESIDUAL[self.kind](p, kwargs) for p in self.members],
+            self.inject(img, [member_residual(p, self.kind, kwargs) for p in self.members],
                         f"{LAYER_PREFIX[self.kind]} {SITE_NAMES[site]} {i}", options)
         if self.kind == ZIMAGE:  # the features were changed in place (a view of the model's tokens)
             kwargs.pop("img", None)
@@ -227,7 +235,7 @@ def check_members(model, node):
         if k != kind:
             raise ValueError(f"{node}: a {CONTROL_TITLES[k]} patch is applied to a {MODEL_TITLES[kind]} model: "
                              f"use a {CONTROL_TITLES[kind]} with this model (or a {MODEL_TITLES[k]} model).")
-        cw, mw = control_width(patch, k), model_width(model, kind)
+        cw, mw = control_width(patch.model_patch.model, k), model_width(model, kind)
         if cw != mw:
             raise ValueError(f"{node}: a {CONTROL_TITLES[k]} of width {cw} is applied to a model of width {mw}: "
                              "use the control made for this model.")

@@ -306,3 +306,137 @@ def test_mi_balanced_control_points_to_the_model_patch_node(zimage):
     node = pack_module("nodes.mi_nodes").MIBalancedControl
     with pytest.raises(ValueError, match="model patches: use .MI Balanced Model Patches"):
         node_result(node, zimage["model"], zimage["pos"], zimage["neg"], "paper", "layer", 20.0)
+
+
+# ---------------------------------------------------------------------------- Apply nodes: where and when
+def xctrl_apply(setup, model, i, **ours):
+    """XCtrl's Apply node of the setup's family, with the same core inputs as the setup's control i."""
+    mod = pack_module("nodes.model_patch_nodes")
+    if setup["lumina"]:
+        return node_result(mod.ApplyZImageFunControlNet, model, setup["controls"][i], setup["vae"], STRENGTHS[i],
+                           image=mpm.image(i + 1), **ours)[0]
+    size = (48, 64)[i]
+    return node_result(mod.ApplyQwenImageDiffsynthControlNet, model, setup["controls"][i], setup["vae"],
+                       mpm.image(i + 1, size), STRENGTHS[i], **ours)[0]
+
+
+def core_apply(setup, model, i):
+    if setup["lumina"]:
+        return setup["apply"].diffsynth_controlnet(model, setup["controls"][i], setup["vae"], strength=STRENGTHS[i],
+                                                   image=mpm.image(i + 1))[0]
+    return setup["apply"].diffsynth_controlnet(model, setup["controls"][i], setup["vae"],
+                                               mpm.image(i + 1, (48, 64)[i]), STRENGTHS[i])[0]
+
+
+class ScaledReference:
+    """Core's patch with its addition (taken on a copy, float64) times a factor per row and per token."""
+
+    def __init__(self, inner, row_factor, token_mask, lumina):
+        self.inner, self.row_factor, self.token_mask, self.lumina = inner, row_factor, token_mask, lumina
+
+    def __call__(self, kwargs):
+        img = kwargs["img"]
+        copy = img.clone()
+        self.inner(dict(kwargs, img=copy))
+        kinds = kwargs["transformer_options"]["cond_or_uncond"]
+        per = img.shape[0] // len(kinds)
+        rows = torch.tensor([self.row_factor(kinds[r // per], r % per) for r in range(img.shape[0])], dtype=torch.float64)
+        d = (copy[:, :TOKENS].double() - img[:, :TOKENS].double()) * rows.view(-1, 1, 1)
+        if self.token_mask is not None:
+            d = d * self.token_mask.double().view(1, -1, 1)
+        img[:, :TOKENS] = (img[:, :TOKENS].double() + d).to(img.dtype)
+        if self.lumina:
+            kwargs.pop("img")
+            kwargs.pop("txt")
+        return kwargs
+
+
+def scaled_reference_model(setup, row_factor, token_mask):
+    m = core_apply(setup, setup["base"], 0)
+    patches = m.model_options["transformer_options"]["patches"]
+    core = [p for p in patches["double_block"] if _is_control(p)][0]
+    ref = ScaledReference(core, row_factor, token_mask, setup["lumina"])
+    for site, ps in patches.items():
+        patches[site] = [ref if p is core else p for p in ps]
+    return m
+
+
+@pytest.mark.parametrize("family", ["zimage", "qwen"])
+def test_apply_node_defaults_are_core_bit_for_bit(request, family):
+    setup = request.getfixturevalue(family)
+    latent = torch.zeros_like(setup["x"][:1])
+    ours = xctrl_apply(setup, xctrl_apply(setup, setup["base"], 0), 1)
+    got = full_sample(ours, setup["pos"], setup["neg"], latent)
+    assert torch.equal(got, full_sample(setup["model"], setup["pos"], setup["neg"], latent))
+    assert torch.equal(full_sample(balance(ours, "sum"), setup["pos"], setup["neg"], latent), got)
+
+
+@pytest.mark.parametrize("family", ["zimage", "qwen"])
+def test_schedule_latent_strengths_uncond_and_mask_match_hand_reference(request, family):
+    setup = request.getfixturevalue(family)
+    strength_nodes = pack_module("nodes.control_strength_nodes")
+    schedule = node_result(strength_nodes.StepKeyframeNode, 0.0, 0.5, "hold", 1)[0]
+    latents = node_result(strength_nodes.LatentStrengthsNode, "1.0, 0.25")[0]
+    mask = torch.rand(1, *(v // 2 for v in LATENT_HW), generator=torch.Generator().manual_seed(9))  # the token grid
+    ours = xctrl_apply(setup, setup["base"], 0, control_mask=mask, schedule=schedule, latent_strengths=latents,
+                       uncond_multiplier=0.3)
+
+    def row_factor(kind, latent):
+        return 0.5 * (1.0, 0.25)[latent] * (0.3 if kind == 1 else 1.0)
+
+    ref = scaled_reference_model(setup, row_factor, mask.flatten())
+    sigma = torch.tensor(0.7)
+    got = denoise_once(ours, setup["pos"], setup["neg"], setup["x"], sigma)
+    want = denoise_once(ref, setup["pos"], setup["neg"], setup["x"], sigma)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    plain = denoise_once(core_apply(setup, setup["base"], 0), setup["pos"], setup["neg"], setup["x"], sigma)
+    assert (got - plain).abs().max() > 1e-3
+
+
+def test_step_range_drops_the_control_outside(zimage):
+    ms = zimage["base"].get_model_object("model_sampling")
+    sigma = torch.tensor(float(ms.percent_to_sigma(0.2)))  # 20 % into sampling
+    late = xctrl_apply(zimage, zimage["base"], 0, start_percent=0.5, end_percent=1.0)
+    early = xctrl_apply(zimage, zimage["base"], 0, start_percent=0.0, end_percent=0.5)
+    args = (zimage["pos"], zimage["neg"], zimage["x"], sigma)
+    base = denoise_once(zimage["base"], *args)
+    assert torch.equal(denoise_once(late, *args), base)
+    assert torch.equal(denoise_once(early, *args), denoise_once(core_apply(zimage, zimage["base"], 0), *args))
+
+
+def test_balanced_scheduled_controls_match_hand_computation(zimage):
+    mask = torch.ones(1, *LATENT_HW)
+    mask[:, :, : LATENT_HW[1] // 2] = 0.0  # the first control acts on the right half only
+    model = xctrl_apply(zimage, xctrl_apply(zimage, zimage["base"], 0, control_mask=mask), 1, uncond_multiplier=0.5)
+    _compare_every_point(dict(zimage, model=model), "paper", "pixel")
+
+
+def test_mask_of_another_shape_refused_before_sampling(zimage):
+    model = xctrl_apply(zimage, zimage["base"], 0, control_mask=torch.rand(1, 8, 16))
+    with pytest.raises(ValueError, match=re.escape("Apply Z-Image Fun ControlNet (XCtrl): the mask is 16x8")):
+        full_sample(model, zimage["pos"], zimage["neg"], torch.zeros_like(zimage["x"][:1]))
+
+
+def test_apply_node_names_a_control_of_another_family(zimage, qwen):
+    mod = pack_module("nodes.model_patch_nodes")
+    with pytest.raises(ValueError, match=re.escape("Apply Z-Image Fun ControlNet (XCtrl): the model_patch input is a "
+                                                   "Qwen-Image DiffSynth ControlNet")):
+        node_result(mod.ApplyZImageFunControlNet, zimage["base"], qwen["controls"][0], zimage["vae"], 1.0,
+                    image=mpm.image(1))
+    with pytest.raises(ValueError, match=re.escape("Apply Qwen Image DiffSynth ControlNet (XCtrl): the MODEL is not a "
+                                                   "Qwen-Image model")):
+        node_result(mod.ApplyQwenImageDiffsynthControlNet, zimage["base"], qwen["controls"][0], qwen["vae"],
+                    mpm.image(1), 1.0)
+
+
+def test_older_comfyui_says_zimage_needs_newer(pack):
+    """Checked by capability: a ComfyUI without core's Z-Image control network is told to update."""
+    if has_zimage():
+        pytest.skip("this ComfyUI has Z-Image Fun ControlNet support")
+    import comfy.model_patcher
+
+    mod = pack_module("nodes.model_patch_nodes")
+    base = comfy.model_patcher.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu")
+    with pytest.raises(ValueError, match=re.escape("Apply Z-Image Fun ControlNet (XCtrl): Z-Image Fun ControlNets need a "
+                                                   "newer ComfyUI") + ".*update ComfyUI"):
+        node_result(mod.ApplyZImageFunControlNet, base, None, None, 1.0)
