@@ -151,8 +151,11 @@ def randn(seed, *shape):
 
 # ---------------------------------------------------------------------------- setups
 @pytest.fixture(scope="module", autouse=True)
-def _threads(one_thread):
-    yield
+def _threads_no_grad(one_thread):
+    """One thread; no autograd, as ComfyUI runs nodes (0.8.0's clone deep-copies the patches and their
+    encoded images, which must not be graph tensors)."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")
