@@ -13,7 +13,7 @@ patches to 16 latent channels (4-D for Z-Image, 5-D with one frame for Qwen-Imag
 """
 import torch
 
-from .tiny_models import _init_weights, _patcher
+from .tiny_models import _patcher, init_weights
 
 ZIMAGE_TINY = dict(
     image_model="lumina2", patch_size=2, in_channels=16, dim=256, cap_feat_dim=32, n_layers=6, qk_norm=True,
@@ -40,11 +40,11 @@ def qwen_image(seed=0):
     return _patcher(sm.QwenImage, QWEN_TINY, seed)
 
 
-def _model_patch(net, seed):
+def model_patch(net, seed):
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    _init_weights(net, seed)
+    init_weights(net, seed)
     return comfy.model_patcher.ModelPatcher(net, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
 
 
@@ -56,7 +56,7 @@ def zimage_control(seed, layout="2.1"):
     config = dict(n_control_layers=15, additional_in_dim=17, refiner_control=True) if layout == "2.1" else {}
     net = zc.ZImage_Control(dim=ZIMAGE_TINY["dim"], n_heads=8, n_kv_heads=8, multiple_of=16, dtype=torch.float32,
                             device="cpu", operations=comfy.ops.manual_cast, **config)
-    return _model_patch(net, seed)
+    return model_patch(net, seed)
 
 
 def qwen_control(seed, model_patch_module, inpaint=False):
@@ -67,7 +67,7 @@ def qwen_control(seed, model_patch_module, inpaint=False):
     net = cls(num_layers=QWEN_TINY["num_layers"], additional_in_dim=4 if inpaint else 0,
               dim=QWEN_TINY["num_attention_heads"] * QWEN_TINY["attention_head_dim"], dtype=torch.float32,
               device="cpu", operations=comfy.ops.manual_cast)
-    return _model_patch(net, seed)
+    return model_patch(net, seed)
 
 
 class StubVAE:

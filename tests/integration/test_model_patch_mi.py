@@ -299,8 +299,7 @@ def test_control_of_another_width_is_named(qwen):
     import comfy.ops
 
     narrow = qwen["module"].QwenImageBlockWiseControlNet(num_layers=3, dim=16, operations=comfy.ops.manual_cast)
-    from harness.model_patch_models import _model_patch
-    m = qwen["apply"].diffsynth_controlnet(qwen["model"], _model_patch(narrow, 5), qwen["vae"], mpm.image(3), 1.0)[0]
+    m = qwen["apply"].diffsynth_controlnet(qwen["model"], mpm.model_patch(narrow, 5), qwen["vae"], mpm.image(3), 1.0)[0]
     with pytest.raises(ValueError, match=f"{NODE}: a Qwen-Image DiffSynth ControlNet of width 16 .* width 32"):
         balance(m)
 
