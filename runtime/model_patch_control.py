@@ -132,7 +132,8 @@ def image_tokens(x, img):
 def zimage_residual(patch, kwargs):
     """residual x strength of core's Z-Image patch at this point, or None where it adds nothing."""
     img = kwargs["img"]
-    out = torch.zeros_like(img)
+    with torch.inference_mode(False):  # ComfyUI samples in inference mode, whose tensors have no version counter
+        out = torch.zeros_like(img)
     version = out._version  # bumped by the patch's in-place addition
     patch(dict(kwargs, img=out))
     if out._version == version:

@@ -152,9 +152,10 @@ def randn(seed, *shape):
 # ---------------------------------------------------------------------------- setups
 @pytest.fixture(scope="module", autouse=True)
 def _threads_no_grad(one_thread):
-    """One thread; no autograd, as ComfyUI runs nodes (0.8.0's clone deep-copies the patches and their
-    encoded images, which must not be graph tensors)."""
-    with torch.no_grad():
+    """One thread; in inference mode, as ComfyUI's executor runs nodes and sampling (its tensors have no
+    version counter; 0.8.0's clone deep-copies the patches and their encoded images, which must not be
+    graph tensors)."""
+    with torch.inference_mode():
         yield
 
 
