@@ -71,7 +71,7 @@ def missing_support(kind):
 
 def model_kind(model_patcher):
     """ZIMAGE for a Lumina 2 / Z-Image NextDiT, QWEN for Qwen-Image, else None."""
-    module = type(model_patcher.get_model_object("diffusion_model")).__module__
+    module = type(getattr(getattr(model_patcher, "model", None), "diffusion_model", None)).__module__
     if module.startswith("comfy.ldm.lumina."):
         return ZIMAGE
     if module.startswith("comfy.ldm.qwen_image."):

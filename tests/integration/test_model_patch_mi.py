@@ -3,7 +3,7 @@ Model Patches") inside a real ComfyUI: tiny random-weight Z-Image and Qwen-Image
 control patches applied by ComfyUI's own Apply Z-Image Fun ControlNet / Apply Qwen Image DiffSynth
 ControlNet nodes.
 
-Independent oracle: a reference patch (written here, no pack code) takes the place of the
+Independent oracle: a reference patch (written here and in harness/mi_reference.py, no pack code) takes the place of the
 control patches; at each injection point it lets every core patch add its term to its own copy
 of the features (the difference, in float64, is that control's residual x strength as core
 would add it), combines and injects them with the MI formulas written out in float64, and
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from harness import model_patch_models as mpm
+from harness.mi_reference import balanced as hand_balanced
 from harness.comfy_runtime import node_result, pack_module
 
 CFG = 2.0
@@ -33,30 +34,7 @@ def has_zimage():
     return True
 
 
-# ---------------------------------------------------------------------------- hand formulas (float64)
-def reduce_dims(x, granularity):
-    return tuple(range(1, x.dim())) if granularity == "layer" else (x.dim() - 1,)
-
-
-def hand_lambda_star(v1, v2, dims):
-    d = v2 - v1
-    return ((d * v2).sum(dims, keepdim=True) / (d * d).sum(dims, keepdim=True)).clamp(0.0, 1.0)
-
-
-def hand_lambda(s, cap=20.0):
-    return torch.where(s >= cap / (cap + 1.0), torch.full_like(s, cap), s / (1.0 - s))
-
-
-def hand_balanced(e, residuals, mode, granularity):
-    dims = reduce_dims(e, granularity)
-    out = residuals[0]
-    for r in residuals[1:]:
-        s = hand_lambda_star(out, r, dims)
-        out = (1 - s) * out + s * r if mode == "paper" else s * out + (1 - s) * r
-    s = hand_lambda_star(e, out, dims) if mode == "paper" else hand_lambda_star(out, e, dims)
-    return e + hand_lambda(s) * out
-
-
+# ---------------------------------------------------------------------------- reference (float64)
 class ReferencePatch:
     """Stands for the control patches in the reference run (see the module doc)."""
 
@@ -65,18 +43,18 @@ class ReferencePatch:
 
     def __call__(self, kwargs):
         img = kwargs["img"]
-        e = img[:, :TOKENS].double()
+        e = img[:, :TOKENS]
         residuals = []
         for p in self.members:
             copy = img.clone()
             p(dict(kwargs, img=copy))
-            d = copy[:, :TOKENS].double() - e
+            d = copy[:, :TOKENS].double() - e.double()
             if bool((copy[:, TOKENS:] != img[:, TOKENS:]).any()):
                 raise AssertionError("a control added outside the image tokens")
             if bool((d != 0).any()):
                 residuals.append(d)
         if residuals:
-            img[:, :TOKENS] = hand_balanced(e, residuals, self.mode, self.granularity).to(img.dtype)
+            img[:, :TOKENS] = hand_balanced(e.clone(), residuals, self.mode, self.granularity, channel_dim=-1)
         if self.lumina:
             kwargs.pop("img")
             kwargs.pop("txt")
