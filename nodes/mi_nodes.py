@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..models import mi_balance as mb
 from ..runtime.mi import CHANNEL_DIM, SUPPORTED, Balance, BalancedControl, apply_balance, architecture, format_stats
+from ..runtime import model_patch_control as mpc
 from ..runtime.model_family import family_title, model_family
 from ..runtime.node_search import search_aliases
 
@@ -61,6 +62,12 @@ class MIBalancedControl(io.ComfyNode):
         if mode == "sum":
             return io.NodeOutput(model, positive, negative)
         arch = architecture(model)
+        if arch is None and mpc.model_kind(model) is not None:
+            raise ValueError(
+                f"MI Balanced Control balances ControlNets carried by the conditioning; this "
+                f"{mpc.MODEL_TITLES[mpc.model_kind(model)]} MODEL's controls are model patches: use "
+                f"'{MIBalancedModelPatches.TITLE}' on the MODEL instead."
+            )
         if arch is None:
             raise ValueError(
                 f"MI Balanced Control supports {SUPPORTED} models; this MODEL is {family_title(model_family(model))}. "
@@ -76,6 +83,39 @@ class MIBalancedControl(io.ComfyNode):
                      "injection is still balanced against the model's features (the paper's add_inj, Eq. 10). Mode 'sum' "
                      "leaves it as stock ComfyUI adds it.")
         return io.NodeOutput(patched, pos, neg)
+
+
+class MIBalancedModelPatches(io.ComfyNode):
+    TITLE = "MI Balanced Model Patches (XCtrl)"
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_MIBalancedModelPatches",
+            display_name=cls.TITLE,
+            category=CATEGORY,
+            description=(
+                "MIControlNet for the controls ComfyUI applies as model patches: Z-Image Fun ControlNet (Union) and "
+                "Qwen-Image DiffSynth ControlNets (Apply Z-Image Fun ControlNet / Apply Qwen Image DiffSynth "
+                "ControlNet, or XCtrl's versions of them). Put it after two or more of those on one MODEL: at each "
+                "point where they inject, their residuals (each times its own strength) are combined (add_com) and "
+                "injected with a balanced weight (add_inj) instead of being added one after the other. Cond and "
+                "uncond rows get their own weights. sum: core's plain addition, bit for bit."),
+            inputs=[
+                io.Model.Input("model", tooltip="A Z-Image or Qwen-Image MODEL with two or more control patches applied."),
+                io.Combo.Input("mode", options=list(mb.MODES), default="paper", tooltip=MODE_TOOLTIP),
+                io.Combo.Input("granularity", options=list(mb.GRANULARITIES), default="layer", tooltip=(
+                    "layer: one weight per injection point and image (the paper). pixel: one weight per image token, "
+                    "so silent and active regions of a control are balanced separately.")),
+                io.Float.Input("cap", default=mb.DEFAULT_CAP, min=0.0, max=1000.0, step=0.5, tooltip=(
+                    "Largest injection weight lambda (the paper uses 20).")),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, mode, granularity, cap):
+        return io.NodeOutput(mpc.balance_model_patches(model, mode, granularity, cap, cls.TITLE))
 
 
 def balanced_controls(conditioning):
@@ -95,22 +135,26 @@ class MILambdaStats(io.ComfyNode):
                 "(cond / uncond rows; 1 = plain addition, < 1 damped, > 1 amplified). Connect the positive conditioning that "
                 "went to the sampler and the sampler's LATENT output (so it runs after sampling)."
             ),
-            inputs=[io.Conditioning.Input("positive"), io.Latent.Input("samples")],
+            inputs=[io.Conditioning.Input("positive"), io.Latent.Input("samples"),
+                    io.Model.Input("model", optional=True, tooltip=(
+                        "The MODEL from MI Balanced Model Patches (Z-Image / Qwen-Image controls), to show its weights too."))],
             outputs=[io.String.Output(display_name="stats")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, positive, samples):
-        text = lambda_stats_text(positive)
+    def execute(cls, positive, samples, model=None):
+        text = lambda_stats_text(positive, model)
         return io.NodeOutput(text, ui={"text": [text]})
 
 
-def lambda_stats_text(positive):
+def lambda_stats_text(positive, model=None):
     lines = []
-    for balance in dict.fromkeys(c.balance for c in balanced_controls(positive)):
+    balances = [c.balance for c in balanced_controls(positive)]
+    balances += [p.balance for p in mpc.balanced_patches(model)] if model is not None else []
+    for balance in dict.fromkeys(balances):
         lines.append(format_stats(balance.last_stats, balance))
     return "\n".join(lines) or "No MI Balanced Control in this conditioning."
 
 
-NODES = [MIBalancedControl, MILambdaStats]
+NODES = [MIBalancedControl, MIBalancedModelPatches, MILambdaStats]

@@ -6,6 +6,7 @@
 - runner: the configurations of each model family and how they are measured side by side
 - long_video: ControlNeXt-SVD v2 long videos, time per frame and memory per model call vs windows
 - preprocessors: time per frame of the preprocessor nodes
+- model_patches: Z-Image with two Fun ControlNet Union patches, summed vs balanced
 - report: the generated part of docs/benchmarks.md
 """
 import os

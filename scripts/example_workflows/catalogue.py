@@ -294,6 +294,73 @@ def mi_flux_canny_depth():
     return g
 
 
+def mi_zimage_pose_depth():
+    """Z-Image-Turbo with the Fun ControlNet Union twice (pose, depth), the pose on the person only,
+    balanced (the template's sampler settings: 8 steps, cfg 1, res_multistep)."""
+    g = {"unet": ("UNETLoader", {"unet_name": "z_image_turbo_bf16.safetensors", "weight_dtype": "default"}, "Z-Image-Turbo"),
+         "clip": ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}, None),
+         "vae": ("VAELoader", {"vae_name": "ae.safetensors"}, None),
+         "shift": ("ModelSamplingAuraFlow", {"model": ["unet", 0], "shift": 3.0}, None),
+         "union": ("ModelPatchLoader", {"name": "Z-Image-Turbo-Fun-Controlnet-Union.safetensors"}, "Fun ControlNet Union"),
+         "image": ("LoadImage", {"image": IMAGE}, "Control source"),
+         "pose": ("XCtrl_DWPose", {"image": ["image", 0], "resolution": 1024, "draw_hands": True, "draw_face": False}, None),
+         "depth": ("XCtrl_DepthAnythingV2", {"image": ["image", 0], "render": "grey"}, None),
+         "depth_mask": ("ImageToMask", {"image": ["depth", 0], "channel": "red"}, None),
+         "subject": ("ThresholdMask", {"mask": ["depth_mask", 0], "value": 0.5}, "Subject mask (near = white)"),
+         "apply_pose": ("XCtrl_ApplyZImageFunControlNet", {"model": ["shift", 0], "model_patch": ["union", 0], "vae": ["vae", 0],
+                                                           "strength": 1.0, "image": ["pose", 0],
+                                                           "control_mask": ["subject", 0]}, "Pose (on the subject)"),
+         "apply_depth": ("XCtrl_ApplyZImageFunControlNet", {"model": ["apply_pose", 0], "model_patch": ["union", 0],
+                                                            "vae": ["vae", 0], "strength": 0.6, "image": ["depth", 0],
+                                                            "end_percent": 0.8}, "Depth (until 80 %)"),
+         "mi": ("XCtrl_MIBalancedModelPatches", {"model": ["apply_depth", 0], "mode": "paper", "granularity": "pixel",
+                                                 "cap": 20.0}, None),
+         "pos": ("CLIPTextEncode", {"text": "a dancer in a red dress on a wooden stage, warm light, photo", "clip": ["clip", 0]},
+                 "Positive prompt"),
+         "neg": ("ConditioningZeroOut", {"conditioning": ["pos", 0]}, None),
+         "latent": ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None),
+         "stats": ("XCtrl_MILambdaStats", {"positive": ["pos", 0], "samples": ["sampler", 0], "model": ["mi", 0]}, None)}
+    g.update(_sample_and_save(["mi", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["vae", 0], "xctrl/mi_zimage_pose_depth", 8, 1.0,
+                              sampler="res_multistep", scheduler="simple"))
+    g.update(_note(g, "Z-Image-Turbo with the Fun ControlNet Union applied twice (pose 1.0 on the subject only, depth 0.6 "
+                      "until 80 % of the steps), balanced by MI Balanced Model Patches instead of summed. Needs a ComfyUI "
+                      "with Z-Image Fun ControlNet support (0.8.0 or newer; tested with 0.33.0).\n"
+                      "mode sum = core's plain addition, to compare."))
+    return g
+
+
+def mi_qwen_image_canny_depth():
+    """Qwen-Image 2512 with DiffSynth's canny and depth ControlNets (model patches), balanced."""
+    g = {"unet": ("UNETLoader", {"unet_name": "qwen_image_2512_fp8_e4m3fn.safetensors", "weight_dtype": "default"},
+                  "Qwen-Image 2512"),
+         "clip": ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image",
+                                 "device": "default"}, None),
+         "vae": ("VAELoader", {"vae_name": "qwen_image_vae.safetensors"}, None),
+         "shift": ("ModelSamplingAuraFlow", {"model": ["unet", 0], "shift": 3.1}, None),
+         "cn_canny": ("ModelPatchLoader", {"name": "qwen_image_canny_diffsynth_controlnet.safetensors"}, None),
+         "cn_depth": ("ModelPatchLoader", {"name": "qwen_image_depth_diffsynth_controlnet.safetensors"}, None),
+         "image": ("LoadImage", {"image": IMAGE}, "Control source"),
+         "canny": ("XCtrl_Canny", {"image": ["image", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 200}, None),
+         "depth": ("XCtrl_DepthAnythingV2", {"image": ["image", 0], "render": "grey"}, None),
+         "apply_canny": ("XCtrl_ApplyQwenImageDiffsynthControlNet", {"model": ["shift", 0], "model_patch": ["cn_canny", 0],
+                                                                     "vae": ["vae", 0], "image": ["canny", 0],
+                                                                     "strength": 1.0}, "Canny"),
+         "apply_depth": ("XCtrl_ApplyQwenImageDiffsynthControlNet", {"model": ["apply_canny", 0], "model_patch": ["cn_depth", 0],
+                                                                     "vae": ["vae", 0], "image": ["depth", 0],
+                                                                     "strength": 1.0}, "Depth"),
+         "mi": ("XCtrl_MIBalancedModelPatches", {"model": ["apply_depth", 0], "mode": "paper", "granularity": "layer",
+                                                 "cap": 20.0}, None),
+         "latent": ("EmptySD3LatentImage", {"width": 1328, "height": 1328, "batch_size": 1}, None),
+         "stats": ("XCtrl_MILambdaStats", {"positive": ["pos", 0], "samples": ["sampler", 0], "model": ["mi", 0]}, None)}
+    g.update(_sd_text(["clip", 0], "a stone bridge over a river in autumn, photo", negative=" "))
+    g.update(_sample_and_save(["mi", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["vae", 0], "xctrl/mi_qwen_image_canny_depth",
+                              20, 2.5, sampler="euler", scheduler="simple"))
+    g.update(_note(g, "Qwen-Image 2512 with DiffSynth's canny and depth block-wise ControlNets (model patches, trained for "
+                      "Qwen-Image; same architecture), balanced by MI Balanced Model Patches instead of summed.\n"
+                      "mode sum = core's plain addition, to compare."))
+    return g
+
+
 def controlnext_sd15_train_canny():
     """Train a canny ControlNeXt on a folder of captioned images (the conditions made from the images
     by the Canny node, so they line up with them), then use it."""
@@ -341,15 +408,22 @@ WORKFLOWS = {
     "mi_sd35_canny_depth": mi_sd35_canny_depth,
     "mi_flux_canny_depth": mi_flux_canny_depth,
     "controlnext_sd15_train_canny": controlnext_sd15_train_canny,
+    "mi_zimage_pose_depth": mi_zimage_pose_depth,
+    "mi_qwen_image_canny_depth": mi_qwen_image_canny_depth,
 }
 # Workflows that need nodes only newer ComfyUI versions have (the tests skip them elsewhere).
-REQUIRES = {"controlnext_sd15_train_canny": ("LoadImageTextDataSetFromFolder", "MakeTrainingDataset")}
+REQUIRES = {"controlnext_sd15_train_canny": ("LoadImageTextDataSetFromFolder", "MakeTrainingDataset"),
+            "mi_zimage_pose_depth": ("ModelPatchLoader", "ModelSamplingAuraFlow", "ConditioningZeroOut")}
 # The oldest ComfyUI release with those nodes: said in the template's title, since ComfyUI offers
 # every file of example_workflows/ on any version.
-MIN_COMFYUI = {"controlnext_sd15_train_canny": "0.8"}
+MIN_COMFYUI = {"controlnext_sd15_train_canny": "0.8", "mi_zimage_pose_depth": "0.8"}
 # Workflows the tests do not run (their models are PLACEHOLDERS), with the reason.
 NOT_RUN = {"mi_flux_canny_depth": "Flux stand-ins would need ComfyUI's full-size T5-XXL (4.7B parameters); MI on Flux "
-                                  "is tested on a tiny Flux in test_mi_controlnet.py"}
+                                  "is tested on a tiny Flux in test_mi_dit.py",
+           "mi_zimage_pose_depth": "core builds Z-Image and its control patch at full width (no small stand-ins); tested on "
+                                   "tiny models in test_model_patch_mi.py",
+           "mi_qwen_image_canny_depth": "core builds Qwen-Image and its control patches at full width (no small stand-ins); "
+                                        "tested on tiny models in test_model_patch_mi.py"}
 
 # The file name of each workflow (without .json): the template's title in ComfyUI's templates
 # menu. No "-" or "_" (the frontend turns them into spaces in the description it derives).
@@ -366,6 +440,8 @@ TITLES = {
     "mi_sd35_canny_depth": "MIControlNet SD3.5 Large balanced canny and depth",
     "mi_flux_canny_depth": "MIControlNet Flux dev balanced canny and depth",
     "controlnext_sd15_train_canny": "Train ControlNeXt for canny on SD1.5, then use it (needs ComfyUI 0.8 or newer)",
+    "mi_zimage_pose_depth": "MIControlNet Z Image Turbo Fun ControlNet Union balanced pose and depth, pose masked (needs ComfyUI 0.8 or newer)",
+    "mi_qwen_image_canny_depth": "MIControlNet Qwen Image 2512 balanced DiffSynth canny and depth",
 }
 
 
@@ -389,6 +465,10 @@ SUMMARIES = {
     "mi_flux_canny_depth": "Flux dev with XLabs' canny and depth ControlNets -> MI Balanced Control (Flux guidance 3.5, cfg 1)",
     "controlnext_sd15_train_canny": "a folder of captioned images -> ComfyUI's dataset nodes + Canny -> Train ControlNeXt "
                                     "-> Apply ControlNeXt -> sampler (ComfyUI 0.8)",
+    "mi_zimage_pose_depth": "DWPose + Depth Anything V2 -> Apply Z-Image Fun ControlNet (XCtrl) twice (pose masked to the "
+                            "subject, depth until 80 %) -> MI Balanced Model Patches (ComfyUI 0.8 or newer)",
+    "mi_qwen_image_canny_depth": "Canny + Depth Anything V2 -> Apply Qwen Image DiffSynth ControlNet (XCtrl) twice -> "
+                                 "MI Balanced Model Patches",
 }
 
 

@@ -53,6 +53,22 @@ MODELS = {
         f"{HF}/XLabs-AI/flux-controlnet-collections/resolve/main/flux-canny-controlnet-v3.safetensors",
     ("controlnet", "flux-depth-controlnet-v3.safetensors"):
         f"{HF}/XLabs-AI/flux-controlnet-collections/resolve/main/flux-depth-controlnet-v3.safetensors",
+    ("diffusion_models", "z_image_turbo_bf16.safetensors"):
+        f"{HF}/Comfy-Org/z_image_turbo/resolve/main/split_files/diffusion_models/z_image_turbo_bf16.safetensors",
+    ("text_encoders", "qwen_3_4b.safetensors"):
+        f"{HF}/Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/qwen_3_4b.safetensors",
+    ("model_patches", "Z-Image-Turbo-Fun-Controlnet-Union.safetensors"):
+        f"{HF}/alibaba-pai/Z-Image-Turbo-Fun-Controlnet-Union/resolve/main/Z-Image-Turbo-Fun-Controlnet-Union.safetensors",
+    ("diffusion_models", "qwen_image_2512_fp8_e4m3fn.safetensors"):
+        f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/diffusion_models/qwen_image_2512_fp8_e4m3fn.safetensors",
+    ("text_encoders", "qwen_2.5_vl_7b_fp8_scaled.safetensors"):
+        f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors",
+    ("vae", "qwen_image_vae.safetensors"):
+        f"{HF}/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files/vae/qwen_image_vae.safetensors",
+    ("model_patches", "qwen_image_canny_diffsynth_controlnet.safetensors"):
+        f"{HF}/Comfy-Org/Qwen-Image-DiffSynth-ControlNets/resolve/main/split_files/model_patches/qwen_image_canny_diffsynth_controlnet.safetensors",
+    ("model_patches", "qwen_image_depth_diffsynth_controlnet.safetensors"):
+        f"{HF}/Comfy-Org/Qwen-Image-DiffSynth-ControlNets/resolve/main/split_files/model_patches/qwen_image_depth_diffsynth_controlnet.safetensors",
 }
 # Files the tests can only list, not load: a stand-in of Flux needs ComfyUI's fixed T5-XXL (4.7B
 # parameters), more than this machine holds next to everything else. The workflow that uses them
@@ -60,6 +76,10 @@ MODELS = {
 PLACEHOLDERS = {("diffusion_models", "flux1-dev.safetensors"), ("text_encoders", "t5xxl_fp8_e4m3fn_scaled.safetensors"),
                 ("vae", "ae.safetensors"), ("controlnet", "flux-canny-controlnet-v3.safetensors"),
                 ("controlnet", "flux-depth-controlnet-v3.safetensors")}
+# Z-Image / Qwen-Image: core's loaders fix the real widths (3840 / 3072) of the models and their
+# control patches, so stand-ins would be full size; those are tested on tiny models built with the
+# same classes (test_model_patch_mi.py).
+PLACEHOLDERS |= {key for key in MODELS if key[1].startswith(("z_image", "qwen_", "Z-Image"))}
 MODEL_FOLDER = {name: folder for folder, name in MODELS}
 
 
