@@ -1,16 +1,11 @@
 """MIControlNet nodes: balanced combination and injection of the ControlNets already applied
 to a conditioning by ComfyUI's own "Apply ControlNet" nodes (see mi_runtime for how)."""
-import logging
-
 from comfy_api.latest import io
 
-from ..models import mi_balance as mb
-from ..runtime.mi import CHANNEL_DIM, SUPPORTED, Balance, BalancedControl, apply_balance, architecture, format_stats
-from ..runtime import model_patch_control as mpc
-from ..runtime.model_family import family_title, model_family
+from ..runtime import mi_apply
+from ..runtime.mi_apply import DEFAULT_CAP, GRANULARITIES, MODES
 from ..runtime.node_search import search_aliases
 
-LOG = logging.getLogger("xctrl.mi")
 CATEGORY = "XCtrl/MIControlNet"
 
 MODE_TOOLTIP = (
@@ -46,11 +41,11 @@ class MIBalancedControl(io.ComfyNode):
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive", tooltip="Conditioning with ControlNets applied (Apply ControlNet)."),
                 io.Conditioning.Input("negative"),
-                io.Combo.Input("mode", options=list(mb.MODES), default="paper", tooltip=MODE_TOOLTIP),
-                io.Combo.Input("granularity", options=list(mb.GRANULARITIES), default="layer", tooltip=(
+                io.Combo.Input("mode", options=list(MODES), default="paper", tooltip=MODE_TOOLTIP),
+                io.Combo.Input("granularity", options=list(GRANULARITIES), default="layer", tooltip=(
                     "layer: one weight per layer and image (the paper). pixel: one weight per spatial position "
                     "(token on SD3), so silent and active regions of a control are balanced separately.")),
-                io.Float.Input("cap", default=mb.DEFAULT_CAP, min=0.0, max=1000.0, step=0.5, tooltip=(
+                io.Float.Input("cap", default=DEFAULT_CAP, min=0.0, max=1000.0, step=0.5, tooltip=(
                     "Largest injection weight lambda (the paper uses 20). 1 = a control is never added more strongly than by plain addition.")),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive"),
@@ -59,30 +54,8 @@ class MIBalancedControl(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, mode, granularity, cap):
-        if mode == "sum":
-            return io.NodeOutput(model, positive, negative)
-        arch = architecture(model)
-        if arch is None and mpc.model_kind(model) is not None:
-            raise ValueError(
-                f"MI Balanced Control balances ControlNets carried by the conditioning; this "
-                f"{mpc.MODEL_TITLES[mpc.model_kind(model)]} MODEL's controls are model patches: use "
-                f"'{MIBalancedModelPatches.TITLE}' on the MODEL instead."
-            )
-        if arch is None:
-            raise ValueError(
-                f"MI Balanced Control supports {SUPPORTED} models; this MODEL is {family_title(model_family(model))}. "
-                "Use it with one of those, or leave the ControlNets summed (no MI node)."
-            )
-        balance = Balance(mode, granularity, cap, CHANNEL_DIM[arch])
-        patched, pos, neg, found = apply_balance(model, positive, negative, balance)
-        if not found:
-            LOG.warning("[XCtrl] MI Balanced Control: no ControlNet is applied to positive or negative; nothing to balance")
-            return io.NodeOutput(model, positive, negative)
-        if all(len(c.members) < 2 for c in balanced_controls(pos + neg)):
-            LOG.info("[XCtrl] MI Balanced Control: one ControlNet only: there is nothing to combine (that needs two); its "
-                     "injection is still balanced against the model's features (the paper's add_inj, Eq. 10). Mode 'sum' "
-                     "leaves it as stock ComfyUI adds it.")
-        return io.NodeOutput(patched, pos, neg)
+        return io.NodeOutput(*mi_apply.balance_conditioning(model, positive, negative, mode, granularity, cap,
+                                                            MIBalancedModelPatches.TITLE))
 
 
 class MIBalancedModelPatches(io.ComfyNode):
@@ -103,11 +76,11 @@ class MIBalancedModelPatches(io.ComfyNode):
                 "uncond rows get their own weights. sum: core's plain addition, bit for bit."),
             inputs=[
                 io.Model.Input("model", tooltip="A Z-Image or Qwen-Image MODEL with two or more control patches applied."),
-                io.Combo.Input("mode", options=list(mb.MODES), default="paper", tooltip=MODE_TOOLTIP),
-                io.Combo.Input("granularity", options=list(mb.GRANULARITIES), default="layer", tooltip=(
+                io.Combo.Input("mode", options=list(MODES), default="paper", tooltip=MODE_TOOLTIP),
+                io.Combo.Input("granularity", options=list(GRANULARITIES), default="layer", tooltip=(
                     "layer: one weight per injection point and image (the paper). pixel: one weight per image token, "
                     "so silent and active regions of a control are balanced separately.")),
-                io.Float.Input("cap", default=mb.DEFAULT_CAP, min=0.0, max=1000.0, step=0.5, tooltip=(
+                io.Float.Input("cap", default=DEFAULT_CAP, min=0.0, max=1000.0, step=0.5, tooltip=(
                     "Largest injection weight lambda (the paper uses 20).")),
             ],
             outputs=[io.Model.Output(display_name="model")],
@@ -115,11 +88,7 @@ class MIBalancedModelPatches(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mode, granularity, cap):
-        return io.NodeOutput(mpc.balance_model_patches(model, mode, granularity, cap, cls.TITLE))
-
-
-def balanced_controls(conditioning):
-    return list(dict.fromkeys(opts["control"] for _, opts in conditioning if isinstance(opts.get("control"), BalancedControl)))
+        return io.NodeOutput(mi_apply.balance_model_patches(model, mode, granularity, cap, cls.TITLE))
 
 
 class MILambdaStats(io.ComfyNode):
@@ -144,17 +113,8 @@ class MILambdaStats(io.ComfyNode):
 
     @classmethod
     def execute(cls, positive, samples, model=None):
-        text = lambda_stats_text(positive, model)
+        text = mi_apply.lambda_stats_text(positive, model)
         return io.NodeOutput(text, ui={"text": [text]})
-
-
-def lambda_stats_text(positive, model=None):
-    lines = []
-    balances = [c.balance for c in balanced_controls(positive)]
-    balances += [p.balance for p in mpc.balanced_patches(model)] if model is not None else []
-    for balance in dict.fromkeys(balances):
-        lines.append(format_stats(balance.last_stats, balance))
-    return "\n".join(lines) or "No MI Balanced Control in this conditioning."
 
 
 NODES = [MIBalancedControl, MIBalancedModelPatches, MILambdaStats]

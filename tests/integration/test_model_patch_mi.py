@@ -214,7 +214,7 @@ def test_zimage_injection_points_named(zimage):
     block) and 0, 5 (2.0: every 5th block)."""
     m = balance(zimage["model"])
     denoise_once(m, zimage["pos"], zimage["neg"], zimage["x"], torch.tensor(0.7))
-    text = pack_module("nodes.mi_nodes").lambda_stats_text([], m)
+    text = pack_module("runtime.mi_apply").lambda_stats_text([], m)
     for layer in ("Z-Image refiner 0", "Z-Image refiner 1", "Z-Image block 0", "Z-Image block 2", "Z-Image block 4",
                   "Z-Image block 5"):
         assert layer in text, text
