@@ -22,13 +22,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import PACK_DIR  # noqa: E402
 from bench.flux import flux_report, run_flux  # noqa: E402
 from bench.training import run_training, training_report  # noqa: E402
+from bench.silent_signal import run_silent_signal, silent_signal_report  # noqa: E402
 from bench.long_video import long_video_report, run_long_video  # noqa: E402
 from bench.models import import_comfyui  # noqa: E402
 from bench.preprocessors import run_preprocessors  # noqa: E402
 from bench.report import _argv_for_report, machine_info, replace_block, write_report  # noqa: E402
 from bench.runner import Bench  # noqa: E402
 
-FAMILIES = ("sd15", "sdxl", "sd21", "svd", "long_video", "pre", "flux", "training")
+FAMILIES = ("sd15", "sdxl", "sd21", "svd", "long_video", "pre", "flux", "training", "silent_signal")
 DEFAULT_FAMILIES = ("sd15", "sdxl", "sd21", "svd", "long_video", "pre", "flux")
 
 
@@ -93,6 +94,7 @@ def snapshot(bench, started):
         args=argparse.Namespace(**vars(bench.args)), device_type=bench.device.type, machine=machine_info(bench),
         results=bench.results, notes=bench.notes, pre=bench.pre, profiles=bench.profiles, long_video=bench.long_video,
         flux=bench.flux, training=getattr(bench, "training", None),
+        silent_signal=getattr(bench, "silent_signal", None),
         elapsed=time.time() - started, started=started, argv=_argv_for_report())
 
 
@@ -109,6 +111,8 @@ def main(argv=None):
             replace_block(a.out, "flux", flux_report(state))
         if getattr(state, "training", None):
             replace_block(a.out, "training", training_report(state))
+        if getattr(state, "silent_signal", None):
+            replace_block(a.out, "silent_signal", silent_signal_report(state))
         print(f"report written to {a.out} from {a.render}")
         return
     comfy_runtime = import_comfyui(a.comfyui, a.cpu)
@@ -147,6 +151,8 @@ def main(argv=None):
             run_flux(bench)
         elif family == "training":
             run_training(bench)
+        elif family == "silent_signal":
+            run_silent_signal(bench)
         print(f"[{family}] done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         a.load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -161,6 +167,8 @@ def main(argv=None):
             replace_block(a.out, "flux", flux_report(state))
         if getattr(bench, "training", None):
             replace_block(a.out, "training", training_report(state))
+        if getattr(bench, "silent_signal", None):
+            replace_block(a.out, "silent_signal", silent_signal_report(state))
     print(f"report written to {a.out} ({(time.time() - started) / 60:.1f} min)")
     with contextlib.suppress(Exception):
         import shutil
