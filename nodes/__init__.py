@@ -5,7 +5,7 @@ from ..runtime.comfyui_support import log_version_notice
 log_version_notice()  # before any node module imports ComfyUI APIs an old release may lack
 
 from . import (control_strength_nodes, controlnet_xs_nodes, controlnext_nodes, mi_nodes,  # noqa: E402
-               model_patch_nodes, preprocessor_nodes, training_nodes, unet_weights_nodes)
+               mi_training_nodes, model_patch_nodes, preprocessor_nodes, training_nodes, unet_weights_nodes)
 
 NODES = [
     *controlnext_nodes.NODES,
@@ -16,4 +16,5 @@ NODES = [
     *control_strength_nodes.NODES,
     *training_nodes.NODES,
     *model_patch_nodes.NODES,
+    *mi_training_nodes.NODES,
 ]

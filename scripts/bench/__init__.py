@@ -6,6 +6,8 @@
 - runner: the configurations of each model family and how they are measured side by side
 - long_video: ControlNeXt-SVD v2 long videos, time per frame and memory per model call vs windows
 - preprocessors: time per frame of the preprocessor nodes
+- training: the convergence toy and training throughput
+- silent_signal: MIControlNet's data balancing on a toy (total variation in silent regions, plain vs balanced)
 - model_patches: Z-Image with two Fun ControlNet Union patches, summed vs balanced
 - report: the generated part of docs/benchmarks.md
 """
