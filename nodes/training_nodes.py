@@ -20,7 +20,7 @@ from comfy_api.latest import io
 
 from ..models import controlnext as cnx
 from ..models import controlnext_training as tr
-from ..models.checkpoint_io import WeightFileError, load_pickle
+from ..models.checkpoint_io import WeightFileError, load_pickle, new_file_mode
 from ..models.cross_norm import cross_normalize
 from ..runtime import batch_rows
 from ..runtime.controlnext_apply import TRAINED_LAYOUT_KEY as LAYOUT_KEY
@@ -95,7 +95,7 @@ def read_checkpoint(path, settings):
     try:
         state = load_pickle(path)
     except WeightFileError as e:
-        raise tr.TrainingError(f"{NODE}: cannot resume from {path}: {e} ({fix})") from None
+        raise tr.TrainingError(f"{NODE}: cannot resume from {path}: {e.problem} ({fix})") from None
     needed = ("step", "losses", "module", "unet", "optimizer", "generator")
     if not isinstance(state, dict) or any(k not in state for k in needed):
         raise tr.TrainingError(f"{NODE}: {path} is not a checkpoint of this node ({fix})")
@@ -210,9 +210,7 @@ def checkpointed_blocks(dm, enabled):
 
 
 def _file_mode():
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return new_file_mode()  # reads the umask without setting it (no race with other threads)
 
 
 FILE_MODE = _file_mode()  # what a plain open() would give: writers that go through a temporary file use 0600

@@ -6,7 +6,7 @@ import os
 
 from ..models import controlnext as cnx
 from ..models import unet_weight_files as uwf
-from ..models.checkpoint_io import WeightFileError
+from ..models.checkpoint_io import WeightFileError, file_error
 from ..models.file_kinds import kind_of
 from .conditioning_control import attach
 from .controlnext import INJECTIONS, ControlNeXtRunner, module_patcher
@@ -155,5 +155,6 @@ def add_unet_weight_patches(model, controlnext, strength):
     try:
         deltas = uwf.weight_patches(sd, base_weights(model, sd), semantics)
     except WeightFileError as e:
-        raise WeightFileError(f"{controlnext.unet_name}: {e}") from e
+        raise file_error(controlnext.unet_name, f"cannot be applied to this MODEL ({e})",
+                         "use it with a MODEL of the family it was made for") from e
     model.add_patches({"diffusion_model." + k: (d,) for k, d in deltas.items()}, strength)
