@@ -9,6 +9,7 @@ from ..models import unet_weight_files as uwf
 from ..models.checkpoint_io import WeightFileError, file_error
 from ..models.file_kinds import kind_of
 from .conditioning_control import attach
+from .control_inputs import require_finite
 from .controlnext import INJECTIONS, ControlNeXtRunner, module_patcher
 from .model_family import compute_dtype, family_title, model_family, unet_block_channels
 from .unet_patches import base_weights, to_model_keys
@@ -83,6 +84,7 @@ def make_runner(model, controlnext, inputs, sd15_layout="refuse", reference_pose
 
 def apply_to_model(model, controlnext, inputs, unet_strength=1.0, **options):
     """Apply ControlNeXt: a clone of the MODEL with the control (and the UNet weight file's patches)."""
+    require_finite(inputs.node, unet_strength=unet_strength)
     runner = make_runner(model, controlnext, inputs, **options)
     patched = model.clone()
     if controlnext.unet_sd is not None and unet_strength != 0.0:

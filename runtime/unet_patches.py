@@ -19,6 +19,7 @@ from ..models.checkpoint_io import WeightFileError, file_error
 from ..models.file_kinds import describe_state_dict
 from .model_family import family_title, model_family
 from .weight_files import read
+from .control_inputs import require_finite
 
 LOG = logging.getLogger("xctrl")
 CHECKPOINT_PREFIX = "model.diffusion_model."
@@ -85,6 +86,7 @@ def to_model_keys(model, sd, file_name):
 
 def apply_unet_file(model, unet_file, strength):
     """Apply UNet Weights: a clone of the MODEL with the file's differences as weight patches."""
+    require_finite("Apply UNet Weights (XCtrl)", strength=strength)
     diffs = unet_weight_diffs(model, read(unet_file, *UNET_FOLDERS), unet_file)
     patched = model.clone()
     if strength != 0.0 and diffs:
