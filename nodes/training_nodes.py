@@ -9,6 +9,7 @@ leaves as the control (module + UNet differences), never as a changed MODEL.
 """
 import contextlib
 import logging
+import math
 import os
 
 import torch
@@ -57,7 +58,7 @@ def output_folder(name):
     base = folder_paths.get_folder_paths("controlnet")[0]
     clean = name.strip().strip("/\\")
     parts = clean.replace("\\", "/").split("/")
-    if not clean or any(p in ("", ".", "..") for p in parts):
+    if not clean or any(p in ("", ".", "..") for p in parts) or any(ord(c) < 32 for c in clean):  # NUL, newlines
         raise tr.TrainingError(f"{NODE}: the name {name!r} must name a folder under models/controlnet (letters, digits, "
                                "'-', '_'; no '.' or '..' levels), e.g. my_controlnext")
     if any(len(p) > MAX_NAME_PART for p in parts):
@@ -479,6 +480,10 @@ class TrainControlNeXt(io.ComfyNode):
         # Inputs arrive as lists (is_input_list), so that the list outputs of ComfyUI's dataset nodes
         # (Load Image and Text Dataset from Folder, Make Training Dataset) plug in as they are.
         one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
+        bad = [k for k, v in (("lr_module", lr_module), ("lr_unet", lr_unet), ("scale", scale),
+                              ("empty_prompt_rate", empty_prompt_rate)) if not math.isfinite(float(one(v)))]
+        if bad:
+            raise tr.TrainingError(f"{NODE}: {', '.join(bad)} must be a finite number, got NaN or infinity; nothing was trained")
         result = train(one(model), _joined_latents(latents), _joined_images(images), _per_latent_conditioning(positive),
                        one(steps), one(batch_size), one(gradient_accumulation), one(lr_module), one(lr_unet),
                        one(unet_pattern), one(scale), one(seed), one(empty_prompt_rate), one(empty_conditioning),
