@@ -9,6 +9,7 @@ leaves as the control (module + UNet differences), never as a changed MODEL.
 """
 import contextlib
 import logging
+import math
 import os
 
 import torch
@@ -20,7 +21,7 @@ from comfy_api.latest import io
 
 from ..models import controlnext as cnx
 from ..models import controlnext_training as tr
-from ..models.checkpoint_io import WeightFileError, load_pickle
+from ..models.checkpoint_io import WeightFileError, load_pickle, new_file_mode
 from ..models.cross_norm import cross_normalize
 from ..runtime import batch_rows
 from ..runtime.controlnext_apply import TRAINED_LAYOUT_KEY as LAYOUT_KEY
@@ -57,7 +58,7 @@ def output_folder(name):
     base = folder_paths.get_folder_paths("controlnet")[0]
     clean = name.strip().strip("/\\")
     parts = clean.replace("\\", "/").split("/")
-    if not clean or any(p in ("", ".", "..") for p in parts):
+    if not clean or any(p in ("", ".", "..") for p in parts) or any(ord(c) < 32 for c in clean):  # NUL, newlines
         raise tr.TrainingError(f"{NODE}: the name {name!r} must name a folder under models/controlnet (letters, digits, "
                                "'-', '_'; no '.' or '..' levels), e.g. my_controlnext")
     if any(len(p) > MAX_NAME_PART for p in parts):
@@ -95,7 +96,7 @@ def read_checkpoint(path, settings):
     try:
         state = load_pickle(path)
     except WeightFileError as e:
-        raise tr.TrainingError(f"{NODE}: cannot resume from {path}: {e} ({fix})") from None
+        raise tr.TrainingError(f"{NODE}: cannot resume from {path}: {e.problem} ({fix})") from None
     needed = ("step", "losses", "module", "unet", "optimizer", "generator")
     if not isinstance(state, dict) or any(k not in state for k in needed):
         raise tr.TrainingError(f"{NODE}: {path} is not a checkpoint of this node ({fix})")
@@ -210,9 +211,7 @@ def checkpointed_blocks(dm, enabled):
 
 
 def _file_mode():
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return new_file_mode()  # reads the umask without setting it (no race with other threads)
 
 
 FILE_MODE = _file_mode()  # what a plain open() would give: writers that go through a temporary file use 0600
@@ -481,6 +480,10 @@ class TrainControlNeXt(io.ComfyNode):
         # Inputs arrive as lists (is_input_list), so that the list outputs of ComfyUI's dataset nodes
         # (Load Image and Text Dataset from Folder, Make Training Dataset) plug in as they are.
         one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
+        bad = [k for k, v in (("lr_module", lr_module), ("lr_unet", lr_unet), ("scale", scale),
+                              ("empty_prompt_rate", empty_prompt_rate)) if not math.isfinite(float(one(v)))]
+        if bad:
+            raise tr.TrainingError(f"{NODE}: {', '.join(bad)} must be a finite number, got NaN or infinity; nothing was trained")
         result = train(one(model), _joined_latents(latents), _joined_images(images), _per_latent_conditioning(positive),
                        one(steps), one(batch_size), one(gradient_accumulation), one(lr_module), one(lr_unet),
                        one(unet_pattern), one(scale), one(seed), one(empty_prompt_rate), one(empty_conditioning),

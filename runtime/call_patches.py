@@ -1,6 +1,11 @@
-"""Adding patches and wrappers to one model call's ``transformer_options`` (conditioning-level
-controls), never to the dicts the MODEL shares with other calls and clones: every level that is
-changed is copied first."""
+"""Adding patches and wrappers to one model call's ``transformer_options``, never to the dicts
+the MODEL shares with other calls and clones: every level that is changed is copied first.
+
+Conditioning-level controls add theirs from ``get_control``; MODEL-level block replacements
+(MI balancing on DiT models, ControlNeXt on SD3) from an APPLY_MODEL wrapper
+(:class:`ReplaceBlocksPerCall`), so they wrap whatever replacement of the block the call carries,
+whichever order the packs were applied in (docs/comfyui_hooks.md, "Block replacements")."""
+import uuid
 
 
 def add_patch(transformer_options, name, patch):
@@ -16,6 +21,38 @@ def wrap_replace(transformer_options, kind, key, make):
     replace[kind] = dict(replace.get(kind, {}))
     replace[kind][key] = make(replace[kind].get(key))
     transformer_options["patches_replace"] = replace
+
+
+def wrap_replaces(transformer_options, kind, keys, make):
+    """``wrap_replace`` for several blocks at once: ``make(key, the replacement there or None)``."""
+    replace = dict(transformer_options.get("patches_replace", {}))
+    replace[kind] = dict(replace.get(kind, {}))
+    for key in keys:
+        replace[kind][key] = make(key, replace[kind].get(key))
+    transformer_options["patches_replace"] = replace
+
+
+class ReplaceBlocksPerCall:
+    """APPLY_MODEL wrapper: in each model call for which ``wanted(transformer_options)`` holds,
+    block ``key`` of ``kind`` becomes ``make(key, the call's replacement there or None)``. The
+    MODEL's own dicts are never changed, so a replacement another pack adds to the MODEL later
+    (or added earlier) is the inner one, and runs."""
+
+    DONE = "xctrl_blocks_replaced"  # per call: the wrappers already applied (a dict passed twice)
+
+    def __init__(self, kind, keys, make, wanted=None):
+        self.kind, self.keys, self.make, self.wanted = kind, tuple(keys), make, wanted
+        self.token = uuid.uuid4().hex
+
+    def __deepcopy__(self, memo):  # lives in model_options, which clones deep-copy: shared
+        return self
+
+    def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        to = transformer_options
+        if isinstance(to, dict) and self.token not in to.get(self.DONE, ()) and (self.wanted is None or self.wanted(to)):
+            wrap_replaces(to, self.kind, self.keys, self.make)
+            to[self.DONE] = to.get(self.DONE, frozenset()) | {self.token}
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
 
 def add_wrapper(transformer_options, wrapper_type, key, fn):

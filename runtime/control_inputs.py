@@ -124,6 +124,7 @@ def _acn_latents(group, missing):
 
 def add_keyframe(previous, start_percent, strength, interpolation, guarantee_steps, node):
     """Step Keyframe: the previous keyframes plus this one, which must not start before them."""
+    require_finite(node, start_percent=start_percent, strength=strength)
     before = list(previous.keyframes) if previous is not None else []
     if before and start_percent < before[-1].start_percent:
         raise ScheduleError(f"{node}: this keyframe starts at {start_percent}, before the previous one "

@@ -4,7 +4,10 @@ An APPLY_MODEL wrapper computes the control feature for each model call (it sees
 the model's timestep and the batch layout), and a UNet block patch at the variant's
 injection point adds the cross-normalized feature. The two talk through the call's
 ``transformer_options`` under ``STASH``, keyed by runner, so several ControlNeXt
-runners and other packs' patches coexist.
+runners and other packs' patches coexist. On SD3 the injection point is the input of joint
+block 0: a second APPLY_MODEL wrapper replaces that block in each call, around whatever
+replacement of it the call carries (another pack's, applied before or after), and the module
+rides a patch list no model calls (``MODULES_PATCH``) so it still loads with the MODEL.
 
 Cost: the module runs once per distinct (hint, timestep) per step, however cond and uncond are
 batched and however the video is windowed, and its timestep-independent stem once per run and
@@ -28,6 +31,7 @@ PATCH_SIZE_KEY = "xctrl_patch_size"
 OUTPUT_BLOCK_PATCH = "output_block_patch"
 INPUT_BLOCK_PATCH_AFTER_SKIP = "input_block_patch_after_skip"
 DIT_DOUBLE_BLOCK_0 = "dit_double_block_0"  # replacement of MMDiT joint block 0 (its input is the patch embedding)
+MODULES_PATCH = "xctrl_control_modules"  # a patch list no model calls: it carries modules the MODEL loads
 
 
 class Injection:
@@ -79,9 +83,10 @@ class ControlNeXtRunner(ControlRunner):
             model.set_model_output_block_patch(OutputBlockInjection(self))
         elif hook == INPUT_BLOCK_PATCH_AFTER_SKIP:
             model.set_model_input_block_patch_after_skip(InputBlockInjection(self))
-        else:  # MMDiT: wrap joint block 0, chaining any replacement already there (another pack's)
-            previous = model.model_options["transformer_options"].get("patches_replace", {}).get("dit", {}).get(("double_block", 0))
-            model.set_model_patch_replace(JointBlockInjection(self, previous), "dit", "double_block", 0)
+        else:  # MMDiT: joint block 0 wrapped per call, around any replacement of it the call carries
+            model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.uid, call_patches.ReplaceBlocksPerCall(
+                "dit", [("double_block", 0)], lambda key, previous: JointBlockInjection(self, previous), self.has_entry))
+            model.set_model_patch(ModuleCarrier(self), MODULES_PATCH)
 
     def check_sampling(self, latent_shape, model_options, is_windowed=None):
         if (model_options or {}).get("transformer_options", {}).get(batch_rows.LONG_VIDEO) and self.variant.name != "svd_v2":
@@ -156,6 +161,9 @@ class ControlNeXtRunner(ControlRunner):
                 features[k] = out[n:n + 1]
         return torch.cat([features[k] for k in keys], dim=0)
 
+    def has_entry(self, transformer_options):
+        return transformer_options.get(STASH, {}).get(self.uid) is not None
+
     # ------------------------------------------------------------------ at the injection point
     def inject(self, h, transformer_options):
         entry = transformer_options.get(STASH, {}).get(self.uid)
@@ -201,6 +209,14 @@ class InputBlockInjection:
 class OutputBlockInjection(InputBlockInjection):
     def __call__(self, h, hsp, transformer_options):
         return self.runner.inject(h, transformer_options), hsp
+
+
+class ModuleCarrier(InputBlockInjection):
+    """Never called: it carries the control module in the MODEL's patches, which ComfyUI loads
+    with the UNet, where the injection itself is added per call (joint block 0 of SD3)."""
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("ControlNeXt: the module carrier is not a patch to call")
 
 
 class JointBlockInjection:

@@ -6,9 +6,10 @@ import os
 
 from ..models import controlnext as cnx
 from ..models import unet_weight_files as uwf
-from ..models.checkpoint_io import WeightFileError
+from ..models.checkpoint_io import WeightFileError, file_error
 from ..models.file_kinds import kind_of
 from .conditioning_control import attach
+from .control_inputs import require_finite
 from .controlnext import INJECTIONS, ControlNeXtRunner, module_patcher
 from .model_family import compute_dtype, family_title, model_family, unet_block_channels
 from .unet_patches import base_weights, to_model_keys
@@ -83,6 +84,7 @@ def make_runner(model, controlnext, inputs, sd15_layout="refuse", reference_pose
 
 def apply_to_model(model, controlnext, inputs, unet_strength=1.0, **options):
     """Apply ControlNeXt: a clone of the MODEL with the control (and the UNet weight file's patches)."""
+    require_finite(inputs.node, unet_strength=unet_strength)
     runner = make_runner(model, controlnext, inputs, **options)
     patched = model.clone()
     if controlnext.unet_sd is not None and unet_strength != 0.0:
@@ -155,5 +157,6 @@ def add_unet_weight_patches(model, controlnext, strength):
     try:
         deltas = uwf.weight_patches(sd, base_weights(model, sd), semantics)
     except WeightFileError as e:
-        raise WeightFileError(f"{controlnext.unet_name}: {e}") from e
+        raise file_error(controlnext.unet_name, f"cannot be applied to this MODEL ({e})",
+                         "use it with a MODEL of the family it was made for") from e
     model.add_patches({"diffusion_model." + k: (d,) for k, d in deltas.items()}, strength)

@@ -28,6 +28,7 @@ import comfy.utils
 
 from ..models import video_windows as vw
 from . import batch_rows
+from .control_inputs import require_finite
 from .model_family import family_title, model_family
 
 NODE = "ControlNeXt-SVD Long Video (XCtrl)"
@@ -188,6 +189,7 @@ def check_window_inputs(frames_per_window, overlap):
 
 def windowed_model(model, frames_per_window, overlap, cfg_ramp="constant", min_cfg=1.0):
     """ControlNeXt-SVD Long Video: a clone of an SVD MODEL that denoises in the authors' windows."""
+    require_finite(NODE, min_cfg=min_cfg if cfg_ramp == "linear" else None)
     family = model_family(model)
     if family != "svd":
         raise LongVideoError(

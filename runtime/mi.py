@@ -25,9 +25,11 @@ addition"), in two halves that talk through the per-call ``transformer_options``
      tokens), and ``("dit", "single_block", i)`` replacements inject ``output[i]`` into the
      image part of the joint stream after single block i (``img[:, txt:txt + n]``; the text
      length is the joint length minus the image length the double blocks saw), as ComfyUI's
-     flux model adds them. They are put in place per model call by a DIFFUSION_MODEL wrapper,
-     around whatever replacement of the block the call carries, so another pack's replacement
-     of the same blocks runs inside ours whether it was applied before or after the MI node.
+     flux model adds them.
+   On both DiT families the block replacements are put in place per model call by an
+   APPLY_MODEL wrapper (``call_patches.ReplaceBlocksPerCall``), around whatever replacement of
+   the block the call carries, so another pack's replacement of the same blocks runs inside
+   ours whether it was applied before or after the MI node.
 
 Patch order: the injection patches are put FIRST in the input/output block patch lists,
 because that is where ComfyUI's plain addition happens (before any block patch). Another
@@ -434,27 +436,37 @@ class FluxSingleBlockInjection(_BlockInjection):
         return dict(out, img=torch.cat([joint[:, :txt], injected, joint[:, txt + n:]], dim=1))
 
 
-class FluxInjectionWrapper(_Patch):
-    """DIFFUSION_MODEL wrapper of a Flux MODEL: for each call carrying a balanced stash, wraps
-    every double and single block (or the replacement of it the call already has) with the
-    injection. Flux's forward takes (x, timestep, context, y, guidance, ref_latents, control,
-    transformer_options, ...) on every supported ComfyUI."""
+def _has_stash(transformer_options):
+    return _stash(transformer_options) is not None
 
-    TRANSFORMER_OPTIONS = 7
+
+class BlockInjectionWrapper(call_patches.ReplaceBlocksPerCall):
+    """APPLY_MODEL wrapper of a DiT MODEL: in each call that carries a balanced stash, every block
+    of ``blocks`` ((kind, count, injection class) triples) becomes its injection around whatever
+    replacement of it the call already has (another pack's, applied before or after the MI
+    node). The MODEL's own dicts are not touched."""
+
+    def __init__(self, blocks):
+        classes = {}
+        for kind, count, injection in blocks:
+            classes.update({(kind, i): injection for i in range(count)})
+        super().__init__("dit", classes, lambda key, inner: classes[key](key[1], inner), _has_stash)
+
+
+class FluxInjectionWrapper(BlockInjectionWrapper):
+    """Flux: input[i] after double block i, output[i] after single block i."""
 
     def __init__(self, n_double, n_single):
-        self.n_double, self.n_single = n_double, n_single
+        super().__init__((("double_block", n_double, FluxDoubleBlockInjection),
+                          ("single_block", n_single, FluxSingleBlockInjection)))
 
-    def __call__(self, executor, *args, **kwargs):
-        to = kwargs.get("transformer_options")
-        if to is None and len(args) > self.TRANSFORMER_OPTIONS:
-            to = args[self.TRANSFORMER_OPTIONS]
-        if isinstance(to, dict) and _stash(to) is not None:  # this call's dicts; the MODEL's own are not touched
-            for kind, count, injection in (("double_block", self.n_double, FluxDoubleBlockInjection),
-                                           ("single_block", self.n_single, FluxSingleBlockInjection)):
-                for i in range(count):
-                    call_patches.wrap_replace(to, "dit", (kind, i), lambda inner: injection(i, inner))
-        return executor(*args, **kwargs)
+
+def injection_wrapper(model_patcher, arch):
+    """The per-call block wrapper of a DiT architecture."""
+    dm = model_patcher.model.diffusion_model
+    if arch == MMDIT:
+        return BlockInjectionWrapper((("double_block", len(dm.joint_blocks), JointBlockInjection),))
+    return FluxInjectionWrapper(len(dm.double_blocks), len(dm.single_blocks))
 
 
 def install_injection(model_patcher):
@@ -471,16 +483,8 @@ def install_injection(model_patcher):
         patches["input_block_patch"] = [InputInjection()] + list(patches.get("input_block_patch", []))
         patches["output_block_patch"] = [OutputInjection()] + list(patches.get("output_block_patch", []))
         to["patches"] = patches
-    elif arch == MMDIT:
-        existing = to.get("patches_replace", {}).get("dit", {})
-        for i in range(len(model_patcher.model.diffusion_model.joint_blocks)):
-            inner = existing.get(("double_block", i))
-            model_patcher.set_model_patch_replace(JointBlockInjection(i, inner), "dit", "double_block", i)
     else:
-        dm = model_patcher.model.diffusion_model
-        model_patcher.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, MARK,
-                                           FluxInjectionWrapper(len(dm.double_blocks), len(dm.single_blocks)))
-    # set_model_patch_replace may build new option dicts: mark the current ones
+        model_patcher.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, MARK, injection_wrapper(model_patcher, arch))
     model_patcher.model_options["transformer_options"][MARK] = True
     return arch
 

@@ -5,6 +5,7 @@ import logging
 
 from ..models import mi_balance as mb
 from . import model_patch_control as mpc
+from .control_inputs import require_finite
 from .mi import CHANNEL_DIM, SUPPORTED, Balance, BalancedControl, apply_balance, architecture, format_stats
 from .model_family import family_title, model_family
 
@@ -15,6 +16,7 @@ MODES, GRANULARITIES, DEFAULT_CAP = mb.MODES, mb.GRANULARITIES, mb.DEFAULT_CAP  
 def balance_conditioning(model, positive, negative, mode, granularity, cap, patches_node):
     """MI Balanced Control: (MODEL, positive, negative) with the conditionings' stock ControlNets
     balanced; unchanged for mode "sum" or without any ControlNet."""
+    require_finite("MI Balanced Control (XCtrl)", cap=cap)
     if mode == "sum":
         return model, positive, negative
     arch = architecture(model)
@@ -42,6 +44,7 @@ def balance_conditioning(model, positive, negative, mode, granularity, cap, patc
 
 def balance_model_patches(model, mode, granularity, cap, node):
     """MI Balanced Model Patches: the MODEL with its Z-Image / Qwen-Image control patches balanced."""
+    require_finite(node, cap=cap)
     return mpc.balance_model_patches(model, mode, granularity, cap, node)
 
 

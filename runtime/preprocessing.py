@@ -19,6 +19,7 @@ from ..preprocessors.pose_draw import draw_openpose, draw_svd_v2
 from ..preprocessors.pose_format import PoseFrame, from_openpose_json, to_openpose_json
 from ..preprocessors.pose_sequence import every_nth, prepare_sequence, without_parts
 from . import annotator_models as am
+from .control_inputs import require_finite
 
 NET_CHUNK = 4  # frames per network call at most (fewer for large frames: frames.frames_per_call)
 DEPTH_RENDERS = ("grey", "viridis", "viridis_near_bright")
@@ -125,6 +126,7 @@ def _frames_and_sizes(who, image, resolution, output_size, max_pixels, work_reso
     """uint8 frames and their (working, output) sizes by the size rule, checked before converting."""
     h, w = image.shape[1:3]
     work, out = plan_sizes(h, w, resolution, output_size, max_pixels, who, work_resolution)
+    require_finite(who, image=image)  # NaN would become arbitrary pixel values, not an error
     return image_to_uint8(image), work, out
 
 

@@ -15,10 +15,11 @@ import comfy.utils
 
 from ..models import svd_unet_keys as svk
 from ..models import unet_weight_files as uwf
-from ..models.checkpoint_io import WeightFileError
+from ..models.checkpoint_io import WeightFileError, file_error
 from ..models.file_kinds import describe_state_dict
 from .model_family import family_title, model_family
 from .weight_files import read
+from .control_inputs import require_finite
 
 LOG = logging.getLogger("xctrl")
 CHECKPOINT_PREFIX = "model.diffusion_model."
@@ -54,7 +55,7 @@ def key_map_for(model):
         return comfy.utils.unet_to_diffusers(config)
     raise WeightFileError(
         f"UNet weight files apply to UNet models (SD1.5, SD2.x, SDXL, SVD); this MODEL is "
-        f"{family_title(model_family(model))}, which has no UNet."
+        f"{family_title(model_family(model))}, which has no UNet. Fix: connect an SD1.5, SD2.x, SDXL or SVD MODEL."
     )
 
 
@@ -74,16 +75,18 @@ def to_model_keys(model, sd, file_name):
     """The file's UNet tensors under the MODEL's diffusion-model keys (no "diffusion_model." prefix)."""
     sd = unet_part(sd)
     if not sd:
-        raise WeightFileError(f"{file_name} holds no UNet tensors")
+        raise file_error(file_name, "holds no UNet tensors", "choose a UNet weight file")
     family = family_title(model_family(model))
     try:
         return uwf.to_ldm_keys(sd, key_map_for(model), file_name, f"this {family} MODEL")
     except WeightFileError as e:
-        raise WeightFileError(f"{e}. {file_name} looks like {describe(sd)}; the MODEL is {family}.") from None
+        raise file_error(file_name, f"does not fit the MODEL ({e}): the file looks like {describe(sd)}; the MODEL is "
+                         f"{family}", "use it with a MODEL of the family it was made for") from None
 
 
 def apply_unet_file(model, unet_file, strength):
     """Apply UNet Weights: a clone of the MODEL with the file's differences as weight patches."""
+    require_finite("Apply UNet Weights (XCtrl)", strength=strength)
     diffs = unet_weight_diffs(model, read(unet_file, *UNET_FOLDERS), unet_file)
     patched = model.clone()
     if strength != 0.0 and diffs:
@@ -104,18 +107,16 @@ def unet_weight_diffs(model, sd, file_name):
     base = base_weights(model, ldm)
     missing = sorted(set(ldm) - set(base))
     if missing:
-        raise WeightFileError(
-            f"{len(missing)} keys of {file_name} do not exist in this {family} MODEL (e.g. {', '.join(missing[:5])}): "
-            f"{file_name} looks like {what}; it is for another model family or architecture."
-        )
+        raise file_error(file_name, f"does not fit this {family} MODEL: {len(missing)} of its keys do not exist there "
+                         f"(e.g. {', '.join(missing[:5])}); the file looks like {what}",
+                         "use it with a MODEL of the family and architecture it was made for")
     diffs, unchanged = {}, 0
     for k, w in ldm.items():
         b = base[k]
         if tuple(w.shape) != tuple(b.shape):
-            raise WeightFileError(
-                f"{k}: {file_name} has shape {tuple(w.shape)} but this {family} MODEL has {tuple(b.shape)}. "
-                f"{file_name} looks like {what}; it is for another model (family or size)."
-            )
+            raise file_error(file_name, f"does not fit this {family} MODEL: {k}: the file has shape {tuple(w.shape)} but "
+                             f"the MODEL has {tuple(b.shape)}; the file looks like {what}",
+                             "use it with a MODEL of the family and size it was made for")
         d = w.detach().to("cpu", torch.float32) - b.detach().to("cpu", torch.float32)
         if torch.count_nonzero(d) == 0:
             unchanged += 1

@@ -26,7 +26,8 @@ def full_path(name, *folders):
         if path:
             return path
     where = " or ".join(f"ComfyUI/models/{f}" for f in folders)
-    raise FileNotFoundError(f"{name} was not found in {where}: download it there (see the XCtrl README) and refresh the page.")
+    raise FileNotFoundError(f"{name} was not found in {where}. Fix: download it there (see the XCtrl README), "
+                            "then refresh the page.")
 
 
 def read(name, *folders):

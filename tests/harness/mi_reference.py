@@ -70,8 +70,10 @@ def unet_reference(base, x, sigma, context, at, post_output=None):
     return ref.unet_denoised(base, x, sigma, context, hooks=hooks)
 
 
-def mmdit_reference(base, x, sigma, context, y, at):
-    """ComfyUI's MMDiT in a plain loop; ``at("block", i, img)`` after joint block i."""
+def mmdit_reference(base, x, sigma, context, y, at, post_block=None):
+    """ComfyUI's MMDiT in a plain loop; ``at("block", i, img)`` after joint block i, after
+    ``post_block[i](img)`` (another pack's replacement of block i changing its output)."""
+    post_block = post_block or {}
     dm, ms = base.diffusion_model, base.model_sampling
     xc = ms.calculate_input(sigma, x)
     hw = xc.shape[-2:]
@@ -80,7 +82,7 @@ def mmdit_reference(base, x, sigma, context, y, at):
     ctx = dm.context_embedder(context)
     for i, block in enumerate(dm.joint_blocks):
         ctx, img = block(ctx, img, c=c, use_checkpoint=False)
-        img = at("block", i, img)
+        img = at("block", i, post_block[i](img) if i in post_block else img)
     out = dm.unpatchify(dm.final_layer(img, c), hw=hw)[:, :, :hw[0], :hw[1]]
     return ms.calculate_denoised(sigma, out, x)
 
@@ -92,7 +94,8 @@ def control_residuals(base, cnet, hint, x, sigma, context, strength, y=None):
     return {k: [r * strength for r in v] for k, v in out.items()}
 
 
-def reference_denoised(setup, controls, sigma, mode, granularity, post_output=None, input_residuals=(), shape=None):
+def reference_denoised(setup, controls, sigma, mode, granularity, post_output=None, input_residuals=(), shape=None,
+                       post_block=None):
     """CFG-combined denoised output; each row (cond, uncond) computed alone.
     ``input_residuals``: an 'input' list (strength applied) of one more control; ``shape``:
     {control index: f(residual)} applied to that control's residuals before balancing."""
@@ -123,7 +126,7 @@ def reference_denoised(setup, controls, sigma, mode, granularity, post_output=No
             if setup["arch"] == "unet":
                 rows.append(unet_reference(setup["base"], setup["x"], sigma, ctx, at, post_output))
             else:
-                rows.append(mmdit_reference(setup["base"], setup["x"], sigma, ctx, y, at))
+                rows.append(mmdit_reference(setup["base"], setup["x"], sigma, ctx, y, at, post_block))
     cond, uncond = rows
     return uncond + (cond - uncond) * CFG
 

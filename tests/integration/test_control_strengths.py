@@ -2,6 +2,7 @@
 weights on ComfyUI's native models (tiny random-weight twins), each against the hand-written
 references with the multiplier computed by hand: ControlNeXt (harness/reference.py) and
 ControlNet-XS (harness/xs_reference.py)."""
+import re
 import types
 
 import pytest
@@ -459,6 +460,29 @@ def test_non_finite_images_masks_and_numbers_are_refused_at_apply(nodes, sd15, x
         apply_xs(nodes, xs[0], xs[2], hint, connection_base_multiplier=float("nan"))
     with pytest.raises(ValueError, match="finite numbers, got nan"):
         apply_xs(nodes, xs[0], xs[2], hint, connection_weights="1, nan")
+
+
+def test_every_other_number_input_refuses_nan_naming_its_node(nodes, sd15):
+    """Float widgets that ComfyUI's min/max checks let through as NaN (every comparison with NaN is
+    false): each is refused naming the node, not turned into an all-NaN result."""
+    base, _, cnx = sd15
+    hint = torch.rand(1, 64, 64, 3)
+    nan = float("nan")
+    cases = [
+        ("Apply ControlNeXt (XCtrl): the unet_strength", lambda: apply_cnx(nodes, base, cnx, hint, unet_strength=nan)),
+        ("MI Balanced Control (XCtrl): the cap", lambda: node_result(nodes["XCtrl_MIBalancedControl"], base, [], [], "paper",
+                                                                     "layer", nan)),
+        ("Step Keyframe (XCtrl): the strength", lambda: node_result(nodes["XCtrl_StepKeyframe"], 0.0, nan, "hold", 1)),
+        ("Step Keyframe (XCtrl): the start_percent", lambda: node_result(nodes["XCtrl_StepKeyframe"], nan, 1.0, "hold", 1)),
+        ("ControlNeXt-SVD Long Video (XCtrl): the min_cfg", lambda: node_result(nodes["XCtrl_ControlNeXtSVDLongVideo"], base, 4, 1,
+                                                                               "linear", nan)),
+        ("Apply UNet Weights (XCtrl): the strength", lambda: node_result(nodes["XCtrl_ApplyUNetWeights"], base, "any", nan)),
+        ("SVD Conditioning, reference pipeline (XCtrl): the augmentation_level", lambda: node_result(
+            nodes["XCtrl_SVDReferenceConditioning"], None, hint, None, 64, 64, 3, 127, 7, nan)),
+    ]
+    for says, make in cases:
+        with pytest.raises(ValueError, match=re.escape(says) + " input contains NaN or infinite values"):
+            make()
 
 
 # ------------------------------------------------------------------------------ per-prompt nodes: the same checks

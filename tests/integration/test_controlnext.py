@@ -315,8 +315,9 @@ def test_sampling_end_to_end(family, nodes_mod, controlnet_dir):
 
 
 # ------------------------------------------------------------------------- MMDiT (SD3), unofficial
-def _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, strength):
-    """SD3 forward with joint block 0's image input replaced per the documented format."""
+def _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, strength, post_block0=None):
+    """SD3 forward with joint block 0's image input replaced per the documented format;
+    ``post_block0(img)`` changes block 0's image output (another pack's replacement of it)."""
     import torch.nn.functional as F
 
     dm, ms = base.model.diffusion_model, base.model.model_sampling
@@ -332,13 +333,18 @@ def _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, strength):
     tokens = tokens + ((ct - mc) * sh / (sc + 1e-12) + mh) * strength
     cmod = dm.t_embedder(t, dtype=xc.dtype) + dm.y_embedder(pooled)
     context = dm.context_embedder(ctx)
-    for block in dm.joint_blocks:
+    for i, block in enumerate(dm.joint_blocks):
         context, tokens = block(context, tokens, c=cmod)
+        if i == 0 and post_block0 is not None:
+            tokens = post_block0(tokens)
     out = dm.unpatchify(dm.final_layer(tokens, cmod), hw=hw)[:, :, :hw[0], :hw[1]]
     return ms.calculate_denoised(sigma, out, x)
 
 
-def test_mmdit_parity_and_chaining(nodes_mod, controlnet_dir):
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_mmdit_parity_and_chaining(order, nodes_mod, controlnet_dir):
+    """Parity, with another pack's replacement of joint block 0 applied before or after the Apply
+    node: it runs on the controlled tokens and its change to the block's output stays."""
     import comfy.model_management as mm
 
     base = tm.sd3()
@@ -350,28 +356,37 @@ def test_mmdit_parity_and_chaining(nodes_mod, controlnet_dir):
     ctx = torch.randn(2, 7, 48, generator=g)
     pooled = torch.randn(2, 64, generator=g)
     hint = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(128, 128)).movedim(1, -1)
-
-    # another pack's replacement of joint block 0 must keep working (chained, not clobbered)
     seen = []
+
+    def change(img):
+        return img * 1.25 - 0.1
 
     def other(args, extra):
         seen.append(args["img"].shape)
-        return extra["original_block"](args)
+        out = extra["original_block"](args)
+        return dict(out, img=change(out["img"]))
 
-    other_model = base.clone()
-    other_model.set_model_patch_replace(other, "dit", "double_block", 0)
-    patched = apply(nodes_mod, other_model, cnx, hint, strength=0.7)
+    def with_other(model):
+        model = model.clone()
+        model.set_model_patch_replace(other, "dit", "double_block", 0)
+        return model
+
+    patched = apply(nodes_mod, with_other(base) if order == "before" else base, cnx, hint, strength=0.7)
+    if order == "after":
+        patched = with_other(patched)
     mm.load_models_gpu([patched])
     to = patched.model_options["transformer_options"].copy()
     to["wrappers"] = patched.wrappers
     to.update(cond_or_uncond=[0, 1], sigmas=sigma)
     with torch.no_grad():
         got = patched.model.apply_model(x, sigma, c_crossattn=ctx, y=pooled, transformer_options=to)
-        want = _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, 0.7)
-        plain = _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, 0.0)
+        want = _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, 0.7, change)
+        plain = _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, 0.0, change)
+        alone = _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, 0.7)
     assert seen, "the other pack's block replacement was dropped"
-    assert rel_err(want, plain) > 1e-3
+    assert rel_err(want, plain) > 1e-3 and rel_err(want, alone) > 1e-3
     assert rel_err(got, want) < 1e-5
+    assert len(set(patched.model_patches_models())) == 1  # the control module still loads with the MODEL
 
 
 def test_mmdit_sampling_end_to_end(nodes_mod, controlnet_dir):

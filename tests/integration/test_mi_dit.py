@@ -35,6 +35,40 @@ def test_sd3_sum_is_stock_bit_for_bit(mi_sd3):
     assert torch.isfinite(balanced_run).all() and not torch.equal(balanced_run, stock)
 
 
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_sd3_another_packs_block_replacement_is_kept_in_either_order(mi_sd3, order):
+    """Another pack's replacement of joint block 1, applied before or after the MI node, runs and
+    its change stays: the block's output is changed, then the balanced residual is injected."""
+    calls = []
+
+    def change(img):
+        return img * 1.25 - 0.1
+
+    def other(args, extra):
+        calls.append(1)
+        out = extra["original_block"](args)
+        return dict(out, img=change(out["img"]))
+
+    def with_other(model):
+        model = model.clone()
+        model.set_model_patch_replace(other, "dit", "double_block", 1)
+        return model
+
+    controls = spec(STRENGTHS[:2])
+    pos, neg = apply_controls(mi_sd3, controls)
+    model, mpos, mneg = run_node(with_other(mi_sd3["patcher"]) if order == "before" else mi_sd3["patcher"], pos, neg)
+    if order == "after":
+        model = with_other(model)
+    got = denoise_once(model, mpos, mneg, mi_sd3["x"], mi_sd3["sigma"])
+    want = reference_denoised(mi_sd3, controls, mi_sd3["sigma"], "paper", "layer", post_block={1: change})
+    assert calls, "the other pack's replacement did not run"
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert set(mpos[0][1]["control"].balance.report()["layers"]) == {"block 0", "block 1", "block 2"}
+    without = reference_denoised(mi_sd3, controls, mi_sd3["sigma"], "paper", "layer")
+    assert (want - without).abs().max() > 1e-3  # the other pack's change shows in the result
+
+
+# ---------------------------------------------------------------------------- Flux
 @pytest.mark.parametrize("mode, granularity", [("paper", "layer"), ("paper", "pixel"), ("min_norm", "layer"),
                                                ("min_norm", "pixel")])
 def test_flux_matches_hand_computation(mi_flux, mode, granularity):

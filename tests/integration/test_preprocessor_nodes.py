@@ -3,6 +3,7 @@ annotators folder, real photographs for canny, and the errors users see for miss
 and corrupt weight files."""
 import dataclasses
 import os
+import re
 import socket
 
 import cv2
@@ -491,6 +492,16 @@ def test_extreme_aspect_ratios_are_refused_before_any_work(pn, node):
         msg = str(e.value)
         assert cls.NAME in msg and f"{w} x {h}" in msg and "16:1" in msg and "Crop or pad" in msg, msg
         assert mem.increase < 64 << 20
+
+
+@pytest.mark.parametrize("node", list(IMAGE_NODES))
+def test_a_nan_image_is_refused_naming_the_node(pn, node):
+    """NaN pixels turned into arbitrary uint8 values (a silent wrong map): refused before any work."""
+    cls = getattr(pn, node.split()[0])
+    image = torch.rand(1, 64, 64, 3)
+    image[0, 5, 7, 1] = float("nan")
+    with pytest.raises(ValueError, match=re.escape(cls.NAME) + ": the image input contains NaN or infinite values"):
+        IMAGE_NODES[node](pn, image)
 
 
 class _ShapeSpy(torch.nn.Module):

@@ -192,6 +192,19 @@ def test_nan_training_data_is_refused_before_any_step(what, training, setup, out
     assert not os.path.exists(os.path.join(out_dir, f"nan_{what}"))
 
 
+@pytest.mark.parametrize("number", ["lr_module", "lr_unet", "scale", "empty_prompt_rate"])
+def test_a_nan_number_is_refused_before_any_step(number, training, setup, out_dir):
+    """ComfyUI's min/max check lets NaN through: the node refuses it, naming it, and writes nothing."""
+    base, latents, images, pos, empty = setup
+    numbers = dict(lr_module=1e-4, lr_unet=1e-5, scale=1.0, empty_prompt_rate=0.2)
+    numbers[number] = float("nan")
+    node = pack_node_classes()["XCtrl_TrainControlNeXt"]
+    with pytest.raises(ValueError, match=f"{re.escape(training.NODE)}: {number} must be a finite number"):
+        node_result(node, base, latents, images, pos, 2, 1, 1, numbers["lr_module"], numbers["lr_unet"], "auto",
+                    numbers["scale"], 0, numbers["empty_prompt_rate"], False, "float32", f"nan_{number}", 0, False, empty)
+    assert not os.path.exists(os.path.join(out_dir, f"nan_{number}"))
+
+
 def test_a_loss_turning_nan_keeps_the_last_good_run(training, setup, out_dir, monkeypatch):
     """A good run, then a resumed run whose loss turns NaN at its 4th step: the error says so and
     every file of the good run (module, UNet differences, checkpoint) is left as it was."""
@@ -239,7 +252,8 @@ def test_resuming_with_changed_settings_is_refused_and_a_finished_run_says_so(tr
 
 
 @pytest.mark.parametrize("name, says", [(".", "must name a folder under models/controlnet"),
-                                        ("a/../b", "must name a folder"), ("x" * 300, "300 characters long")])
+                                        ("a/../b", "must name a folder"), ("a\x00b", "must name a folder"), ("a\nb", "must name a folder"),
+                                        ("x" * 300, "300 characters long")])
 def test_bad_run_names_are_refused(name, says, training, setup, out_dir):
     with pytest.raises(ValueError, match=says):
         run(training, setup, name, steps=1)

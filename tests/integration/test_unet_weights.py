@@ -242,6 +242,7 @@ def test_svd_file_on_sd15_model(nodes_mod, tiny_files, sd15):
     msg = str(e.value)
     assert "an SVD (Stable Video Diffusion) UNet (diffusers key names" in msg and "the MODEL is SD1.5" in msg
     assert "temporal_transformer_blocks" in msg or "spatial_res_block" in msg
+    assert msg.startswith(tiny_files["diffusers"]) and msg.endswith(". Fix: use it with a MODEL of the family it was made for.")
 
 
 def test_shape_mismatch_names_key_and_shapes(nodes_mod, unet_dir, svd):

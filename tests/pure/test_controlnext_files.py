@@ -2,6 +2,7 @@
 (replacements vs deltas, key renaming, patches), and reading files through checkpoint_io."""
 import glob
 import os
+import re
 
 import pytest
 import torch
@@ -311,3 +312,61 @@ def test_dit_controlnets_are_named_for_what_they_are():
     flux = {"controlnet_blocks.0.weight": torch.zeros(2), "controlnet_x_embedder.weight": torch.zeros(2)}
     for sd in (sd3, flux):
         assert kind_of(sd) == "controlnet" and "DiT" in describe_state_dict(sd)
+
+
+ONE_STYLE = re.compile(r"^(?P<name>[^ ]+) (?P<problem>.+)\. Fix: (?P<fix>.+)\.$", re.S)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "garbage", "no tensors"])
+def test_both_readers_refuse_a_bad_file_in_one_style_and_the_same_words(tmp_path, case):
+    """load_state_dict and load_pickle: "<file> <what is wrong>. Fix: <what to do>.", word for
+    word the same for a missing, empty, damaged or tensor-less .pt file."""
+    from xctrl.models.checkpoint_io import load_pickle
+
+    path = tmp_path / "weights.pt"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "garbage":
+        path.write_bytes(b"\x80\x02garbage" * 10)
+    elif case == "no tensors":
+        torch.save({"step": 3}, str(path))
+    messages = []
+    for reader in (load_state_dict, load_pickle):
+        try:
+            reader(str(path))
+        except WeightFileError as e:
+            messages.append(str(e))
+            match = ONE_STYLE.match(str(e))
+            assert match and match["name"] == "weights.pt", str(e)
+            assert e.problem == f"weights.pt {match['problem']}"  # callers with a fix of their own use this
+    if case == "no tensors":  # a pickle of plain values is fine for load_pickle (training checkpoints)
+        assert len(messages) == 1
+    else:
+        assert len(messages) == 2 and messages[0] == messages[1], messages
+
+
+def test_a_damaged_safetensors_file_is_told_in_the_same_style(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1")
+    with pytest.raises(WeightFileError) as err:
+        load_state_dict(str(path))
+    assert ONE_STYLE.match(str(err.value)) and "download it again" in str(err.value)
+
+
+def test_the_umask_is_read_without_being_changed(tmp_path, monkeypatch):
+    """New files get 0666 less the umask, read without os.umask (setting it races with threads)."""
+    from xctrl.models import checkpoint_io
+
+    old = os.umask(0o027)
+    try:
+        def refuse(*_):
+            raise AssertionError("os.umask was called")
+
+        monkeypatch.setattr(os, "umask", refuse)
+        assert checkpoint_io.process_umask() == 0o027
+        assert checkpoint_io.new_file_mode() == 0o640
+        monkeypatch.setattr(checkpoint_io, "open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")), raising=False)
+        assert checkpoint_io.process_umask() == 0o027  # the fallback: a scratch file's mode
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
