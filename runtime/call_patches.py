@@ -7,6 +7,39 @@ Conditioning-level controls add theirs from ``get_control``; MODEL-level block r
 whichever order the packs were applied in (docs/comfyui_hooks.md, "Block replacements")."""
 import uuid
 
+import comfy.patcher_extension as pe
+
+# A runner declares its hooks once, as (what, where, object), and they go either on a MODEL
+# (``on_model``) or on one model call (``on_call``):
+#   (PATCH, patch list name, patch), (WRAPPER, wrapper type, function),
+#   (REPLACE, (kind, block key), make(the replacement already there or None)).
+PATCH, WRAPPER, REPLACE = "patch", "wrapper", "replace"
+
+
+def on_model(model, uid, hooks, wanted=None):
+    """The hooks on a cloned MODEL; block replacements chained per call by an APPLY_MODEL wrapper
+    (applied in calls where ``wanted(transformer_options)`` holds)."""
+    for what, where, obj in hooks:
+        if what == PATCH:
+            model.set_model_patch(obj, where)
+        elif what == WRAPPER:
+            model.add_wrapper_with_key(where, uid, obj)
+        else:
+            kind, key = where
+            model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, uid,
+                                       ReplaceBlocksPerCall(kind, [key], lambda _key, previous, make=obj: make(previous), wanted))
+
+
+def on_call(transformer_options, uid, hooks):
+    """The hooks on one model call's transformer_options only (conditioning-level control)."""
+    for what, where, obj in hooks:
+        if what == PATCH:
+            add_patch(transformer_options, where, obj)
+        elif what == WRAPPER:
+            add_wrapper(transformer_options, where, uid, obj)
+        else:
+            wrap_replace(transformer_options, *where, obj)
+
 
 def add_patch(transformer_options, name, patch):
     patches = dict(transformer_options.get("patches", {}))

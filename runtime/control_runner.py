@@ -33,7 +33,7 @@ import comfy.model_patcher
 import comfy.patcher_extension as pe
 
 from ..models.control_schedule import ScheduleError, Strengths
-from . import batch_rows
+from . import batch_rows, call_patches
 from .model_family import model_family
 
 MASK_ASPECT_TOLERANCE = 0.02  # relative: masks are resized to each resolution, not cropped
@@ -90,13 +90,31 @@ class ControlRunner:
         tile.new_caches()
         return tile
 
+    def hooks(self):
+        """The runner's patches, wrappers and block replacements (call_patches' declarations),
+        declared once for the MODEL and for per-prompt calls."""
+        return []
+
     def install(self, model):
-        """Wrappers and callbacks every runner needs, on a cloned MODEL."""
+        """MODEL-level control on a cloned MODEL: the checks before sampling, clean-up, lanes under
+        MultiGPU, the APPLY_MODEL wrapper that prepares each call, and the runner's hooks."""
         model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, self.uid, self.outer_sample_wrapper)
         model.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, self.uid, self.release)
         matched = getattr(pe.CallbacksMP, "ON_MATCH_MULTIGPU_CLONES", None)
         if matched is not None:  # ComfyUI with MultiGPU work units: a lane per device clone of the MODEL
             model.add_callback_with_key(matched, self.uid, self.on_multigpu_clone)
+        model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.uid, self.apply_model_wrapper)
+        call_patches.on_model(model, self.uid, self.hooks(), self.has_entry)
+
+    def attach_to_call(self, base_model, x, t, transformer_options, device=None):
+        """Conditioning-level control: this call prepared, and the runner's hooks added to this
+        call's transformer_options only (the MODEL carries nothing)."""
+        self.prepare_call(base_model, x, t, transformer_options, device)
+        call_patches.on_call(transformer_options, self.uid, self.hooks())
+
+    def has_entry(self, transformer_options):
+        """Whether this call was prepared with work for the runner (its stash entry)."""
+        return transformer_options.get(self.STASH, {}).get(self.uid) is not None
 
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                             **kwargs):

@@ -95,14 +95,13 @@ class ControlNetXSRunner(ControlRunner):
         if len(self.weights) != 2 * n + 1:
             raise ValueError(f"{self.NODE}: {len(self.weights)} connection weights for {2 * n + 1} connections")
 
-    def install(self, model):
-        """Adds wrappers, patches and the control network (for loading) to a cloned MODEL."""
-        super().install(model)
-        model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.uid, self.apply_model_wrapper)
-        model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, self.uid, self.diffusion_model_wrapper)
-        model.set_model_emb_patch(_Hook(self, self.emb_patch))
-        model.set_model_input_block_patch(_Hook(self, self.input_patch))
-        model.set_model_output_block_patch(_Hook(self, self.output_patch))
+    def hooks(self):
+        return [
+            (call_patches.WRAPPER, pe.WrappersMP.DIFFUSION_MODEL, self.diffusion_model_wrapper),
+            (call_patches.PATCH, "emb_patch", _Hook(self, self.emb_patch)),
+            (call_patches.PATCH, "input_block_patch", _Hook(self, self.input_patch)),
+            (call_patches.PATCH, "output_block_patch", _Hook(self, self.output_patch)),
+        ]
 
     # ------------------------------------------------------------------ wrappers
     def prepare_call(self, base, x, t, transformer_options, device=None):
@@ -118,15 +117,6 @@ class ControlNetXSRunner(ControlRunner):
         stash = dict(transformer_options.get(STASH, {}))
         stash[self.uid] = entry
         transformer_options[STASH] = stash
-
-    def attach_to_call(self, base, x, t, transformer_options, device=None):
-        """Conditioning-level control: the stash, the UNet wrapper and the block patches added to
-        this call's transformer_options only (the MODEL carries nothing)."""
-        self.prepare_call(base, x, t, transformer_options, device)
-        call_patches.add_wrapper(transformer_options, pe.WrappersMP.DIFFUSION_MODEL, self.uid, self.diffusion_model_wrapper)
-        call_patches.add_patch(transformer_options, "emb_patch", _Hook(self, self.emb_patch))
-        call_patches.add_patch(transformer_options, "input_block_patch", _Hook(self, self.input_patch))
-        call_patches.add_patch(transformer_options, "output_block_patch", _Hook(self, self.output_patch))
 
     def diffusion_model_wrapper(self, executor, x, timesteps, context=None, y=None, control=None, transformer_options=None, **kwargs):
         stash = (transformer_options or {}).get(STASH, {})

@@ -16,7 +16,6 @@ frame (at most one window's frames are kept: docs/long_video.md, "How the glue d
 import torch
 
 import comfy.ops
-import comfy.patcher_extension as pe
 
 from ..models import controlnext as cnx
 from ..models.cross_norm import control_to_tokens, cross_normalize, cross_normalize_tokens
@@ -74,18 +73,18 @@ class ControlNeXtRunner(ControlRunner):
     def module_patcher(self):
         return self.patcher
 
-    def install(self, model):
-        """Adds the wrapper, the injection patch and the module (for loading) to a cloned MODEL."""
-        super().install(model)
-        model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.uid, self.apply_model_wrapper)
+    def hooks(self):
         hook = self.injection.hook
         if hook == OUTPUT_BLOCK_PATCH:
-            model.set_model_output_block_patch(OutputBlockInjection(self))
-        elif hook == INPUT_BLOCK_PATCH_AFTER_SKIP:
-            model.set_model_input_block_patch_after_skip(InputBlockInjection(self))
-        else:  # MMDiT: joint block 0 wrapped per call, around any replacement of it the call carries
-            model.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, self.uid, call_patches.ReplaceBlocksPerCall(
-                "dit", [("double_block", 0)], lambda key, previous: JointBlockInjection(self, previous), self.has_entry))
+            return [(call_patches.PATCH, "output_block_patch", OutputBlockInjection(self))]
+        if hook == INPUT_BLOCK_PATCH_AFTER_SKIP:
+            return [(call_patches.PATCH, "input_block_patch_after_skip", InputBlockInjection(self))]
+        # MMDiT: joint block 0, around any replacement of it the call carries
+        return [(call_patches.REPLACE, ("dit", ("double_block", 0)), lambda previous: JointBlockInjection(self, previous))]
+
+    def install(self, model):
+        super().install(model)
+        if self.injection.hook == DIT_DOUBLE_BLOCK_0:  # the module loads with the MODEL though no block patch carries it
             model.set_model_patch(ModuleCarrier(self), MODULES_PATCH)
 
     def check_sampling(self, latent_shape, model_options, is_windowed=None):
@@ -107,19 +106,6 @@ class ControlNeXtRunner(ControlRunner):
         embedder = getattr(base_model.diffusion_model, "x_embedder", None)
         if embedder is not None:  # MMDiT: the patch grid of the image tokens
             transformer_options[PATCH_SIZE_KEY] = embedder.patch_size[0]
-
-    def attach_to_call(self, base_model, x, t, transformer_options, device=None):
-        """Conditioning-level control: this call's features, and the injection patch added to this
-        call's transformer_options only (the MODEL carries nothing)."""
-        self.prepare_call(base_model, x, t, transformer_options, device)
-        hook = self.injection.hook
-        if hook == OUTPUT_BLOCK_PATCH:
-            call_patches.add_patch(transformer_options, "output_block_patch", OutputBlockInjection(self))
-        elif hook == INPUT_BLOCK_PATCH_AFTER_SKIP:
-            call_patches.add_patch(transformer_options, "input_block_patch_after_skip", InputBlockInjection(self))
-        else:
-            call_patches.wrap_replace(transformer_options, "dit", ("double_block", 0),
-                                      lambda previous: JointBlockInjection(self, previous))
 
     def _entry(self, base_model, x, sigma, transformer_options, lane):
         """(features per row, scale per row, mask per row, latent size) for this call, or None when inactive."""
@@ -160,9 +146,6 @@ class ControlNeXtRunner(ControlRunner):
             for n, k in enumerate(todo):
                 features[k] = out[n:n + 1]
         return torch.cat([features[k] for k in keys], dim=0)
-
-    def has_entry(self, transformer_options):
-        return transformer_options.get(STASH, {}).get(self.uid) is not None
 
     # ------------------------------------------------------------------ at the injection point
     def inject(self, h, transformer_options):
