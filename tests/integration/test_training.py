@@ -1,4 +1,4 @@
-"""Training a ControlNeXt (nodes/training_nodes.py) on a tiny SD1.5 in a real ComfyUI: what is
+"""Training a ControlNeXt (runtime/training.py) on a tiny SD1.5 in a real ComfyUI: what is
 trained and what is not, the files and their round trip through the loader, resume, bad input."""
 import os
 import re
@@ -26,7 +26,7 @@ def out_dir(tmp_path_factory, pack):
 
 @pytest.fixture(scope="module")
 def training(pack):
-    return pack_module("nodes.training_nodes")
+    return pack_module("runtime.training")
 
 
 @pytest.fixture(scope="module")
