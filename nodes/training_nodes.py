@@ -1,7 +1,8 @@
-"""Train ControlNeXt (XCtrl): the node. What it does is runtime/training.py (docs/training.md)."""
+"""Train ControlNeXt (XCtrl) and ControlNeXt Jacobian Asymmetry (XCtrl): the nodes. What they do is
+runtime/training.py (docs/training.md) and runtime/asymmetry.py (docs/conservativity.md)."""
 from comfy_api.latest import io
 
-from ..runtime import training
+from ..runtime import asymmetry, training
 from .apply_inputs import ControlNeXtType
 
 CATEGORY = "XCtrl/ControlNeXt"
@@ -19,7 +20,8 @@ class TrainControlNeXt(io.ComfyNode):
                 "the UNet weights matching the pattern (lr 1e-5), epsilon-prediction loss at uniform timesteps, a share of "
                 "empty prompts. SD1.5 (the SD1.5-Training placement) and SDXL. Saves controlnet.safetensors and the UNet "
                 "differences (unet_weight_increasements.safetensors) into models/controlnet/<name>/, plus a checkpoint to "
-                "resume from; the output control works directly with Apply ControlNeXt."
+                "resume from; the output control works directly with Apply ControlNeXt. Optional second stage: MIControlNet's "
+                "conservativity loss on the control's part of the Jacobian."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.5 or SDXL base (not changed: what is learned leaves as the control)."),
@@ -48,6 +50,16 @@ class TrainControlNeXt(io.ComfyNode):
                 ControlNeXtType.Input("controlnext", optional=True, tooltip="A ControlNeXt to continue training (SDXL layout)."),
                 io.Boolean.Input("overwrite", default=False, optional=True, tooltip="Replace an earlier run saved under this "
                                  "name (otherwise such a run is only ever continued, with resume on and the same settings)."),
+                io.Float.Input("conservativity_weight", default=0.0, min=0.0, max=100.0, step=0.001, optional=True,
+                               tooltip="MIControlNet's second stage: weight of the conservativity loss (the asymmetry of the "
+                               "Jacobian the control adds; the paper: 0.01). 0: no second stage. Costs several passes per "
+                               "step (docs/training.md)."),
+                io.Int.Input("conservativity_probes", default=1, min=1, max=64, optional=True,
+                             tooltip="Random probes per sample for the loss's estimate (each: two vector-Jacobian products)."),
+                io.Int.Input("conservativity_from_step", default=0, min=0, max=1000000, optional=True,
+                             tooltip="The stage boundary: steps after this many steps add the loss (stage 1 before)."),
+                io.Combo.Input("conservativity_probe", options=list(training.PROBES), default="rademacher", optional=True,
+                               tooltip="The probes' distribution: rademacher (+-1, lower variance) or gaussian."),
             ],
             outputs=[ControlNeXtType.Output(display_name="controlnext"), io.Image.Output(display_name="loss_curve"),
                      io.String.Output(display_name="saved")],
@@ -61,4 +73,44 @@ class TrainControlNeXt(io.ComfyNode):
         return io.NodeOutput(control, loss_curve, saved, ui={"text": [saved]})
 
 
-NODES = [TrainControlNeXt]
+class ControlNeXtAsymmetry(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_ControlNeXtAsymmetry",
+            display_name=asymmetry.NODE,
+            category=CATEGORY,
+            description=(
+                "MIControlNet's Asym: how far the part of the denoiser's Jacobian that this ControlNeXt adds is from "
+                "symmetric, 1/2 ||J_c - J_c^T||_F^2, estimated with random probes (no full Jacobian) on the latents noised "
+                "to one timestep. Lower: the control bends the score field less away from a gradient field. SD1.5 and SDXL."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                ControlNeXtType.Input("controlnext"),
+                io.Image.Input("image", tooltip="The condition image (one, or one per latent)."),
+                io.Latent.Input("latents", tooltip="Clean latents (e.g. VAE-encoded images); noised to the timestep here."),
+                io.Conditioning.Input("positive"),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
+                io.Int.Input("timestep", default=500, min=0, max=999, tooltip="Discrete timestep (0: clean, 999: pure noise)."),
+                io.Int.Input("probes", default=8, min=1, max=1024, tooltip="Probes per latent: the estimate's spread falls "
+                             "as 1/sqrt(probes)."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Noise and probes."),
+                io.Combo.Input("probe", options=list(asymmetry.PROBES), default="rademacher"),
+                io.Combo.Input("sd15_layout", options=["refuse", "sd15_training"], default="refuse", optional=True,
+                               tooltip="As in Apply ControlNeXt: an SDXL-layout module on SD1.5 only as sd15_training."),
+            ],
+            outputs=[io.Float.Output(display_name="asym"), io.Float.Output(display_name="relative"),
+                     io.String.Output(display_name="report")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, controlnext, image, latents, positive, strength, timestep, probes, seed, probe,
+                sd15_layout="refuse"):
+        result = asymmetry.measure(model, controlnext, image, latents, positive, strength, timestep, probes, seed, probe,
+                                   sd15_layout)
+        return io.NodeOutput(result.mean, result.relative, result.report(), ui={"text": [result.report()]})
+
+
+NODES = [TrainControlNeXt, ControlNeXtAsymmetry]

@@ -18,6 +18,7 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 
+from ..models import conservativity as cons
 from ..models import controlnext as cnx
 from ..models import controlnext_training as tr
 from ..models.checkpoint_io import WeightFileError, load_pickle
@@ -116,29 +117,29 @@ def check_finite_inputs(tensors):
                                    "(a NaN latent trains a NaN control); nothing was trained")
 
 
-def _conditionings(conditioning, n, model, family, image_hw, what):
+def conditionings(conditioning, n, model, family, image_hw, what, node=NODE):
     """Per latent: (context, y or None) from a CONDITIONING of 1 or n entries."""
     if len(conditioning) not in (1, n):
-        raise tr.TrainingError(f"{NODE}: the {what} has {len(conditioning)} entries but there are {n} latents: give one "
+        raise tr.TrainingError(f"{node}: the {what} has {len(conditioning)} entries but there are {n} latents: give one "
                                f"conditioning for all or one per latent")
     width = model.model.model_config.unet_config.get("context_dim")
     out = []
     for emb, opts in conditioning:
         if emb.shape[-1] != width:
-            raise tr.TrainingError(f"{NODE}: the {what} has text embeddings {emb.shape[-1]} wide but this "
+            raise tr.TrainingError(f"{node}: the {what} has text embeddings {emb.shape[-1]} wide but this "
                                    f"{family_title(family)} MODEL takes {width}: encode it with this model's CLIP")
         y = None
         if family == "sdxl":
             h, w = image_hw
             kw = {"width": w, "height": h, "target_width": w, "target_height": h, **opts}
             if "pooled_output" not in kw:
-                raise tr.TrainingError(f"{NODE}: the {what} has no pooled output: encode it with an SDXL CLIP")
+                raise tr.TrainingError(f"{node}: the {what} has no pooled output: encode it with an SDXL CLIP")
             y = model.model.encode_adm(**kw)
         out.append((emb[:1].clone(), None if y is None else y.clone()))
     return out * n if len(out) == 1 else out
 
 
-def _stack_contexts(items):
+def stack_contexts(items):
     """Contexts of different token counts repeated to their least common multiple (as ComfyUI batches them)."""
     import math
 
@@ -242,7 +243,9 @@ class Options:
     DEFAULTS = {"batch_size": 1, "gradient_accumulation": 1, "lr_module": tr.LR_MODULE, "lr_unet": tr.LR_UNET,
                 "unet_pattern": "auto", "scale": 1.0, "seed": 0, "empty_prompt_rate": 0.2, "empty_conditioning": None,
                 "gradient_checkpointing": False, "training_dtype": "float32", "name": "my_controlnext",
-                "checkpoint_every": 100, "resume": True, "controlnext": None, "overwrite": False}
+                "checkpoint_every": 100, "resume": True, "controlnext": None, "overwrite": False,
+                "conservativity_weight": 0.0, "conservativity_probes": 1, "conservativity_from_step": 0,
+                "conservativity_probe": "rademacher"}
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.DEFAULTS))
@@ -259,17 +262,26 @@ class Options:
                 "seed": int(self.seed), "empty_prompt_rate": float(self.empty_prompt_rate),
                 "training_dtype": self.training_dtype}
 
+    def stage(self):
+        """The conservativity stage's settings, [weight, probes, probe kind, first step], or None (no stage)."""
+        if float(self.conservativity_weight) <= 0:
+            return None
+        return [float(self.conservativity_weight), int(self.conservativity_probes), self.conservativity_probe,
+                int(self.conservativity_from_step)]
+
 
 def train(model, latent, images, positive, steps, **options):
     """Trains a ControlNeXt (options: :class:`Options`) and saves it; returns a :class:`TrainingResult`.
     Autograd is on for the run (ComfyUI runs nodes in inference mode)."""
     opts = Options(**options)
     with torch.inference_mode(False), torch.enable_grad():
-        setup = _Setup(model, latent, images, positive, opts)  # everything checked before anything loads
+        setup = _Setup(model, latent, images, positive, steps, opts)  # everything checked before anything loads
         trainer, trained, base_unet = _run_steps(model, setup, steps, opts)
         control = _save_run(model, setup.module, trained, base_unet, setup.variant, setup.folder, setup.saver(trainer))
     note = (f"already trained to step {setup.already(trainer)} (checkpoint in {setup.folder}): nothing new was trained"
             if setup.already(trainer) >= steps else "")
+    if trainer.stage_losses and trainer.stage_losses[-1]:
+        note = "\n".join(filter(None, [note, f"conservativity loss at the last step: {trainer.stage_losses[-1]:.6g}"]))
     return TrainingResult(control, list(trainer.losses), setup.folder, trained, base_unet, note)
 
 
@@ -277,7 +289,7 @@ class _Setup:
     """Everything checked and prepared before the first step: data, conditionings, the parameters
     to train, the module, the output folder and the checkpoint to resume (nothing loaded to a device)."""
 
-    def __init__(self, model, latent, images, positive, opts):
+    def __init__(self, model, latent, images, positive, steps, opts):
         self.family = model_family(model)
         if self.family not in VARIANT_FOR_FAMILY:
             raise tr.TrainingError(f"{NODE} trains ControlNeXt for SD1.5 and SDXL models; this MODEL is "
@@ -287,9 +299,10 @@ class _Setup:
         self.images = images.clone()
         self.n = n = self.x0.shape[0]
         _check_data(model, self.x0, self.images, positive, opts.empty_conditioning, opts.empty_prompt_rate)
+        _check_stage(opts, steps)
         self.image_hw = image_size(model.model, self.x0)
-        self.conds = _conditionings(positive, n, model, self.family, self.image_hw, "positive conditioning")
-        self.empty = _conditionings(opts.empty_conditioning, 1, model, self.family, self.image_hw, "empty conditioning")[0] \
+        self.conds = conditionings(positive, n, model, self.family, self.image_hw, "positive conditioning")
+        self.empty = conditionings(opts.empty_conditioning, 1, model, self.family, self.image_hw, "empty conditioning")[0] \
             if opts.empty_conditioning is not None else None
         pattern = tr.DEFAULT_PATTERNS[self.family] if opts.unet_pattern.strip() == "auto" else opts.unet_pattern.strip()
         self.names = tr.select_parameters(model.model.diffusion_model.named_parameters(), pattern, NODE)
@@ -300,6 +313,9 @@ class _Setup:
         self.checkpoint_path = os.path.join(self.folder, CHECKPOINT_FILE)
         resuming = prepare_folder(self.folder, opts.resume, opts.overwrite)
         self.state = read_checkpoint(self.checkpoint_path, self.settings) if resuming else None
+        self.settings[STAGE_KEY] = opts.stage()
+        if self.state is not None:
+            _check_stage_change(self.state, opts.stage(), self.folder)
 
     def _module(self, model, controlnext, seed):
         if controlnext is not None:
@@ -319,6 +335,43 @@ class _Setup:
 
     def saver(self, trainer):
         return lambda: _save_checkpoint(trainer, self.settings, self.checkpoint_path)
+
+
+STAGE_KEY = "conservativity"  # the stage's settings in a checkpoint (may change while no step of it ran)
+
+
+def _check_stage(opts, steps):
+    """The conservativity stage's inputs, before the first step."""
+    if opts.conservativity_probe not in cons.PROBES:
+        raise tr.TrainingError(f"{NODE}: conservativity_probe {opts.conservativity_probe!r} is not one of {cons.PROBES}")
+    if float(opts.conservativity_weight) <= 0:
+        return
+    weight, start = float(opts.conservativity_weight), int(opts.conservativity_from_step)
+    if start >= int(steps):
+        raise tr.TrainingError(f"{NODE}: conservativity_from_step is {start} but the run ends at step {steps}: the "
+                               "conservativity stage would never run. Set it below steps (the paper: after stage 1 "
+                               "converged), raise steps, or set conservativity_weight to 0")
+    nothing = ("conservativity_probes is 0" if int(opts.conservativity_probes) < 1 else
+               "lr_module is 0 (the loss trains the control module only, the UNet is kept out of it)"
+               if float(opts.lr_module) == 0 else
+               "scale is 0 (the control adds nothing, so there is no Jacobian of it)" if float(opts.scale) == 0 else None)
+    if nothing:
+        raise tr.TrainingError(f"{NODE}: conservativity_weight is {weight:g} but {nothing}: there is nothing to apply it "
+                               "to. Set conservativity_weight to 0, or fix that input")
+
+
+def _check_stage_change(state, now, folder):
+    """A resumed run may change the conservativity stage only while none of its steps has run."""
+    before = (state.get("settings") or {}).get(STAGE_KEY)
+    before = list(before) if before else None
+    if before == now:
+        return
+    first = min(s[3] for s in (before, now) if s)
+    if int(state["step"]) > first:
+        raise tr.TrainingError(f"{NODE}: the run in {folder} is at step {int(state['step'])}, past the conservativity "
+                               f"stage's first step {first}, and its conservativity settings changed ({before} -> {now}): "
+                               "resuming would mix them. Set them back to continue it, turn overwrite on to start again, "
+                               "or pick another name")
 
 
 def _check_data(model, x0, images, positive, empty_conditioning, empty_prompt_rate):
@@ -356,6 +409,10 @@ def _run_steps(model, setup, steps, opts):
         if setup.state is not None:
             _resume(trainer, setup.state, device, setup.checkpoint_path)
         forward = _forward(setup, model, module, device, opts.scale, DTYPES[opts.training_dtype])
+        stage = opts.stage()
+        if stage is not None:
+            trainer.stage = cons.ConservativityStage(stage[0], stage[1], stage[2], stage[3], module.parameters(),
+                                                     _tapped(forward))
         _loop(trainer, steps, setup.x0.to(device), 1.0 / (sigmas ** 2 + 1.0), forward, setup.saver(trainer),
               opts.checkpoint_every)
         trained = {k: p.detach().float().cpu().clone() for k, p in unet_params.items()}
@@ -385,17 +442,46 @@ def _forward(setup, model, module, device, scale, dtype):
     hint_all = batch_rows.resize(batch_rows.image_to_nchw(setup.images), setup.image_hw).to(device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
-    def forward(x_t, t, idx, is_empty):
+    def forward(x_t, t, idx, is_empty, taps=None):
         rows = [setup.empty if (bool(e) and setup.empty is not None) else setup.conds[int(i)] for i, e in zip(idx, is_empty)]
-        ctx, y = _stack_contexts(rows)
+        ctx, y = stack_contexts(rows)
         feat = module(hint_all[idx.to(device)], t.float())
         term = cross_norm_term(setup.variant, feat, torch.full((x_t.shape[0],), float(scale), device=device))
-        to = injection_options(setup.variant, lambda h: h + term(h))
+        to = injection_options(setup.variant, lambda h: joined_with(h, term(h), taps))
         kw = {} if y is None else {"y": y.to(device)}
         with autocast:
             return dm(x_t, t.float(), context=ctx.to(device), transformer_options=to, **kw)
 
     return forward
+
+
+def joined_with(h, term, taps):
+    """h with the control's term added; ``taps`` (a dict, or None) gets both (for the conservativity stage)."""
+    joined = h + term
+    if taps is not None:
+        taps["term"], taps["joined"] = term, joined
+    return joined
+
+
+def _tapped(forward):
+    """(x, t, idx, empty) -> (output, activation after the control joined, the control's term there).
+    Attention runs as plain tensor operations here: the loss differentiates a backward pass, which
+    fused attention kernels do not support."""
+    def tapped(x, t, idx, is_empty):
+        taps = {}
+        with math_attention():
+            out = forward(x, t, idx, is_empty, taps)
+        return out, taps["joined"], taps["term"]
+
+    return tapped
+
+
+def math_attention():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: its default scaled_dot_product_attention path
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _loop(trainer, steps, x0, alphas, forward, save, checkpoint_every):
@@ -448,6 +534,7 @@ def _save_run(model, module, trained, base_unet, variant, folder, save):
 
 
 LR_MODULE, LR_UNET = tr.LR_MODULE, tr.LR_UNET  # the node's defaults
+PROBES = cons.PROBES
 
 
 def train_from_node(model, latents, images, positive, steps, **options):

@@ -7,6 +7,7 @@
 - long_video: ControlNeXt-SVD v2 long videos, time per frame and memory per model call vs windows
 - preprocessors: time per frame of the preprocessor nodes
 - model_patches: Z-Image with two Fun ControlNet Union patches, summed vs balanced
+- asymmetry: MIControlNet's Asym of a ControlNeXt (estimate, spread, time) and the conservativity stage's cost per training step
 - report: the generated part of docs/benchmarks.md
 """
 import os
