@@ -80,8 +80,8 @@ def test_the_estimate_matches_the_full_jacobian(case):
     assert got.mean == pytest.approx(asym, rel=0.15)
     assert float(got.frobenius[0]) == pytest.approx(frob, rel=0.15)
     assert got.relative == pytest.approx(asym / frob, rel=0.25)
-    double = measure(base, control, image, latent, pos, strength=1.6, timestep=TIMESTEP, probes=256, seed=SEED)
-    assert double.mean == pytest.approx(4 * got.mean, rel=1e-3)  # J_c is linear in the control's scale
+    off = measure(base, control, image, latent, pos, strength=0.0, timestep=TIMESTEP, probes=4, seed=SEED)
+    assert off.mean == 0 and off.relative == 0  # no control, no Jacobian part of it
 
 
 def test_the_node_reports_it_and_refuses_other_models(case):
