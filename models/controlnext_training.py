@@ -94,6 +94,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(int(seed))
         self.step = 0
         self.losses = []
+        self.stage = None  # an optional second stage adding a loss (conservativity.ConservativityStage)
+        self.stage_losses = []  # its loss per step it ran (0.0 before it starts)
 
     def draw(self, x0_shape):
         """(batch indices, timesteps, noise, empty-prompt flags) of one micro-batch."""
@@ -121,7 +123,7 @@ class Trainer:
 
     def _train_step(self, latents, alphas_cumprod, forward):
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = extra = 0.0
         for _ in range(self.accumulation):
             idx, t, noise, empty = self.draw(tuple(latents.shape[1:]))
             x0 = latents[idx]
@@ -133,10 +135,22 @@ class Trainer:
                 raise NonFiniteError(f"the loss is {float(loss.detach())} at step {self.step + 1}")
             (loss / self.accumulation).backward()
             total += float(loss.detach())
+            if self.stage is not None and self.stage.active(self.step):
+                extra += self._stage_loss(x_t, t.to(x0.device), idx, empty)
         self.optimizer.step()
         self.step += 1
         self.losses.append(total / self.accumulation)
+        if self.stage is not None:
+            self.stage_losses.append(extra / self.accumulation)
         return self.losses[-1]
+
+    def _stage_loss(self, x_t, t, idx, empty):
+        """The second stage's loss on this micro-batch; its gradient goes to the stage's parameters only."""
+        loss = self.stage.loss(x_t, t, idx, empty, self.generator)
+        if not torch.isfinite(loss.detach()):
+            raise NonFiniteError(f"the conservativity loss is {float(loss.detach())} at step {self.step + 1}")
+        self.stage.add_gradients(loss, 1.0 / self.accumulation)
+        return float(loss.detach())
 
     # ------------------------------------------------------------------ checkpoints
     def state(self):
@@ -144,7 +158,8 @@ class Trainer:
         return {"step": self.step, "losses": torch.tensor(self.losses, dtype=torch.float64),
                 "module": {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()},
                 "unet": {k: p.detach().cpu().clone() for k, p in self.unet_params.items()},
-                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state()}
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "stage_losses": torch.tensor(self.stage_losses, dtype=torch.float64)}
 
     def load_state(self, state):
         self.module.load_state_dict(state["module"])
@@ -157,6 +172,7 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])
         self.losses = [float(v) for v in state["losses"]]
+        self.stage_losses = [float(v) for v in state.get("stage_losses", [])]
 
 
 def weight_differences(trained, base):

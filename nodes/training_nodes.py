@@ -1,428 +1,11 @@
-"""Training a ControlNeXt (SD1.5, SDXL) inside ComfyUI: the node, the denoiser call with the
-control injected, model management and the files (docs/training.md; the recipe and the loop are
-models/controlnext_training.py).
-
-The MODEL is trained in place for the run only: the selected UNet parameters become float32
-trainable tensors, everything else is frozen, and every parameter gets its value, dtype and
-requires_grad back when training ends, normally, by error or by interrupt. What was learned
-leaves as the control (module + UNet differences), never as a changed MODEL.
-"""
-import contextlib
-import logging
-import math
-import os
-
-import torch
-
-import comfy.model_management as mm
-import comfy.utils
-import folder_paths
+"""Train ControlNeXt (XCtrl) and ControlNeXt Jacobian Asymmetry (XCtrl): the nodes. What they do is
+runtime/training.py (docs/training.md) and runtime/asymmetry.py (docs/conservativity.md)."""
 from comfy_api.latest import io
 
-from ..models import controlnext as cnx
-from ..models import controlnext_training as tr
-from ..models.checkpoint_io import WeightFileError, load_pickle, new_file_mode
-from ..models.cross_norm import cross_normalize
-from ..runtime import batch_rows
-from ..runtime.controlnext_apply import TRAINED_LAYOUT_KEY as LAYOUT_KEY
-from ..runtime.controlnext_apply import TRAINED_UNET_KEY as UNET_SEMANTICS_KEY
-from ..runtime.controlnext_apply import LoadedControlNeXt
+from ..runtime import asymmetry, training
 from .apply_inputs import ControlNeXtType
-from ..runtime.control_runner import image_size
-from ..runtime.controlnext import INJECTIONS
-from ..runtime.model_family import family_title, model_family, unet_block_channels
-from ..runtime.unet_patches import key_map_for
 
-LOG = logging.getLogger("xctrl")
-NODE = "Train ControlNeXt (XCtrl)"
 CATEGORY = "XCtrl/ControlNeXt"
-VARIANT_FOR_FAMILY = {"sdxl": "sdxl", "sd15": "sd15_training"}  # the training code's placement for SD1.5
-MODULE_FILE, UNET_FILE, CHECKPOINT_FILE = "controlnet.safetensors", "unet_weight_increasements.safetensors", "checkpoint.pt"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class TrainingResult:
-    """What a run produced (the node's outputs, and what the tests compare)."""
-
-    def __init__(self, control, losses, folder, trained_unet, base_unet, note=""):
-        self.control, self.losses, self.folder = control, losses, folder
-        self.trained_unet, self.base_unet = trained_unet, base_unet
-        self.note = note
-
-
-MAX_NAME_PART = 120  # characters per folder level: file systems stop at 255 bytes
-
-
-def output_folder(name):
-    """models/controlnet/<name>: a folder below the root (never the root itself, never outside it)."""
-    base = folder_paths.get_folder_paths("controlnet")[0]
-    clean = name.strip().strip("/\\")
-    parts = clean.replace("\\", "/").split("/")
-    if not clean or any(p in ("", ".", "..") for p in parts) or any(ord(c) < 32 for c in clean):  # NUL, newlines
-        raise tr.TrainingError(f"{NODE}: the name {name!r} must name a folder under models/controlnet (letters, digits, "
-                               "'-', '_'; no '.' or '..' levels), e.g. my_controlnext")
-    if any(len(p) > MAX_NAME_PART for p in parts):
-        raise tr.TrainingError(f"{NODE}: the name is {len(clean)} characters long: keep each folder name under "
-                               f"{MAX_NAME_PART} characters")
-    return os.path.join(base, *parts)
-
-
-def prepare_folder(folder, resume, overwrite):
-    """Checks, before the first step, that the run's files can be written and that no earlier run is
-    replaced unless asked. Returns True when the folder's checkpoint is to be resumed."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, ".xctrl-write-test")
-        with open(probe, "wb") as f:
-            f.write(b"ok")
-        os.remove(probe)
-    except OSError as e:
-        raise tr.TrainingError(f"{NODE}: cannot write into {folder} ({e.strerror or e}): make it writable or pick "
-                               "another name; nothing was trained") from None
-    earlier = [f for f in (MODULE_FILE, UNET_FILE, CHECKPOINT_FILE) if os.path.isfile(os.path.join(folder, f))]
-    if overwrite or not earlier:
-        return False
-    if resume and CHECKPOINT_FILE in earlier:
-        return True
-    raise tr.TrainingError(
-        f"{NODE}: {folder} already holds an earlier run ({', '.join(earlier)}): pick another name, "
-        + ("turn overwrite on to replace it" if resume else "turn resume on to continue it, or overwrite on to replace it"))
-
-
-def read_checkpoint(path, settings):
-    """The folder's checkpoint, read without running code, checked to be this node's and made
-    with the same settings (a changed setting is refused, never silently ignored)."""
-    fix = "turn overwrite on to start this run again, or pick another name"
-    try:
-        state = load_pickle(path)
-    except WeightFileError as e:
-        raise tr.TrainingError(f"{NODE}: cannot resume from {path}: {e.problem} ({fix})") from None
-    needed = ("step", "losses", "module", "unet", "optimizer", "generator")
-    if not isinstance(state, dict) or any(k not in state for k in needed):
-        raise tr.TrainingError(f"{NODE}: {path} is not a checkpoint of this node ({fix})")
-    before = state.get("settings") or {}
-    changed = [f"{k} {before[k]!r} -> {v!r}" for k, v in settings.items() if k in before and before[k] != v]
-    if changed:
-        raise tr.TrainingError(f"{NODE}: the run in {os.path.dirname(path)} was trained with other settings "
-                               f"({'; '.join(changed)}): resuming would ignore them. {fix[0].upper() + fix[1:]}, or "
-                               "set them back to continue it")
-    bad = tr.non_finite_tensors(state)
-    if bad:
-        raise tr.TrainingError(f"{NODE}: {path} holds NaN or infinite values ({', '.join(bad[:3])}) ({fix})")
-    return state
-
-
-def check_finite_inputs(tensors):
-    """Refuses NaN / inf in the training data before the first step."""
-    for what, t in tensors.items():
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise tr.TrainingError(f"{NODE}: the {what} contain NaN or infinite values: fix the node that makes them "
-                                   "(a NaN latent trains a NaN control); nothing was trained")
-
-
-def _conditionings(conditioning, n, model, family, image_hw, what):
-    """Per latent: (context, y or None) from a CONDITIONING of 1 or n entries."""
-    if len(conditioning) not in (1, n):
-        raise tr.TrainingError(f"{NODE}: the {what} has {len(conditioning)} entries but there are {n} latents: give one "
-                               f"conditioning for all or one per latent")
-    width = model.model.model_config.unet_config.get("context_dim")
-    out = []
-    for emb, opts in conditioning:
-        if emb.shape[-1] != width:
-            raise tr.TrainingError(f"{NODE}: the {what} has text embeddings {emb.shape[-1]} wide but this "
-                                   f"{family_title(family)} MODEL takes {width}: encode it with this model's CLIP")
-        y = None
-        if family == "sdxl":
-            h, w = image_hw
-            kw = {"width": w, "height": h, "target_width": w, "target_height": h, **opts}
-            if "pooled_output" not in kw:
-                raise tr.TrainingError(f"{NODE}: the {what} has no pooled output: encode it with an SDXL CLIP")
-            y = model.model.encode_adm(**kw)
-        out.append((emb[:1].clone(), None if y is None else y.clone()))
-    return out * n if len(out) == 1 else out
-
-
-def _stack_contexts(items):
-    """Contexts of different token counts repeated to their least common multiple (as ComfyUI batches them)."""
-    import math
-
-    tokens = 1
-    for ctx, _ in items:
-        tokens = tokens * ctx.shape[1] // math.gcd(tokens, ctx.shape[1])
-    ctx = torch.cat([c.repeat(1, tokens // c.shape[1], 1) for c, _ in items])
-    ys = None if items[0][1] is None else torch.cat([y for _, y in items])
-    return ctx, ys
-
-
-def _owner(dm, name):
-    module_name, _, attr = name.rpartition(".")
-    return (dm.get_submodule(module_name) if module_name else dm), attr
-
-
-@contextlib.contextmanager
-def trainable_unet(dm, names, device):
-    """Selected parameters as float32 trainable tensors on ``device``, the rest frozen; all given back
-    on exit (the same values, dtypes and requires_grad). Yields ({name: Parameter}, {name: value before}).
-
-    ComfyUI loads models in inference mode, and autograd can neither track nor save inference
-    tensors: frozen parameters that are inference tensors are replaced, one at a time, by normal
-    copies of the same values (kept afterwards: only the tensor kind changes)."""
-    for module in dm.modules():
-        for attr, p in list(module._parameters.items()):
-            if p is not None and p.is_inference():
-                module._parameters[attr] = torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
-    originals = {n: _owner(dm, n)[0]._parameters[_owner(dm, n)[1]] for n in names}
-    flags = {n: p.requires_grad for n, p in dm.named_parameters()}
-    base = {n: p.detach().float().cpu().clone() for n, p in originals.items()}
-    trained = {}
-    try:
-        for p in dm.parameters():
-            p.requires_grad_(False)
-        for n, p in originals.items():
-            owner, attr = _owner(dm, n)
-            trained[n] = owner._parameters[attr] = torch.nn.Parameter(p.detach().to(device=device, dtype=torch.float32, copy=True))
-        yield trained, base
-    finally:
-        for n, p in originals.items():
-            owner, attr = _owner(dm, n)
-            owner._parameters[attr] = p
-        for n, p in dm.named_parameters():
-            p.requires_grad_(flags.get(n, False))
-            p.grad = None
-
-
-@contextlib.contextmanager
-def checkpointed_blocks(dm, enabled):
-    """torch.utils.checkpoint around every UNet block while training (activations recomputed in backward)."""
-    if not enabled:
-        yield
-        return
-    import torch.utils.checkpoint as ckpt
-
-    blocks = list(dm.input_blocks) + [dm.middle_block] + list(dm.output_blocks)
-    for b in blocks:
-        original = b.forward
-        b.forward = (lambda f: lambda *a, **k: ckpt.checkpoint(f, *a, use_reentrant=False, **k))(original)
-    try:
-        yield
-    finally:
-        for b in blocks:
-            del b.forward
-
-
-def _file_mode():
-    return new_file_mode()  # reads the umask without setting it (no race with other threads)
-
-
-FILE_MODE = _file_mode()  # what a plain open() would give: writers that go through a temporary file use 0600
-
-
-def _atomic_save(path, write):
-    """Writes through ``path``.partial, renamed only when complete: never a half-written file under the name."""
-    partial = path + ".partial"
-    try:
-        write(partial)
-        os.chmod(partial, FILE_MODE)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-
-
-def _to_diffusers_names(model, ldm_sd):
-    """{ComfyUI UNet name: tensor} -> diffusers names, as the released UNet files are written."""
-    to_diff = {ldm: d for d, ldm in key_map_for(model).items()}
-    missing = [k for k in ldm_sd if k not in to_diff]
-    if missing:
-        raise tr.TrainingError(f"{NODE}: no diffusers name for UNet parameters {missing[:3]}")
-    return {to_diff[k]: v for k, v in ldm_sd.items()}
-
-
-def train(*args, **kwargs):
-    """Runs :func:`_train` with autograd on (ComfyUI runs nodes in inference mode)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        return _train(*args, **kwargs)
-
-
-class _Setup:
-    """Everything checked and prepared before the first step (no file touched, nothing loaded)."""
-
-    def __init__(self, model, latent, images, positive, unet_pattern, empty_prompt_rate, empty_conditioning, controlnext, seed):
-        self.family = model_family(model)
-        if self.family not in VARIANT_FOR_FAMILY:
-            raise tr.TrainingError(f"{NODE} trains ControlNeXt for SD1.5 and SDXL models; this MODEL is "
-                                   f"{family_title(self.family)}. (SVD training needs the whole UNet on several GPUs: not offered.)")
-        self.variant = VARIANT_FOR_FAMILY[self.family]
-        self.x0 = latent["samples"].float().clone()  # inference-mode tensors from other nodes: normal copies
-        self.images = images.clone()
-        self.n = n = self.x0.shape[0]
-        _check_data(model, self.x0, self.images, positive, empty_conditioning, empty_prompt_rate)
-        self.image_hw = image_size(model.model, self.x0)
-        self.conds = _conditionings(positive, n, model, self.family, self.image_hw, "positive conditioning")
-        self.empty = _conditionings(empty_conditioning, 1, model, self.family, self.image_hw, "empty conditioning")[0] \
-            if empty_conditioning is not None else None
-        pattern = tr.DEFAULT_PATTERNS[self.family] if unet_pattern.strip() == "auto" else unet_pattern.strip()
-        self.names = tr.select_parameters(model.model.diffusion_model.named_parameters(), pattern, NODE)
-        self.injection = INJECTIONS[self.variant]
-        self.module = self._module(model, controlnext, seed)
-
-    def _module(self, model, controlnext, seed):
-        if controlnext is not None:
-            if controlnext.family != cnx.SDXL_FAMILY:
-                raise tr.TrainingError(f"{NODE}: {controlnext.name} is a ControlNeXt {cnx.module_family_title(controlnext.family)} "
-                                       "module; training continues modules of the SDXL / SD1.5-Training layout only")
-            return cnx.build_controlnext(controlnext.state_dict, self.variant)
-        # The module's initialisation from the seed, without touching the process's random state
-        # (other nodes and other prompts of the same server draw from it).
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
-            return cnx.ControlNeXt(self.variant, out_channels=unet_block_channels(model)[self.injection.block])
-
-
-def _check_data(model, x0, images, positive, empty_conditioning, empty_prompt_rate):
-    n = x0.shape[0]
-    channels = model.model.latent_format.latent_channels
-    if x0.dim() != 4 or x0.shape[1] != channels:
-        raise tr.TrainingError(f"{NODE}: the training latents have shape {tuple(x0.shape)} but this "
-                               f"{family_title(model_family(model))} MODEL takes {channels} latent channels: encode the "
-                               "images with this model's VAE")
-    if images.shape[0] != n:
-        raise tr.TrainingError(f"{NODE}: {images.shape[0]} condition images for {n} training latents: give one condition "
-                               "image per latent (in the same order)")
-    if empty_prompt_rate > 0 and empty_conditioning is None:
-        raise tr.TrainingError(f"{NODE}: empty_prompt_rate is {empty_prompt_rate} but no empty_conditioning is connected: "
-                               "connect CLIP Text Encode with an empty text, or set empty_prompt_rate to 0")
-    conds = [c[0] for c in positive] + [c[0] for c in (empty_conditioning or [])]
-    check_finite_inputs({"training latents": x0, "condition images": images,
-                         "conditionings": torch.cat([c.flatten().float() for c in conds]) if conds else None})
-
-
-def _train(model, latent, images, positive, steps, batch_size=1, gradient_accumulation=1, lr_module=tr.LR_MODULE,
-           lr_unet=tr.LR_UNET, unet_pattern="auto", scale=1.0, seed=0, empty_prompt_rate=0.2, empty_conditioning=None,
-           gradient_checkpointing=False, training_dtype="float32", name="my_controlnext", checkpoint_every=100,
-           resume=True, controlnext=None, overwrite=False):
-    setup = _Setup(model, latent, images, positive, unet_pattern, empty_prompt_rate, empty_conditioning, controlnext, seed)
-    settings = {"variant": setup.variant, "latents": setup.n, "batch_size": int(batch_size),
-                "gradient_accumulation": int(gradient_accumulation), "lr_module": float(lr_module),
-                "lr_unet": float(lr_unet), "unet_pattern": unet_pattern.strip(), "scale": float(scale), "seed": int(seed),
-                "empty_prompt_rate": float(empty_prompt_rate), "training_dtype": training_dtype}
-    folder = output_folder(name)
-    checkpoint_path = os.path.join(folder, CHECKPOINT_FILE)
-    resuming = prepare_folder(folder, resume, overwrite)
-    state = read_checkpoint(checkpoint_path, settings) if resuming else None
-
-    mm.load_models_gpu([model], force_full_load=True)
-    device = model.load_device
-    sigmas = model.model.model_sampling.sigmas.float()  # the discrete schedule: a_t = 1 / (sigma_t^2 + 1)
-    if sigmas.numel() != tr.NUM_TIMESTEPS:
-        raise tr.TrainingError(f"{NODE}: the MODEL's noise schedule has {sigmas.numel()} steps, not {tr.NUM_TIMESTEPS}")
-    module = setup.module.to(device=device, dtype=torch.float32).train()
-    dm = model.model.diffusion_model
-    with trainable_unet(dm, setup.names, device) as (unet_params, base_unet), checkpointed_blocks(dm, gradient_checkpointing):
-        trainer = tr.Trainer(module, unet_params, setup.n, batch_size, gradient_accumulation, lr_module, lr_unet,
-                             empty_prompt_rate if setup.empty is not None else 0.0, seed)
-        if state is not None:
-            _resume(trainer, state, device, checkpoint_path)
-        forward = _forward(setup, model, module, device, scale, DTYPES[training_dtype])
-        save = lambda: _save_checkpoint(trainer, settings, checkpoint_path)  # noqa: E731
-        already = trainer.step
-        _loop(trainer, steps, setup.x0.to(device), 1.0 / (sigmas ** 2 + 1.0), forward, save, checkpoint_every)
-        trained = {k: p.detach().float().cpu().clone() for k, p in unet_params.items()}
-    control = _save_run(model, module, trained, base_unet, setup.variant, folder, save)
-    note = f"already trained to step {already} (checkpoint in {folder}): nothing new was trained" if already >= steps else ""
-    return TrainingResult(control, list(trainer.losses), folder, trained, base_unet, note)
-
-
-def _resume(trainer, state, device, path):
-    try:
-        trainer.load_state({k: (v if k == "generator" else _to(v, device)) for k, v in state.items()})
-    except (ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise tr.TrainingError(f"{NODE}: cannot resume from {path}: it does not fit this run ({e}); turn overwrite on "
-                               "to start again, or pick another name") from None
-    LOG.info("[XCtrl] %s: resuming %s at step %d", NODE, os.path.dirname(path), trainer.step)
-
-
-def _to(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
-def _forward(setup, model, module, device, scale, dtype):
-    """The denoiser's prediction with the control injected at the variant's point (training's own call)."""
-    dm = model.model.diffusion_model
-    hint_all = batch_rows.resize(batch_rows.image_to_nchw(setup.images), setup.image_hw).to(device)
-    v = cnx.get_variant(setup.variant)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-
-    def forward(x_t, t, idx, is_empty):
-        rows = [setup.empty if (bool(e) and setup.empty is not None) else setup.conds[int(i)] for i, e in zip(idx, is_empty)]
-        ctx, y = _stack_contexts(rows)
-        feat = module(hint_all[idx.to(device)], t.float())
-        s = torch.full((x_t.shape[0],), float(scale), device=device)
-
-        def inject(h, transformer_options):
-            if transformer_options.get("block") != setup.injection.block:
-                return h
-            return h + cross_normalize(h, feat, v.eps, v.order, s)
-
-        to = {"patches": {"input_block_patch_after_skip": [inject]}}
-        kw = {} if y is None else {"y": y.to(device)}
-        with autocast:
-            return dm(x_t, t.float(), context=ctx.to(device), transformer_options=to, **kw)
-
-    return forward
-
-
-def _loop(trainer, steps, x0, alphas, forward, save, checkpoint_every):
-    """The steps; a checkpoint every ``checkpoint_every`` steps and on an interrupt. A non-finite
-    loss stops the run before that step changes anything, keeping the last good checkpoint."""
-    pbar = comfy.utils.ProgressBar(steps)
-    try:
-        while trainer.step < steps:
-            mm.throw_exception_if_processing_interrupted()
-            loss = trainer.train_step(x0, alphas, forward)
-            pbar.update_absolute(trainer.step, steps)
-            if trainer.step % 10 == 0 or trainer.step == steps:
-                LOG.info("[XCtrl] %s: step %d/%d, loss %.5f", NODE, trainer.step, steps, loss)
-            if checkpoint_every and trainer.step % checkpoint_every == 0 and trainer.step < steps:
-                save()
-    except mm.InterruptProcessingException:
-        save()  # the run so far is kept; resume continues it
-        raise
-    except tr.NonFiniteError as e:
-        raise tr.TrainingError(f"{NODE}: {e}: the run stopped and nothing of it was saved past the last checkpoint "
-                               "(resume continues from there). Lower lr_module / lr_unet, or train in float32") from None
-
-
-def _save_checkpoint(trainer, settings, path):
-    state = trainer.state()
-    bad = tr.non_finite_tensors(state)
-    if bad:  # never replace a good checkpoint with a broken one
-        raise tr.TrainingError(f"{NODE}: the weights became NaN or infinite ({', '.join(bad[:3])}): the run stopped and "
-                               f"the last good checkpoint in {os.path.dirname(path)} is kept. Lower lr_module / lr_unet")
-    state["settings"] = settings
-    _atomic_save(path, lambda p: torch.save(state, p))
-
-
-def _save_run(model, module, trained, base_unet, variant, folder, save):
-    """The module, the UNet differences (a stale file of an earlier run removed) and the last checkpoint."""
-    from safetensors.torch import save_file
-
-    module_sd = {k: t.detach().float().cpu().contiguous() for k, t in module.state_dict().items()}
-    diffs = _to_diffusers_names(model, tr.weight_differences(trained, base_unet)) if trained else None
-    save()  # checks every tensor for finite values first
-    _atomic_save(os.path.join(folder, MODULE_FILE), lambda p: save_file(module_sd, p, metadata={LAYOUT_KEY: variant}))
-    unet_path = os.path.join(folder, UNET_FILE)
-    if diffs:
-        _atomic_save(unet_path, lambda p: save_file(diffs, p, metadata={UNET_SEMANTICS_KEY: "delta"}))
-    elif os.path.isfile(unet_path):
-        os.remove(unet_path)  # an earlier run's UNet differences do not belong to this module
-    rel = os.path.relpath(folder, folder_paths.get_folder_paths("controlnet")[0])
-    return LoadedControlNeXt(f"{rel}/{MODULE_FILE}", module_sd, f"{rel}/{UNET_FILE}" if diffs else None, diffs,
-                             unet_delta=True, trained_for=variant)
 
 
 class TrainControlNeXt(io.ComfyNode):
@@ -430,14 +13,15 @@ class TrainControlNeXt(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="XCtrl_TrainControlNeXt",
-            display_name=NODE,
+            display_name=training.NODE,
             category=CATEGORY,
             description=(
                 "Trains a ControlNeXt for a new condition with the authors' recipe: the whole control module (lr 1e-4) and "
                 "the UNet weights matching the pattern (lr 1e-5), epsilon-prediction loss at uniform timesteps, a share of "
                 "empty prompts. SD1.5 (the SD1.5-Training placement) and SDXL. Saves controlnet.safetensors and the UNet "
                 "differences (unet_weight_increasements.safetensors) into models/controlnet/<name>/, plus a checkpoint to "
-                "resume from; the output control works directly with Apply ControlNeXt."
+                "resume from; the output control works directly with Apply ControlNeXt. Optional second stage: MIControlNet's "
+                "conservativity loss on the control's part of the Jacobian."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="SD1.5 or SDXL base (not changed: what is learned leaves as the control)."),
@@ -447,8 +31,8 @@ class TrainControlNeXt(io.ComfyNode):
                 io.Int.Input("steps", default=500, min=1, max=1000000),
                 io.Int.Input("batch_size", default=1, min=1, max=256),
                 io.Int.Input("gradient_accumulation", default=1, min=1, max=1024),
-                io.Float.Input("lr_module", default=tr.LR_MODULE, min=0.0, max=1.0, step=1e-6),
-                io.Float.Input("lr_unet", default=tr.LR_UNET, min=0.0, max=1.0, step=1e-7),
+                io.Float.Input("lr_module", default=training.LR_MODULE, min=0.0, max=1.0, step=1e-6),
+                io.Float.Input("lr_unet", default=training.LR_UNET, min=0.0, max=1.0, step=1e-7),
                 io.String.Input("unet_pattern", default="auto", tooltip="Regular expression of the UNet parameters to train "
                                 "(ComfyUI names). auto: the authors' default (SDXL .*attn2.*to_out.*, SD1.5 .*to_out.*); "
                                 "empty: the control module only."),
@@ -458,7 +42,7 @@ class TrainControlNeXt(io.ComfyNode):
                 io.Conditioning.Input("empty_conditioning", optional=True, tooltip="CLIP Text Encode of an empty text (needed "
                                       "for empty_prompt_rate > 0)."),
                 io.Boolean.Input("gradient_checkpointing", default=False),
-                io.Combo.Input("training_dtype", options=list(DTYPES), default="float32",
+                io.Combo.Input("training_dtype", options=list(training.DTYPES), default="float32",
                                tooltip="Autocast dtype of the forward (trained weights stay float32)."),
                 io.String.Input("name", default="my_controlnext", tooltip="Folder under models/controlnet for the files."),
                 io.Int.Input("checkpoint_every", default=100, min=0, max=1000000, tooltip="Steps between checkpoints (0: none)."),
@@ -466,6 +50,16 @@ class TrainControlNeXt(io.ComfyNode):
                 ControlNeXtType.Input("controlnext", optional=True, tooltip="A ControlNeXt to continue training (SDXL layout)."),
                 io.Boolean.Input("overwrite", default=False, optional=True, tooltip="Replace an earlier run saved under this "
                                  "name (otherwise such a run is only ever continued, with resume on and the same settings)."),
+                io.Float.Input("conservativity_weight", default=0.0, min=0.0, max=100.0, step=0.001, optional=True,
+                               tooltip="MIControlNet's second stage: weight of the conservativity loss (the asymmetry of the "
+                               "Jacobian the control adds; the paper: 0.01). 0: no second stage. Costs several passes per "
+                               "step (docs/training.md)."),
+                io.Int.Input("conservativity_probes", default=1, min=1, max=64, optional=True,
+                             tooltip="Random probes per sample for the loss's estimate (each: two vector-Jacobian products)."),
+                io.Int.Input("conservativity_from_step", default=0, min=0, max=1000000, optional=True,
+                             tooltip="The stage boundary: steps after this many steps add the loss (stage 1 before)."),
+                io.Combo.Input("conservativity_probe", options=list(training.PROBES), default="rademacher", optional=True,
+                               tooltip="The probes' distribution: rademacher (+-1, lower variance) or gaussian."),
             ],
             outputs=[ControlNeXtType.Output(display_name="controlnext"), io.Image.Output(display_name="loss_curve"),
                      io.String.Output(display_name="saved")],
@@ -474,50 +68,49 @@ class TrainControlNeXt(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, latents, images, positive, steps, batch_size, gradient_accumulation, lr_module, lr_unet,
-                unet_pattern, scale, seed, empty_prompt_rate, gradient_checkpointing, training_dtype, name,
-                checkpoint_every, resume, empty_conditioning=None, controlnext=None, overwrite=False):
-        # Inputs arrive as lists (is_input_list), so that the list outputs of ComfyUI's dataset nodes
-        # (Load Image and Text Dataset from Folder, Make Training Dataset) plug in as they are.
-        one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
-        bad = [k for k, v in (("lr_module", lr_module), ("lr_unet", lr_unet), ("scale", scale),
-                              ("empty_prompt_rate", empty_prompt_rate)) if not math.isfinite(float(one(v)))]
-        if bad:
-            raise tr.TrainingError(f"{NODE}: {', '.join(bad)} must be a finite number, got NaN or infinity; nothing was trained")
-        result = train(one(model), _joined_latents(latents), _joined_images(images), _per_latent_conditioning(positive),
-                       one(steps), one(batch_size), one(gradient_accumulation), one(lr_module), one(lr_unet),
-                       one(unet_pattern), one(scale), one(seed), one(empty_prompt_rate), one(empty_conditioning),
-                       one(gradient_checkpointing), one(training_dtype), one(name), one(checkpoint_every), one(resume),
-                       one(controlnext), bool(one(overwrite)))
-        saved = "\n".join([result.note] * bool(result.note) + [os.path.join(result.folder, f) for f in (MODULE_FILE, UNET_FILE)
-                                                                if os.path.isfile(os.path.join(result.folder, f))])
-        return io.NodeOutput(result.control, tr.loss_curve_image(result.losses), saved, ui={"text": [saved]})
+    def execute(cls, model, latents, images, positive, steps, **options):
+        control, loss_curve, saved = training.train_from_node(model, latents, images, positive, steps, **options)
+        return io.NodeOutput(control, loss_curve, saved, ui={"text": [saved]})
 
 
-def _joined_latents(latents):
-    items = latents if isinstance(latents, list) else [latents]
-    return {"samples": _cat([d["samples"] for d in items], "training latents")}
+class ControlNeXtAsymmetry(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="XCtrl_ControlNeXtAsymmetry",
+            display_name=asymmetry.NODE,
+            category=CATEGORY,
+            description=(
+                "MIControlNet's Asym: how far the part of the denoiser's Jacobian that this ControlNeXt adds is from "
+                "symmetric, 1/2 ||J_c - J_c^T||_F^2, estimated with random probes (no full Jacobian) on the latents noised "
+                "to one timestep. Lower: the control bends the score field less away from a gradient field. SD1.5 and SDXL."
+            ),
+            inputs=[
+                io.Model.Input("model"),
+                ControlNeXtType.Input("controlnext"),
+                io.Image.Input("image", tooltip="The condition image (one, or one per latent)."),
+                io.Latent.Input("latents", tooltip="Clean latents (e.g. VAE-encoded images); noised to the timestep here."),
+                io.Conditioning.Input("positive"),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
+                io.Int.Input("timestep", default=500, min=0, max=999, tooltip="Discrete timestep (0: clean, 999: pure noise)."),
+                io.Int.Input("probes", default=8, min=1, max=1024, tooltip="Probes per latent: the estimate's spread falls "
+                             "as 1/sqrt(probes)."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Noise and probes."),
+                io.Combo.Input("probe", options=list(asymmetry.PROBES), default="rademacher"),
+                io.Combo.Input("sd15_layout", options=["refuse", "sd15_training"], default="refuse", optional=True,
+                               tooltip="As in Apply ControlNeXt: an SDXL-layout module on SD1.5 only as sd15_training."),
+            ],
+            outputs=[io.Float.Output(display_name="asym"), io.Float.Output(display_name="relative"),
+                     io.String.Output(display_name="report")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, controlnext, image, latents, positive, strength, timestep, probes, seed, probe,
+                sd15_layout="refuse"):
+        result = asymmetry.measure(model, controlnext, image, latents, positive, strength, timestep, probes, seed, probe,
+                                   sd15_layout)
+        return io.NodeOutput(result.mean, result.relative, result.report(), ui={"text": [result.report()]})
 
 
-def _joined_images(images):
-    return _cat(images if isinstance(images, list) else [images], "condition images")
-
-
-def _cat(tensors, what):
-    shapes = {tuple(t.shape[1:]) for t in tensors}
-    if len(shapes) > 1:
-        raise tr.TrainingError(f"{NODE}: the {what} have different sizes {sorted(shapes)}: resize them to one size first")
-    return torch.cat(tensors)
-
-
-def _per_latent_conditioning(positive):
-    """One CONDITIONING (shared, or one entry per latent), or a list of them (one per latent, as
-    Make Training Dataset gives them) -> one CONDITIONING."""
-    items = positive if isinstance(positive, list) and positive and isinstance(positive[0], list) \
-        and positive[0] and isinstance(positive[0][0], list) else [positive]
-    if len(items) == 1:
-        return items[0]
-    return [c[0] for c in items]
-
-
-NODES = [TrainControlNeXt]
+NODES = [TrainControlNeXt, ControlNeXtAsymmetry]

@@ -53,6 +53,37 @@ INJECTIONS = {
 }
 
 
+def injection_options(variant, inject, transformer_options=None):
+    """``transformer_options`` for a denoiser call of one's own (training, measurements): the UNet
+    hook at ``variant``'s injection point (INJECTIONS) calls ``inject(h)`` -> the new h there and
+    nowhere else. Chains onto the patches already in ``transformer_options`` (not changed).
+    UNet variants only (the MMDiT variant's injection replaces a joint block)."""
+    injection = INJECTIONS[variant]
+
+    def at_point(h, to):
+        return inject(h) if to.get("block") == injection.block else h
+
+    if injection.hook == INPUT_BLOCK_PATCH_AFTER_SKIP:
+        patch = at_point
+    elif injection.hook == OUTPUT_BLOCK_PATCH:
+        def patch(h, hsp, to):
+            return at_point(h, to), hsp
+    else:
+        raise ValueError(f"ControlNeXt {variant}: its injection replaces a transformer block; no UNet call of one's own")
+    options = dict(transformer_options or {})
+    patches = dict(options.get("patches", {}))
+    patches[injection.hook] = list(patches.get(injection.hook, [])) + [patch]
+    options["patches"] = patches
+    return options
+
+
+def cross_norm_term(variant, feature, scale):
+    """h -> the term ControlNeXt adds to h at its injection point: ``feature`` cross-normalized to
+    h's statistics, times ``scale`` (a number or one per row), as the variant runs."""
+    v = cnx.get_variant(variant)
+    return lambda h: cross_normalize(h, feature, v.eps, v.order, scale)
+
+
 class ControlNeXtRunner(ControlRunner):
     """One applied ControlNeXt: module, hint, strength, step range, mask, further strengths."""
 

@@ -9,6 +9,7 @@
 - training: the convergence toy and training throughput
 - silent_signal: MIControlNet's data balancing on a toy (total variation in silent regions, plain vs balanced)
 - model_patches: Z-Image with two Fun ControlNet Union patches, summed vs balanced
+- asymmetry: MIControlNet's Asym of a ControlNeXt (estimate, spread, time) and the conservativity stage's cost per training step
 - report: the generated part of docs/benchmarks.md
 """
 import os

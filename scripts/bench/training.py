@@ -96,8 +96,9 @@ def _toy_run(join, steps, pretrained, seed=0):
 
     cnx = pack_module("models.controlnext")
     tr = pack_module("models.controlnext_training")
-    cross_normalize = pack_module("models.cross_norm").cross_normalize
-    block = pack_module("runtime.controlnext").INJECTIONS["sd15_training"].block
+    injection = pack_module("runtime.controlnext")
+    variant = "sd15_training"
+    block = injection.INJECTIONS[variant].block
 
     base, dm, alphas, ctx = _toy_unet(pretrained)
     for p in dm.parameters():
@@ -107,10 +108,9 @@ def _toy_run(join, steps, pretrained, seed=0):
         p.requires_grad_(True)
     latents, hints = toy_data(TOY_TRAIN, seed=1)
     held_lat, held_hints = toy_data(TOY_HELD_OUT, seed=2)
-    variant = cnx.get_variant("sd15_training")
     torch.manual_seed(seed)
     width = pack_module("runtime.model_family").unet_block_channels(base)[block]
-    module = cnx.ControlNeXt("sd15_training", out_channels=width)
+    module = cnx.ControlNeXt(variant, out_channels=width)
     if join == "zero_conv":
         with torch.no_grad():
             module.mid_convs[1].weight.zero_()
@@ -118,17 +118,12 @@ def _toy_run(join, steps, pretrained, seed=0):
     trainer = tr.Trainer(module, unet, TOY_TRAIN, batch_size=4, lr_module=TOY_LR_MODULE, lr_unet=TOY_LR_UNET, seed=seed)
 
     def run_unet(x_t, t, feat):
-        s = torch.ones(x_t.shape[0])
-
-        def inject(h, to):
-            if to.get("block") != block:
-                return h
-            if join == "cross_norm":
-                return h + cross_normalize(h, feat, variant.eps, variant.order, s)
-            return h + torch.nn.functional.adaptive_avg_pool2d(feat, h.shape[-2:])
-
+        if join == "cross_norm":
+            term = injection.cross_norm_term(variant, feat, torch.ones(x_t.shape[0]))
+        else:
+            term = lambda h: torch.nn.functional.adaptive_avg_pool2d(feat, h.shape[-2:])  # noqa: E731
         return dm(x_t, t.float(), context=ctx.expand(x_t.shape[0], -1, -1),
-                  transformer_options={"patches": {"input_block_patch_after_skip": [inject]}})
+                  transformer_options=injection.injection_options(variant, lambda h: h + term(h)))
 
     def forward(x_t, t, idx, empty):
         return run_unet(x_t, t, module(hints[idx], t.float()))
@@ -187,7 +182,7 @@ def _throughput(bench):
     from harness.comfy_runtime import pack_module
     import folder_paths
 
-    training = pack_module("nodes.training_nodes")
+    training = pack_module("runtime.training")
     lora_node = _core_train_lora()
     out = tempfile.mkdtemp(prefix="xctrl_train_bench_")
     folder_paths.add_model_folder_path("controlnet", out, is_default=True)

@@ -57,7 +57,7 @@ def test_balanced_pairs_train_a_controlnext(nodes, tmp_path):
         assert kept.shape == (4, 64, 64)
         base = tm.sd15(seed=3)
         latents = {"samples": torch.randn(out_images.shape[0], 4, 8, 8, generator=g)}  # stands for VAE Encode
-        result = pack_module("nodes.training_nodes").train(base, latents, out_conds, tm.text_cond(base), 1, name="balanced",
+        result = pack_module("runtime.training").train(base, latents, out_conds, tm.text_cond(base), 1, name="balanced",
                                                            empty_prompt_rate=0.0)
         assert len(result.losses) == 1
     finally:

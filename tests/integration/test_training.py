@@ -1,4 +1,4 @@
-"""Training a ControlNeXt (nodes/training_nodes.py) on a tiny SD1.5 in a real ComfyUI: what is
+"""Training a ControlNeXt (runtime/training.py) on a tiny SD1.5 in a real ComfyUI: what is
 trained and what is not, the files and their round trip through the loader, resume, bad input."""
 import os
 import re
@@ -26,7 +26,7 @@ def out_dir(tmp_path_factory, pack):
 
 @pytest.fixture(scope="module")
 def training(pack):
-    return pack_module("nodes.training_nodes")
+    return pack_module("runtime.training")
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +298,68 @@ def test_latents_of_another_model_and_file_modes(training, setup, out_dir):
     os.umask(umask)
     for f in os.listdir(result.folder):
         assert os.stat(os.path.join(result.folder, f)).st_mode & 0o777 == 0o666 & ~umask, f
+
+
+# ----------------------------------------------------------------- the conservativity stage (MIControlNet's 2-stage)
+STAGE = {"conservativity_weight": 0.5, "conservativity_probes": 1, "conservativity_from_step": 1}
+
+
+@pytest.fixture
+def _one_thread(one_thread):
+    yield
+
+
+def test_the_conservativity_stage_trains_the_module_only(training, setup, out_dir, _one_thread):
+    """Step 2 is the stage's first: the UNet weights get the plain loss's update only (the stage's
+    gradient is kept out of them), the module gets the stage's gradient too."""
+    plain = run(training, setup, "stage_plain", steps=2, checkpoint_every=0)
+    staged = run(training, setup, "stage_on", steps=2, checkpoint_every=0, **STAGE)
+    assert plain.losses == staged.losses  # the stage adds to the gradient, not to the denoising loss
+    assert staged.trained_unet.keys() == plain.trained_unet.keys()
+    for k, v in plain.trained_unet.items():
+        assert torch.equal(staged.trained_unet[k], v), k
+    module_diff = [k for k, v in plain.control.state_dict.items() if not torch.equal(staged.control.state_dict[k], v)]
+    assert module_diff and "conservativity loss at the last step" in staged.note
+
+
+def test_a_resumed_two_stage_run_equals_an_uninterrupted_one(training, setup, out_dir, _one_thread):
+    straight = run(training, setup, "stage_straight", steps=4, checkpoint_every=0, **STAGE)
+    run(training, setup, "stage_resumed", steps=2, checkpoint_every=0, **STAGE)  # ends inside stage 2
+    resumed = run(training, setup, "stage_resumed", steps=4, checkpoint_every=0, **STAGE)
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5)
+    for k, v in straight.control.state_dict.items():
+        torch.testing.assert_close(resumed.control.state_dict[k], v, rtol=1e-4, atol=1e-6)
+    # a stage-1 run may be continued with a stage starting where it stopped, not with one that starts before
+    run(training, setup, "stage_later", steps=2, checkpoint_every=0)
+    run(training, setup, "stage_later", steps=3, checkpoint_every=0, **dict(STAGE, conservativity_from_step=2))
+    with pytest.raises(ValueError, match=r"past the conservativity stage's first step 1"):
+        run(training, setup, "stage_later", steps=4, checkpoint_every=0, **dict(STAGE, conservativity_weight=0.1))
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"conservativity_from_step": 3}, "conservativity_from_step is 3 but the run ends at step 3: the conservativity stage "
+                                      "would never run"),
+    ({"lr_module": 0.0}, "conservativity_weight is 0.5 but lr_module is 0"),
+    ({"conservativity_probes": 0}, "conservativity_weight is 0.5 but conservativity_probes is 0"),
+    ({"scale": 0.0}, "conservativity_weight is 0.5 but scale is 0"),
+    ({"conservativity_probe": "uniform"}, "conservativity_probe 'uniform' is not one of"),
+])
+def test_bad_conservativity_inputs_are_refused_before_any_step(change, says, training, setup, out_dir, monkeypatch):
+    steps = []
+    monkeypatch.setattr(training.tr.Trainer, "train_step", lambda self, *a: steps.append(1))
+    with pytest.raises(ValueError, match=re.escape(says)) as e:
+        run(training, setup, "stage_refused", steps=3, **dict(STAGE, **change))
+    assert str(e.value).startswith(training.NODE) and steps == []
+    assert not os.path.exists(os.path.join(out_dir, "stage_refused"))
+
+
+def test_the_node_passes_its_list_inputs_and_the_stage_through(training, setup, out_dir, _one_thread):
+    base, latents, images, pos, empty = setup
+    node = pack_node_classes()["XCtrl_TrainControlNeXt"]
+    inputs = {"model": base, "latents": latents, "images": images, "positive": pos, "steps": 2, "batch_size": 2,
+              "gradient_accumulation": 1, "lr_module": 1e-4, "lr_unet": 1e-5, "unet_pattern": "auto", "scale": 1.0,
+              "seed": 1, "empty_prompt_rate": 0.0, "gradient_checkpointing": False, "training_dtype": "float32",
+              "name": "node_stage", "checkpoint_every": 0, "resume": True, **STAGE, "conservativity_probe": "gaussian"}
+    control, curve, saved = node_result(node, **{k: [v] for k, v in inputs.items()})
+    assert "conservativity loss at the last step" in saved and curve.shape[-1] == 3
+    assert os.path.isfile(os.path.join(out_dir, "node_stage", training.MODULE_FILE))

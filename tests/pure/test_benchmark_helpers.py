@@ -99,3 +99,16 @@ def test_report_blocks_replace_only_their_own_text(tmp_path):
     assert "hand-written intro" in out and "hand-written reading" in out and "lv v1" in out
     assert "table v2" in out and "table v1" not in out
     assert out.index("table v2") < out.index("lv v1")
+
+
+def test_asymmetry_report_renders_its_numbers():
+    import types
+
+    sys.path.insert(0, os.path.join(PACK, "scripts"))
+    asym = importlib.import_module("bench.asymmetry")
+    bench = types.SimpleNamespace(machine={"CPU": "x"}, argv=["benchmark.py"], asymmetry={
+        "size": 128, "rows": [{"probes": 1, "asym": [1.0, 3.0, 2.0], "relative": [0.5] * 3, "seconds": [2.0, 1.5, 3.0]}],
+        "stage": [{"probes": 0, "seconds_per_step": 2.0}, {"probes": 1, "seconds_per_step": 7.0}]})
+    text = asym.asymmetry_report(bench)
+    assert "| 1 | 2.0000 | 0.500 | 0.500 | 1.50 |" in text  # mean 2, spread 1/2, relative, best time
+    assert "| 1 probe(s) | 7.00 | 3.50 |" in text and "| none | 2.00 | 1.00 |" in text

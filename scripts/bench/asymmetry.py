@@ -1,0 +1,120 @@
+"""MIControlNet's Asym for a ControlNeXt and what the conservativity stage costs.
+
+On a full-size random-weight SD1.5 UNet with a freshly initialised ControlNeXt (SD1.5-Training
+placement): the node's Asym estimate (docs/conservativity.md) for 1, 4 and 16 probes over three
+seeds (each seed: other noise, other probes) with its time; and Train ControlNeXt's time per step
+without the conservativity stage and with it at 1 and 2 probes (docs/training.md).
+"""
+import time
+
+from .stats import fmt, md_table
+
+ASYM_PROBES, ASYM_SEEDS, TIMESTEP = (1, 4, 16), (0, 1, 2), 500
+STAGE_PROBES, STAGE_STEPS = (0, 1, 2), 2  # 0: no stage
+
+
+def _case(size):
+    import torch
+
+    from harness.comfy_runtime import pack_module
+
+    from .models import build_base
+
+    cnx = pack_module("models.controlnext")
+    base = build_base("sd15", torch.float32)
+    block = pack_module("runtime.controlnext").INJECTIONS["sd15_training"].block
+    width = pack_module("runtime.model_family").unet_block_channels(base)[block]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = cnx.ControlNeXt("sd15_training", out_channels=width)
+    control = pack_module("runtime.controlnext_apply").LoadedControlNeXt(
+        "bench_asym.safetensors", module.state_dict(), trained_for="sd15_training")
+    g = torch.Generator().manual_seed(0)
+    latent = {"samples": torch.randn(1, 4, size // 8, size // 8, generator=g)}
+    image = torch.rand(1, size, size, 3, generator=g)
+    pos = [[torch.randn(1, 77, 768, generator=g), {}]]
+    return base, control, image, latent, pos
+
+
+def run_asymmetry(bench):
+    from harness.comfy_runtime import pack_module
+
+    measure = pack_module("runtime.asymmetry").measure
+    size = min(bench.args.size, 256)
+    base, control, image, latent, pos = _case(size)
+    rows = []
+    for probes in ASYM_PROBES:
+        values, seconds = [], []
+        for seed in ASYM_SEEDS:
+            t0 = time.perf_counter()
+            values.append(measure(base, control, image, latent, pos, timestep=TIMESTEP, probes=probes, seed=seed))
+            seconds.append(time.perf_counter() - t0)
+        rows.append({"probes": probes, "asym": [v.mean for v in values], "relative": [v.relative for v in values],
+                     "seconds": seconds})
+        bench.log(f"  [asymmetry] {probes} probes: Asym {[round(v.mean, 4) for v in values]}, {min(seconds):.1f} s")
+    bench.asymmetry = {"size": size, "rows": rows, "stage": _stage_cost(bench, base, latent, image, pos)}
+    del base
+    bench.free()
+
+
+def _stage_cost(bench, base, latent, image, pos):
+    """Seconds per Train ControlNeXt step without the stage and with it at STAGE_PROBES probes."""
+    import shutil
+    import tempfile
+
+    import folder_paths
+    from harness.comfy_runtime import pack_module
+
+    training = pack_module("runtime.training")
+    out = tempfile.mkdtemp(prefix="xctrl_asym_bench_")
+    folder_paths.add_model_folder_path("controlnet", out, is_default=True)
+    rows = []
+    try:
+        for probes in STAGE_PROBES:
+            stage = {"conservativity_weight": 0.01, "conservativity_probes": probes} if probes else {}
+            t0 = time.perf_counter()
+            training.train(base, latent, image, pos, STAGE_STEPS, name=f"stage_{probes}", empty_prompt_rate=0.0,
+                           checkpoint_every=0, **stage)
+            rows.append({"probes": probes, "seconds_per_step": (time.perf_counter() - t0) / STAGE_STEPS})
+            bench.log(f"  [asymmetry] training, stage probes {probes}: {rows[-1]['seconds_per_step']:.1f} s/step")
+    finally:
+        folder_paths.folder_names_and_paths["controlnet"][0].remove(out)
+        shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def asymmetry_report(bench):
+    info = getattr(bench, "asymmetry", None)
+    if not info:
+        return ""
+
+    def mean(v):
+        return sum(v) / len(v)
+
+    def spread(v):
+        m = mean(v)
+        return (sum((x - m) ** 2 for x in v) / max(1, len(v) - 1)) ** 0.5 / abs(m) if m else float("nan")
+
+    body = [[str(r["probes"]), fmt(mean(r["asym"]), 4), fmt(spread(r["asym"]), 3), fmt(mean(r["relative"]), 3),
+             fmt(min(r["seconds"]), 2)] for r in info["rows"]]
+    plain = next(r["seconds_per_step"] for r in info["stage"] if r["probes"] == 0)
+    stage = [["none" if r["probes"] == 0 else f"{r['probes']} probe(s)", fmt(r["seconds_per_step"], 2),
+              fmt(r["seconds_per_step"] / plain, 2)] for r in info["stage"]]
+    return "\n".join([
+        "## Asym of a ControlNeXt and the cost of the conservativity stage",
+        "",
+        f"Full-size SD1.5 UNet (random weights), a freshly initialised ControlNeXt (SD1.5-Training placement), one "
+        f"{info['size']} x {info['size']} px latent at timestep {TIMESTEP}; seeds {ASYM_SEEDS} (noise and probes). Asym = "
+        "1/2 ||J_c - J_c^T||_F^2 of the Jacobian part the control adds (docs/conservativity.md); spread = standard "
+        "deviation over the seeds / mean.",
+        "",
+        md_table(["probes", "Asym (mean over seeds)", "spread", "relative Asym", "seconds (best)"], body),
+        "",
+        f"Train ControlNeXt, batch 1, {STAGE_STEPS} steps per run (set-up included), the conservativity stage on from "
+        "step 0:",
+        "",
+        md_table(["conservativity stage", "seconds / step", "x plain step"], stage),
+        "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in bench.machine.items()) + f". Command: `{' '.join(bench.argv)}`.",
+        "",
+    ])
