@@ -96,10 +96,10 @@ def token_mask(mask, x, tokens):
 
 def core_apply_node(kind, node):
     """Core's apply node class, or a ValueError when this ComfyUI lacks the family."""
-    import nodes
+    import nodes as comfy_nodes  # ComfyUI's nodes.py (its node registry), not this pack's nodes/
 
     reason = mpc.missing_support(kind)
-    cls = nodes.NODE_CLASS_MAPPINGS.get(CORE_NODES[kind])
+    cls = comfy_nodes.NODE_CLASS_MAPPINGS.get(CORE_NODES[kind])
     if reason is None and cls is None:
         reason = f"this ComfyUI has no {CORE_NODES[kind]} node: update ComfyUI ({mpc.NEWEST} or newer is tested)"
     if reason:
