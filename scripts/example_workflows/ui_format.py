@@ -85,12 +85,31 @@ def _node_height(n_slots):
 def to_ui(graph, object_info):
     """API-style description -> UI workflow JSON (version 0.4)."""
     ids = {key: i + 1 for i, key in enumerate(graph)}
+    links, out_links, node_inputs = _links(graph, object_info, ids)
     depths = _depths(graph)
-    links, nodes = [], []
-    out_links = {}
-    next_link = 1
-    # links first (so outputs can list them)
-    node_inputs = {}
+    columns, nodes = {}, []
+    order = sorted(graph, key=lambda k: (depths[k], list(graph).index(k)))
+    for rank, key in enumerate(order):
+        cls, inputs, title = graph[key]
+        node = _ui_node(key, graph[key], ids[key], rank, object_info, node_inputs, out_links)
+        if title:
+            node["title"] = title
+        col = depths[key] if cls not in VIRTUAL_NODES else 0
+        y = columns.get(col, 40)
+        node["pos"] = [40 + 380 * col, y]
+        columns[col] = y + node["size"][1] + 50
+        nodes.append(node)
+    nodes.sort(key=lambda n: n["id"])
+    return {
+        "last_node_id": len(graph), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
+        "config": {}, "extra": {"ds": view_showing(nodes)}, "version": 0.4,
+    }
+
+
+def _links(graph, object_info, ids):
+    """The links (numbered from 1 in node order), the links leaving each output, and each node's
+    input slots (links first, so that outputs can list them)."""
+    links, out_links, node_inputs = [], {}, {}
     for key, (cls, inputs, _title) in graph.items():
         if cls in VIRTUAL_NODES:
             node_inputs[key] = []
@@ -107,8 +126,7 @@ def to_ui(graph, object_info):
                 if not _is_link(v):
                     raise ValueError(f"{key}.{name}: {cls} takes a link here, got {v!r}")
                 src, slot = v
-                link_id = next_link
-                next_link += 1
+                link_id = len(links) + 1
                 links.append([link_id, ids[src], slot, ids[key], len(slots), info_type(object_info, graph, src, slot)])
                 out_links.setdefault((src, slot), []).append(link_id)
             elif not optional:
@@ -121,42 +139,29 @@ def to_ui(graph, object_info):
         if unknown:
             raise ValueError(f"{key}: {cls} has no inputs {sorted(unknown)}")
         node_inputs[key] = slots
-    columns = {}
-    order = sorted(graph, key=lambda k: (depths[k], list(graph).index(k)))
-    for rank, key in enumerate(order):
-        cls, inputs, title = graph[key]
-        col = depths[key] if cls not in VIRTUAL_NODES else 0
-        if cls in VIRTUAL_NODES:
-            node = {"id": ids[key], "type": cls, "pos": None, "size": [400, 200], "flags": {}, "order": rank, "mode": 0,
-                    "inputs": [], "outputs": [], "properties": {}, "widgets_values": [inputs["text"]]}
-            h = 200
-        else:
-            info = object_info[cls]
-            outputs = []
-            for slot, (otype, oname) in enumerate(zip(info["output"], info["output_name"])):
-                ls = out_links.get((key, slot), [])
-                outputs.append({"name": oname, "type": otype, "links": ls, "slot_index": slot})
-            wv = widget_values(cls, inputs, info)
-            h = _node_height(max(len(node_inputs[key]) + len(wv), len(outputs)))
-            if cls in ("LoadImage", "PreviewImage", "SaveImage", "SaveAnimatedWEBP", "LoadVideo"):
-                h += 260
-            properties = {"Node name for S&R": cls}
-            models = model_properties(wv, cls)
-            if models:
-                properties["models"] = models
-            node = {"id": ids[key], "type": cls, "pos": None, "size": [330, h], "flags": {}, "order": rank, "mode": 0,
-                    "inputs": node_inputs[key], "outputs": outputs, "properties": properties, "widgets_values": wv}
-        if title:
-            node["title"] = title
-        y = columns.get(col, 40)
-        node["pos"] = [40 + 380 * col, y]
-        columns[col] = y + h + 50
-        nodes.append(node)
-    nodes.sort(key=lambda n: n["id"])
-    return {
-        "last_node_id": len(graph), "last_link_id": next_link - 1, "nodes": nodes, "links": links, "groups": [],
-        "config": {}, "extra": {"ds": view_showing(nodes)}, "version": 0.4,
-    }
+    return links, out_links, node_inputs
+
+
+def _ui_node(key, entry, node_id, rank, object_info, node_inputs, out_links):
+    """One node of the UI file (its position is set by the caller)."""
+    cls, inputs, _title = entry
+    if cls in VIRTUAL_NODES:
+        return {"id": node_id, "type": cls, "pos": None, "size": [400, 200], "flags": {}, "order": rank, "mode": 0,
+                "inputs": [], "outputs": [], "properties": {}, "widgets_values": [inputs["text"]]}
+    info = object_info[cls]
+    outputs = []
+    for slot, (otype, oname) in enumerate(zip(info["output"], info["output_name"])):
+        outputs.append({"name": oname, "type": otype, "links": out_links.get((key, slot), []), "slot_index": slot})
+    wv = widget_values(cls, inputs, info)
+    h = _node_height(max(len(node_inputs[key]) + len(wv), len(outputs)))
+    if cls in ("LoadImage", "PreviewImage", "SaveImage", "SaveAnimatedWEBP", "LoadVideo"):
+        h += 260
+    properties = {"Node name for S&R": cls}
+    models = model_properties(wv, cls)
+    if models:
+        properties["models"] = models
+    return {"id": node_id, "type": cls, "pos": None, "size": [330, h], "flags": {}, "order": rank, "mode": 0,
+            "inputs": node_inputs[key], "outputs": outputs, "properties": properties, "widgets_values": wv}
 
 
 def model_properties(widget_values, cls=None):
