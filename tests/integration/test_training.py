@@ -200,8 +200,9 @@ def test_a_nan_number_is_refused_before_any_step(number, training, setup, out_di
     numbers[number] = float("nan")
     node = pack_node_classes()["XCtrl_TrainControlNeXt"]
     with pytest.raises(ValueError, match=f"{re.escape(training.NODE)}: {number} must be a finite number"):
-        node_result(node, base, latents, images, pos, 2, 1, 1, numbers["lr_module"], numbers["lr_unet"], "auto",
-                    numbers["scale"], 0, numbers["empty_prompt_rate"], False, "float32", f"nan_{number}", 0, False, empty)
+        node_result(node, base, latents, images, pos, 2, batch_size=1, gradient_accumulation=1, unet_pattern="auto",
+                    seed=0, gradient_checkpointing=False, training_dtype="float32", name=f"nan_{number}",
+                    checkpoint_every=0, resume=False, empty_conditioning=empty, **numbers)
     assert not os.path.exists(os.path.join(out_dir, f"nan_{number}"))
 
 
