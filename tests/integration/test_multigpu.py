@@ -15,6 +15,7 @@ the control network.
 Skipped on ComfyUI without comfy.multigpu (0.8.0, 0.3.64).
 """
 import contextlib
+import gc
 
 import pytest
 import torch
@@ -71,8 +72,14 @@ def multigpu(model):
     import comfy.patcher_extension as pe
 
     # Each graph starts with nothing loaded: core's reuse of loaded device clones trips over
-    # entries of earlier graphs' clones that were since collected (not what is tested here).
+    # entries of earlier graphs' (or test modules') models that were since collected (not what
+    # is tested here), so those entries are dropped too.
+    gc.collect()
     mm.unload_all_models()
+    mm.cleanup_models()
+    # An entry whose ModelPatcher was collected while its model lives on (a test module's fixture
+    # keeps the model) survives both; core's reuse reads .model of every entry.
+    mm.current_loaded_models[:] = [m for m in mm.current_loaded_models if m.model is not None]
     split = node_result(core_multigpu.MultiGPUCFGSplitNode, model, 2)[0]
     assert split.get_additional_models_with_key("multigpu"), "core made no second device"
     calls = []
