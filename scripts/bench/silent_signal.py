@@ -69,21 +69,9 @@ def balanced_pairs(latents, cond, seed):
 
 
 def _pretrained(steps):
-    import torch
+    from .training import pretrain_toy_unet
 
-    from harness.comfy_runtime import pack_module
-
-    from .training import _toy_unet
-
-    tr = pack_module("models.controlnext_training")
-    _, dm, alphas, ctx = _toy_unet()
-    for p in dm.parameters():
-        p.requires_grad_(True)
-    latents, _, _ = toy_pairs(N_TRAIN, seed=1)
-    trainer = tr.Trainer(torch.nn.Linear(1, 1), dict(dm.named_parameters()), N_TRAIN, batch_size=8, lr_unet=1e-3, seed=5)
-    for _ in range(steps):
-        trainer.train_step(latents, alphas, lambda x_t, t, idx, empty: dm(x_t, t.float(), context=ctx.expand(x_t.shape[0], -1, -1)))
-    return {k: v.detach().clone() for k, v in dm.state_dict().items()}, trainer.losses
+    return pretrain_toy_unet(toy_pairs(N_TRAIN, seed=1)[0], steps)
 
 
 def _controlled(pretrained, seed):
@@ -92,31 +80,14 @@ def _controlled(pretrained, seed):
 
     from harness.comfy_runtime import pack_module
 
-    from .training import _toy_unet
+    from .training import toy_call, toy_control
 
-    cnx = pack_module("models.controlnext")
-    cross_normalize = pack_module("models.cross_norm").cross_normalize
-    block = pack_module("runtime.controlnext").INJECTIONS["sd15_training"].block
-    base, dm, alphas, ctx = _toy_unet(pretrained)
-    for p in dm.parameters():
-        p.requires_grad_(False)
-    unet = {n: p for n, p in dm.named_parameters() if ".to_out." in n}
-    for p in unet.values():
-        p.requires_grad_(True)
-    variant = cnx.get_variant("sd15_training")
-    torch.manual_seed(seed)
-    width = pack_module("runtime.model_family").unet_block_channels(base)[block]
-    module = cnx.ControlNeXt("sd15_training", out_channels=width)
+    injection = pack_module("runtime.controlnext")
+    dm, alphas, ctx, unet, module = toy_control(pretrained, seed)
 
     def call(x_t, t, hints):
-        feat = module(hints, t.float())
-        s = torch.ones(x_t.shape[0])
-
-        def inject(h, to):
-            return h + cross_normalize(h, feat, variant.eps, variant.order, s) if to.get("block") == block else h
-
-        return dm(x_t, t.float(), context=ctx.expand(x_t.shape[0], -1, -1),
-                  transformer_options={"patches": {"input_block_patch_after_skip": [inject]}})
+        term = injection.cross_norm_term("sd15_training", module(hints, t.float()), torch.ones(x_t.shape[0]))
+        return toy_call(dm, ctx, x_t, t, term)
 
     return call, module, unet, alphas
 

@@ -73,19 +73,56 @@ def _toy_unet(state=None):
     return base, dm, 1.0 / (sigmas ** 2 + 1.0), torch.zeros(1, 1, 32)
 
 
-def _pretrained_toy_unet():
-    """The tiny UNet trained unconditionally on the toy targets (the shared base of both runs)."""
+def pretrain_toy_unet(latents, steps):
+    """The tiny UNet trained unconditionally on ``latents`` for ``steps`` (a toy's shared base):
+    (its weights, the losses)."""
     import torch
 
     from harness.comfy_runtime import pack_module
 
     tr = pack_module("models.controlnext_training")
     _, dm, alphas, ctx = _toy_unet()
-    latents, _ = toy_data(TOY_TRAIN, seed=1)
-    trainer = tr.Trainer(torch.nn.Linear(1, 1), dict(dm.named_parameters()), TOY_TRAIN, batch_size=8, lr_unet=1e-3, seed=5)
-    for _ in range(TOY_PRETRAIN_STEPS):
+    for p in dm.parameters():
+        p.requires_grad_(True)  # ComfyUI builds the model frozen
+    trainer = tr.Trainer(torch.nn.Linear(1, 1), dict(dm.named_parameters()), latents.shape[0], batch_size=8, lr_unet=1e-3,
+                         seed=5)
+    for _ in range(steps):
         trainer.train_step(latents, alphas, lambda x_t, t, idx, empty: dm(x_t, t.float(), context=ctx.expand(x_t.shape[0], -1, -1)))
     return {k: v.detach().clone() for k, v in dm.state_dict().items()}, trainer.losses
+
+
+def _pretrained_toy_unet():
+    """The tiny UNet trained unconditionally on the toy targets (the shared base of both runs)."""
+    return pretrain_toy_unet(toy_data(TOY_TRAIN, seed=1)[0], TOY_PRETRAIN_STEPS)
+
+
+def toy_control(pretrained, seed, variant="sd15_training"):
+    """A toy's trainable parts on the pretrained base: (dm, a_t, context, the to_out parameters
+    (trainable, the rest frozen), a new ControlNeXt module initialised from ``seed``)."""
+    import torch
+
+    from harness.comfy_runtime import pack_module
+
+    cnx = pack_module("models.controlnext")
+    block = pack_module("runtime.controlnext").INJECTIONS[variant].block
+    base, dm, alphas, ctx = _toy_unet(pretrained)
+    for p in dm.parameters():
+        p.requires_grad_(False)
+    unet = {n: p for n, p in dm.named_parameters() if ".to_out." in n}
+    for p in unet.values():
+        p.requires_grad_(True)
+    torch.manual_seed(seed)
+    width = pack_module("runtime.model_family").unet_block_channels(base)[block]
+    return dm, alphas, ctx, unet, cnx.ControlNeXt(variant, out_channels=width)
+
+
+def toy_call(dm, ctx, x_t, t, term, variant="sd15_training"):
+    """The toy UNet's prediction with ``term(h)`` added at ``variant``'s injection point."""
+    from harness.comfy_runtime import pack_module
+
+    injection = pack_module("runtime.controlnext")
+    return dm(x_t, t.float(), context=ctx.expand(x_t.shape[0], -1, -1),
+              transformer_options=injection.injection_options(variant, lambda h: h + term(h)))
 
 
 def _toy_run(join, steps, pretrained, seed=0):
@@ -94,23 +131,12 @@ def _toy_run(join, steps, pretrained, seed=0):
 
     from harness.comfy_runtime import pack_module
 
-    cnx = pack_module("models.controlnext")
     tr = pack_module("models.controlnext_training")
     injection = pack_module("runtime.controlnext")
     variant = "sd15_training"
-    block = injection.INJECTIONS[variant].block
-
-    base, dm, alphas, ctx = _toy_unet(pretrained)
-    for p in dm.parameters():
-        p.requires_grad_(False)
-    unet = {n: p for n, p in dm.named_parameters() if ".to_out." in n}
-    for p in unet.values():
-        p.requires_grad_(True)
+    dm, alphas, ctx, unet, module = toy_control(pretrained, seed, variant)
     latents, hints = toy_data(TOY_TRAIN, seed=1)
     held_lat, held_hints = toy_data(TOY_HELD_OUT, seed=2)
-    torch.manual_seed(seed)
-    width = pack_module("runtime.model_family").unet_block_channels(base)[block]
-    module = cnx.ControlNeXt(variant, out_channels=width)
     if join == "zero_conv":
         with torch.no_grad():
             module.mid_convs[1].weight.zero_()
@@ -122,8 +148,7 @@ def _toy_run(join, steps, pretrained, seed=0):
             term = injection.cross_norm_term(variant, feat, torch.ones(x_t.shape[0]))
         else:
             term = lambda h: torch.nn.functional.adaptive_avg_pool2d(feat, h.shape[-2:])  # noqa: E731
-        return dm(x_t, t.float(), context=ctx.expand(x_t.shape[0], -1, -1),
-                  transformer_options=injection.injection_options(variant, lambda h: h + term(h)))
+        return toy_call(dm, ctx, x_t, t, term, variant)
 
     def forward(x_t, t, idx, empty):
         return run_unet(x_t, t, module(hints[idx], t.float()))
