@@ -3,6 +3,8 @@ control method has (condition image, step range, mask, resize mode, schedule, la
 uncond multiplier). Their checks: runtime/control_inputs.py."""
 from comfy_api.latest import io
 
+from ..runtime.control_inputs import check_step_range
+
 IMAGE_TIP = ("Condition image ({what}), RGB in [0, 1]; resized to the generated image size. A batch of 1 serves every "
              "latent; otherwise one per latent.")
 ControlNeXtType = io.Custom("XCTRL_CONTROLNEXT")
@@ -66,3 +68,25 @@ def control_inputs(what, strength_tip, method_inputs=()):
         *strength_inputs(),
         resize_mode_input(),
     ]
+
+
+def conditioning_inputs():
+    """The first inputs of an Apply ... to Conditioning node; its outputs: conditioning_outputs()."""
+    return [
+        io.Conditioning.Input("positive"),
+        io.Conditioning.Input("negative"),
+        io.Model.Input("model", tooltip="The MODEL these conditionings will be sampled with (read only)."),
+    ]
+
+
+def conditioning_outputs():
+    return [io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")]
+
+
+class ApplyNode(io.ComfyNode):
+    """An Apply node with step_range_inputs: a reversed or out-of-range step range is refused before
+    the graph runs (ComfyUI skips its own min/max check for inputs validate_inputs names)."""
+
+    @classmethod
+    def validate_inputs(cls, start_percent, end_percent):
+        return check_step_range(start_percent, end_percent)

@@ -8,23 +8,21 @@ from comfy_api.latest import io
 
 from ..runtime.control_inputs import HOLD, INTERPOLATIONS, add_keyframe, check_latent_strength_list, latent_strength_list
 from .apply_inputs import LatentStrengthsType, StepScheduleType
+from .schema import node_schema
 
 CATEGORY = "XCtrl/schedules"
 
 
 class StepKeyframeNode(io.ComfyNode):
+    """One keyframe of a strength schedule over the sampling steps, for Apply ControlNeXt / ControlNet-XS
+    (XCtrl). Chain them: each adds its keyframe to the previous ones. From start_percent on (the share of
+    sampling done) the control's strength is multiplied by strength; 'linear' moves it to the next keyframe's
+    strength by the next keyframe's start. Before the first keyframe the multiplier is 1."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_StepKeyframe",
-            display_name="Step Keyframe (XCtrl)",
-            category=CATEGORY,
-            description=(
-                "One keyframe of a strength schedule over the sampling steps, for Apply ControlNeXt / ControlNet-XS "
-                "(XCtrl). Chain them: each adds its keyframe to the previous ones. From start_percent on (the share of "
-                "sampling done) the control's strength is multiplied by strength; 'linear' moves it to the next "
-                "keyframe's strength by the next keyframe's start. Before the first keyframe the multiplier is 1."
-            ),
+        return node_schema(
+            cls, "XCtrl_StepKeyframe", "Step Keyframe (XCtrl)", CATEGORY,
             inputs=[
                 StepScheduleType.Input("previous", optional=True),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
@@ -44,17 +42,14 @@ class StepKeyframeNode(io.ComfyNode):
 
 
 class LatentStrengthsNode(io.ComfyNode):
+    """A strength per latent (video frame or batch item) for Apply ControlNeXt / ControlNet-XS (XCtrl): one value
+    for every latent, or exactly one per latent (checked before sampling). Under context windows each window
+    gets its frames' strengths."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_LatentStrengths",
-            display_name="Latent Strengths (XCtrl)",
-            category=CATEGORY,
-            description=(
-                "A strength per latent (video frame or batch item) for Apply ControlNeXt / ControlNet-XS (XCtrl): one "
-                "value for every latent, or exactly one per latent (checked before sampling). Under context windows "
-                "each window gets its frames' strengths."
-            ),
+        return node_schema(
+            cls, "XCtrl_LatentStrengths", "Latent Strengths (XCtrl)", CATEGORY,
             inputs=[io.String.Input("strengths", default="1.0", multiline=True,
                                     tooltip="Numbers separated by commas, e.g. 1.0, 0.8, 0.6")],
             outputs=[LatentStrengthsType.Output(display_name="latent_strengths")],

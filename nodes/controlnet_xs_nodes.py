@@ -8,26 +8,22 @@ stacks several controls.
 from comfy_api.latest import io
 
 from ..runtime import controlnet_xs_apply as apply
-from ..runtime.control_inputs import ControlInputs, check_step_range
+from ..runtime.control_inputs import ControlInputs
 from ..runtime.weight_files import file_list
-from ..runtime.node_search import search_aliases
-from .apply_inputs import ControlNetXSType, control_inputs
+from .apply_inputs import ApplyNode, conditioning_inputs, conditioning_outputs, ControlNetXSType, control_inputs
+from .schema import node_schema
 
 CATEGORY = "XCtrl/ControlNet-XS"
 
 class LoadControlNetXS(io.ComfyNode):
+    """Loads a ControlNet-XS control network (SD1.5, SD2.1, SDXL) from models/controlnet: the authors' .ckpt /
+    .safetensors (CVL-Heidelberg/ControlNet-XS) or a diffusers ControlNetXSAdapter file. The architecture is
+    read from the file."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_LoadControlNetXS",
-            **search_aliases("XCtrl_LoadControlNetXS"),
-            display_name="Load ControlNet-XS (XCtrl)",
-            category=CATEGORY,
-            description=(
-                "Loads a ControlNet-XS control network (SD1.5, SD2.1, SDXL) from models/controlnet: the authors' "
-                ".ckpt / .safetensors (CVL-Heidelberg/ControlNet-XS) or a diffusers ControlNetXSAdapter file. "
-                "The architecture is read from the file."
-            ),
+        return node_schema(
+            cls, "XCtrl_LoadControlNetXS", "Load ControlNet-XS (XCtrl)", CATEGORY,
             inputs=[
                 io.Combo.Input("control_file", options=file_list("controlnet"), tooltip="A ControlNet-XS file, e.g. sdxl_encD_canny_48m.safetensors or a diffusers diffusion_pytorch_model.safetensors (renamed)."),
             ],
@@ -51,21 +47,17 @@ def _weight_inputs():
     ]
 
 
-class ApplyControlNetXS(io.ComfyNode):
+class ApplyControlNetXS(ApplyNode):
+    """Applies ControlNet-XS to a MODEL: the control network runs in lock-step with the UNet encoder on every
+    sampler step in [start, end], for positive and negative alike. Connect the patched MODEL to any sampler;
+    chain several apply nodes to stack controls."""
+
     NODE = "Apply ControlNet-XS (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_ApplyControlNetXS",
-            **search_aliases("XCtrl_ApplyControlNetXS"),
-            display_name=cls.NODE,
-            category=CATEGORY,
-            description=(
-                "Applies ControlNet-XS to a MODEL: the control network runs in lock-step with the UNet encoder on every "
-                "sampler step in [start, end], for positive and negative alike. Connect the patched MODEL to any sampler; "
-                "chain several apply nodes to stack controls."
-            ),
+        return node_schema(
+            cls, "XCtrl_ApplyControlNetXS", cls.NODE, CATEGORY,
             inputs=[
                 io.Model.Input("model"),
                 ControlNetXSType.Input("controlnet_xs"),
@@ -73,10 +65,6 @@ class ApplyControlNetXS(io.ComfyNode):
             ],
             outputs=[io.Model.Output()],
         )
-
-    @classmethod
-    def validate_inputs(cls, start_percent, end_percent):
-        return check_step_range(start_percent, end_percent)
 
     @classmethod
     def execute(cls, model, controlnet_xs, image, strength, start_percent, end_percent, mask=None,
@@ -88,34 +76,24 @@ class ApplyControlNetXS(io.ComfyNode):
                                                   connection_weights=connection_weights))
 
 
-class ApplyControlNetXSConditioning(io.ComfyNode):
+class ApplyControlNetXSConditioning(ApplyNode):
+    """ControlNet-XS carried by conditioning, like ComfyUI's Apply ControlNet: only the prompts (and areas) that
+    pass through here get the control; others get none. The MODEL input only tells which base the control
+    network must fit and where it loads (it is not patched)."""
+
     NODE = "Apply ControlNet-XS to Conditioning (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_ApplyControlNetXSConditioning",
-            **search_aliases("XCtrl_ApplyControlNetXSConditioning"),
-            display_name=cls.NODE,
-            category=CATEGORY,
-            description=(
-                "ControlNet-XS carried by conditioning, like ComfyUI's Apply ControlNet: only the prompts (and areas) that "
-                "pass through here get the control; others get none. The MODEL input only tells which base the control "
-                "network must fit and where it loads (it is not patched)."
-            ),
+        return node_schema(
+            cls, "XCtrl_ApplyControlNetXSConditioning", cls.NODE, CATEGORY,
             inputs=[
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Model.Input("model", tooltip="The MODEL these conditionings will be sampled with (read only)."),
+                *conditioning_inputs(),
                 ControlNetXSType.Input("controlnet_xs"),
                 *control_inputs("canny edges, depth, ...", "As Apply ControlNet-XS's strength.", method_inputs=_weight_inputs()),
             ],
-            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+            outputs=conditioning_outputs(),
         )
-
-    @classmethod
-    def validate_inputs(cls, start_percent, end_percent):
-        return check_step_range(start_percent, end_percent)
 
     @classmethod
     def execute(cls, positive, negative, model, controlnet_xs, image, strength, start_percent, end_percent, mask=None,

@@ -4,29 +4,25 @@ authors' way."""
 from comfy_api.latest import io
 
 from ..runtime import controlnext_apply as apply
-from ..runtime.control_inputs import ControlInputs, check_step_range
+from ..runtime.control_inputs import ControlInputs
 from ..runtime.long_video import NODE as LONG_VIDEO_NODE
 from ..runtime.long_video import check_window_inputs, windowed_model
 from ..runtime.svd_conditioning import reference_conditioning
 from ..runtime.weight_files import NONE, file_list
-from ..runtime.node_search import search_aliases
-from .apply_inputs import ControlNeXtType, control_inputs
+from .apply_inputs import ApplyNode, conditioning_inputs, conditioning_outputs, ControlNeXtType, control_inputs
+from .schema import node_schema
 
 CATEGORY = "XCtrl/ControlNeXt"
 
 
 class LoadControlNeXt(io.ComfyNode):
+    """Loads a ControlNeXt control module (SD1.5, SDXL, SVD v1/v2; .safetensors or .bin) from models/controlnet,
+    optionally with its UNet weight file (the 'unet.safetensors' released next to it)."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_LoadControlNeXt",
-            **search_aliases("XCtrl_LoadControlNeXt"),
-            display_name="Load ControlNeXt (XCtrl)",
-            category=CATEGORY,
-            description=(
-                "Loads a ControlNeXt control module (SD1.5, SDXL, SVD v1/v2; .safetensors or .bin) from models/controlnet, "
-                "optionally with its UNet weight file (the 'unet.safetensors' released next to it)."
-            ),
+        return node_schema(
+            cls, "XCtrl_LoadControlNeXt", "Load ControlNeXt (XCtrl)", CATEGORY,
             inputs=[
                 io.Combo.Input("control_file", options=file_list("controlnet"), tooltip="The control module, e.g. controlnet.safetensors of a ControlNeXt release."),
                 io.Combo.Input("unet_weights", options=[NONE] + file_list(*apply.UNET_FOLDERS), tooltip="Optional fine-tuned UNet weights released with the module (SD1.5: replacement attention weights; SDXL: deltas). From models/controlnet or models/diffusion_models."),
@@ -39,20 +35,17 @@ class LoadControlNeXt(io.ComfyNode):
         return io.NodeOutput(apply.load(control_file, unet_weights))
 
 
-class ApplyControlNeXt(io.ComfyNode):
+class ApplyControlNeXt(ApplyNode):
+    """Applies ControlNeXt to a MODEL: the control feature is cross-normalized and added inside the denoiser at
+    the point the weights were trained for, on every sampler step in [start, end]. Connect the patched MODEL
+    to any sampler."""
+
     NODE = "Apply ControlNeXt (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_ApplyControlNeXt",
-            **search_aliases("XCtrl_ApplyControlNeXt"),
-            display_name=cls.NODE,
-            category=CATEGORY,
-            description=(
-                "Applies ControlNeXt to a MODEL: the control feature is cross-normalized and added inside the denoiser at the "
-                "point the weights were trained for, on every sampler step in [start, end]. Connect the patched MODEL to any sampler."
-            ),
+        return node_schema(
+            cls, "XCtrl_ApplyControlNeXt", cls.NODE, CATEGORY,
             inputs=[
                 io.Model.Input("model"),
                 ControlNeXtType.Input("controlnext"),
@@ -66,10 +59,6 @@ class ApplyControlNeXt(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_percent, end_percent):
-        return check_step_range(start_percent, end_percent)
-
-    @classmethod
     def execute(cls, model, controlnext, image, strength, start_percent, end_percent, mask=None, unet_strength=1.0,
                 sd15_layout="refuse", reference_pose_per_window=True, schedule=None, latent_strengths=None,
                 uncond_multiplier=1.0, resize_mode="crop"):
@@ -79,26 +68,20 @@ class ApplyControlNeXt(io.ComfyNode):
                                                   reference_pose_per_window=reference_pose_per_window))
 
 
-class ApplyControlNeXtConditioning(io.ComfyNode):
+class ApplyControlNeXtConditioning(ApplyNode):
+    """ControlNeXt carried by conditioning, like ComfyUI's Apply ControlNet: only the prompts (and areas) that
+    pass through here get the control; others get none. The MODEL input only tells which ControlNeXt variant
+    to run and where its module loads (it is not patched). UNet weight files loaded with the module act on a
+    whole MODEL: use Apply ControlNeXt for them."""
+
     NODE = "Apply ControlNeXt to Conditioning (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_ApplyControlNeXtConditioning",
-            **search_aliases("XCtrl_ApplyControlNeXtConditioning"),
-            display_name=cls.NODE,
-            category=CATEGORY,
-            description=(
-                "ControlNeXt carried by conditioning, like ComfyUI's Apply ControlNet: only the prompts (and areas) that "
-                "pass through here get the control; others get none. The MODEL input only tells which ControlNeXt variant "
-                "to run and where its module loads (it is not patched). UNet weight files loaded with the module act on a "
-                "whole MODEL: use Apply ControlNeXt for them."
-            ),
+        return node_schema(
+            cls, "XCtrl_ApplyControlNeXtConditioning", cls.NODE, CATEGORY,
             inputs=[
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
-                io.Model.Input("model", tooltip="The MODEL these conditionings will be sampled with (read only)."),
+                *conditioning_inputs(),
                 ControlNeXtType.Input("controlnext"),
                 *control_inputs("pose, edges, depth, ...", "As Apply ControlNeXt's strength.", method_inputs=[
                     io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse",
@@ -107,12 +90,8 @@ class ApplyControlNeXtConditioning(io.ComfyNode):
                                      tooltip="As Apply ControlNeXt's reference_pose_per_window."),
                 ]),
             ],
-            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")],
+            outputs=conditioning_outputs(),
         )
-
-    @classmethod
-    def validate_inputs(cls, start_percent, end_percent):
-        return check_step_range(start_percent, end_percent)
 
     @classmethod
     def execute(cls, positive, negative, model, controlnext, image, strength, start_percent, end_percent, mask=None,
@@ -126,20 +105,16 @@ class ApplyControlNeXtConditioning(io.ComfyNode):
 
 
 class ControlNeXtSVDLongVideo(io.ComfyNode):
+    """Makes an SVD MODEL denoise videos longer than one window the way the ControlNeXt-SVD v2 authors do: at
+    every sampler step the video runs in windows of frames_per_window frames overlapping by overlap frames
+    (the last window moved back to end at the last frame), each window from the same sigma, fused by a flat
+    average that leaves out position 0 of every window not starting at frame 0. With Apply ControlNeXt (SVD
+    v2) every window gets the reference pose (frame 0) at its first position. Any sampler and scheduler."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_ControlNeXtSVDLongVideo",
-            **search_aliases("XCtrl_ControlNeXtSVDLongVideo"),
-            display_name=LONG_VIDEO_NODE,
-            category=CATEGORY,
-            description=(
-                "Makes an SVD MODEL denoise videos longer than one window the way the ControlNeXt-SVD v2 authors do: at every "
-                "sampler step the video runs in windows of frames_per_window frames overlapping by overlap frames (the last "
-                "window moved back to end at the last frame), each window from the same sigma, fused by a flat average that "
-                "leaves out position 0 of every window not starting at frame 0. With Apply ControlNeXt (SVD v2) every window "
-                "gets the reference pose (frame 0) at its first position. Any sampler and scheduler."
-            ),
+        return node_schema(
+            cls, "XCtrl_ControlNeXtSVDLongVideo", LONG_VIDEO_NODE, CATEGORY,
             inputs=[
                 io.Model.Input("model", tooltip="An SVD model (e.g. the ControlNeXt-SVD v2 UNet), before or after Apply ControlNeXt."),
                 io.Int.Input("frames_per_window", default=24, min=1, max=4096, tooltip="Frames the UNet sees per call (the authors' script: 24). A video this short or shorter is one window."),
@@ -160,19 +135,17 @@ class ControlNeXtSVDLongVideo(io.ComfyNode):
 
 
 class SVDReferenceConditioning(io.ComfyNode):
+    """Stable Video Diffusion image-to-video conditioning as the ControlNeXt-SVD v2 (diffusers) pipeline makes
+    it: the reference image resized to cover width x height and center-cropped; CLIP vision sees the whole
+    image squashed to 224 x 224 with the pipeline's antialiased resize (ComfyUI's SVD_img2vid_Conditioning
+    crops it to a centered square, losing head and feet of a portrait); the noise augmentation is added in
+    [-1, 1] pixel space (ComfyUI's node adds twice as much) from a seed. Same outputs as
+    SVD_img2vid_Conditioning."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_SVDReferenceConditioning",
-            display_name="SVD Conditioning, reference pipeline (XCtrl)",
-            category=CATEGORY,
-            description=(
-                "Stable Video Diffusion image-to-video conditioning as the ControlNeXt-SVD v2 (diffusers) pipeline makes it: "
-                "the reference image resized to cover width x height and center-cropped; CLIP vision sees the whole image "
-                "squashed to 224 x 224 with the pipeline's antialiased resize (ComfyUI's SVD_img2vid_Conditioning crops it "
-                "to a centered square, losing head and feet of a portrait); the noise augmentation is added in [-1, 1] "
-                "pixel space (ComfyUI's node adds twice as much) from a seed. Same outputs as SVD_img2vid_Conditioning."
-            ),
+        return node_schema(
+            cls, "XCtrl_SVDReferenceConditioning", "SVD Conditioning, reference pipeline (XCtrl)", CATEGORY,
             inputs=[
                 io.ClipVision.Input("clip_vision"),
                 io.Image.Input("init_image"),

@@ -4,7 +4,7 @@ from comfy_api.latest import io
 
 from ..runtime import mi_apply
 from ..runtime.mi_apply import DEFAULT_CAP, GRANULARITIES, MODES
-from ..runtime.node_search import search_aliases
+from .schema import node_schema
 
 CATEGORY = "XCtrl/MIControlNet"
 
@@ -16,37 +16,40 @@ MODE_TOOLTIP = (
     "bit (the node passes everything through unchanged). The paper does not settle which of paper/min_norm its "
     "authors ran."
 )
-DESCRIPTION = (
-    "MIControlNet (Minimal Impact ControlNet): balances stacked ControlNets. Put it after your Apply ControlNet "
-    "nodes (a ControlNet applied after it is added plainly) and connect its MODEL, positive and negative to the "
-    "sampler. Each ControlNet keeps its own strength and "
-    "start/end (one outside its range drops out); their residuals are combined per layer in the order they were "
-    "applied (add_com), and injected into the denoiser with a balanced weight (add_inj) instead of ComfyUI's plain "
-    "addition. Works with SD1.5/SD2.x/SDXL, SD3/SD3.5 and Flux ControlNets (Union ones too: each Apply ControlNet with its own type is one control), and with other model patches "
-    "such as FreeU (which then sees the features with the control injected, as usual). The mean weight per layer "
-    "of the last step is logged after sampling (see also 'MI Lambda Stats')."
-)
+
+
+def balance_inputs(granularity_tip, cap_note=""):
+    """mode, granularity, cap: how the MI nodes balance (the granularity's units differ per family)."""
+    return [
+        io.Combo.Input("mode", options=list(MODES), default="paper", tooltip=MODE_TOOLTIP),
+        io.Combo.Input("granularity", options=list(GRANULARITIES), default="layer", tooltip=(
+            granularity_tip + ", so silent and active regions of a control are balanced separately.")),
+        io.Float.Input("cap", default=DEFAULT_CAP, min=0.0, max=1000.0, step=0.5,
+                       tooltip="Largest injection weight lambda (the paper uses 20)." + cap_note),
+    ]
 
 
 class MIBalancedControl(io.ComfyNode):
+    """MIControlNet (Minimal Impact ControlNet): balances stacked ControlNets. Put it after your Apply ControlNet
+    nodes (a ControlNet applied after it is added plainly) and connect its MODEL, positive and negative to the
+    sampler. Each ControlNet keeps its own strength and start/end (one outside its range drops out); their
+    residuals are combined per layer in the order they were applied (add_com), and injected into the denoiser
+    with a balanced weight (add_inj) instead of ComfyUI's plain addition. Works with SD1.5/SD2.x/SDXL,
+    SD3/SD3.5 and Flux ControlNets (Union ones too: each Apply ControlNet with its own type is one control),
+    and with other model patches such as FreeU (which then sees the features with the control injected, as
+    usual). The mean weight per layer of the last step is logged after sampling (see also 'MI Lambda Stats')."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_MIBalancedControl",
-            **search_aliases("XCtrl_MIBalancedControl"),
-            display_name="MI Balanced Control (XCtrl)",
-            category=CATEGORY,
-            description=DESCRIPTION,
+        return node_schema(
+            cls, "XCtrl_MIBalancedControl", "MI Balanced Control (XCtrl)", CATEGORY,
             inputs=[
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive", tooltip="Conditioning with ControlNets applied (Apply ControlNet)."),
                 io.Conditioning.Input("negative"),
-                io.Combo.Input("mode", options=list(MODES), default="paper", tooltip=MODE_TOOLTIP),
-                io.Combo.Input("granularity", options=list(GRANULARITIES), default="layer", tooltip=(
-                    "layer: one weight per layer and image (the paper). pixel: one weight per spatial position "
-                    "(token on SD3), so silent and active regions of a control are balanced separately.")),
-                io.Float.Input("cap", default=DEFAULT_CAP, min=0.0, max=1000.0, step=0.5, tooltip=(
-                    "Largest injection weight lambda (the paper uses 20). 1 = a control is never added more strongly than by plain addition.")),
+                *balance_inputs("layer: one weight per layer and image (the paper). pixel: one weight per spatial "
+                                "position (token on SD3)", " 1 = a control is never added more strongly than by plain "
+                                "addition."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive"),
                      io.Conditioning.Output(display_name="negative")],
@@ -59,29 +62,23 @@ class MIBalancedControl(io.ComfyNode):
 
 
 class MIBalancedModelPatches(io.ComfyNode):
+    """MIControlNet for the controls ComfyUI applies as model patches: Z-Image Fun ControlNet (Union) and
+    Qwen-Image DiffSynth ControlNets (Apply Z-Image Fun ControlNet / Apply Qwen Image DiffSynth ControlNet, or
+    XCtrl's versions of them). Put it after two or more of those on one MODEL: at each point where they
+    inject, their residuals (each times its own strength) are combined (add_com) and injected with a balanced
+    weight (add_inj) instead of being added one after the other. Cond and uncond rows get their own weights.
+    sum: core's plain addition, bit for bit."""
+
     TITLE = "MI Balanced Model Patches (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_MIBalancedModelPatches",
-            display_name=cls.TITLE,
-            category=CATEGORY,
-            description=(
-                "MIControlNet for the controls ComfyUI applies as model patches: Z-Image Fun ControlNet (Union) and "
-                "Qwen-Image DiffSynth ControlNets (Apply Z-Image Fun ControlNet / Apply Qwen Image DiffSynth "
-                "ControlNet, or XCtrl's versions of them). Put it after two or more of those on one MODEL: at each "
-                "point where they inject, their residuals (each times its own strength) are combined (add_com) and "
-                "injected with a balanced weight (add_inj) instead of being added one after the other. Cond and "
-                "uncond rows get their own weights. sum: core's plain addition, bit for bit."),
+        return node_schema(
+            cls, "XCtrl_MIBalancedModelPatches", cls.TITLE, CATEGORY,
             inputs=[
                 io.Model.Input("model", tooltip="A Z-Image or Qwen-Image MODEL with two or more control patches applied."),
-                io.Combo.Input("mode", options=list(MODES), default="paper", tooltip=MODE_TOOLTIP),
-                io.Combo.Input("granularity", options=list(GRANULARITIES), default="layer", tooltip=(
-                    "layer: one weight per injection point and image (the paper). pixel: one weight per image token, "
-                    "so silent and active regions of a control are balanced separately.")),
-                io.Float.Input("cap", default=DEFAULT_CAP, min=0.0, max=1000.0, step=0.5, tooltip=(
-                    "Largest injection weight lambda (the paper uses 20).")),
+                *balance_inputs("layer: one weight per injection point and image (the paper). pixel: one weight per "
+                                "image token"),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
@@ -92,18 +89,14 @@ class MIBalancedModelPatches(io.ComfyNode):
 
 
 class MILambdaStats(io.ComfyNode):
+    """Shows what MI Balanced Control did in the last sampling step: the mean injection weight lambda per layer
+    (cond / uncond rows; 1 = plain addition, < 1 damped, > 1 amplified). Connect the positive conditioning
+    that went to the sampler and the sampler's LATENT output (so it runs after sampling)."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_MILambdaStats",
-            **search_aliases("XCtrl_MILambdaStats"),
-            display_name="MI Lambda Stats (XCtrl)",
-            category=CATEGORY,
-            description=(
-                "Shows what MI Balanced Control did in the last sampling step: the mean injection weight lambda per layer "
-                "(cond / uncond rows; 1 = plain addition, < 1 damped, > 1 amplified). Connect the positive conditioning that "
-                "went to the sampler and the sampler's LATENT output (so it runs after sampling)."
-            ),
+        return node_schema(
+            cls, "XCtrl_MILambdaStats", "MI Lambda Stats (XCtrl)", CATEGORY,
             inputs=[io.Conditioning.Input("positive"), io.Latent.Input("samples"),
                     io.Model.Input("model", optional=True, tooltip=(
                         "The MODEL from MI Balanced Model Patches (Z-Image / Qwen-Image controls), to show its weights too."))],

@@ -3,24 +3,23 @@ Cycle Consistency (docs/mi_training.md; the work is in runtime/mi_training_data.
 from comfy_api.latest import io
 
 from ..runtime import mi_training_data as md
+from .schema import node_schema
 
 CATEGORY = "XCtrl/MIControlNet"
 
 
 class SilentSignalBalance(io.ComfyNode):
+    """MIControlNet's balanced training data: per (image, condition) pair a random subset of the image's segments
+    keeps its condition and the rest of the condition is made silent (empty), while the image keeps its detail
+    there, so a control trained on it learns that an empty condition does not mean a flat image. Segments come
+    from the masks (one label map per image, or k masks per image) or, without masks, from colour clusters of
+    the image or a grid. Seeded. Put it in front of Train ControlNeXt: images -> VAE Encode -> latents,
+    conditions -> images."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_SilentSignalBalance",
-            display_name=md.BALANCE_NODE,
-            category=CATEGORY,
-            description=(
-                "MIControlNet's balanced training data: per (image, condition) pair a random subset of the image's "
-                "segments keeps its condition and the rest of the condition is made silent (empty), while the image "
-                "keeps its detail there, so a control trained on it learns that an empty condition does not mean a "
-                "flat image. Segments come from the masks (one label map per image, or k masks per image) or, without "
-                "masks, from colour clusters of the image or a grid. Seeded. Put it in front of Train ControlNeXt: "
-                "images -> VAE Encode -> latents, conditions -> images."),
+        return node_schema(
+            cls, "XCtrl_SilentSignalBalance", md.BALANCE_NODE, CATEGORY,
             inputs=[
                 io.Image.Input("images", tooltip="The training (target) images; passed through unchanged."),
                 io.Image.Input("conditions", tooltip="Their condition images (canny, HED, pose...), same order and size."),
@@ -54,26 +53,31 @@ class SilentSignalBalance(io.ComfyNode):
         return io.NodeOutput(*out)
 
 
-THRESHOLD_TOOLTIP = "A condition pixel is active when its brightest channel exceeds this (0-1)."
-RADIUS_TOOLTIP = "Pixels within this distance of an active condition pixel are not silent."
+
+
+def silent_region_inputs(radius):
+    """The generated images, their condition, and how the condition's silent region is read."""
+    return [
+        io.Image.Input("image", tooltip="The generated images."),
+        io.Image.Input("condition", tooltip="The condition they were generated with (one, or one per image)."),
+        io.Float.Input("threshold", default=0.04, min=0.0, max=1.0, step=0.01,
+                       tooltip="A condition pixel is active when its brightest channel exceeds this (0-1)."),
+        io.Int.Input("radius", default=radius, min=0, max=256,
+                     tooltip="Pixels within this distance of an active condition pixel are not silent."),
+    ]
 
 
 class SilentTotalVariation(io.ComfyNode):
+    """MIControlNet's measurement 'total variance under silent control signals': the total variation of the
+    generated image inside the condition's silent region (where the condition is empty), per neighbouring
+    pixel pair and channel (0-1 scale). Higher = more detail generated where the condition says nothing."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_SilentTotalVariation",
-            display_name=md.TV_NODE,
-            category=CATEGORY,
-            description=(
-                "MIControlNet's measurement 'total variance under silent control signals': the total variation of the "
-                "generated image inside the condition's silent region (where the condition is empty), per neighbouring "
-                "pixel pair and channel (0-1 scale). Higher = more detail generated where the condition says nothing."),
+        return node_schema(
+            cls, "XCtrl_SilentTotalVariation", md.TV_NODE, CATEGORY,
             inputs=[
-                io.Image.Input("image", tooltip="The generated images."),
-                io.Image.Input("condition", tooltip="The condition they were generated with (one, or one per image)."),
-                io.Float.Input("threshold", default=0.04, min=0.0, max=1.0, step=0.01, tooltip=THRESHOLD_TOOLTIP),
-                io.Int.Input("radius", default=2, min=0, max=256, tooltip=RADIUS_TOOLTIP),
+                *silent_region_inputs(radius=2),
                 io.Mask.Input("silent_mask", optional=True, tooltip="The silent region itself (1 = silent), instead of "
                               "the one read from the condition (e.g. Silent Signal Balance's kept, inverted)."),
             ],
@@ -90,22 +94,17 @@ class SilentTotalVariation(io.ComfyNode):
 
 
 class CycleConsistency(io.ComfyNode):
+    """MIControlNet's cycle consistency: the mean L1 distance (0-1 scale, per pixel and channel) between the
+    condition and the condition extracted from the generated image, outside the condition's silent region.
+    Lower = the control was followed more closely. Extracts canny itself (lllyasviel's annotator, the
+    thresholds below) unless an extracted condition from another preprocessor is connected."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_CycleConsistency",
-            display_name=md.CYCLE_NODE,
-            category=CATEGORY,
-            description=(
-                "MIControlNet's cycle consistency: the mean L1 distance (0-1 scale, per pixel and channel) between the "
-                "condition and the condition extracted from the generated image, outside the condition's silent "
-                "region. Lower = the control was followed more closely. Extracts canny itself (lllyasviel's annotator, "
-                "the thresholds below) unless an extracted condition from another preprocessor is connected."),
+        return node_schema(
+            cls, "XCtrl_CycleConsistency", md.CYCLE_NODE, CATEGORY,
             inputs=[
-                io.Image.Input("image", tooltip="The generated images."),
-                io.Image.Input("condition", tooltip="The condition they were generated with (one, or one per image)."),
-                io.Float.Input("threshold", default=0.04, min=0.0, max=1.0, step=0.01, tooltip=THRESHOLD_TOOLTIP),
-                io.Int.Input("radius", default=0, min=0, max=256, tooltip=RADIUS_TOOLTIP),
+                *silent_region_inputs(radius=0),
                 io.Int.Input("low_threshold", default=100, min=0, max=255, tooltip="Canny's low threshold."),
                 io.Int.Input("high_threshold", default=200, min=0, max=255, tooltip="Canny's high threshold."),
                 io.Image.Input("extracted", optional=True, tooltip="The condition extracted from the generated images by "

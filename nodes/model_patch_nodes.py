@@ -5,8 +5,8 @@ from comfy_api.latest import io
 
 from ..runtime import model_patch_apply as mpa
 from ..runtime import model_patch_control as mpc
-from ..runtime.control_inputs import check_step_range
-from .apply_inputs import step_range_inputs, strength_inputs
+from .apply_inputs import ApplyNode, step_range_inputs, strength_inputs
+from .schema import node_schema
 
 CATEGORY = "XCtrl/model patches"
 ModelPatchType = getattr(io, "ModelPatch", None) or io.Custom("MODEL_PATCH")
@@ -23,19 +23,17 @@ def our_inputs():
     ]
 
 
-class ApplyZImageFunControlNet(io.ComfyNode):
+class ApplyZImageFunControlNet(ApplyNode):
+    """ComfyUI's Apply Z-Image Fun ControlNet (same inputs, same result by default) with a step range, step
+    keyframe schedules, per-latent strengths, an uncond multiplier and a mask on the control's residual.
+    Several of them can be balanced with MI Balanced Model Patches."""
+
     TITLE = "Apply Z-Image Fun ControlNet (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_ApplyZImageFunControlNet",
-            display_name=cls.TITLE,
-            category=CATEGORY,
-            description=(
-                "ComfyUI's Apply Z-Image Fun ControlNet (same inputs, same result by default) with a step range, "
-                "step keyframe schedules, per-latent strengths, an uncond multiplier and a mask on the control's "
-                "residual. Several of them can be balanced with MI Balanced Model Patches."),
+        return node_schema(
+            cls, "XCtrl_ApplyZImageFunControlNet", cls.TITLE, CATEGORY,
             inputs=[
                 io.Model.Input("model"), ModelPatchType.Input("model_patch"), io.Vae.Input("vae"),
                 io.Float.Input("strength", **STRENGTH),
@@ -47,10 +45,6 @@ class ApplyZImageFunControlNet(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, start_percent, end_percent):
-        return check_step_range(start_percent, end_percent)
-
-    @classmethod
     def execute(cls, model, model_patch, vae, strength, image=None, inpaint_image=None, mask=None, start_percent=0.0,
                 end_percent=1.0, control_mask=None, schedule=None, latent_strengths=None, uncond_multiplier=1.0):
         core = dict(vae=vae, image=image, strength=strength, inpaint_image=inpaint_image, mask=mask)
@@ -58,19 +52,17 @@ class ApplyZImageFunControlNet(io.ComfyNode):
                                             control_mask, schedule, latent_strengths, uncond_multiplier))
 
 
-class ApplyQwenImageDiffsynthControlNet(io.ComfyNode):
+class ApplyQwenImageDiffsynthControlNet(ApplyNode):
+    """ComfyUI's Apply Qwen Image DiffSynth ControlNet (same inputs, same result by default) with a step range,
+    step keyframe schedules, per-latent strengths, an uncond multiplier and a mask on the control's residual.
+    Several of them can be balanced with MI Balanced Model Patches."""
+
     TITLE = "Apply Qwen Image DiffSynth ControlNet (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_ApplyQwenImageDiffsynthControlNet",
-            display_name=cls.TITLE,
-            category=CATEGORY,
-            description=(
-                "ComfyUI's Apply Qwen Image DiffSynth ControlNet (same inputs, same result by default) with a step "
-                "range, step keyframe schedules, per-latent strengths, an uncond multiplier and a mask on the "
-                "control's residual. Several of them can be balanced with MI Balanced Model Patches."),
+        return node_schema(
+            cls, "XCtrl_ApplyQwenImageDiffsynthControlNet", cls.TITLE, CATEGORY,
             inputs=[
                 io.Model.Input("model"), ModelPatchType.Input("model_patch"), io.Vae.Input("vae"), io.Image.Input("image"),
                 io.Float.Input("strength", **STRENGTH),
@@ -79,10 +71,6 @@ class ApplyQwenImageDiffsynthControlNet(io.ComfyNode):
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
-
-    @classmethod
-    def validate_inputs(cls, start_percent, end_percent):
-        return check_step_range(start_percent, end_percent)
 
     @classmethod
     def execute(cls, model, model_patch, vae, image, strength, mask=None, start_percent=0.0, end_percent=1.0,

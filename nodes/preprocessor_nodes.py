@@ -17,6 +17,7 @@ from comfy_api.latest import io
 from ..runtime import preprocessing as run
 from ..runtime.annotator_models import check_files
 from ..runtime.preprocessing import DEPTH_RENDERS, DWPOSE_BACKENDS, HED_MODES, OUTPUT_SIZE_CHOICES, POSE_STYLES
+from .schema import node_schema
 
 CATEGORY = "XCtrl/Preprocessors"
 POSE_KEYPOINT = "POSE_KEYPOINT"  # list of OpenPose JSON dicts, one per frame (as comfyui_controlnet_aux)
@@ -32,39 +33,37 @@ STRIDE_TIP = (
 )
 
 
-def _output_size_input():
-    return io.Combo.Input("output_size", options=list(OUTPUT_SIZE_CHOICES), default="input", tooltip=OUTPUT_SIZE_TIP)
-
-
-def _resolution_input(default, tip, step=8):
-    return io.Int.Input("resolution", default=default, min=0, max=16384, step=step, tooltip=tip)
+def image_inputs(options, resolution, resolution_tip, step=8):
+    """An image node's inputs: the image, its own options, the working resolution and the output size."""
+    return [
+        io.Image.Input("image"),
+        *options,
+        io.Int.Input("resolution", default=resolution, min=0, max=16384, step=step, tooltip=resolution_tip),
+        io.Combo.Input("output_size", options=list(OUTPUT_SIZE_CHOICES), default="input", tooltip=OUTPUT_SIZE_TIP),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 class Canny(io.ComfyNode):
+    """Canny edges (white on black, RGB) as the control models were trained with. fixed: cv2.Canny(RGB, low,
+    high) as lllyasviel's annotator. median: the thresholds ControlNeXt-SDXL's canny models were trained with,
+    low = (1 - sigma) * median, high = (1 + sigma) * median of the grey image, Canny on the grey image."""
+
     NAME = "Canny Edges (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_Canny",
-            display_name=cls.NAME,
-            category=CATEGORY,
-            description=(
-                "Canny edges (white on black, RGB) as the control models were trained with. fixed: cv2.Canny(RGB, low, high) "
-                "as lllyasviel's annotator. median: the thresholds ControlNeXt-SDXL's canny models were trained with, "
-                "low = (1 - sigma) * median, high = (1 + sigma) * median of the grey image, Canny on the grey image."
-            ),
+        return node_schema(
+            cls, "XCtrl_Canny", cls.NAME, CATEGORY,
             inputs=[
-                io.Image.Input("image"),
-                io.Combo.Input("mode", options=["fixed", "median"], default="fixed", tooltip="fixed: low/high thresholds. median: ControlNeXt SDXL's automatic thresholds from the grey median and sigma."),
-                io.Int.Input("low_threshold", default=100, min=0, max=1000, tooltip="fixed mode: lower hysteresis threshold."),
-                io.Int.Input("high_threshold", default=200, min=0, max=1000, tooltip="fixed mode: upper hysteresis threshold."),
-                io.Float.Input("sigma", default=0.33, min=0.0, max=1.0, step=0.01, tooltip="median mode: thresholds (1 -/+ sigma) x median. ControlNeXt SDXL used 0.33."),
-                _resolution_input(512, "Used only with output_size = resolution: the edges are computed on the image scaled so its shorter side is this many pixels, and that is the output size. With output_size = input, edges are computed at the input size (identical to cv2.Canny)."),
-                _output_size_input(),
+                *image_inputs([
+                    io.Combo.Input("mode", options=["fixed", "median"], default="fixed", tooltip="fixed: low/high thresholds. median: ControlNeXt SDXL's automatic thresholds from the grey median and sigma."),
+                    io.Int.Input("low_threshold", default=100, min=0, max=1000, tooltip="fixed mode: lower hysteresis threshold."),
+                    io.Int.Input("high_threshold", default=200, min=0, max=1000, tooltip="fixed mode: upper hysteresis threshold."),
+                    io.Float.Input("sigma", default=0.33, min=0.0, max=1.0, step=0.01, tooltip="median mode: thresholds (1 -/+ sigma) x median. ControlNeXt SDXL used 0.33."),
+                ], 512, "Used only with output_size = resolution: the edges are computed on the image scaled so its shorter side is this many pixels, and that is the output size. With output_size = input, edges are computed at the input size (identical to cv2.Canny)."),
             ],
             outputs=[io.Image.Output()],
         )
@@ -76,24 +75,20 @@ class Canny(io.ComfyNode):
 
 
 class HED(io.ComfyNode):
+    """HED soft edges with lllyasviel's Apache-2.0 network (ControlNetHED.pth, 29 MB, downloaded to
+    models/annotators on first use). soft: the edge probability; safe: three levels (0, 127, 255); scribble:
+    thinned, blurred and thresholded to binary strokes (ControlNet scribble/sketch style)."""
+
     NAME = "HED Soft Edges / Scribble (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_HED",
-            display_name=cls.NAME,
-            category=CATEGORY,
-            description=(
-                "HED soft edges with lllyasviel's Apache-2.0 network (ControlNetHED.pth, 29 MB, downloaded to models/annotators "
-                "on first use). soft: the edge probability; safe: three levels (0, 127, 255); scribble: thinned, blurred and "
-                "thresholded to binary strokes (ControlNet scribble/sketch style)."
-            ),
+        return node_schema(
+            cls, "XCtrl_HED", cls.NAME, CATEGORY,
             inputs=[
-                io.Image.Input("image"),
-                io.Combo.Input("mode", options=list(HED_MODES), default="soft"),
-                _resolution_input(512, "The network runs on the image scaled so its shorter side is this many pixels (padded to a multiple of 64, padding cropped); edge thickness follows this scale. 0 = input size."),
-                _output_size_input(),
+                *image_inputs([
+                    io.Combo.Input("mode", options=list(HED_MODES), default="soft"),
+                ], 512, "The network runs on the image scaled so its shorter side is this many pixels (padded to a multiple of 64, padding cropped); edge thickness follows this scale. 0 = input size."),
             ],
             outputs=[io.Image.Output()],
         )
@@ -108,24 +103,21 @@ class HED(io.ComfyNode):
 
 
 class DepthAnythingV2(io.ComfyNode):
+    """Relative depth with Depth Anything V2 Small (depth_anything_v2_vits.pth, Apache-2.0, 99 MB, downloaded to
+    models/annotators on first use). grey: white = near (ControlNet depth models). viridis: the colormap the
+    ControlNeXt depth models were trained on (near = dark purple, far = yellow); viridis_near_bright:
+    reversed."""
+
     NAME = "Depth Anything V2 Small (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_DepthAnythingV2",
-            display_name=cls.NAME,
-            category=CATEGORY,
-            description=(
-                "Relative depth with Depth Anything V2 Small (depth_anything_v2_vits.pth, Apache-2.0, 99 MB, downloaded to "
-                "models/annotators on first use). grey: white = near (ControlNet depth models). viridis: the colormap the "
-                "ControlNeXt depth models were trained on (near = dark purple, far = yellow); viridis_near_bright: reversed."
-            ),
+        return node_schema(
+            cls, "XCtrl_DepthAnythingV2", cls.NAME, CATEGORY,
             inputs=[
-                io.Image.Input("image"),
-                io.Combo.Input("render", options=list(DEPTH_RENDERS), default="grey", tooltip="grey for ControlNet depth models; viridis for ControlNeXt depth models."),
-                _resolution_input(518, "Network input: the image is scaled (bicubic) so its shorter side is this many pixels, rounded to a multiple of 14 (518 = the size the model was trained at; larger = finer detail, slower). The depth map is then resized bilinearly to the output size.", step=14),
-                _output_size_input(),
+                *image_inputs([
+                    io.Combo.Input("render", options=list(DEPTH_RENDERS), default="grey", tooltip="grey for ControlNet depth models; viridis for ControlNeXt depth models."),
+                ], 518, "Network input: the image is scaled (bicubic) so its shorter side is this many pixels, rounded to a multiple of 14 (518 = the size the model was trained at; larger = finer detail, slower). The depth map is then resized bilinearly to the output size.", step=14),
             ],
             outputs=[io.Image.Output()],
         )
@@ -140,23 +132,18 @@ class DepthAnythingV2(io.ComfyNode):
 
 
 class OpenPose(io.ComfyNode):
+    """OpenPose body keypoints (18 points; CMU model body_pose_model.pth, 209 MB, NON-COMMERCIAL licence,
+    downloaded to models/annotators on first use). Outputs the skeleton drawn as lllyasviel's annotator draws
+    it and the keypoints as OpenPose JSON (one dict per frame; canvas = output size)."""
+
     NAME = "OpenPose Body (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_OpenPose",
-            display_name=cls.NAME,
-            category=CATEGORY,
-            description=(
-                "OpenPose body keypoints (18 points; CMU model body_pose_model.pth, 209 MB, NON-COMMERCIAL licence, downloaded "
-                "to models/annotators on first use). Outputs the skeleton drawn as lllyasviel's annotator draws it and the "
-                "keypoints as OpenPose JSON (one dict per frame; canvas = output size)."
-            ),
+        return node_schema(
+            cls, "XCtrl_OpenPose", cls.NAME, CATEGORY,
             inputs=[
-                io.Image.Input("image"),
-                _resolution_input(512, "Detection runs on the image scaled so its shorter side is this many pixels. The skeleton is drawn at the output size from the detected (normalised) keypoints."),
-                _output_size_input(),
+                *image_inputs([], 512, "Detection runs on the image scaled so its shorter side is this many pixels. The skeleton is drawn at the output size from the detected (normalised) keypoints."),
                 io.Int.Input("frame_stride", optional=True, default=1, min=1, max=1024, tooltip=STRIDE_TIP),
             ],
             outputs=[io.Image.Output(display_name="image"), PoseKeypoint.Output(display_name="pose_keypoint")],
@@ -172,24 +159,20 @@ class OpenPose(io.ComfyNode):
 
 
 class DWPose(io.ComfyNode):
+    """DWPose whole-body keypoints (body, hands, face; Apache-2.0; yolox_l.onnx 217 MB + dw-ll_ucoco_384.onnx 134
+    MB, downloaded to models/annotators on first use). Runs with onnxruntime when installed (CUDA provider on
+    a CUDA device when available), else OpenCV's DNN module. Outputs the OpenPose-style drawing and the
+    keypoints as OpenPose JSON (one dict per frame; canvas = output size); XCtrl Render Pose draws them in
+    other styles."""
+
     NAME = "DWPose Whole Body (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_DWPose",
-            display_name=cls.NAME,
-            category=CATEGORY,
-            description=(
-                "DWPose whole-body keypoints (body, hands, face; Apache-2.0; yolox_l.onnx 217 MB + dw-ll_ucoco_384.onnx 134 MB, "
-                "downloaded to models/annotators on first use). Runs with onnxruntime when installed (CUDA provider on a CUDA "
-                "device when available), else OpenCV's DNN module. Outputs the OpenPose-style drawing and the keypoints as "
-                "OpenPose JSON (one dict per frame; canvas = output size); XCtrl Render Pose draws them in other styles."
-            ),
+        return node_schema(
+            cls, "XCtrl_DWPose", cls.NAME, CATEGORY,
             inputs=[
-                io.Image.Input("image"),
-                _resolution_input(512, "Detection runs on the image scaled so its shorter side is this many pixels (the person detector then letterboxes it to 640x640). The skeleton is drawn at the output size from the normalised keypoints."),
-                _output_size_input(),
+                *image_inputs([], 512, "Detection runs on the image scaled so its shorter side is this many pixels (the person detector then letterboxes it to 640x640). The skeleton is drawn at the output size from the normalised keypoints."),
                 io.Boolean.Input("draw_hands", default=True),
                 io.Boolean.Input("draw_face", default=True),
                 io.Combo.Input("backend", optional=True, options=list(DWPOSE_BACKENDS), default="auto", tooltip="auto: onnxruntime if installed, else OpenCV DNN."),
@@ -209,20 +192,17 @@ class DWPose(io.ComfyNode):
 
 
 class RenderPose(io.ComfyNode):
+    """Draws pose keypoints (OpenPose JSON from XCtrl OpenPose / DWPose or other packs) as a control image.
+    openpose: lllyasviel's annotator style (ControlNet, ControlNeXt SD1.5 pose). controlnext_svd_v2: the style
+    ControlNeXt-SVD-v2 was trained on (one person per frame, confidence-scaled colours, BGR order). With a
+    reference_pose, the sequence is first aligned to it (one linear fit over the sequence, as
+    ControlNeXt-SVD-v2); prepend_reference then puts the reference pose itself first, as the ControlNeXt-SVD
+    v2 condition sequence."""
 
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_RenderPose",
-            display_name="Render Pose (XCtrl)",
-            category=CATEGORY,
-            description=(
-                "Draws pose keypoints (OpenPose JSON from XCtrl OpenPose / DWPose or other packs) as a control image. "
-                "openpose: lllyasviel's annotator style (ControlNet, ControlNeXt SD1.5 pose). controlnext_svd_v2: the style "
-                "ControlNeXt-SVD-v2 was trained on (one person per frame, confidence-scaled colours, BGR order). With a "
-                "reference_pose, the sequence is first aligned to it (one linear fit over the sequence, as ControlNeXt-SVD-v2); "
-                "prepend_reference then puts the reference pose itself first, as the ControlNeXt-SVD v2 condition sequence."
-            ),
+        return node_schema(
+            cls, "XCtrl_RenderPose", "Render Pose (XCtrl)", CATEGORY,
             inputs=[
                 PoseKeypoint.Input("pose_keypoint"),
                 io.Combo.Input("style", options=list(POSE_STYLES), default="openpose"),

@@ -4,25 +4,23 @@ from comfy_api.latest import io
 
 from ..runtime import asymmetry, training
 from .apply_inputs import ControlNeXtType
+from .schema import node_schema
 
 CATEGORY = "XCtrl/ControlNeXt"
 
 
 class TrainControlNeXt(io.ComfyNode):
+    """Trains a ControlNeXt for a new condition with the authors' recipe: the whole control module (lr 1e-4) and
+    the UNet weights matching the pattern (lr 1e-5), epsilon-prediction loss at uniform timesteps, a share of
+    empty prompts. SD1.5 (the SD1.5-Training placement) and SDXL. Saves controlnet.safetensors and the UNet
+    differences (unet_weight_increasements.safetensors) into models/controlnet/<name>/, plus a checkpoint to
+    resume from; the output control works directly with Apply ControlNeXt. Optional second stage:
+    MIControlNet's conservativity loss on the control's part of the Jacobian."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_TrainControlNeXt",
-            display_name=training.NODE,
-            category=CATEGORY,
-            description=(
-                "Trains a ControlNeXt for a new condition with the authors' recipe: the whole control module (lr 1e-4) and "
-                "the UNet weights matching the pattern (lr 1e-5), epsilon-prediction loss at uniform timesteps, a share of "
-                "empty prompts. SD1.5 (the SD1.5-Training placement) and SDXL. Saves controlnet.safetensors and the UNet "
-                "differences (unet_weight_increasements.safetensors) into models/controlnet/<name>/, plus a checkpoint to "
-                "resume from; the output control works directly with Apply ControlNeXt. Optional second stage: MIControlNet's "
-                "conservativity loss on the control's part of the Jacobian."
-            ),
+        return node_schema(
+            cls, "XCtrl_TrainControlNeXt", training.NODE, CATEGORY,
             inputs=[
                 io.Model.Input("model", tooltip="SD1.5 or SDXL base (not changed: what is learned leaves as the control)."),
                 io.Latent.Input("latents", tooltip="Training images, VAE-encoded (one latent per image)."),
@@ -74,17 +72,14 @@ class TrainControlNeXt(io.ComfyNode):
 
 
 class ControlNeXtAsymmetry(io.ComfyNode):
+    """MIControlNet's Asym: how far the part of the denoiser's Jacobian that this ControlNeXt adds is from
+    symmetric, 1/2 ||J_c - J_c^T||_F^2, estimated with random probes (no full Jacobian) on the latents noised
+    to one timestep. Lower: the control bends the score field less away from a gradient field. SD1.5 and SDXL."""
+
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="XCtrl_ControlNeXtAsymmetry",
-            display_name=asymmetry.NODE,
-            category=CATEGORY,
-            description=(
-                "MIControlNet's Asym: how far the part of the denoiser's Jacobian that this ControlNeXt adds is from "
-                "symmetric, 1/2 ||J_c - J_c^T||_F^2, estimated with random probes (no full Jacobian) on the latents noised "
-                "to one timestep. Lower: the control bends the score field less away from a gradient field. SD1.5 and SDXL."
-            ),
+        return node_schema(
+            cls, "XCtrl_ControlNeXtAsymmetry", asymmetry.NODE, CATEGORY,
             inputs=[
                 io.Model.Input("model"),
                 ControlNeXtType.Input("controlnext"),

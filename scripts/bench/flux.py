@@ -6,8 +6,7 @@ has the XLabs layout (2 double blocks, full width). What MI adds is per injectio
 scales with the residuals, not with the blocks: the ratio to the summed run is what matters.
 """
 from .measure import param_count
-from .stats import check_mi_vs_sum, fmt, md_table, ratio
-from . import GB
+from .runner import sum_vs_balanced, sum_vs_balanced_report
 
 FLUX_DOUBLE, FLUX_SINGLE = 1, 2  # blocks of the benchmark base (Flux dev: 19 and 38)
 FLUX_CONFIG = dict(
@@ -29,18 +28,11 @@ def _config():
 
 
 def build_flux(dtype, seed=0):
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models as sm
 
-    from .models import init_random_
+    from .models import random_model
 
-    mc = sm.Flux(_config())
-    mc.set_inference_dtype(dtype, None)
-    model = mc.get_model({})
-    init_random_(model.diffusion_model, seed)
-    model.diffusion_model.to(dtype).eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return random_model(sm.Flux(_config()), dtype, seed)
 
 
 def flux_controlnet(dtype, seed):
@@ -88,45 +80,15 @@ def run_flux(bench):
     configs = [Config("base", "base (Flux, reduced depth)", base.clone(), pos, neg),
                Config("cn2_sum", "+ 2 Flux ControlNets, summed (stock)", base.clone(), p2, n2, 2 * cn_params, mods),
                Config("cn2_mi", "+ 2 Flux ControlNets, balanced (MI, paper)", mi_model, mp, mn, 2 * cn_params, mods)]
-    bench.measure_family("flux", configs)
-    rows = bench.summarize("flux", configs, base.model.diffusion_model)
-    by = {r["name"]: r for r in rows}
-    holds, rel = check_mi_vs_sum(by["cn2_mi"]["time"], by["cn2_sum"]["time"])
-    bench.flux = {"rows": bench.results.pop("flux"), "size": a.size, "holds": holds, "mi_vs_sum": rel,
-                  "mem_vs_sum": ratio(by["cn2_mi"]["mem"], by["cn2_sum"]["mem"]),
-                  "base_params": param_count(base.model.diffusion_model), "cn_params": cn_params}
+    bench.flux = sum_vs_balanced(bench, "flux", configs, base, cn_params)
     del configs, base, cn1, cn2
     bench.free()
 
 
 def flux_report(bench):
-    fx = getattr(bench, "flux", None)
-    if not fx:
-        return ""
-    size, lat = fx["size"], fx["size"] // 8
-    header = ["configuration", "control params (M)", "step time (s)", "time ratio to base", "FLOP ratio (floor)",
-              "peak memory (GB)", "memory ratio"]
-    body = [[r["label"], fmt(r["control_params"] / 1e6, 0) if r["control_params"] else "-", fmt(r["time"], 2),
-             fmt(r["t_ratio"], 3), fmt(r["f_ratio"], 3), fmt(r["mem"] / GB if r["mem"] else None, 2), fmt(r["m_ratio"], 3)]
-            for r in fx["rows"] if not r["error"]]
-    verdict = {True: "holds", False: "missed", None: "not measured"}[fx["holds"]]
-    return "\n".join([
-        "## Flux: two ControlNets summed vs balanced (MIControlNet)",
-        "",
+    return sum_vs_balanced_report(bench, "flux", "Flux: two ControlNets summed vs balanced (MIControlNet)", (
         f"Flux at full width (hidden 3072, 24 heads, T5 context 4096 x {TEXT_TOKENS} tokens) with {FLUX_DOUBLE} double and "
-        f"{FLUX_SINGLE} single blocks instead of Flux dev's 19 and 38 ({fx['base_params'] / 1e6:.0f}M parameters: the "
-        f"full 12B model does not fit this machine), and two XLabs-layout ControlNets ({CONTROLNET_DOUBLE} double blocks, "
-        f"{fx['cn_params'] / 1e6:.0f}M parameters each), random weights, {size} x {size} px (latent {lat} x {lat}), CFG batch 2, "
-        "runs interleaved, median of the repeats.",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in bench.machine.items()) + f". Command: `{' '.join(bench.argv)}`.",
-        "",
-        md_table(header, body),
-        "",
-        f"Balanced / summed step time: {fmt(fx['mi_vs_sum'], 3)} (goal <= 1.03: {verdict}); peak memory balanced / "
-        f"summed: {fmt(fx['mem_vs_sum'], 3)}.",
-        "",
-        "Raw step times (s): " + "; ".join(f"{r['label']}: " + ", ".join(f"{t:.2f}" for t in r["times"])
-                                           for r in fx["rows"] if not r["error"]) + ".",
-        "",
-    ])
+        f"{FLUX_SINGLE} single blocks instead of Flux dev's 19 and 38 ({{base_m}}M parameters: the full 12B model does not "
+        f"fit this machine), and two XLabs-layout ControlNets ({CONTROLNET_DOUBLE} double blocks, {{cn_m}}M parameters "
+        "each), random weights, {size} x {size} px (latent {lat} x {lat}), CFG batch 2, runs interleaved, median of the "
+        "repeats."), flop_column=True)

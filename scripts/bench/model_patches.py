@@ -10,8 +10,7 @@ injection point and scales with the tokens x width, not with the blocks: the rat
 run is what matters.
 """
 from .measure import param_count
-from .stats import check_mi_vs_sum, fmt, md_table, ratio
-from . import GB
+from .runner import sum_vs_balanced, sum_vs_balanced_report
 
 ZIMAGE_CONFIG = dict(
     image_model="lumina2", patch_size=2, in_channels=16, dim=1536, cap_feat_dim=2560, n_layers=4, qk_norm=True,
@@ -23,33 +22,22 @@ TEXT_TOKENS = 64
 
 
 def build_zimage(dtype, seed=0):
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.supported_models as sm
 
-    from .models import init_random_
+    from .models import random_model
 
-    mc = sm.ZImage(dict(ZIMAGE_CONFIG))
-    mc.set_inference_dtype(dtype, None)
-    model = mc.get_model({})
-    init_random_(model.diffusion_model, seed)
-    model.diffusion_model.to(dtype).eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return random_model(sm.ZImage(dict(ZIMAGE_CONFIG)), dtype, seed)
 
 
 def zimage_control(dtype, seed):
     import comfy.ldm.lumina.controlnet as zc
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.ops
 
-    from .models import init_random_
+    from .models import random_patcher
 
     net = zc.ZImage_Control(dim=ZIMAGE_CONFIG["dim"], n_heads=ZIMAGE_CONFIG["n_heads"], n_kv_heads=ZIMAGE_CONFIG["n_kv_heads"],
                             dtype=dtype, device="cpu", operations=comfy.ops.manual_cast, **CONTROL_CONFIG)
-    init_random_(net, seed)
-    net.to(dtype).eval()
-    return comfy.model_patcher.ModelPatcher(net, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return random_patcher(net, dtype, seed)
 
 
 def zimage_conds(seed=1):
@@ -85,45 +73,15 @@ def run_zimage(bench):
     configs = [Config("base", "base (Z-Image, reduced)", base.clone(), pos, neg),
                Config("cn2_sum", "+ 2 Fun ControlNet Union patches, summed (core)", summed, pos, neg, 2 * cn_params),
                Config("cn2_mi", "+ 2 Fun ControlNet Union patches, balanced (MI, paper)", balanced, pos, neg, 2 * cn_params)]
-    bench.measure_family("zimage", configs)
-    rows = bench.summarize("zimage", configs, base.model.diffusion_model)
-    by = {r["name"]: r for r in rows}
-    holds, rel = check_mi_vs_sum(by["cn2_mi"]["time"], by["cn2_sum"]["time"])
-    bench.zimage = {"rows": bench.results.pop("zimage"), "size": a.size, "holds": holds, "mi_vs_sum": rel,
-                    "mem_vs_sum": ratio(by["cn2_mi"]["mem"], by["cn2_sum"]["mem"]),
-                    "base_params": param_count(base.model.diffusion_model), "cn_params": cn_params}
+    bench.zimage = sum_vs_balanced(bench, "zimage", configs, base, cn_params)
     del configs, base, c1, c2, summed, balanced
     bench.free()
 
 
 def zimage_report(bench):
-    zi = getattr(bench, "zimage", None)
-    if not zi:
-        return ""
-    size, lat = zi["size"], zi["size"] // 8
-    header = ["configuration", "control params (M)", "step time (s)", "time ratio to base", "peak memory (GB)",
-              "memory ratio"]
-    body = [[r["label"], fmt(r["control_params"] / 1e6, 0) if r["control_params"] else "-", fmt(r["time"], 2),
-             fmt(r["t_ratio"], 3), fmt(r["mem"] / GB if r["mem"] else None, 2), fmt(r["m_ratio"], 3)]
-            for r in zi["rows"] if not r["error"]]
-    verdict = {True: "holds", False: "missed", None: "not measured"}[zi["holds"]]
-    return "\n".join([
-        "## Z-Image: two Fun ControlNet Union patches summed vs balanced (MIControlNet)",
-        "",
+    return sum_vs_balanced_report(bench, "zimage", "Z-Image: two Fun ControlNet Union patches summed vs balanced (MIControlNet)", (
         f"Z-Image's NextDiT with the real block structure at width {ZIMAGE_CONFIG['dim']} and {ZIMAGE_CONFIG['n_layers']} "
-        f"main layers ({zi['base_params'] / 1e6:.0f}M parameters; Z-Image-Turbo: width 3840, 30 layers, 6B, does not run "
-        f"on this machine's CPU in reasonable time), two Fun ControlNet Union patches in the 2.1 lite layout "
-        f"({zi['cn_params'] / 1e6:.0f}M parameters each; 3 injection points each), random weights, text context "
-        f"{TEXT_TOKENS} tokens, {size} x {size} px (latent {lat} x {lat}), CFG batch 2, runs interleaved, median of the repeats.",
-        "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in bench.machine.items()) + f". Command: `{' '.join(bench.argv)}`.",
-        "",
-        md_table(header, body),
-        "",
-        f"Balanced / summed step time: {fmt(zi['mi_vs_sum'], 3)} (goal <= 1.03: {verdict}); peak memory balanced / "
-        f"summed: {fmt(zi['mem_vs_sum'], 3)}.",
-        "",
-        "Raw step times (s): " + "; ".join(f"{r['label']}: " + ", ".join(f"{t:.2f}" for t in r["times"])
-                                           for r in zi["rows"] if not r["error"]) + ".",
-        "",
-    ])
+        "main layers ({base_m}M parameters; Z-Image-Turbo: width 3840, 30 layers, 6B, does not run on this machine's CPU "
+        "in reasonable time), two Fun ControlNet Union patches in the 2.1 lite layout ({cn_m}M parameters each; 3 "
+        f"injection points each), random weights, text context {TEXT_TOKENS} tokens, {{size}} x {{size}} px (latent "
+        "{lat} x {lat}), CFG batch 2, runs interleaved, median of the repeats."))

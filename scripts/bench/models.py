@@ -51,20 +51,32 @@ def init_random_(module, seed):
     tiny_models.init_weights(module, seed)
 
 
-def build_base(family, dtype, seed=0):
+def random_patcher(model, dtype, seed, network=None):
+    """A ModelPatcher over ``model`` (a ComfyUI model or a bare network), ``network`` (default: the
+    model) filled with random weights in ``dtype``."""
     import comfy.model_management as mm
     import comfy.model_patcher
+
+    network = model if network is None else network
+    init_random_(network, seed)
+    network.to(dtype)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+
+
+def random_model(model_config, dtype, seed=0):
+    """The model of a ComfyUI model config (comfy.supported_models) with random weights, as a ModelPatcher."""
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    return random_patcher(model, dtype, seed, model.diffusion_model)
+
+
+def build_base(family, dtype, seed=0):
     import comfy.supported_models as sm
 
     cls, cfg = {"sd15": (sm.SD15, SD15_UNET), "sd21": (sm.SD20, SD21_UNET), "sdxl": (sm.SDXL, SDXL_UNET),
                 "svd": (sm.SVD_img2vid, SVD_UNET)}[family]
-    mc = cls(dict(cfg))
-    mc.set_inference_dtype(dtype, None)
-    model = mc.get_model({})
-    init_random_(model.diffusion_model, seed)
-    model.diffusion_model.to(dtype)
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return random_model(cls(dict(cfg)), dtype, seed)
 
 
 def stock_controlnet(family, dtype, seed):

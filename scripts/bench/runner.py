@@ -419,3 +419,42 @@ class Bench:
             checks.append(("mi_vs_sum", by["cn2_mi"]["label"], holds, rel, by["cn2_mi"]))
             if self.want_profile(holds):
                 by["cn2_mi"]["profile"] = self.profile_pair(f"{family}: balanced vs summed two-control", cfgs["cn2_sum"], cfgs["cn2_mi"], frames)
+
+
+def sum_vs_balanced(bench, family, configs, base, cn_params):
+    """Times base / two controls summed ("cn2_sum") / balanced ("cn2_mi") side by side; the result
+    ``sum_vs_balanced_report`` writes."""
+    bench.measure_family(family, configs)
+    rows = bench.summarize(family, configs, base.model.diffusion_model)
+    by = {r["name"]: r for r in rows}
+    holds, rel = check_mi_vs_sum(by["cn2_mi"]["time"], by["cn2_sum"]["time"])
+    return {"rows": bench.results.pop(family), "size": bench.args.size, "holds": holds, "mi_vs_sum": rel,
+            "mem_vs_sum": ratio(by["cn2_mi"]["mem"], by["cn2_sum"]["mem"]),
+            "base_params": param_count(base.model.diffusion_model), "cn_params": cn_params}
+
+
+def sum_vs_balanced_report(bench, family, title, setting, flop_column=False):
+    """The section of the family's ``sum_vs_balanced`` result ("" if it did not run): the setting (a format
+    string of size, lat, base_m and cn_m: image and latent size, parameters in millions), the machine, the
+    table, the verdict."""
+    result = getattr(bench, family, None)
+    if not result:
+        return ""
+    setting = setting.format(size=result["size"], lat=result["size"] // 8, base_m=f"{result['base_params'] / 1e6:.0f}",
+                             cn_m=f"{result['cn_params'] / 1e6:.0f}")
+    header = ["configuration", "control params (M)", "step time (s)", "time ratio to base"]
+    header += ["FLOP ratio (floor)"] * flop_column + ["peak memory (GB)", "memory ratio"]
+    ok = [r for r in result["rows"] if not r["error"]]
+    body = [[r["label"], fmt(r["control_params"] / 1e6, 0) if r["control_params"] else "-", fmt(r["time"], 2),
+             fmt(r["t_ratio"], 3)] + [fmt(r["f_ratio"], 3)] * flop_column
+            + [fmt(r["mem"] / GB if r["mem"] else None, 2), fmt(r["m_ratio"], 3)] for r in ok]
+    verdict = {True: "holds", False: "missed", None: "not measured"}[result["holds"]]
+    return "\n".join([
+        f"## {title}", "", setting, "",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in bench.machine.items()) + f". Command: `{' '.join(bench.argv)}`.",
+        "", md_table(header, body), "",
+        f"Balanced / summed step time: {fmt(result['mi_vs_sum'], 3)} (goal <= 1.03: {verdict}); peak memory balanced / "
+        f"summed: {fmt(result['mem_vs_sum'], 3)}.", "",
+        "Raw step times (s): " + "; ".join(f"{r['label']}: " + ", ".join(f"{t:.2f}" for t in r["times"]) for r in ok) + ".",
+        "",
+    ])

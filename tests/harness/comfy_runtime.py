@@ -170,3 +170,22 @@ def model_call(patcher, x, sigma, ctx, cond_or_uncond=(0,), y=None, sample_sigma
     kw = {} if y is None else {"y": y}
     with torch.no_grad():
         return patcher.model.apply_model(x, sigmas, c_crossattn=ctx, transformer_options=to, **kw)
+
+
+class OtherPacksReplacement:
+    """A DiT block replacement as another pack would put it on a MODEL: it runs the block it replaces
+    (``original_block``), changes the block's image output with ``change`` and records each call."""
+
+    def __init__(self, block, index, change):
+        self.block, self.index, self.change, self.calls = block, index, change, []
+
+    def __call__(self, args, extra):
+        self.calls.append(args["img"].shape)
+        out = extra["original_block"](args)
+        return dict(out, img=self.change(out["img"]))
+
+    def on(self, model):
+        """A clone of ``model`` carrying this replacement."""
+        model = model.clone()
+        model.set_model_patch_replace(self, "dit", self.block, self.index)
+        return model

@@ -126,3 +126,15 @@ def flux_setup():
         "x": randn(14, 1, 16, 8, 8), "latent": torch.zeros(1, 16, 8, 8),
         "sigma": torch.tensor(float(patcher.model.model_sampling.percent_to_sigma(0.3))),
     }
+
+
+def node_vs_reference(setup, controls, mode, granularity, reference):
+    """One batched cond + uncond call through the MI node's MODEL: (its denoised output, the reference's,
+    stock ComfyUI's, the node's positive conditioning)."""
+    pos, neg = apply_controls(setup, controls)
+    model, mpos, mneg = run_node(setup["patcher"], pos, neg, mode, granularity)
+    spy = []
+    got = denoise_once(model, mpos, mneg, setup["x"], setup["sigma"], spy)
+    assert [0, 1] in spy or [1, 0] in spy, f"cond and uncond were not batched together: {spy}"
+    want = reference(setup, controls, setup["sigma"], mode, granularity)
+    return got, want, denoise_once(setup["patcher"], pos, neg, setup["x"], setup["sigma"]), mpos

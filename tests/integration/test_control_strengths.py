@@ -11,7 +11,7 @@ import torch
 from harness import reference as ref
 from harness import tiny_models as tm
 from harness import xs_reference
-from harness.comfy_runtime import model_call, node_result, pack_module, pack_node_classes
+from harness.comfy_runtime import OtherPacksReplacement, model_call, node_result, pack_module, pack_node_classes
 from harness.controlnext_files import TINY_OUT, controlnext_sd, load, rel_err, write
 
 
@@ -310,15 +310,8 @@ def test_mmdit_controlnext_on_all_prompts_equals_the_model_patch_and_chains_a_re
     base = tm.sd3()
     cnx = load(pack_module("nodes.controlnext_nodes"), write(controlnet_dir, "strengths_sd3.safetensors",
                                                              controlnext_sd("sdxl", 128, seed=5)))
-    calls = []
-
-    def other_pack(args, extra):
-        calls.append(1)
-        out = extra["original_block"](args)
-        return {**out, "img": out["img"] * 1.01}
-
-    chained = base.clone()
-    chained.set_model_patch_replace(other_pack, "dit", "double_block", 0)
+    other = OtherPacksReplacement("double_block", 0, lambda img: img * 1.01)
+    chained = other.on(base)
     hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(6))
     pos, neg = tm.text_cond(base), tm.text_cond(base, seed=2)
     lat = torch.zeros(1, 16, 8, 8)
@@ -328,9 +321,9 @@ def test_mmdit_controlnext_on_all_prompts_equals_the_model_patch_and_chains_a_re
                                    negative, lat)
 
     model_level = run(apply_cnx(nodes, chained, cnx, hint, strength=0.8), pos, neg)
-    calls.clear()
+    other.calls.clear()
     cond_level = run(chained, *cnx_conditioning(nodes, pos, neg, chained, cnx, hint))
-    assert calls, "the other pack's replacement did not run"
+    assert other.calls, "the other pack's replacement did not run"
     assert (cond_level - model_level).abs().max() <= 1e-6 * model_level.abs().max()
     assert rel_err(cond_level, run(chained, pos, neg)) > 1e-3  # the control acts
 

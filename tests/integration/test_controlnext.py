@@ -8,7 +8,7 @@ import torch
 
 from harness import reference as ref
 from harness import tiny_models as tm
-from harness.comfy_runtime import pack_module
+from harness.comfy_runtime import OtherPacksReplacement, pack_module
 from harness.controlnext_files import LAYOUTS, TINY_OUT, apply, controlnext_sd, load, rel_err, write
 from harness.layouts import load_layout
 
@@ -356,24 +356,14 @@ def test_mmdit_parity_and_chaining(order, nodes_mod, controlnet_dir):
     ctx = torch.randn(2, 7, 48, generator=g)
     pooled = torch.randn(2, 64, generator=g)
     hint = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(128, 128)).movedim(1, -1)
-    seen = []
 
     def change(img):
         return img * 1.25 - 0.1
 
-    def other(args, extra):
-        seen.append(args["img"].shape)
-        out = extra["original_block"](args)
-        return dict(out, img=change(out["img"]))
-
-    def with_other(model):
-        model = model.clone()
-        model.set_model_patch_replace(other, "dit", "double_block", 0)
-        return model
-
-    patched = apply(nodes_mod, with_other(base) if order == "before" else base, cnx, hint, strength=0.7)
+    other = OtherPacksReplacement("double_block", 0, change)
+    patched = apply(nodes_mod, other.on(base) if order == "before" else base, cnx, hint, strength=0.7)
     if order == "after":
-        patched = with_other(patched)
+        patched = other.on(patched)
     mm.load_models_gpu([patched])
     to = patched.model_options["transformer_options"].copy()
     to["wrappers"] = patched.wrappers
@@ -383,7 +373,7 @@ def test_mmdit_parity_and_chaining(order, nodes_mod, controlnet_dir):
         want = _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, 0.7, change)
         plain = _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, 0.0, change)
         alone = _sd3_reference(base, sd, hint, x, sigma, ctx, pooled, 0.7)
-    assert seen, "the other pack's block replacement was dropped"
+    assert other.calls, "the other pack's block replacement was dropped"
     assert rel_err(want, plain) > 1e-3 and rel_err(want, alone) > 1e-3
     assert rel_err(got, want) < 1e-5
     assert len(set(patched.model_patches_models())) == 1  # the control module still loads with the MODEL

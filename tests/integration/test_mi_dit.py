@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from harness import tiny_models as tm
-from harness.comfy_runtime import pack_module
+from harness.comfy_runtime import OtherPacksReplacement, pack_module
 from harness.mi_reference import flux_reference, reference_denoised
-from harness.mi_setups import STRENGTHS, apply_controls, denoise_once, full_sample, run_node, spec
+from harness.mi_setups import STRENGTHS, apply_controls, denoise_once, full_sample, node_vs_reference, run_node, spec
 
 
 # ---------------------------------------------------------------------------- SD3 MMDiT
@@ -39,29 +39,19 @@ def test_sd3_sum_is_stock_bit_for_bit(mi_sd3):
 def test_sd3_another_packs_block_replacement_is_kept_in_either_order(mi_sd3, order):
     """Another pack's replacement of joint block 1, applied before or after the MI node, runs and
     its change stays: the block's output is changed, then the balanced residual is injected."""
-    calls = []
 
     def change(img):
         return img * 1.25 - 0.1
 
-    def other(args, extra):
-        calls.append(1)
-        out = extra["original_block"](args)
-        return dict(out, img=change(out["img"]))
-
-    def with_other(model):
-        model = model.clone()
-        model.set_model_patch_replace(other, "dit", "double_block", 1)
-        return model
-
+    other = OtherPacksReplacement("double_block", 1, change)
     controls = spec(STRENGTHS[:2])
     pos, neg = apply_controls(mi_sd3, controls)
-    model, mpos, mneg = run_node(with_other(mi_sd3["patcher"]) if order == "before" else mi_sd3["patcher"], pos, neg)
+    model, mpos, mneg = run_node(other.on(mi_sd3["patcher"]) if order == "before" else mi_sd3["patcher"], pos, neg)
     if order == "after":
-        model = with_other(model)
+        model = other.on(model)
     got = denoise_once(model, mpos, mneg, mi_sd3["x"], mi_sd3["sigma"])
     want = reference_denoised(mi_sd3, controls, mi_sd3["sigma"], "paper", "layer", post_block={1: change})
-    assert calls, "the other pack's replacement did not run"
+    assert other.calls, "the other pack's replacement did not run"
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert set(mpos[0][1]["control"].balance.report()["layers"]) == {"block 0", "block 1", "block 2"}
     without = reference_denoised(mi_sd3, controls, mi_sd3["sigma"], "paper", "layer")
@@ -72,14 +62,7 @@ def test_sd3_another_packs_block_replacement_is_kept_in_either_order(mi_sd3, ord
 @pytest.mark.parametrize("mode, granularity", [("paper", "layer"), ("paper", "pixel"), ("min_norm", "layer"),
                                                ("min_norm", "pixel")])
 def test_flux_matches_hand_computation(mi_flux, mode, granularity):
-    controls = spec(STRENGTHS[:2])
-    pos, neg = apply_controls(mi_flux, controls)
-    model, mpos, mneg = run_node(mi_flux["patcher"], pos, neg, mode, granularity)
-    spy = []
-    got = denoise_once(model, mpos, mneg, mi_flux["x"], mi_flux["sigma"], spy)
-    want = flux_reference(mi_flux, controls, mi_flux["sigma"], mode, granularity)
-    stock = denoise_once(mi_flux["patcher"], pos, neg, mi_flux["x"], mi_flux["sigma"])
-    assert [0, 1] in spy or [1, 0] in spy
+    got, want, stock, mpos = node_vs_reference(mi_flux, spec(STRENGTHS[:2]), mode, granularity, flux_reference)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (got - stock).abs().max() > 1e-3
     stats = mpos[0][1]["control"].balance.report()["layers"]
@@ -101,26 +84,15 @@ def test_flux_sum_is_stock_bit_for_bit_and_an_inactive_control_drops_out(mi_flux
 
 @pytest.mark.parametrize("order", ["before", "after"])
 def test_flux_another_packs_block_replacement_still_runs(mi_flux, order):
-    calls = []
-
-    def other(args, extra):
-        calls.append(1)
-        out = extra["original_block"](args)
-        return dict(out, img=out["img"] * 1.01)
-
-    def with_other(model):
-        model = model.clone()
-        model.set_model_patch_replace(other, "dit", "single_block", 1)
-        return model
-
+    other = OtherPacksReplacement("single_block", 1, lambda img: img * 1.01)
     controls = spec(STRENGTHS[:2])
     pos, neg = apply_controls(mi_flux, controls)
-    base = with_other(mi_flux["patcher"]) if order == "before" else mi_flux["patcher"]
+    base = other.on(mi_flux["patcher"]) if order == "before" else mi_flux["patcher"]
     model, mpos, mneg = run_node(base, pos, neg)
     if order == "after":
-        model = with_other(model)
+        model = other.on(model)
     got = denoise_once(model, mpos, mneg, mi_flux["x"], mi_flux["sigma"])
-    assert calls, "the other pack's replacement did not run"
+    assert other.calls, "the other pack's replacement did not run"
     assert "single 1" in mpos[0][1]["control"].balance.report()["layers"], "the balanced injection at that block is gone"
     without = denoise_once(run_node(mi_flux["patcher"], pos, neg)[0], mpos, mneg, mi_flux["x"], mi_flux["sigma"])
     assert (got - without).abs().max() > 1e-4  # and its change is in the result

@@ -8,7 +8,8 @@ import torch
 
 from harness.comfy_runtime import node_result, pack_module
 from harness.mi_reference import reference_denoised, unet_reference
-from harness.mi_setups import STRENGTHS, apply_controls, denoise_once, full_sample, randn, run_node, spec
+from harness.mi_setups import (STRENGTHS, apply_controls, denoise_once, full_sample, node_vs_reference, randn, run_node,
+                               spec)
 
 
 # ---------------------------------------------------------------------------- SD1.5 UNet
@@ -16,14 +17,7 @@ from harness.mi_setups import STRENGTHS, apply_controls, denoise_once, full_samp
     (2, "paper", "layer"), (1, "paper", "layer"), (3, "paper", "layer"), (2, "min_norm", "layer"), (2, "paper", "pixel"),
 ])
 def test_sd15_matches_hand_computation(mi_sd15, n, mode, granularity):
-    controls = spec(STRENGTHS[:n])
-    pos, neg = apply_controls(mi_sd15, controls)
-    model, mpos, mneg = run_node(mi_sd15["patcher"], pos, neg, mode, granularity)
-    spy = []
-    got = denoise_once(model, mpos, mneg, mi_sd15["x"], mi_sd15["sigma"], spy)
-    want = reference_denoised(mi_sd15, controls, mi_sd15["sigma"], mode, granularity)
-    stock = denoise_once(mi_sd15["patcher"], pos, neg, mi_sd15["x"], mi_sd15["sigma"])
-    assert [0, 1] in spy or [1, 0] in spy, f"cond and uncond were not batched together: {spy}"
+    got, want, stock, _ = node_vs_reference(mi_sd15, spec(STRENGTHS[:n]), mode, granularity, reference_denoised)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert (got - stock).abs().max() > 1e-2  # the balancing changed something
 
