@@ -79,6 +79,7 @@ class Bench:
         self.long_video = None  # long-video rows (bench/long_video.py)
         self.flux = None  # Flux summed vs balanced (bench/flux.py)
         self.zimage = None  # Z-Image control patches summed vs balanced (bench/model_patches.py)
+        self.qwen = None  # Qwen-Image Apply-ControlNet controls summed vs balanced (bench/model_patches.py)
         self.profiles = []  # (title, text)
         self.log = print
 

@@ -21,20 +21,20 @@ from harness.model_patch_models import QWEN_TINY
 from harness.tiny_models import init_weights
 
 LAYERS = 14  # the 2512 Fun ControlNet injects after blocks 0, 12, 24, 36, 48: two of them here
-WIDTH = QWEN_TINY["num_attention_heads"] * QWEN_TINY["attention_head_dim"]
 INSTANTX_KEYS = ("controlnet_blocks.0.weight", "transformer_blocks.0.img_mlp.net.0.proj.weight", "txt_norm.weight",
                  "controlnet_x_embedder.weight")
 
 
-def instantx(seed, num_layers=5):
-    """A Qwen-Image InstantX ControlNet (5 blocks: each residual repeated for 12 of the 60 points)."""
+def instantx(seed, num_layers=5, base_config=QWEN_TINY):
+    """A Qwen-Image InstantX ControlNet of the base configuration's width (5 blocks: each residual
+    repeated for 12 of the 60 points)."""
     import comfy.controlnet
     import comfy.latent_formats
     import comfy.ldm.qwen_image.controlnet as qc
     import comfy.model_management as mm
     import comfy.ops
 
-    config = {k: v for k, v in QWEN_TINY.items() if k != "image_model"}
+    config = {k: v for k, v in base_config.items() if k != "image_model"}
     net = qc.QwenImageControlNetModel(extra_condition_channels=0, operations=comfy.ops.disable_weight_init, device="cpu",
                                       dtype=torch.float32, **dict(config, num_layers=num_layers))
     init_weights(net, seed)
@@ -43,18 +43,18 @@ def instantx(seed, num_layers=5):
                                        load_device=mm.get_torch_device(), manual_cast_dtype=None, extra_conds=[])
 
 
-def fun(seed):
-    """A Qwen-Image 2512 Fun ControlNet of the tiny width, loaded by core's loader from its state dict,
-    or None on a ComfyUI without it."""
+def fun(seed, base_config=QWEN_TINY):
+    """A Qwen-Image 2512 Fun ControlNet of the base configuration's width, loaded by core's loader
+    from its state dict, or None on a ComfyUI without it."""
     import comfy.controlnet
     import comfy.ldm.qwen_image.controlnet as qc
     import comfy.ops
 
     if not hasattr(qc, "QwenImageFunControlNetModel"):
         return None
-    net = qc.QwenImageFunControlNetModel(control_in_features=132, inner_dim=WIDTH,
-                                         num_attention_heads=QWEN_TINY["num_attention_heads"],
-                                         attention_head_dim=QWEN_TINY["attention_head_dim"],
+    heads, head_dim = base_config["num_attention_heads"], base_config["attention_head_dim"]
+    net = qc.QwenImageFunControlNetModel(control_in_features=132, inner_dim=heads * head_dim,
+                                         num_attention_heads=heads, attention_head_dim=head_dim,
                                          operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
     init_weights(net, seed)
     control = comfy.controlnet.load_controlnet_state_dict({k: v.clone() for k, v in net.state_dict().items()})
