@@ -11,8 +11,8 @@ import torch
 from harness import model_patch_models as mpm
 from harness import qwen_controlnets as qcn
 from harness.comfy_runtime import node_result, pack_module
+from harness.mi_setups import denoise_once, full_sample
 
-CFG = 2.0
 TOKENS = 16  # an 8x8 latent in 2x2 patches
 NODE = re.escape("MI Balanced Control (XCtrl)")
 
@@ -45,28 +45,6 @@ def qwen(pack):
         patched = diffsynth.diffsynth_controlnet(patched, net, vae, mpm.image(seed, 64), strength)[0]
     return dict(base=base, vae=vae, controls=controls, pos=pos, neg=neg, cpos=cpos, cneg=cneg, patched=patched,
                 x=torch.randn(1, 16, 1, 8, 8, generator=torch.Generator().manual_seed(5)), sigma=torch.tensor(0.7))
-
-
-def denoise_once(model, pos, neg, x, sigma):
-    import comfy.sample
-    import comfy.samplers
-
-    got = {}
-
-    def one_call(model_k, noise, sigmas, extra_args=None, callback=None, disable=None):
-        got["d"] = model_k(x.clone(), sigma.reshape(1).expand(x.shape[0]), **extra_args)
-        return noise
-
-    comfy.sample.sample_custom(model, torch.zeros_like(x), CFG, comfy.samplers.KSAMPLER(one_call),
-                               torch.stack([sigma, torch.zeros(())]), pos, neg, torch.zeros_like(x))
-    return got["d"]
-
-
-def full_sample(model, pos, neg, latent, steps=3):
-    import comfy.sample
-
-    noise = comfy.sample.prepare_noise(latent, 7)
-    return comfy.sample.sample(model, noise, steps, 2.5, "euler", "normal", pos, neg, latent, disable_pbar=True)
 
 
 def mi_node(model, pos, neg, mode="paper", granularity="layer"):
