@@ -83,7 +83,7 @@ MARK = "xctrl_mi_injection"  # in model_options["transformer_options"]: the MODE
 CONTROL_KEYS = ("input", "middle", "output")
 UNET, MMDIT, FLUX, QWEN = "unet", "mmdit", "flux", "qwen_image"
 CHANNEL_DIM = {UNET: 1, MMDIT: -1, FLUX: -1, QWEN: -1}  # (B, C, H, W) feature maps; (B, tokens, C) image tokens
-SUPPORTED = "SD1.5 / SD2.x / SDXL (UNet), SD3 / SD3.5 (MMDiT), Flux and Qwen-Image"
+SUPPORTED = "SD1.5 / SD2.x / SDXL (UNet), SD3 / SD3.5 (MMDiT), Qwen-Image and Flux"
 FLUX_IMAGE_TOKENS = "xctrl_mi_flux_image_tokens"  # per call: the image stream's length in the double blocks
 
 
