@@ -136,3 +136,15 @@ def test_lambda_stats_names_the_qwen_blocks(qwen):
     denoise_once(model, mpos, mneg, qwen["x"], qwen["sigma"])
     text = pack_module("runtime.mi_apply").lambda_stats_text(mpos)
     assert "Qwen-Image block 0 " in text and "Qwen-Image block 13 " in text, text
+
+
+def test_control_patch_of_another_family_is_named(qwen):
+    import nodes
+
+    if "ZImageFunControlnet" not in nodes.NODE_CLASS_MAPPINGS:
+        pytest.skip("this ComfyUI has no Z-Image Fun ControlNet")
+    apply = nodes.NODE_CLASS_MAPPINGS["ZImageFunControlnet"]()
+    wrong = apply.diffsynth_controlnet(qwen["base"], mpm.zimage_control(11, "2.0"), mpm.StubVAE(3), strength=1.0,
+                                       image=mpm.image(1))[0]
+    with pytest.raises(ValueError, match=f"{NODE}: a Z-Image Fun ControlNet patch is applied to a Qwen-Image model"):
+        mi_node(wrong, qwen["cpos"], qwen["cneg"])
