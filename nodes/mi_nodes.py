@@ -35,9 +35,11 @@ class MIBalancedControl(io.ComfyNode):
     sampler. Each ControlNet keeps its own strength and start/end (one outside its range drops out); their
     residuals are combined per layer in the order they were applied (add_com), and injected into the denoiser
     with a balanced weight (add_inj) instead of ComfyUI's plain addition. Works with SD1.5/SD2.x/SDXL,
-    SD3/SD3.5 and Flux ControlNets (Union ones too: each Apply ControlNet with its own type is one control),
-    and with other model patches such as FreeU (which then sees the features with the control injected, as
-    usual). The mean weight per layer of the last step is logged after sampling (see also 'MI Lambda Stats')."""
+    SD3/SD3.5, Flux and Qwen-Image (InstantX, 2512 Fun) ControlNets (Union ones too: each Apply ControlNet
+    with its own type is one control); on Qwen-Image the MODEL's DiffSynth control patches are balanced
+    together with them. It works with other model patches such as FreeU (which then sees the features with the
+    control injected, as usual). The mean weight per layer of the last step is logged after sampling (see also
+    'MI Lambda Stats')."""
 
     @classmethod
     def define_schema(cls):

@@ -65,27 +65,55 @@ def wrap_replaces(transformer_options, kind, keys, make):
     transformer_options["patches_replace"] = replace
 
 
-class ReplaceBlocksPerCall:
-    """APPLY_MODEL wrapper: in each model call for which ``wanted(transformer_options)`` holds,
-    block ``key`` of ``kind`` becomes ``make(key, the call's replacement there or None)``. The
-    MODEL's own dicts are never changed, so a replacement another pack adds to the MODEL later
-    (or added earlier) is the inner one, and runs."""
+class PerCall:
+    """APPLY_MODEL wrapper changing each model call's transformer_options for which
+    ``wanted(transformer_options)`` holds (``change``), once per call; the MODEL's own dicts are
+    never changed, so what another pack adds to the MODEL later (or added earlier) is kept."""
 
     DONE = "xctrl_blocks_replaced"  # per call: the wrappers already applied (a dict passed twice)
 
-    def __init__(self, kind, keys, make, wanted=None):
-        self.kind, self.keys, self.make, self.wanted = kind, tuple(keys), make, wanted
+    def __init__(self, wanted=None):
+        self.wanted = wanted
         self.token = uuid.uuid4().hex
 
     def __deepcopy__(self, memo):  # lives in model_options, which clones deep-copy: shared
         return self
 
+    def change(self, transformer_options):
+        raise NotImplementedError
+
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         to = transformer_options
         if isinstance(to, dict) and self.token not in to.get(self.DONE, ()) and (self.wanted is None or self.wanted(to)):
-            wrap_replaces(to, self.kind, self.keys, self.make)
+            self.change(to)
             to[self.DONE] = to.get(self.DONE, frozenset()) | {self.token}
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+
+class ReplaceBlocksPerCall(PerCall):
+    """In each wanted call, block ``key`` of ``kind`` becomes ``make(key, the call's replacement
+    there or None)``: a replacement another pack put on the MODEL is the inner one, and runs."""
+
+    def __init__(self, kind, keys, make, wanted=None):
+        super().__init__(wanted)
+        self.kind, self.keys, self.make = kind, tuple(keys), make
+
+    def change(self, transformer_options):
+        wrap_replaces(transformer_options, self.kind, self.keys, self.make)
+
+
+class RewritePatchListPerCall(PerCall):
+    """In each wanted call, patch list ``name`` becomes ``rewrite(the call's list, transformer_options)``
+    (a new list; the call's other patch lists are kept)."""
+
+    def __init__(self, name, rewrite, wanted=None):
+        super().__init__(wanted)
+        self.name, self.rewrite = name, rewrite
+
+    def change(self, transformer_options):
+        patches = dict(transformer_options.get("patches", {}))
+        patches[self.name] = self.rewrite(list(patches.get(self.name, [])), transformer_options)
+        transformer_options["patches"] = patches
 
 
 def add_wrapper(transformer_options, wrapper_type, key, fn):

@@ -26,7 +26,10 @@ addition"), in two halves that talk through the per-call ``transformer_options``
      image part of the joint stream after single block i (``img[:, txt:txt + n]``; the text
      length is the joint length minus the image length the double blocks saw), as ComfyUI's
      flux model adds them.
-   On both DiT families the block replacements are put in place per model call by an
+   - Qwen-Image: ``input[i]`` into the first image tokens after double block i, after the
+     block's "double_block" patches, together with the DiffSynth model-patch controls there
+     (runtime/qwen_control.py: a per-call rewrite of the double-block patch list).
+   On SD3 and Flux the block replacements are put in place per model call by an
    APPLY_MODEL wrapper (``call_patches.ReplaceBlocksPerCall``), around whatever replacement of
    the block the call carries, so another pack's replacement of the same blocks runs inside
    ours whether it was applied before or after the MI node.
@@ -50,7 +53,8 @@ Visibility: each ``Balance`` keeps the injection weights lambda of the latest sa
 ends (the control's cleanup), logs one INFO line with the per-layer mean lambda and keeps the
 summary in ``Balance.last_stats`` (read by the MI Lambda Stats node). Layers are named where
 the residual goes: "input i" (after input block i), "middle", "skip k" (the skip of input
-block k), "block i" (after MMDiT joint block i). Sum mode computes no weights.
+block k), "block i" (after MMDiT joint block i), "double i" / "single i" (Flux), "Qwen-Image
+block i". Sum mode computes no weights.
 """
 import logging
 import threading
@@ -67,19 +71,24 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from ..models import mi_balance as mb
 from . import call_patches, batch_rows
 
+try:
+    from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+except ImportError:  # a ComfyUI without Qwen-Image
+    QwenImageTransformer2DModel = None
+
 LOG = logging.getLogger("xctrl.mi")
 
-STASH = "xctrl_mi"  # per call: {"balance": Balance, "input": [...], "middle": [...], "output": [...]}
+STASH = "xctrl_mi"  # per call: a Stash (the Balance, the members' outputs, their combination per key)
 MARK = "xctrl_mi_injection"  # in model_options["transformer_options"]: the MODEL injects the stash
 CONTROL_KEYS = ("input", "middle", "output")
-UNET, MMDIT, FLUX = "unet", "mmdit", "flux"
-CHANNEL_DIM = {UNET: 1, MMDIT: -1, FLUX: -1}  # (B, C, H, W) feature maps; (B, tokens, C) image tokens
-SUPPORTED = "SD1.5 / SD2.x / SDXL (UNet), SD3 / SD3.5 (MMDiT) and Flux"
+UNET, MMDIT, FLUX, QWEN = "unet", "mmdit", "flux", "qwen_image"
+CHANNEL_DIM = {UNET: 1, MMDIT: -1, FLUX: -1, QWEN: -1}  # (B, C, H, W) feature maps; (B, tokens, C) image tokens
+SUPPORTED = "SD1.5 / SD2.x / SDXL (UNet), SD3 / SD3.5 (MMDiT), Qwen-Image and Flux"
 FLUX_IMAGE_TOKENS = "xctrl_mi_flux_image_tokens"  # per call: the image stream's length in the double blocks
 
 
 def architecture(model_patcher):
-    """UNET or MMDIT for the models whose control points this module knows, else None."""
+    """UNET, MMDIT, FLUX or QWEN for the models whose control points this module knows, else None."""
     dm = model_patcher.model.diffusion_model
     if isinstance(dm, UNetModel):
         return UNET
@@ -87,6 +96,8 @@ def architecture(model_patcher):
         return MMDIT
     if isinstance(dm, Flux):
         return FLUX
+    if QwenImageTransformer2DModel is not None and isinstance(dm, QwenImageTransformer2DModel):
+        return QWEN
     return None
 
 
@@ -114,26 +125,23 @@ class Balance:
     def combine(self, residuals):
         return mb.combine(residuals, self.mode, self.granularity, self.channel_dim)
 
-    def combine_controls(self, outputs):
-        """Per control point, the combination of every control's residual there.
+    def combine_key(self, outputs, key):
+        """The combination of every control's residual at each control point of ``key``.
 
         ``outputs``: the controls' {"input"|"middle"|"output": [tensor or None]} dicts, oldest
         first. Lists are aligned by index from the start, as ComfyUI's control_merge aligns
-        them; a residual shared by several entries (SD3 ControlNets repeat one tensor) is
-        combined once.
+        them; a residual shared by several entries (SD3 and Qwen-Image InstantX ControlNets
+        repeat one tensor) is combined once.
         """
-        combined = {}
-        for key in CONTROL_KEYS:
-            lists = [out.get(key) or [] for out in outputs]
-            memo, result = {}, []
-            for i in range(max((len(x) for x in lists), default=0)):
-                rs = [x[i] for x in lists if i < len(x) and x[i] is not None]
-                ids = tuple(id(r) for r in rs)
-                if ids not in memo:
-                    memo[ids] = self.combine(rs)
-                result.append(memo[ids])
-            combined[key] = result
-        return combined
+        lists = [out.get(key) or [] for out in outputs]
+        memo, result = {}, []
+        for i in range(max((len(x) for x in lists), default=0)):
+            rs = [x[i] for x in lists if i < len(x) and x[i] is not None]
+            ids = tuple(id(r) for r in rs)
+            if ids not in memo:
+                memo[ids] = self.combine(rs)
+            result.append(memo[ids])
+        return result
 
     def inject(self, e, c, layer, transformer_options):
         """add_inj(e, c) (e unchanged for c None); a residual of the wrong shape is skipped with a
@@ -244,10 +252,9 @@ class BalancedControl(comfy.controlnet.ControlBase):
             control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
         self.balance.begin_call(t)
         outputs = [m.get_control(x_noisy, t, cond, batched_number, transformer_options) for m in self.members]
-        combined = self.balance.combine_controls([o for o in outputs if o is not None])
-        transformer_options[STASH] = dict(combined, balance=self.balance)
-        silent = {key: [None] * len(v) for key, v in combined.items()}
-        return self.control_merge(silent, control_prev, None)
+        stash = Stash(self.balance, [o for o in outputs if o is not None])
+        transformer_options[STASH] = stash
+        return self.control_merge(stash.silent(), control_prev, None)
 
     def pre_run(self, model, percent_to_timestep_function):
         super().pre_run(model, percent_to_timestep_function)
@@ -305,6 +312,29 @@ class BalancedControl(comfy.controlnet.ControlBase):
         if autoregister:
             self.multigpu_clones[load_device] = c
         return c
+
+
+class Stash(dict):
+    """One call's stash: the Balance, the active members' outputs (``"members"``, oldest first)
+    and, read per control key, their combination (made when first read: an injection that
+    combines per point itself, as on Qwen-Image, never pays for the lists)."""
+
+    def __init__(self, balance, outputs):
+        super().__init__(balance=balance, members=outputs)
+
+    def __missing__(self, key):
+        if key not in CONTROL_KEYS:
+            raise KeyError(key)
+        self[key] = self["balance"].combine_key(self["members"], key)
+        return self[key]
+
+    def silent(self):
+        """All-None lists as long as the members' lists: what ComfyUI itself then adds."""
+        return {key: [None] * max((len(o.get(key) or []) for o in self["members"]), default=0) for key in CONTROL_KEYS}
+
+    def at(self, key, index):
+        """Every member's own residual at control point ``index`` of ``key`` (None dropped)."""
+        return [o[key][index] for o in self["members"] if index < len(o.get(key) or []) and o[key][index] is not None]
 
 
 class _View:
@@ -462,8 +492,11 @@ class FluxInjectionWrapper(BlockInjectionWrapper):
 
 
 def injection_wrapper(model_patcher, arch):
-    """The per-call block wrapper of a DiT architecture."""
+    """The per-call wrapper of a DiT architecture."""
     dm = model_patcher.model.diffusion_model
+    if arch == QWEN:  # Qwen-Image's injection lives with its model-patch controls (which import this module)
+        from .qwen_control import QwenInjectionWrapper
+        return QwenInjectionWrapper()
     if arch == MMDIT:
         return BlockInjectionWrapper((("double_block", len(dm.joint_blocks), JointBlockInjection),))
     return FluxInjectionWrapper(len(dm.double_blocks), len(dm.single_blocks))

@@ -109,18 +109,35 @@ def model_width(model_patcher, kind):
 
 
 def control_patches(model_patcher):
-    """The control patches the MODEL carries, in patch-list order, each once: [(patch, kind)].
-    An earlier BalancedModelPatches contributes its members (the node applied twice)."""
+    """The control patches the MODEL carries, in patch-list order, each once: [(patch, kind)]."""
     patches = model_patcher.model_options.get("transformer_options", {}).get("patches", {})
+    return members_in([p for site in ("noise_refiner", "double_block") for p in patches.get(site, [])])
+
+
+def members_in(entries):
+    """The control patches among patch-list ``entries``, each once: [(patch, kind)]. A
+    BalancedModelPatches contributes its members (the node applied twice)."""
     found = {}
-    for site in ("noise_refiner", "double_block"):
-        for p in patches.get(site, []):
-            kind = patch_kind(p)
-            if kind is None:
-                continue
-            for member in (p.members if isinstance(p, BalancedModelPatches) else [p]):
-                found.setdefault(id(member), (member, kind))
+    for p in entries:
+        kind = patch_kind(p)
+        if kind is None:
+            continue
+        for member in (p.members if isinstance(p, BalancedModelPatches) else [p]):
+            found.setdefault(id(member), (member, kind))
     return list(found.values())
+
+
+def put_in_place(entries, balanced, kind):
+    """``entries`` with their ``kind`` control patches replaced by ``balanced`` at the first one's
+    position (other patches keep theirs), and whether there was one."""
+    out, placed = [], False
+    for p in entries:
+        if patch_kind(p) != kind:
+            out.append(p)
+        elif not placed:
+            out.append(balanced)
+            placed = True
+    return out, placed
 
 
 # ---------------------------------------------------------------------------- residuals
@@ -180,17 +197,19 @@ class BalancedModelPatches:
         if i == 0 and site == SITES[self.kind][0] and options.get("sigmas") is not None:
             self.balance.begin_call(options["sigmas"])
         if self.balance.mode == "sum":
-            for p in self.members:
-                r = member_residual(p, self.kind, kwargs)
+            for r in self.terms(kwargs):  # each term made after the previous one is added, as in core
                 if r is not None:
                     img[:, :r.shape[1]] += r
         else:
-            self.inject(img, [member_residual(p, self.kind, kwargs) for p in self.members],
-                        f"{LAYER_PREFIX[self.kind]} {SITE_NAMES[site]} {i}", options)
+            self.inject(img, list(self.terms(kwargs)), f"{LAYER_PREFIX[self.kind]} {SITE_NAMES[site]} {i}", options)
         if self.kind == ZIMAGE:  # the features were changed in place (a view of the model's tokens)
             kwargs.pop("img", None)
             kwargs.pop("txt", None)
         return kwargs
+
+    def terms(self, kwargs):
+        """Each member's term at this point (residual x strength, or None), made when iterated."""
+        return (member_residual(p, self.kind, kwargs) for p in self.members)
 
     def inject(self, img, residuals, layer, options):
         rs = [r for r in residuals if r is not None]
@@ -221,7 +240,19 @@ class BalancedModelPatches:
 
 
 def check_members(model, node):
-    """The MODEL's control patches and its family, or a ValueError naming the problem and the fix."""
+    """The MODEL's control patches (two or more) and its family, or a ValueError naming the problem and the fix."""
+    kind, members = check_family(model, node)
+    if len(members) < 2:
+        found = f"one {CONTROL_TITLES[kind]} patch" if members else "no Z-Image or Qwen-Image control patch"
+        raise ValueError(f"{node}: this MODEL carries {found}; balancing needs two or more. Apply two or more "
+                         "controls with Apply Z-Image Fun ControlNet / Apply Qwen Image DiffSynth ControlNet before "
+                         "this node, or remove the node (one control is added as core adds it).")
+    return kind, members
+
+
+def check_family(model, node):
+    """The MODEL's family and control patches (any number), or a ValueError naming a patch of
+    another family or width, or one this ComfyUI cannot run, and the fix."""
     members = control_patches(model)
     kind = model_kind(model)
     kinds = sorted({k for _, k in members})
@@ -240,11 +271,6 @@ def check_members(model, node):
         if cw != mw:
             raise ValueError(f"{node}: a {CONTROL_TITLES[k]} of width {cw} is applied to a model of width {mw}: "
                              "use the control made for this model.")
-    if len(members) < 2:
-        found = f"one {CONTROL_TITLES[kind]} patch" if members else "no Z-Image or Qwen-Image control patch"
-        raise ValueError(f"{node}: this MODEL carries {found}; balancing needs two or more. Apply two or more "
-                         "controls with Apply Z-Image Fun ControlNet / Apply Qwen Image DiffSynth ControlNet before "
-                         "this node, or remove the node (one control is added as core adds it).")
     return kind, [p for p, _ in members]
 
 
@@ -255,13 +281,7 @@ def balance_model_patches(model, mode, granularity, cap, node):
     clone = model.clone()
     patches = clone.model_options["transformer_options"]["patches"]
     for site in SITES[kind]:
-        entries, placed = [], False
-        for p in patches.get(site, []):
-            if patch_kind(p) is None:
-                entries.append(p)
-            elif not placed:
-                entries.append(balanced)
-                placed = True
+        entries, placed = put_in_place(patches.get(site, []), balanced, kind)
         if placed:
             patches[site] = entries
     clone.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, balanced.uid, balanced.outer_sample_wrapper)

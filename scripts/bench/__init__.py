@@ -8,7 +8,8 @@
 - preprocessors: time per frame of the preprocessor nodes
 - training: the convergence toy and training throughput
 - silent_signal: MIControlNet's data balancing on a toy (total variation in silent regions, plain vs balanced)
-- model_patches: Z-Image with two Fun ControlNet Union patches, summed vs balanced
+- model_patches: Z-Image with two Fun ControlNet Union patches, and Qwen-Image with an InstantX and a 2512 Fun
+  ControlNet (Apply ControlNet), summed vs balanced
 - asymmetry: MIControlNet's Asym of a ControlNeXt (estimate, spread, time) and the conservativity stage's cost per training step
 - report: the generated part of docs/benchmarks.md
 """

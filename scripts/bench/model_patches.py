@@ -1,4 +1,6 @@
-"""Z-Image with two Fun ControlNet Union patches, summed (core) vs balanced (MI Balanced Model Patches).
+"""Z-Image with two Fun ControlNet Union patches, summed (core) vs balanced (MI Balanced Model Patches);
+Qwen-Image with an InstantX and a 2512 Fun ControlNet applied with Apply ControlNet, summed (core) vs
+balanced (MI Balanced Control).
 
 The base is Z-Image's NextDiT with the real block structure (2 context-refiner, 2 noise-refiner
 blocks, Z-Image modulation, image tokens padded to 32) at a reduced width and depth that run on
@@ -18,6 +20,10 @@ ZIMAGE_CONFIG = dict(
     ffn_dim_multiplier=8.0 / 3.0, z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32,
 )
 CONTROL_CONFIG = dict(n_control_layers=3, additional_in_dim=17, refiner_control=True)  # the 2.1 lite layout
+# Qwen-Image's blocks at a reduced width (Qwen-Image: 24 heads, width 3072, 60 blocks); 13 blocks so that
+# the 2512 Fun ControlNet acts at two of its points (after blocks 0 and 12)
+QWEN_CONFIG = dict(image_model="qwen_image", in_channels=64, out_channels=16, num_layers=13, attention_head_dim=128,
+                   num_attention_heads=4, joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
 TEXT_TOKENS = 64
 
 
@@ -78,10 +84,54 @@ def run_zimage(bench):
     bench.free()
 
 
+def run_qwen(bench):
+    """Measures base / InstantX + 2512 Fun ControlNets summed / balanced on the reduced Qwen-Image."""
+    import comfy.supported_models as sm
+    import nodes
+    import torch
+
+    from harness import qwen_controlnets as qcn
+    from harness.model_patch_models import StubVAE
+
+    from .models import random_model
+    from .runner import Config, node, run_node
+
+    a = bench.args
+    width = QWEN_CONFIG["num_attention_heads"] * QWEN_CONFIG["attention_head_dim"]
+    bench.log(f"[qwen] building Qwen-Image (width {width}, {QWEN_CONFIG['num_layers']} blocks) with random weights ...")
+    base = random_model(sm.QwenImage(dict(QWEN_CONFIG)), bench.dtype)
+    cnets = [qcn.instantx(31, 2, QWEN_CONFIG), qcn.fun(32, QWEN_CONFIG) or qcn.instantx(32, 2, QWEN_CONFIG)]
+    g = torch.Generator().manual_seed(5)
+    pos, neg = ([[torch.randn(1, TEXT_TOKENS, QWEN_CONFIG["joint_attention_dim"], generator=g), {}]] for _ in range(2))
+    cpos, cneg = pos, neg
+    for cnet in cnets:
+        image = torch.rand(1, a.size, a.size, 3, generator=g)
+        cpos, cneg = nodes.ControlNetApplyAdvanced().apply_controlnet(cpos, cneg, cnet, image, 1.0, 0.0, 1.0, vae=StubVAE(4, frames=True))
+    balanced, bpos, bneg = run_node(node("nodes.mi_nodes", "MIBalancedControl"), base, cpos, cneg, "paper", "layer", 20.0)
+    cn_params = sum(param_count(c.control_model) for c in cnets)
+    configs = [Config("base", "base (Qwen-Image, reduced)", base.clone(), pos, neg),
+               Config("cn2_sum", "+ InstantX + 2512 Fun ControlNet, summed (core)", base, cpos, cneg, cn_params),
+               Config("cn2_mi", "+ InstantX + 2512 Fun ControlNet, balanced (MI, paper)", balanced, bpos, bneg, cn_params)]
+    bench.qwen = sum_vs_balanced(bench, "qwen", configs, base, cn_params)
+    del configs, base, cnets, balanced
+    bench.free()
+
+
 def zimage_report(bench):
     return sum_vs_balanced_report(bench, "zimage", "Z-Image: two Fun ControlNet Union patches summed vs balanced (MIControlNet)", (
         f"Z-Image's NextDiT with the real block structure at width {ZIMAGE_CONFIG['dim']} and {ZIMAGE_CONFIG['n_layers']} "
         "main layers ({base_m}M parameters; Z-Image-Turbo: width 3840, 30 layers, 6B, does not run on this machine's CPU "
         "in reasonable time), two Fun ControlNet Union patches in the 2.1 lite layout ({cn_m}M parameters each; 3 "
         f"injection points each), random weights, text context {TEXT_TOKENS} tokens, {{size}} x {{size}} px (latent "
+        "{lat} x {lat}), CFG batch 2, runs interleaved, median of the repeats."))
+
+
+def qwen_report(bench):
+    width = QWEN_CONFIG["num_attention_heads"] * QWEN_CONFIG["attention_head_dim"]
+    title = "Qwen-Image: InstantX + 2512 Fun ControlNets (Apply ControlNet) summed vs balanced (MIControlNet)"
+    return sum_vs_balanced_report(bench, "qwen", title, (
+        f"Qwen-Image's blocks at width {width}, {QWEN_CONFIG['num_layers']} blocks ({{base_m}}M parameters; Qwen-Image: "
+        "width 3072, 60 blocks, 20B), an InstantX ControlNet of 2 blocks and a 2512 Fun ControlNet (5 control blocks) at "
+        "that width ({cn_m}M parameters together; a residual at every block, the Fun one at blocks 0 and 12), balanced "
+        f"by MI Balanced Control, random weights, text context {TEXT_TOKENS} tokens, {{size}} x {{size}} px (latent "
         "{lat} x {lat}), CFG batch 2, runs interleaved, median of the repeats."))

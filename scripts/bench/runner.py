@@ -79,6 +79,7 @@ class Bench:
         self.long_video = None  # long-video rows (bench/long_video.py)
         self.flux = None  # Flux summed vs balanced (bench/flux.py)
         self.zimage = None  # Z-Image control patches summed vs balanced (bench/model_patches.py)
+        self.qwen = None  # Qwen-Image Apply-ControlNet controls summed vs balanced (bench/model_patches.py)
         self.profiles = []  # (title, text)
         self.log = print
 
@@ -117,7 +118,7 @@ class Bench:
         lat = self.args.size // 8
         batch = frames or 1
         channels = cfg.model.model.latent_format.latent_channels
-        latent = torch.zeros(batch, channels, lat, lat)
+        latent = comfy.sample.fix_empty_latent_channels(cfg.model, torch.zeros(batch, channels, lat, lat))  # Qwen-Image: 5-D
         noise = comfy.sample.prepare_noise(latent, 0)
         with torch.inference_mode():
             out = comfy.sample.sample(cfg.model, noise, steps, 5.0, "euler", "normal", cfg.positive, cfg.negative,

@@ -34,10 +34,10 @@ def zimage(seed=0):
     return _patcher(sm.ZImage, ZIMAGE_TINY, seed)
 
 
-def qwen_image(seed=0):
+def qwen_image(seed=0, num_layers=QWEN_TINY["num_layers"]):
     import comfy.supported_models as sm
 
-    return _patcher(sm.QwenImage, QWEN_TINY, seed)
+    return _patcher(sm.QwenImage, dict(QWEN_TINY, num_layers=num_layers), seed)
 
 
 def model_patch(net, seed):
@@ -59,12 +59,12 @@ def zimage_control(seed, layout="2.1"):
     return model_patch(net, seed)
 
 
-def qwen_control(seed, model_patch_module, inpaint=False):
+def qwen_control(seed, model_patch_module, inpaint=False, num_layers=QWEN_TINY["num_layers"]):
     """A Qwen-Image DiffSynth block-wise ControlNet of the tiny model's width (core's class)."""
     import comfy.ops
 
     cls = model_patch_module.QwenImageBlockWiseControlNet
-    net = cls(num_layers=QWEN_TINY["num_layers"], additional_in_dim=4 if inpaint else 0,
+    net = cls(num_layers=num_layers, additional_in_dim=4 if inpaint else 0,
               dim=QWEN_TINY["num_attention_heads"] * QWEN_TINY["attention_head_dim"], dtype=torch.float32,
               device="cpu", operations=comfy.ops.manual_cast)
     return model_patch(net, seed)
