@@ -33,7 +33,7 @@ class AnnotatorFile:
     min_size: int = 0  # sanity bound when the exact size is unknown
     approx: str = ""  # for messages and the README
     licence: str = ""
-    used_by: str = ""
+    used_by: str = ""  # the node id that reads it (its validation names every missing file at once)
 
 
 KNOWN_FILES = {

@@ -61,22 +61,14 @@ def offline():
     return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on") for k in ("XCTRL_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-# The weight files each preprocessor node reads (its validation names every missing one at once).
-NODE_FILES = {
-    "XCtrl_HED": ("ControlNetHED.pth",),
-    "XCtrl_DepthAnythingV2": ("depth_anything_v2_vits.pth",),
-    "XCtrl_OpenPose": ("body_pose_model.pth",),
-    "XCtrl_DWPose": ("yolox_l.onnx", "dw-ll_ucoco_384.onnx"),
-}
-
-
 def check_files(node_id):
     """True, or (downloads off and files missing) one message naming every missing file of the
     node, where to put it and where to get it: ComfyUI shows the messages of all nodes of a
     prompt together before anything runs, so an offline user learns every file at once."""
     if not offline():
         return True  # missing files are downloaded when the node runs
-    missing = [n for n in NODE_FILES.get(node_id, ()) if not folder_paths.get_full_path(FOLDER, n)]
+    needed = [f.name for f in af.KNOWN_FILES.values() if f.used_by == node_id]
+    missing = [n for n in needed if not folder_paths.get_full_path(FOLDER, n)]
     if not missing:
         return True
     target = folders()[0]
