@@ -179,6 +179,9 @@ class OtherPacksReplacement:
     def __init__(self, block, index, change):
         self.block, self.index, self.change, self.calls = block, index, change, []
 
+    def __deepcopy__(self, memo):  # clones of the MODEL (some ComfyUI releases deep-copy model_options) share it
+        return self
+
     def __call__(self, args, extra):
         self.calls.append(args["img"].shape)
         out = extra["original_block"](args)
