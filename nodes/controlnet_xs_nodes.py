@@ -15,6 +15,14 @@ from .schema import node_schema
 
 CATEGORY = "XCtrl/ControlNet-XS"
 
+class XSApplyNode(ApplyNode):
+    """The ControlNet-XS Apply nodes' validation: the step range and the connection_weights text."""
+
+    @classmethod
+    def validate_inputs(cls, start_percent, end_percent, connection_weights=None):
+        return apply.check_widgets(start_percent, end_percent, connection_weights, cls.NODE)
+
+
 class LoadControlNetXS(io.ComfyNode):
     """Loads a ControlNet-XS control network (SD1.5, SD2.1, SDXL) from models/controlnet: the authors' .ckpt /
     .safetensors (CVL-Heidelberg/ControlNet-XS) or a diffusers ControlNetXSAdapter file. The architecture is
@@ -47,7 +55,7 @@ def _weight_inputs():
     ]
 
 
-class ApplyControlNetXS(ApplyNode):
+class ApplyControlNetXS(XSApplyNode):
     """Applies ControlNet-XS to a MODEL: the control network runs in lock-step with the UNet encoder on every
     sampler step in [start, end], for positive and negative alike. Connect the patched MODEL to any sampler;
     chain several apply nodes to stack controls."""
@@ -77,7 +85,7 @@ class ApplyControlNetXS(ApplyNode):
                                                   connection_weights=connection_weights))
 
 
-class ApplyControlNetXSConditioning(ApplyNode):
+class ApplyControlNetXSConditioning(XSApplyNode):
     """ControlNet-XS carried by conditioning, like ComfyUI's Apply ControlNet: only the prompts (and areas) that
     pass through here get the control; others get none. The MODEL input only tells which base the control
     network must fit and where it loads (it is not patched)."""
