@@ -53,7 +53,8 @@ class LatentStrengths:
     def check(self, n_latents, node):
         if self.per_latent and len(self.per_latent) not in (1, n_latents):
             raise ScheduleError(f"{node}: the latent strength list has {len(self.per_latent)} values but the latent batch "
-                                f"has {n_latents}: give 1 value (for every latent) or exactly {n_latents}")
+                                f"has {n_latents}: give 1 value (for every latent) or exactly {n_latents} in the Latent "
+                                "Strengths node connected to its latent_strengths input")
 
     def for_latents(self, latent_indices, n_latents):
         """float32 tensor of the strength of each latent index in ``latent_indices``."""

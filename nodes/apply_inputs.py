@@ -11,6 +11,8 @@ ControlNeXtType = io.Custom("XCTRL_CONTROLNEXT")
 ControlNetXSType = io.Custom("XCTRL_CONTROLNET_XS")
 StepScheduleType = io.Custom("XCTRL_STEP_SCHEDULE")
 LatentStrengthsType = io.Custom("XCTRL_LATENT_STRENGTHS")
+# The hidden inputs an Apply node reads to name itself in errors: its id in the graph and the prompt (its title)
+NODE_REFERENCE = [io.Hidden.unique_id, io.Hidden.prompt]
 # Advanced-ControlNet's types, accepted as they are
 AcnTimestepKeyframe = io.Custom("TIMESTEP_KEYFRAME")
 AcnLatentKeyframe = io.Custom("LATENT_KEYFRAME")

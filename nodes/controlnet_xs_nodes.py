@@ -8,12 +8,20 @@ stacks several controls.
 from comfy_api.latest import io
 
 from ..runtime import controlnet_xs_apply as apply
-from ..runtime.control_inputs import ControlInputs
+from ..runtime.control_inputs import ControlInputs, node_label
 from ..runtime.weight_files import file_list
-from .apply_inputs import ApplyNode, conditioning_inputs, conditioning_outputs, ControlNetXSType, control_inputs
+from .apply_inputs import NODE_REFERENCE, ApplyNode, conditioning_inputs, conditioning_outputs, ControlNetXSType, control_inputs
 from .schema import node_schema
 
 CATEGORY = "XCtrl/ControlNet-XS"
+
+class XSApplyNode(ApplyNode):
+    """The ControlNet-XS Apply nodes' validation: the step range and the connection_weights text."""
+
+    @classmethod
+    def validate_inputs(cls, start_percent, end_percent, connection_weights=None):
+        return apply.check_widgets(start_percent, end_percent, connection_weights, cls.NODE)
+
 
 class LoadControlNetXS(io.ComfyNode):
     """Loads a ControlNet-XS control network (SD1.5, SD2.1, SDXL) from models/controlnet: the authors' .ckpt /
@@ -47,7 +55,7 @@ def _weight_inputs():
     ]
 
 
-class ApplyControlNetXS(ApplyNode):
+class ApplyControlNetXS(XSApplyNode):
     """Applies ControlNet-XS to a MODEL: the control network runs in lock-step with the UNet encoder on every
     sampler step in [start, end], for positive and negative alike. Connect the patched MODEL to any sampler;
     chain several apply nodes to stack controls."""
@@ -57,7 +65,7 @@ class ApplyControlNetXS(ApplyNode):
     @classmethod
     def define_schema(cls):
         return node_schema(
-            cls, "XCtrl_ApplyControlNetXS", cls.NODE, CATEGORY,
+            cls, "XCtrl_ApplyControlNetXS", cls.NODE, CATEGORY, hidden=NODE_REFERENCE,
             inputs=[
                 io.Model.Input("model"),
                 ControlNetXSType.Input("controlnet_xs"),
@@ -70,13 +78,14 @@ class ApplyControlNetXS(ApplyNode):
     def execute(cls, model, controlnet_xs, image, strength, start_percent, end_percent, mask=None,
                 connection_base_multiplier=1.0, connection_weights="", schedule=None, latent_strengths=None,
                 uncond_multiplier=1.0, resize_mode="crop"):
-        inputs = ControlInputs(cls.NODE, image, strength, start_percent, end_percent, mask, schedule, latent_strengths,
-                               uncond_multiplier, resize_mode, connection_base_multiplier=connection_base_multiplier)
+        inputs = ControlInputs(node_label(cls.NODE, cls.hidden), image, strength, start_percent, end_percent, mask,
+                               schedule, latent_strengths, uncond_multiplier, resize_mode,
+                               connection_base_multiplier=connection_base_multiplier)
         return io.NodeOutput(apply.apply_to_model(model, controlnet_xs, inputs, connection_base_multiplier=connection_base_multiplier,
                                                   connection_weights=connection_weights))
 
 
-class ApplyControlNetXSConditioning(ApplyNode):
+class ApplyControlNetXSConditioning(XSApplyNode):
     """ControlNet-XS carried by conditioning, like ComfyUI's Apply ControlNet: only the prompts (and areas) that
     pass through here get the control; others get none. The MODEL input only tells which base the control
     network must fit and where it loads (it is not patched)."""
@@ -86,7 +95,7 @@ class ApplyControlNetXSConditioning(ApplyNode):
     @classmethod
     def define_schema(cls):
         return node_schema(
-            cls, "XCtrl_ApplyControlNetXSConditioning", cls.NODE, CATEGORY,
+            cls, "XCtrl_ApplyControlNetXSConditioning", cls.NODE, CATEGORY, hidden=NODE_REFERENCE,
             inputs=[
                 *conditioning_inputs(),
                 ControlNetXSType.Input("controlnet_xs"),
@@ -99,8 +108,9 @@ class ApplyControlNetXSConditioning(ApplyNode):
     def execute(cls, positive, negative, model, controlnet_xs, image, strength, start_percent, end_percent, mask=None,
                 connection_base_multiplier=1.0, connection_weights="", schedule=None, latent_strengths=None,
                 uncond_multiplier=1.0, resize_mode="crop"):
-        inputs = ControlInputs(cls.NODE, image, strength, start_percent, end_percent, mask, schedule, latent_strengths,
-                               uncond_multiplier, resize_mode, connection_base_multiplier=connection_base_multiplier)
+        inputs = ControlInputs(node_label(cls.NODE, cls.hidden), image, strength, start_percent, end_percent, mask,
+                               schedule, latent_strengths, uncond_multiplier, resize_mode,
+                               connection_base_multiplier=connection_base_multiplier)
         return io.NodeOutput(*apply.apply_to_conditioning(positive, negative, model, controlnet_xs, inputs,
                                                           connection_base_multiplier=connection_base_multiplier,
                                                           connection_weights=connection_weights))

@@ -4,12 +4,12 @@ authors' way."""
 from comfy_api.latest import io
 
 from ..runtime import controlnext_apply as apply
-from ..runtime.control_inputs import ControlInputs
+from ..runtime.control_inputs import ControlInputs, node_label
 from ..runtime.long_video import NODE as LONG_VIDEO_NODE
 from ..runtime.long_video import check_window_inputs, windowed_model
 from ..runtime.svd_conditioning import reference_conditioning
 from ..runtime.weight_files import NONE, file_list
-from .apply_inputs import ApplyNode, conditioning_inputs, conditioning_outputs, ControlNeXtType, control_inputs
+from .apply_inputs import NODE_REFERENCE, ApplyNode, conditioning_inputs, conditioning_outputs, ControlNeXtType, control_inputs
 from .schema import node_schema
 
 CATEGORY = "XCtrl/ControlNeXt"
@@ -45,7 +45,7 @@ class ApplyControlNeXt(ApplyNode):
     @classmethod
     def define_schema(cls):
         return node_schema(
-            cls, "XCtrl_ApplyControlNeXt", cls.NODE, CATEGORY,
+            cls, "XCtrl_ApplyControlNeXt", cls.NODE, CATEGORY, hidden=NODE_REFERENCE,
             inputs=[
                 io.Model.Input("model"),
                 ControlNeXtType.Input("controlnext"),
@@ -62,8 +62,8 @@ class ApplyControlNeXt(ApplyNode):
     def execute(cls, model, controlnext, image, strength, start_percent, end_percent, mask=None, unet_strength=1.0,
                 sd15_layout="refuse", reference_pose_per_window=True, schedule=None, latent_strengths=None,
                 uncond_multiplier=1.0, resize_mode="crop"):
-        inputs = ControlInputs(cls.NODE, image, strength, start_percent, end_percent, mask, schedule, latent_strengths,
-                               uncond_multiplier, resize_mode)
+        inputs = ControlInputs(node_label(cls.NODE, cls.hidden), image, strength, start_percent, end_percent, mask,
+                               schedule, latent_strengths, uncond_multiplier, resize_mode)
         return io.NodeOutput(apply.apply_to_model(model, controlnext, inputs, unet_strength, sd15_layout=sd15_layout,
                                                   reference_pose_per_window=reference_pose_per_window))
 
@@ -79,7 +79,7 @@ class ApplyControlNeXtConditioning(ApplyNode):
     @classmethod
     def define_schema(cls):
         return node_schema(
-            cls, "XCtrl_ApplyControlNeXtConditioning", cls.NODE, CATEGORY,
+            cls, "XCtrl_ApplyControlNeXtConditioning", cls.NODE, CATEGORY, hidden=NODE_REFERENCE,
             inputs=[
                 *conditioning_inputs(),
                 ControlNeXtType.Input("controlnext"),
@@ -97,8 +97,8 @@ class ApplyControlNeXtConditioning(ApplyNode):
     def execute(cls, positive, negative, model, controlnext, image, strength, start_percent, end_percent, mask=None,
                 sd15_layout="refuse", reference_pose_per_window=True, schedule=None, latent_strengths=None,
                 uncond_multiplier=1.0, resize_mode="crop"):
-        inputs = ControlInputs(cls.NODE, image, strength, start_percent, end_percent, mask, schedule, latent_strengths,
-                               uncond_multiplier, resize_mode)
+        inputs = ControlInputs(node_label(cls.NODE, cls.hidden), image, strength, start_percent, end_percent, mask,
+                               schedule, latent_strengths, uncond_multiplier, resize_mode)
         return io.NodeOutput(*apply.apply_to_conditioning(positive, negative, model, controlnext, inputs,
                                                           sd15_layout=sd15_layout,
                                                           reference_pose_per_window=reference_pose_per_window))

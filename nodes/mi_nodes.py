@@ -3,7 +3,9 @@ to a conditioning by ComfyUI's own "Apply ControlNet" nodes (see mi_runtime for 
 from comfy_api.latest import io
 
 from ..runtime import mi_apply
+from ..runtime.control_inputs import node_label
 from ..runtime.mi_apply import DEFAULT_CAP, GRANULARITIES, MODES
+from .apply_inputs import NODE_REFERENCE
 from .schema import node_schema
 
 CATEGORY = "XCtrl/MIControlNet"
@@ -41,10 +43,12 @@ class MIBalancedControl(io.ComfyNode):
     control injected, as usual). The mean weight per layer of the last step is logged after sampling (see also
     'MI Lambda Stats')."""
 
+    TITLE = "MI Balanced Control (XCtrl)"
+
     @classmethod
     def define_schema(cls):
         return node_schema(
-            cls, "XCtrl_MIBalancedControl", "MI Balanced Control (XCtrl)", CATEGORY,
+            cls, "XCtrl_MIBalancedControl", cls.TITLE, CATEGORY, hidden=NODE_REFERENCE,
             inputs=[
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive", tooltip="Conditioning with ControlNets applied (Apply ControlNet)."),
@@ -60,7 +64,7 @@ class MIBalancedControl(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, mode, granularity, cap):
         return io.NodeOutput(*mi_apply.balance_conditioning(model, positive, negative, mode, granularity, cap,
-                                                            MIBalancedModelPatches.TITLE))
+                                                            MIBalancedModelPatches.TITLE, node_label(cls.TITLE, cls.hidden)))
 
 
 class MIBalancedModelPatches(io.ComfyNode):

@@ -5,7 +5,8 @@ from comfy_api.latest import io
 
 from ..runtime import model_patch_apply as mpa
 from ..runtime import model_patch_control as mpc
-from .apply_inputs import ApplyNode, step_range_inputs, strength_inputs
+from ..runtime.control_inputs import node_label
+from .apply_inputs import NODE_REFERENCE, ApplyNode, step_range_inputs, strength_inputs
 from .schema import node_schema
 
 CATEGORY = "XCtrl/model patches"
@@ -33,7 +34,7 @@ class ApplyZImageFunControlNet(ApplyNode):
     @classmethod
     def define_schema(cls):
         return node_schema(
-            cls, "XCtrl_ApplyZImageFunControlNet", cls.TITLE, CATEGORY,
+            cls, "XCtrl_ApplyZImageFunControlNet", cls.TITLE, CATEGORY, hidden=NODE_REFERENCE,
             inputs=[
                 io.Model.Input("model"), ModelPatchType.Input("model_patch"), io.Vae.Input("vae"),
                 io.Float.Input("strength", **STRENGTH),
@@ -48,8 +49,9 @@ class ApplyZImageFunControlNet(ApplyNode):
     def execute(cls, model, model_patch, vae, strength, image=None, inpaint_image=None, mask=None, start_percent=0.0,
                 end_percent=1.0, control_mask=None, schedule=None, latent_strengths=None, uncond_multiplier=1.0):
         core = dict(vae=vae, image=image, strength=strength, inpaint_image=inpaint_image, mask=mask)
-        return io.NodeOutput(mpa.apply_node(mpc.ZIMAGE, cls.TITLE, model, model_patch, core, start_percent, end_percent,
-                                            control_mask, schedule, latent_strengths, uncond_multiplier))
+        return io.NodeOutput(mpa.apply_node(mpc.ZIMAGE, node_label(cls.TITLE, cls.hidden), model, model_patch, core,
+                                            start_percent, end_percent, control_mask, schedule, latent_strengths,
+                                            uncond_multiplier))
 
 
 class ApplyQwenImageDiffsynthControlNet(ApplyNode):
@@ -62,7 +64,7 @@ class ApplyQwenImageDiffsynthControlNet(ApplyNode):
     @classmethod
     def define_schema(cls):
         return node_schema(
-            cls, "XCtrl_ApplyQwenImageDiffsynthControlNet", cls.TITLE, CATEGORY,
+            cls, "XCtrl_ApplyQwenImageDiffsynthControlNet", cls.TITLE, CATEGORY, hidden=NODE_REFERENCE,
             inputs=[
                 io.Model.Input("model"), ModelPatchType.Input("model_patch"), io.Vae.Input("vae"), io.Image.Input("image"),
                 io.Float.Input("strength", **STRENGTH),
@@ -76,8 +78,9 @@ class ApplyQwenImageDiffsynthControlNet(ApplyNode):
     def execute(cls, model, model_patch, vae, image, strength, mask=None, start_percent=0.0, end_percent=1.0,
                 control_mask=None, schedule=None, latent_strengths=None, uncond_multiplier=1.0):
         core = dict(vae=vae, image=image, strength=strength, mask=mask)
-        return io.NodeOutput(mpa.apply_node(mpc.QWEN, cls.TITLE, model, model_patch, core, start_percent, end_percent,
-                                            control_mask, schedule, latent_strengths, uncond_multiplier))
+        return io.NodeOutput(mpa.apply_node(mpc.QWEN, node_label(cls.TITLE, cls.hidden), model, model_patch, core,
+                                            start_percent, end_percent, control_mask, schedule, latent_strengths,
+                                            uncond_multiplier))
 
 
 NODES = [ApplyZImageFunControlNet, ApplyQwenImageDiffsynthControlNet]

@@ -96,16 +96,20 @@ def fit(x, size, mode="crop"):
     return resize(x, size)
 
 
-def check_batch(n_items, latents, what="condition image", windowed=False):
+def check_batch(n_items, latents, what="condition image", windowed=False, reference=False, input_name=None):
     """Raises HintBatchError unless ``n_items`` images can serve a latent batch of ``latents``:
     1 (for all), exactly one per latent, or (without windows) a divisor of it (e.g. the frames of
-    one video for a batch of several videos, which repeat, as ComfyUI's stock ControlNet does)."""
+    one video for a batch of several videos, which repeat, as ComfyUI's stock ControlNet does).
+    The message names the input to change (``input_name``); ``reference``: the images are an SVD
+    pose sequence, whose frame 0 is the reference image's pose (one short is most likely that)."""
     if n_items == 1 or n_items == latents or (not windowed and latents % n_items == 0):
         return
-    missing_reference = " (one short: is the reference image's pose, frame 0, missing?)" if n_items == latents - 1 else ""
+    missing_reference = " (one short: is the reference image's pose, frame 0, missing?)" \
+        if reference and n_items == latents - 1 else ""
+    where = f"to the {input_name} input " if input_name else ""
     raise HintBatchError(
         f"the {what} batch has {n_items} images but the latent batch has {latents}{missing_reference}: "
-        f"give 1 {what} (used for every latent) or exactly {latents}"
+        f"give {where}1 {what} (used for every latent) or exactly {latents}, or sample a latent batch of {n_items}"
     )
 
 
@@ -143,14 +147,15 @@ class BatchLayout:
         return self.window.full_length or (max(self.window.frames) + 1)
 
     def items(self, n_items, what="condition image", reference_first=False):
-        """Index into a batch of ``n_items`` hints (or masks) for each row (LongTensor)."""
+        """Index into a batch of ``n_items`` hints (or masks) for each row (LongTensor); with
+        ``reference_first`` the hints are an SVD v2 pose sequence (frame 0: the reference pose)."""
         if n_items == 1:
             return torch.zeros(self.rows, dtype=torch.long)
         windowed = self.window is not None
         latents = self.latent_count()
         if windowed and self.window.full_length is None:
             latents = max(latents, n_items)  # ComfyUI 0.3.64's windows do not say the video length
-        check_batch(n_items, latents, what, windowed)
+        check_batch(n_items, latents, what, windowed, reference=reference_first)
         return self.frames(reference_first) % n_items
 
 

@@ -41,6 +41,21 @@ class ControlInputs:
         return runner
 
 
+def node_label(display_name, hidden=None):
+    """How the errors of an Apply node name it: its display name, then its id in the graph (the
+    number the frontend's node id badge shows) and its title when the user renamed it. An error
+    that only the latent batch reveals comes while the sampler runs, and ComfyUI marks the sampler
+    (docs/comfyui_hooks.md, "Where errors appear"): the id still leads to the node to change.
+    ``hidden``: the node's hidden inputs (``cls.hidden``; None when called outside an executor)."""
+    unique_id = getattr(hidden, "unique_id", None)
+    if unique_id is None:
+        return display_name
+    node = (getattr(hidden, "prompt", None) or {}).get(str(unique_id)) or {}
+    title = (node.get("_meta") or {}).get("title") if isinstance(node, dict) else None
+    renamed = f" '{title}'" if isinstance(title, str) and title and title != display_name else ""
+    return f"{display_name} (node #{unique_id}{renamed})"
+
+
 def mask_batch(mask):
     """ComfyUI MASK (B, H, W) or (H, W) -> (B, 1, H, W) float32; None without a mask or for one
     that is 1 everywhere (full control: the output stays bit for bit the unmasked one)."""

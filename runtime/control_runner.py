@@ -44,6 +44,7 @@ class ControlRunner:
     STASH = "xctrl"  # transformer_options key of the per-call state (per subclass)
     NODE = "XCtrl"  # the node users apply it with, for error messages
     PER_PROMPT_NODE = "XCtrl"  # the conditioning node of the same control, which tilers crop per tile
+    pose_sequence = False  # the hints are an SVD pose sequence (frame 0: the reference image's pose)
 
     def __init__(self, patcher, hint, strength, start_percent, end_percent, mask=None, strengths=None):
         self.uid = f"{self.STASH}_{uuid.uuid4().hex[:12]}"
@@ -96,8 +97,10 @@ class ControlRunner:
         return []
 
     def install(self, model):
-        """MODEL-level control on a cloned MODEL: the checks before sampling, clean-up, lanes under
-        MultiGPU, the APPLY_MODEL wrapper that prepares each call, and the runner's hooks."""
+        """MODEL-level control on a cloned MODEL: the checks the MODEL allows now (the Apply node
+        runs), the checks before sampling, clean-up, lanes under MultiGPU, the APPLY_MODEL wrapper
+        that prepares each call, and the runner's hooks."""
+        self.check_model(model.model_options, model)
         model.add_wrapper_with_key(pe.WrappersMP.OUTER_SAMPLE, self.uid, self.outer_sample_wrapper)
         model.add_callback_with_key(pe.CallbacksMP.ON_CLEANUP, self.uid, self.release)
         matched = getattr(pe.CallbacksMP, "ON_MATCH_MULTIGPU_CLONES", None)
@@ -174,13 +177,22 @@ class ControlRunner:
         check_video_anchor_frames(options, executor.class_obj.model_patcher, self.NODE)
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
 
+    def check_model(self, model_options, model_patcher):
+        """What the MODEL given to the Apply node already tells (a windowing node before it): checked
+        when the node runs, so ComfyUI marks the Apply node, not the sampler. The same checks run
+        again before sampling for a MODEL windowed after it."""
+        check_video_anchor_frames(model_options, model_patcher, self.NODE)
+
     def check_sampling(self, latent_shape, model_options, is_windowed=None):
+        """The checks only the latent batch allows (the latent is no input of the Apply node): they
+        run before anything loads, and name this node and the input to change."""
         latents = latent_shape[0]
         is_windowed = windowed(model_options) if is_windowed is None else is_windowed
         try:
-            batch_rows.check_batch(self.hint.shape[0], latents, windowed=is_windowed)
+            batch_rows.check_batch(self.hint.shape[0], latents, windowed=is_windowed, reference=self.pose_sequence,
+                                   input_name="image")
             if self.mask is not None:
-                batch_rows.check_batch(self.mask.shape[0], latents, "mask", windowed=is_windowed)
+                batch_rows.check_batch(self.mask.shape[0], latents, "mask", windowed=is_windowed, input_name="mask")
         except batch_rows.HintBatchError as e:
             raise batch_rows.HintBatchError(f"{self.NODE}: {e}") from None
         if self.mask is not None:
@@ -227,14 +239,14 @@ def _times(scale, factor):
     return factor.float() if scale is None else scale * factor.float()
 
 
-def check_mask_aspect(mask_hw, latent_hw, node):
+def check_mask_aspect(mask_hw, latent_hw, node, input_name="mask"):
     """Masks are resized to every resolution they act at: one of another aspect ratio would be
     distorted, so it is refused before sampling."""
     mh, mw = (int(v) for v in mask_hw)
     lh, lw = (int(v) for v in latent_hw)
     if abs((mw / mh) / (lw / lh) - 1.0) > MASK_ASPECT_TOLERANCE:
         raise ScheduleError(f"{node}: the mask is {mw}x{mh} (aspect {mw / mh:.3f}) but the latent is {lw}x{lh} "
-                            f"(aspect {lw / lh:.3f}): give a mask of the image's aspect ratio "
+                            f"(aspect {lw / lh:.3f}): give the {input_name} input a mask of the image's aspect ratio "
                             "(e.g. from the same image, or resized to the generated size)")
 
 

@@ -9,6 +9,7 @@ from ..models.control_schedule import ScheduleError, parse_strength_list
 from ..models.controlnet_xs import connection_weights as weights_of_connections
 from ..models.families import family_of_context_width
 from .conditioning_control import attach
+from .control_inputs import check_latent_strength_list, check_step_range
 from .control_runner import control_patcher
 from .controlnet_xs import ControlNetXSRunner, build_control_net
 from .model_family import family_title, model_family
@@ -87,6 +88,15 @@ def load(control_file):
     loaded = LoadedControlNetXS(control_file, read(control_file, "controlnet"))
     LOG.info("[XCtrl] %s: %s (%s format)", control_file, loaded.description, loaded.format)
     return loaded
+
+
+def check_widgets(start_percent, end_percent, connection_weights, node):
+    """The Apply nodes' validate_inputs: the step range and whether connection_weights reads as
+    numbers (its count depends on the network, checked when the node runs)."""
+    checked = check_step_range(start_percent, end_percent)
+    if checked is True and connection_weights is not None and connection_weights.strip():
+        checked = check_latent_strength_list(connection_weights, f"{node}: connection_weights")
+    return checked
 
 
 def make_runner(model, controlnet_xs, inputs, connection_base_multiplier=1.0, connection_weights=""):

@@ -98,6 +98,7 @@ class ControlNeXtRunner(ControlRunner):
         self.injection = INJECTIONS[self.variant.name]
         # ControlNeXt-SVD v2's long-video loop gives window position 0 the reference pose (frame 0).
         self.reference_first = bool(reference_pose_per_window) and self.variant.name == "svd_v2"
+        self.pose_sequence = self.variant.name.startswith("svd")  # an image model's hints hold no reference pose
         self.learned_scale = module_patcher.model.learned_scale()
 
     @property
@@ -118,13 +119,20 @@ class ControlNeXtRunner(ControlRunner):
         if self.injection.hook == DIT_DOUBLE_BLOCK_0:  # the module loads with the MODEL though no block patch carries it
             model.set_model_patch(ModuleCarrier(self), MODULES_PATCH)
 
+    def check_model(self, model_options, model_patcher):
+        super().check_model(model_options, model_patcher)
+        self.check_long_video(model_options)
+
     def check_sampling(self, latent_shape, model_options, is_windowed=None):
+        self.check_long_video(model_options)  # again, for a MODEL windowed after the Apply node
+        super().check_sampling(latent_shape, model_options, is_windowed)
+
+    def check_long_video(self, model_options):
         if (model_options or {}).get("transformer_options", {}).get(batch_rows.LONG_VIDEO) and self.variant.name != "svd_v2":
             raise ValueError(
                 f"{self.NODE}: XCtrl Long Video runs the authors' ControlNeXt-SVD v2 window loop, but this module is "
                 f"ControlNeXt {self.variant.title}: use the SVD v2 control module (or remove the Long Video node)."
             )
-        super().check_sampling(latent_shape, model_options, is_windowed)
 
     # ------------------------------------------------------------------ per model call
     def prepare_call(self, base_model, x, t, transformer_options, device=None):

@@ -198,4 +198,15 @@ def windowed_model(model, frames_per_window, overlap, cfg_ramp="constant", min_c
         )
     patched = model.clone()
     LongVideoWindows(frames_per_window, overlap, min_cfg if cfg_ramp == "linear" else None).install(patched)
+    check_applied_controls(patched)
     return patched
+
+
+def check_applied_controls(model):
+    """Controls applied before this node that cannot run in its windows are named now (the other
+    order is checked when the Apply node runs): each runner's APPLY_MODEL wrapper leads to it."""
+    for wrappers in model.wrappers.get(pe.WrappersMP.APPLY_MODEL, {}).values():
+        for wrapper in wrappers:
+            check = getattr(getattr(wrapper, "__self__", None), "check_long_video", None)
+            if check is not None:
+                check(model.model_options)

@@ -102,6 +102,9 @@ def architecture(model_patcher):
 
 
 # ---------------------------------------------------------------------------- settings + stats
+NODE = "MI Balanced Control (XCtrl)"
+
+
 class Balance:
     """The balancing settings of one node application, and the lambda statistics it produced."""
 
@@ -114,6 +117,7 @@ class Balance:
         if not 0.0 <= cap < float("inf"):
             raise ValueError(f"cap must be finite and >= 0, got {cap}")
         self.mode, self.granularity, self.cap, self.channel_dim = mode, granularity, cap, channel_dim
+        self.node = NODE  # how errors name the node (control_inputs.node_label), set by the node
         self.last_stats = None  # {"sigma": float, "layers": {layer: {"cond"|"uncond": summary}}}
         self._step_sigma = None
         self._step = {}  # layer -> {"cond"|"uncond": [lambda tensors]} of the current step
@@ -243,7 +247,7 @@ class BalancedControl(comfy.controlnet.ControlBase):
     def get_control(self, x_noisy, t, cond, batched_number, transformer_options):
         if not transformer_options.get(MARK):
             raise RuntimeError(
-                "MI Balanced Control (XCtrl): this conditioning needs the MODEL output of the same "
+                f"{self.balance.node}: this conditioning needs the MODEL output of the same "
                 "'MI Balanced Control' node. Connect that MODEL to the sampler (the node's conditioning "
                 "alone would switch the ControlNets off)."
             )

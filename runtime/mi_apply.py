@@ -8,24 +8,25 @@ from ..models import mi_balance as mb
 from . import model_patch_control as mpc
 from . import qwen_control as qc
 from .control_inputs import require_finite
-from .mi import CHANNEL_DIM, QWEN, SUPPORTED, Balance, BalancedControl, apply_balance, architecture, format_stats
+from .mi import CHANNEL_DIM, NODE, QWEN, SUPPORTED, Balance, BalancedControl, apply_balance, architecture, format_stats
 from .model_family import family_title, model_family
 
 LOG = logging.getLogger("xctrl.mi")
 MODES, GRANULARITIES, DEFAULT_CAP = mb.MODES, mb.GRANULARITIES, mb.DEFAULT_CAP  # the nodes' choices
 
 
-def balance_conditioning(model, positive, negative, mode, granularity, cap, patches_node):
+def balance_conditioning(model, positive, negative, mode, granularity, cap, patches_node, node=NODE):
     """MI Balanced Control: (MODEL, positive, negative) with the conditionings' stock ControlNets
     balanced (on Qwen-Image together with the MODEL's DiffSynth control patches); unchanged for
-    mode "sum" or without any ControlNet."""
-    node = "MI Balanced Control (XCtrl)"
+    mode "sum" or without any ControlNet. ``node``: how errors name it (control_inputs.node_label)."""
     require_finite(node, cap=cap)
     if mode == "sum":
         return model, positive, negative
     arch = supported_architecture(model, patches_node)
     patches = qc.check_mix(model, node) if arch == QWEN else 0
-    patched, pos, neg, found = apply_balance(model, positive, negative, Balance(mode, granularity, cap, CHANNEL_DIM[arch]))
+    balance = Balance(mode, granularity, cap, CHANNEL_DIM[arch])
+    balance.node = node
+    patched, pos, neg, found = apply_balance(model, positive, negative, balance)
     if not found and patches:
         raise ValueError(f"{node}: no ControlNet is applied to positive or negative, and this Qwen-Image MODEL's "
                          f"controls are model patches: use '{patches_node}' on the MODEL instead (or apply a ControlNet).")

@@ -78,10 +78,10 @@ class ScheduledPatch:
         mask = self.runner.mask
         if mask is not None:
             try:
-                batch_rows.check_batch(mask.shape[0], latents, "control_mask")
+                batch_rows.check_batch(mask.shape[0], latents, "mask", input_name="control_mask")
             except batch_rows.HintBatchError as e:
                 raise batch_rows.HintBatchError(f"{self.node}: {e}") from None
-            check_mask_aspect(mask.shape[-2:], noise.shape[-2:], self.node)
+            check_mask_aspect(mask.shape[-2:], noise.shape[-2:], self.node, "control_mask")
         if self.runner.strengths.latents is not None:
             self.runner.strengths.latents.check(latents, self.node)
         return executor(noise, *args, **kwargs)

@@ -261,3 +261,16 @@ def test_control_network_follows_the_models_devices(xs_nodes, controlnet_dir):
     patched = apply(xs_nodes, elsewhere, loaded, torch.rand(1, 64, 64, 3))
     (net,) = set(patched.model_patches_models())
     assert (net.load_device, net.offload_device) == (torch.device("cuda", 1), torch.device("cpu", 0))
+
+
+def test_unreadable_connection_weights_are_refused_at_validation(pack):
+    """The text is known before anything runs: ComfyUI's validation names the node and the input
+    (its count, which depends on the network, is checked when the node runs)."""
+    classes = pack_node_classes()
+    for node in (classes["XCtrl_ApplyControlNetXS"], classes["XCtrl_ApplyControlNetXSConditioning"]):
+        message = node.validate_inputs(0.0, 1.0, connection_weights="1, 0.5, x")
+        assert isinstance(message, str) and message.startswith(f"{node.NODE}: connection_weights: the strengths must "
+                                                               "be numbers"), message
+        assert node.validate_inputs(0.0, 1.0, connection_weights="1, 0.5") is True
+        assert node.validate_inputs(0.0, 1.0, connection_weights=None) is True  # linked: checked when it runs
+        assert "start_percent" in node.validate_inputs(0.5, 0.2, connection_weights="1")

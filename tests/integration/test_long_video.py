@@ -221,13 +221,15 @@ def test_bad_input_is_refused_before_sampling(setup, nodes_mod):
         sample(short, image_emb, concat, noise)
 
 
-def test_svd_v1_under_windows_is_refused(nodes_mod, controlnet_dir):
+def test_svd_v1_under_windows_is_refused_by_the_second_node_in_either_order(nodes_mod, controlnet_dir):
+    """Both nodes see both: whichever runs second refuses (ComfyUI marks that node, not the sampler)."""
     base = tm.svd()
     v1 = load(nodes_mod, write(controlnet_dir, "long_v1.safetensors", controlnext_sd("svd_v1", 64)))
-    poses, image_emb, concat, noise = video_inputs(7)
-    model = node_result(nodes_mod.ControlNeXtSVDLongVideo, apply(nodes_mod, base, v1, poses), 4, 2)[0]
-    with pytest.raises(ValueError, match="SVD v2"):
-        sample(model, image_emb, concat, noise)
+    poses = video_inputs(7)[0]
+    with pytest.raises(ValueError, match="Apply ControlNeXt.*SVD v1: use the SVD v2"):
+        node_result(nodes_mod.ControlNeXtSVDLongVideo, apply(nodes_mod, base, v1, poses), 4, 2)
+    with pytest.raises(ValueError, match="Apply ControlNeXt.*SVD v1: use the SVD v2"):
+        apply(nodes_mod, node_result(nodes_mod.ControlNeXtSVDLongVideo, base, 4, 2)[0], v1, poses)
 
 
 # ----------------------------------------------------------------------------- ComfyUI's context windows
@@ -255,6 +257,10 @@ def test_core_causal_anchor_frames_on_svd_are_refused_before_sampling(setup, nod
     controlled = node_result(nodes_mod.ApplyControlNeXt, base, loaded, poses, 1.0, 0.0, 1.0, None, 1.0, "refuse", True)[0]
     with pytest.raises(RuntimeError, match="causal_window_fix on cannot run an SVD video.*Set causal_window_fix to false"):
         sample(core_windows(controlled, 4, 2, causal_window_fix=True), image_emb, concat, noise)
+    # Context Windows before the Apply node: refused when Apply runs (ComfyUI marks it, not the sampler)
+    with pytest.raises(RuntimeError, match="causal_window_fix on cannot run an SVD video"):
+        node_result(nodes_mod.ApplyControlNeXt, core_windows(base, 4, 2, causal_window_fix=True), loaded, poses, 1.0,
+                    0.0, 1.0)
 
 
 def test_a_causal_anchor_frame_gets_its_own_pose(pack):
@@ -307,7 +313,10 @@ def test_animatediff_context_options_give_each_window_its_poses(pack):
     assert layout.items(9, reference_first=True).tolist() == [0, 6, 7, 8] * 2
     assert layout.items(1).tolist() == [0] * 8
     with pytest.raises(ValueError, match="8 images but the latent batch has 9.*reference"):
-        layout.items(8)
+        layout.items(8, reference_first=True)
+    with pytest.raises(ValueError, match=r"8 images but the latent batch has 9: give 1") as refused:
+        layout.items(8)  # not an SVD v2 pose sequence: no reference pose to miss
+    assert "reference" not in str(refused.value)
 
 
 # ----------------------------------------------------------------------------- reference settings

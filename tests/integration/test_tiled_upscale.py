@@ -122,7 +122,7 @@ def _per_prompt_case(usdu, node, base, control, tile_hw, strength, masked):
     rpos, rneg = node_result(node, pos, neg, base, control, crops, strength, 0.0, 1.0, **extra)
     want = sample(base, rpos, rneg, len(REGIONS), latent_hw)
     if masked:  # untiled, the whole image's mask does not fit the tile's shape: refused, as the MODEL nodes refuse it
-        with pytest.raises(ValueError, match=r"the mask is 160x96 .* give a mask of the image's aspect ratio"):
+        with pytest.raises(ValueError, match=r"the mask is 160x96 .* give the mask input a mask of the image's aspect ratio"):
             sample(base, cpos, cneg, len(REGIONS), latent_hw)
         cpos, cneg = node_result(node, pos, neg, base, control, image, strength, 0.0, 1.0)
     whole = sample(base, cpos, cneg, len(REGIONS), latent_hw)  # the whole image's hint squeezed into the tile
