@@ -574,19 +574,19 @@ def train_from_node(model, latents, images, positive, steps, **options):
     return result.control, tr.loss_curve_image(result.losses), saved
 
 
-def _joined_latents(latents):
+def _joined_latents(latents, node=NODE):
     items = latents if isinstance(latents, list) else [latents]
-    return {"samples": _cat([d["samples"] for d in items], "training latents")}
+    return {"samples": _cat([d["samples"] for d in items], "training latents", node)}
 
 
-def _joined_images(images):
-    return _cat(images if isinstance(images, list) else [images], "condition images")
+def _joined_images(images, node=NODE):
+    return _cat(images if isinstance(images, list) else [images], "condition images", node)
 
 
-def _cat(tensors, what):
+def _cat(tensors, what, node=NODE):
     shapes = {tuple(t.shape[1:]) for t in tensors}
     if len(shapes) > 1:
-        raise tr.TrainingError(f"{NODE}: the {what} have different sizes {sorted(shapes)}: resize them to one size first")
+        raise tr.TrainingError(f"{node}: the {what} have different sizes {sorted(shapes)}: resize them to one size first")
     return torch.cat(tensors)
 
 
