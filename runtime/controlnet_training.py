@@ -76,7 +76,7 @@ def train(model, latent, images, positive, steps, **options):
     if trainer.stage_losses and trainer.stage_losses[-1]:
         note = "\n".join(filter(None, [note, f"conservativity loss at the last step: {trainer.stage_losses[-1]:.6g}"]))
     result = tn.TrainingResult(control, list(trainer.losses), setup.folder, {}, {}, note)
-    result.path, result.module = path, setup.module
+    result.path, result.module, result.stage_losses = path, setup.module, list(trainer.stage_losses)
     return result
 
 

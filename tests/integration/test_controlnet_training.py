@@ -146,3 +146,129 @@ def trained_module_output(cnt, module, base, image, x, sigma, ctx):
     with torch.no_grad():
         eps = fwd(x_in, t, torch.tensor([0]), torch.tensor([False]))
     return ms.calculate_denoised(sigma, eps, x)
+
+
+# ----------------------------------------------------------------- one step against a hand-written reference
+def _reference_injection(mode, outputs, middle):
+    """An output-block patch adding the residuals as ComfyUI does (plain) or with MIControlNet's
+    add_inj written out: lambda* = clip((c - e).c / ||c - e||^2, 0, 1), lambda = lambda*/(1 - lambda*)
+    limited to [0, 20], per sample over all its elements."""
+    def inj(e, c):
+        if mode == "plain":
+            return e + c
+        d = (c - e).flatten(1)
+        ls = ((d * c.flatten(1)).sum(1) / (d * d).sum(1)).clamp(0, 1)
+        lam = torch.where(ls >= 20 / 21, torch.full_like(ls, 20.0), ls / (1 - ls)).clamp(0, 20)
+        return e + lam.reshape(-1, 1, 1, 1) * c
+
+    def patch(h, hsp, to):
+        j = to["block"][1]
+        if j == 0:
+            h = inj(h, middle[0])
+        return h, inj(hsp, outputs[len(outputs) - 1 - j])
+
+    return patch
+
+
+def reference_step(base, sd, latents, images, ctx, seed, mode):
+    """(loss, {name: gradient}) of one step, batch 2, no empty prompts: the draws in the trainer's order."""
+    import comfy.cldm.cldm
+    import comfy.ops
+
+    cfg = {k: v for k, v in tm.SD15_LOADABLE.items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
+                                     device="cpu", num_heads=-1, **{k: v for k, v in cfg.items() if k != "num_heads"})
+    net.load_state_dict(sd)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, LATENTS, (2,), generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    noise = torch.randn((2, 4, 8, 8), generator=g)
+    a = (1.0 / (base.model.model_sampling.sigmas.float() ** 2 + 1.0))[t].reshape(-1, 1, 1, 1)
+    x_t = a.sqrt() * latents["samples"][idx] + (1 - a).sqrt() * noise
+    context = torch.cat([ctx, ctx])
+    res = net(x=x_t, hint=images[idx].movedim(-1, 1), timesteps=t.float(), context=context)
+    to = {"patches": {"output_block_patch": [_reference_injection(mode, res["output"], res["middle"])]}}
+    pred = base.model.diffusion_model(x_t, t.float(), context=context, transformer_options=to)
+    loss = ((pred - noise) ** 2).mean()
+    names = [k for k, _ in net.named_parameters()]
+    grads = torch.autograd.grad(loss, [p for _, p in net.named_parameters()])
+    return float(loss.detach()), dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("injection, mode", [("plain", "plain"), ("balanced", "balanced")])
+def test_one_step_equals_a_hand_written_reference(injection, mode, cnt, setup, out_dir):
+    base, latents, images, pos, _ = setup
+    sd = random_controlnet_file(out_dir, f"start_{mode}.safetensors", tm.SD15_LOADABLE, seed=11)
+    result = run(cnt, setup, f"reference_{mode}", steps=1, start=f"start_{mode}.safetensors", injection=injection,
+                 empty_prompt_rate=0.0, empty_conditioning=None, seed=4)
+    with torch.enable_grad():
+        loss, grads = reference_step(base, sd, latents, images, pos[0][0], 4, mode)
+    assert abs(result.losses[0] - loss) <= 1e-5 * loss
+    mine = dict(result.module.named_parameters())
+    scale = max(float(g.abs().max()) for g in grads.values())
+    worst = max(float((mine[k].grad.cpu() - g).abs().max()) for k, g in grads.items())
+    assert worst <= 1e-5 * scale, (worst, scale)
+
+
+def test_balanced_and_plain_steps_differ(cnt, setup, out_dir):
+    """The reference test above would pass for both modes if the node ignored its injection input."""
+    random_controlnet_file(out_dir, "start_modes.safetensors", tm.SD15_LOADABLE, seed=11)
+    losses = [run(cnt, setup, f"modes_{inj}", steps=1, start="start_modes.safetensors", injection=inj, seed=4,
+                  empty_prompt_rate=0.0, empty_conditioning=None).losses[0] for inj in ("plain", "balanced")]
+    assert abs(losses[0] - losses[1]) > 1e-4 * losses[0]
+
+
+# ----------------------------------------------------------------- the conservativity stage
+def test_the_conservativity_stage_starts_at_its_boundary(cnt, setup, out_dir):
+    random_controlnet_file(out_dir, "start_stage.safetensors", tm.SD15_LOADABLE, seed=12)
+    kw = dict(steps=3, start="start_stage.safetensors", injection="balanced", lr=1e-3)
+    plain = run(cnt, setup, "stage_off", **kw)
+    staged = run(cnt, setup, "stage_on", conservativity_weight=0.5, conservativity_from_step=2, **kw)
+    assert staged.stage_losses[:2] == [0.0, 0.0] and staged.stage_losses[2] != 0.0
+    assert staged.losses == plain.losses  # the stage's probes are drawn after each step's own draws
+    after = {k: v.detach() for k, v in staged.module.state_dict().items()}
+    before = {k: v.detach() for k, v in plain.module.state_dict().items()}
+    assert any(not torch.equal(after[k], before[k]) for k in after)  # step 3 added the stage's gradient
+    assert "conservativity loss at the last step" in staged.note
+
+
+# ----------------------------------------------------------------- bad input, before the first step
+@pytest.mark.parametrize("change, says", [
+    ("sdxl_file", "is a ControlNet for another model than this SD1.5 MODEL"),
+    ("not_a_controlnet", "is not a stock UNet ControlNet"),
+    ("missing_file", "no ControlNet file 'nowhere.safetensors'"),
+    ("balanced_from_unet", "injection 'balanced' cannot start from a fresh copy of the UNet"),
+    ("balanced_zero_file", "its zero convolutions are all zero"),
+    ("boundary", "conservativity_from_step is 3 but the run ends at step 3"),
+    ("images", "3 condition images for 2 training latents"),
+    ("model", "trains SD1.5 and SDXL ControlNets; this MODEL is SVD"),
+])
+def test_bad_input_is_refused_before_any_step(change, says, cnt, setup, out_dir):
+    from safetensors.torch import save_file
+
+    base, latents, images, pos, empty = setup
+    kw = {"empty_conditioning": empty, "empty_prompt_rate": 0.5, "injection": "plain"}
+    if change == "sdxl_file":
+        random_controlnet_file(out_dir, "sdxl.safetensors", tm.SDXL_TINY, seed=1)
+        kw["start"] = "sdxl.safetensors"
+    elif change == "not_a_controlnet":
+        save_file({"foo.weight": torch.zeros(2, 2)}, os.path.join(out_dir, "foo.safetensors"))
+        kw["start"] = "foo.safetensors"
+    elif change == "missing_file":
+        kw["start"] = "nowhere.safetensors"
+    elif change == "balanced_from_unet":
+        kw["injection"] = "balanced"
+    elif change == "balanced_zero_file":
+        random_controlnet_file(out_dir, "zero.safetensors", tm.SD15_LOADABLE, seed=1, zero_outputs=True)
+        kw.update(start="zero.safetensors", injection="balanced")
+    elif change == "boundary":
+        kw.update(conservativity_weight=0.01, conservativity_from_step=3)
+    elif change == "images":
+        images = torch.rand(3, 64, 64, 3)
+    elif change == "model":
+        base = tm.svd()
+    with pytest.raises(ValueError, match=says) as e:
+        cnt.train(base, latents, images, pos, 3, name="refused", **kw)
+    assert cnt.NODE in str(e.value)
+    assert not os.path.exists(os.path.join(out_dir, "refused", "controlnet.safetensors"))
+    assert not os.path.exists(os.path.join(out_dir, "refused", "checkpoint.pt"))
