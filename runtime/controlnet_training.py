@@ -52,7 +52,7 @@ class Options(tn.Options):
     DEFAULTS = {"batch_size": 1, "gradient_accumulation": 1, "lr": LR, "scale": 1.0, "seed": 0,
                 "empty_prompt_rate": 0.5, "empty_conditioning": None, "gradient_checkpointing": False,
                 "training_dtype": "float32", "name": "my_controlnet", "checkpoint_every": 100, "resume": True,
-                "overwrite": False, "start": FROM_UNET, "injection": "balanced", "conservativity_weight": 0.0,
+                "overwrite": False, "start": FROM_UNET, "injection": "plain", "conservativity_weight": 0.0,
                 "conservativity_probes": 1, "conservativity_from_step": 0, "conservativity_probe": "rademacher"}
 
     def settings(self, variant, n):

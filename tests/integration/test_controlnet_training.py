@@ -272,3 +272,35 @@ def test_bad_input_is_refused_before_any_step(change, says, cnt, setup, out_dir)
     assert cnt.NODE in str(e.value)
     assert not os.path.exists(os.path.join(out_dir, "refused", "controlnet.safetensors"))
     assert not os.path.exists(os.path.join(out_dir, "refused", "checkpoint.pt"))
+
+
+# ----------------------------------------------------------------- SDXL and the node
+def test_an_sdxl_controlnet_trains_and_loads(cnt, out_dir):
+    import nodes
+
+    base = tm.sdxl(seed=2)
+    g = torch.Generator().manual_seed(0)
+    latents = {"samples": torch.randn(1, 4, 8, 8, generator=g)}
+    result = cnt.train(base, latents, torch.rand(1, 64, 64, 3, generator=g), tm.text_cond(base), 1, name="sdxl_run",
+                       empty_prompt_rate=0.0, lr=1e-3)
+    assert torch.isfinite(torch.tensor(result.losses)).all()
+    sd = result.module.state_dict()
+    assert any(k.startswith("label_emb.") for k in sd)  # the SDXL ControlNet takes the pooled / size vector
+    loaded = nodes.ControlNetLoader().load_controlnet("sdxl_run/controlnet.safetensors")[0]
+    assert set(loaded.control_model.state_dict()) == set(sd)
+
+
+def test_the_node_takes_list_inputs_and_lists_the_starts(cnt, setup, out_dir):
+    from harness.comfy_runtime import combo_options, node_result, pack_node_classes
+
+    node = pack_node_classes()["XCtrl_TrainControlNetMI"]
+    random_controlnet_file(out_dir, "listed.safetensors", tm.SD15_LOADABLE, seed=3)
+    starts = combo_options(node, "start")
+    assert starts[0] == cnt.FROM_UNET and "listed.safetensors" in starts
+    base, latents, images, pos, empty = setup
+    control, curve, saved = node_result(
+        node, [base], [latents], [images], [pos], [1], start=["listed.safetensors"], injection=["balanced"],
+        empty_conditioning=[empty], name=["node_run"], conservativity_weight=[0.1], batch_size=[2])
+    assert control is not None and curve.shape[-1] == 3
+    assert saved.endswith(os.path.join("node_run", "controlnet.safetensors"))
+    assert "conservativity loss at the last step" in saved
