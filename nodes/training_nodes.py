@@ -10,6 +10,41 @@ from .schema import node_schema
 CATEGORY = "XCtrl/ControlNeXt"
 
 
+def data_inputs(model_tooltip, images_tooltip, steps):
+    """The training data inputs, the same on both training nodes."""
+    return [
+        io.Model.Input("model", tooltip=model_tooltip),
+        io.Latent.Input("latents", tooltip="Training images, VAE-encoded (one latent per image)."),
+        io.Image.Input("images", tooltip=images_tooltip),
+        io.Conditioning.Input("positive", tooltip="The captions: one conditioning for all, or one per latent."),
+        io.Int.Input("steps", default=steps, min=1, max=1000000),
+    ]
+
+
+def stage_inputs(optional):
+    """The conservativity stage's inputs, the same on both training nodes."""
+    return [
+        io.Float.Input("conservativity_weight", default=0.0, min=0.0, max=100.0, step=0.001, optional=optional,
+                       tooltip="MIControlNet's second stage: weight of the conservativity loss (the asymmetry of the "
+                       "Jacobian the control adds; the paper: 0.01). 0: no second stage. Costs several passes per "
+                       "step (docs/training.md)."),
+        io.Int.Input("conservativity_probes", default=1, min=1, max=64, optional=optional,
+                     tooltip="Random probes per sample for the loss's estimate (each: two vector-Jacobian products)."),
+        io.Int.Input("conservativity_from_step", default=0, min=0, max=1000000, optional=optional,
+                     tooltip="The stage boundary: steps after this many steps add the loss (stage 1 before)."),
+        io.Combo.Input("conservativity_probe", options=list(training.PROBES), default="rademacher", optional=optional,
+                       tooltip="The probes' distribution: rademacher (+-1, lower variance) or gaussian."),
+    ]
+
+
+def trained_outputs(control_output):
+    return [control_output, io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="saved")]
+
+
+def trained(control, loss_curve, saved):
+    return io.NodeOutput(control, loss_curve, saved, ui={"text": [saved]})
+
+
 class TrainControlNeXt(io.ComfyNode):
     """Trains a ControlNeXt for a new condition with the authors' recipe: the whole control module (lr 1e-4) and
     the UNet weights matching the pattern (lr 1e-5), epsilon-prediction loss at uniform timesteps, a share of
@@ -23,11 +58,8 @@ class TrainControlNeXt(io.ComfyNode):
         return node_schema(
             cls, "XCtrl_TrainControlNeXt", training.NODE, CATEGORY,
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5 or SDXL base (not changed: what is learned leaves as the control)."),
-                io.Latent.Input("latents", tooltip="Training images, VAE-encoded (one latent per image)."),
-                io.Image.Input("images", tooltip="The condition image of each training image, in the same order."),
-                io.Conditioning.Input("positive", tooltip="The captions: one conditioning for all, or one per latent."),
-                io.Int.Input("steps", default=500, min=1, max=1000000),
+                *data_inputs("SD1.5 or SDXL base (not changed: what is learned leaves as the control).",
+                             "The condition image of each training image, in the same order.", 500),
                 io.Int.Input("batch_size", default=1, min=1, max=256),
                 io.Int.Input("gradient_accumulation", default=1, min=1, max=1024),
                 io.Float.Input("lr_module", default=training.LR_MODULE, min=0.0, max=1.0, step=1e-6),
@@ -49,27 +81,16 @@ class TrainControlNeXt(io.ComfyNode):
                 ControlNeXtType.Input("controlnext", optional=True, tooltip="A ControlNeXt to continue training (SDXL layout)."),
                 io.Boolean.Input("overwrite", default=False, optional=True, tooltip="Replace an earlier run saved under this "
                                  "name (otherwise such a run is only ever continued, with resume on and the same settings)."),
-                io.Float.Input("conservativity_weight", default=0.0, min=0.0, max=100.0, step=0.001, optional=True,
-                               tooltip="MIControlNet's second stage: weight of the conservativity loss (the asymmetry of the "
-                               "Jacobian the control adds; the paper: 0.01). 0: no second stage. Costs several passes per "
-                               "step (docs/training.md)."),
-                io.Int.Input("conservativity_probes", default=1, min=1, max=64, optional=True,
-                             tooltip="Random probes per sample for the loss's estimate (each: two vector-Jacobian products)."),
-                io.Int.Input("conservativity_from_step", default=0, min=0, max=1000000, optional=True,
-                             tooltip="The stage boundary: steps after this many steps add the loss (stage 1 before)."),
-                io.Combo.Input("conservativity_probe", options=list(training.PROBES), default="rademacher", optional=True,
-                               tooltip="The probes' distribution: rademacher (+-1, lower variance) or gaussian."),
+                *stage_inputs(optional=True),
             ],
-            outputs=[ControlNeXtType.Output(display_name="controlnext"), io.Image.Output(display_name="loss_curve"),
-                     io.String.Output(display_name="saved")],
+            outputs=trained_outputs(ControlNeXtType.Output(display_name="controlnext")),
             is_output_node=True,
             is_input_list=True,
         )
 
     @classmethod
     def execute(cls, model, latents, images, positive, steps, **options):
-        control, loss_curve, saved = training.train_from_node(model, latents, images, positive, steps, **options)
-        return io.NodeOutput(control, loss_curve, saved, ui={"text": [saved]})
+        return trained(*training.train_from_node(model, latents, images, positive, steps, **options))
 
 
 class ControlNeXtAsymmetry(io.ComfyNode):
@@ -124,12 +145,8 @@ class TrainControlNetMI(io.ComfyNode):
                 "models/controlnet/<name>/controlnet.safetensors, which Load ControlNet reads, plus a checkpoint to resume."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5 or SDXL base (frozen; the ControlNet is made for it)."),
-                io.Latent.Input("latents", tooltip="Training images, VAE-encoded (one latent per image)."),
-                io.Image.Input("images", tooltip="The condition image of each training image, in the same order (e.g. "
-                               "from Silent Signal Balance)."),
-                io.Conditioning.Input("positive", tooltip="The captions: one conditioning for all, or one per latent."),
-                io.Int.Input("steps", default=1000, min=1, max=10000000),
+                *data_inputs("SD1.5 or SDXL base (frozen; the ControlNet is made for it).", "The condition image of each "
+                             "training image, in the same order (e.g. from Silent Signal Balance).", 1000),
                 io.Combo.Input("start", options=cn.start_options(), default=cn.FROM_UNET,
                                tooltip="from_unet: a new ControlNet, the MODEL's encoder copied, zero convolutions zero. "
                                "A file: fine-tune that ControlNet (it must be made for this MODEL's family)."),
@@ -152,23 +169,16 @@ class TrainControlNetMI(io.ComfyNode):
                 io.Int.Input("checkpoint_every", default=100, min=0, max=1000000, tooltip="Steps between checkpoints (0: none)."),
                 io.Boolean.Input("resume", default=True, tooltip="Continue from the folder's checkpoint when there is one."),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an earlier run saved under this name."),
-                io.Float.Input("conservativity_weight", default=0.0, min=0.0, max=100.0, step=0.001,
-                               tooltip="The second stage's conservativity loss weight (the paper: 0.01); 0: none."),
-                io.Int.Input("conservativity_probes", default=1, min=1, max=64),
-                io.Int.Input("conservativity_from_step", default=0, min=0, max=10000000,
-                             tooltip="The stage boundary: steps after this many steps add the loss."),
-                io.Combo.Input("conservativity_probe", options=list(training.PROBES), default="rademacher"),
+                *stage_inputs(optional=False),
             ],
-            outputs=[io.ControlNet.Output(display_name="control_net"), io.Image.Output(display_name="loss_curve"),
-                     io.String.Output(display_name="saved")],
+            outputs=trained_outputs(io.ControlNet.Output(display_name="control_net")),
             is_output_node=True,
             is_input_list=True,
         )
 
     @classmethod
     def execute(cls, model, latents, images, positive, steps, **options):
-        control, loss_curve, saved = controlnet_training.train_from_node(model, latents, images, positive, steps, **options)
-        return io.NodeOutput(control, loss_curve, saved, ui={"text": [saved]})
+        return trained(*controlnet_training.train_from_node(model, latents, images, positive, steps, **options))
 
 
 NODES = [TrainControlNeXt, TrainControlNetMI, ControlNeXtAsymmetry]

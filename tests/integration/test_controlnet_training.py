@@ -9,6 +9,8 @@ import torch
 
 from harness import tiny_models as tm
 from harness.comfy_runtime import pack_module
+from harness.training_data import run_training as run
+from harness.training_data import tiny_training_data
 
 LATENTS = 2
 
@@ -19,36 +21,13 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory, pack):
-    """models/controlnet's first (default) folder for this module: where training writes."""
-    import folder_paths
-
-    path = str(tmp_path_factory.mktemp("trained_controlnets"))
-    folder_paths.add_model_folder_path("controlnet", path, is_default=True)
-    yield path
-    folder_paths.folder_names_and_paths["controlnet"][0].remove(path)
-
-
-@pytest.fixture(scope="module")
 def cnt(pack):
     return pack_module("runtime.controlnet_training")
 
 
 @pytest.fixture(scope="module")
 def setup(pack):
-    g = torch.Generator().manual_seed(0)
-    base = tm.sd15_loadable(seed=3)
-    latents = {"samples": torch.randn(LATENTS, 4, 8, 8, generator=g)}
-    images = torch.rand(LATENTS, 64, 64, 3, generator=g)
-    return base, latents, images, tm.text_cond(base), tm.text_cond(base, seed=9)
-
-
-def run(cnt, setup, name, steps=2, **kw):
-    base, latents, images, pos, empty = setup
-    kw.setdefault("empty_prompt_rate", 0.5)
-    kw.setdefault("empty_conditioning", empty)
-    kw.setdefault("injection", "plain")
-    return cnt.train(base, latents, images, pos, steps, batch_size=2, name=name, seed=kw.pop("seed", 1), **kw)
+    return tiny_training_data(tm.sd15_loadable(seed=3), LATENTS)
 
 
 def random_controlnet_file(folder, name, config, seed, zero_outputs=False):
@@ -116,9 +95,9 @@ def test_saved_file_round_trips_through_core_load_and_apply_controlnet(cnt, setu
     import nodes
 
     base, latents, images, pos, _ = setup
-    result = run(cnt, setup, "round_trip", steps=2, lr=1e-3)
+    result = run(cnt, setup, "micn_round_trip", steps=2, lr=1e-3)
     assert sorted(os.listdir(result.folder)) == ["checkpoint.pt", "controlnet.safetensors"]
-    loaded = nodes.ControlNetLoader().load_controlnet("round_trip/controlnet.safetensors")[0]
+    loaded = nodes.ControlNetLoader().load_controlnet("micn_round_trip/controlnet.safetensors")[0]
     assert isinstance(loaded, comfy.controlnet.ControlNet)
     trained = {k: v.detach().float().cpu() for k, v in result.module.state_dict().items()}
     file_sd = loaded.control_model.state_dict()
@@ -198,8 +177,8 @@ def reference_step(base, sd, latents, images, ctx, seed, mode):
 @pytest.mark.parametrize("injection, mode", [("plain", "plain"), ("balanced", "balanced")])
 def test_one_step_equals_a_hand_written_reference(injection, mode, cnt, setup, out_dir):
     base, latents, images, pos, _ = setup
-    sd = random_controlnet_file(out_dir, f"start_{mode}.safetensors", tm.SD15_LOADABLE, seed=11)
-    result = run(cnt, setup, f"reference_{mode}", steps=1, start=f"start_{mode}.safetensors", injection=injection,
+    sd = random_controlnet_file(out_dir, f"micn_start_{mode}.safetensors", tm.SD15_LOADABLE, seed=11)
+    result = run(cnt, setup, f"micn_reference_{mode}", steps=1, start=f"micn_start_{mode}.safetensors", injection=injection,
                  empty_prompt_rate=0.0, empty_conditioning=None, seed=4)
     with torch.enable_grad():
         loss, grads = reference_step(base, sd, latents, images, pos[0][0], 4, mode)
@@ -212,18 +191,18 @@ def test_one_step_equals_a_hand_written_reference(injection, mode, cnt, setup, o
 
 def test_balanced_and_plain_steps_differ(cnt, setup, out_dir):
     """The reference test above would pass for both modes if the node ignored its injection input."""
-    random_controlnet_file(out_dir, "start_modes.safetensors", tm.SD15_LOADABLE, seed=11)
-    losses = [run(cnt, setup, f"modes_{inj}", steps=1, start="start_modes.safetensors", injection=inj, seed=4,
+    random_controlnet_file(out_dir, "micn_start_modes.safetensors", tm.SD15_LOADABLE, seed=11)
+    losses = [run(cnt, setup, f"micn_modes_{inj}", steps=1, start="micn_start_modes.safetensors", injection=inj, seed=4,
                   empty_prompt_rate=0.0, empty_conditioning=None).losses[0] for inj in ("plain", "balanced")]
     assert abs(losses[0] - losses[1]) > 1e-4 * losses[0]
 
 
 # ----------------------------------------------------------------- the conservativity stage
 def test_the_conservativity_stage_starts_at_its_boundary(cnt, setup, out_dir):
-    random_controlnet_file(out_dir, "start_stage.safetensors", tm.SD15_LOADABLE, seed=12)
-    kw = dict(steps=3, start="start_stage.safetensors", injection="balanced", lr=1e-3)
-    plain = run(cnt, setup, "stage_off", **kw)
-    staged = run(cnt, setup, "stage_on", conservativity_weight=0.5, conservativity_from_step=2, **kw)
+    random_controlnet_file(out_dir, "micn_start_stage.safetensors", tm.SD15_LOADABLE, seed=12)
+    kw = dict(steps=3, start="micn_start_stage.safetensors", injection="balanced", lr=1e-3)
+    plain = run(cnt, setup, "micn_stage_off", **kw)
+    staged = run(cnt, setup, "micn_stage_on", conservativity_weight=0.5, conservativity_from_step=2, **kw)
     assert staged.stage_losses[:2] == [0.0, 0.0] and staged.stage_losses[2] != 0.0
     assert staged.losses == plain.losses  # the stage's probes are drawn after each step's own draws
     after = {k: v.detach() for k, v in staged.module.state_dict().items()}
@@ -236,7 +215,7 @@ def test_the_conservativity_stage_starts_at_its_boundary(cnt, setup, out_dir):
 @pytest.mark.parametrize("change, says", [
     ("sdxl_file", "is a ControlNet for another model than this SD1.5 MODEL"),
     ("not_a_controlnet", "is not a stock UNet ControlNet"),
-    ("missing_file", "no ControlNet file 'nowhere.safetensors'"),
+    ("missing_file", "no ControlNet file 'micn_nowhere.safetensors'"),
     ("balanced_from_unet", "injection 'balanced' cannot start from a fresh copy of the UNet"),
     ("balanced_zero_file", "its zero convolutions are all zero"),
     ("boundary", "conservativity_from_step is 3 but the run ends at step 3"),
@@ -249,18 +228,18 @@ def test_bad_input_is_refused_before_any_step(change, says, cnt, setup, out_dir)
     base, latents, images, pos, empty = setup
     kw = {"empty_conditioning": empty, "empty_prompt_rate": 0.5, "injection": "plain"}
     if change == "sdxl_file":
-        random_controlnet_file(out_dir, "sdxl.safetensors", tm.SDXL_TINY, seed=1)
-        kw["start"] = "sdxl.safetensors"
+        random_controlnet_file(out_dir, "micn_sdxl.safetensors", tm.SDXL_TINY, seed=1)
+        kw["start"] = "micn_sdxl.safetensors"
     elif change == "not_a_controlnet":
-        save_file({"foo.weight": torch.zeros(2, 2)}, os.path.join(out_dir, "foo.safetensors"))
-        kw["start"] = "foo.safetensors"
+        save_file({"foo.weight": torch.zeros(2, 2)}, os.path.join(out_dir, "micn_foo.safetensors"))
+        kw["start"] = "micn_foo.safetensors"
     elif change == "missing_file":
-        kw["start"] = "nowhere.safetensors"
+        kw["start"] = "micn_nowhere.safetensors"
     elif change == "balanced_from_unet":
         kw["injection"] = "balanced"
     elif change == "balanced_zero_file":
-        random_controlnet_file(out_dir, "zero.safetensors", tm.SD15_LOADABLE, seed=1, zero_outputs=True)
-        kw.update(start="zero.safetensors", injection="balanced")
+        random_controlnet_file(out_dir, "micn_zero.safetensors", tm.SD15_LOADABLE, seed=1, zero_outputs=True)
+        kw.update(start="micn_zero.safetensors", injection="balanced")
     elif change == "boundary":
         kw.update(conservativity_weight=0.01, conservativity_from_step=3)
     elif change == "images":
@@ -268,10 +247,10 @@ def test_bad_input_is_refused_before_any_step(change, says, cnt, setup, out_dir)
     elif change == "model":
         base = tm.svd()
     with pytest.raises(ValueError, match=says) as e:
-        cnt.train(base, latents, images, pos, 3, name="refused", **kw)
+        cnt.train(base, latents, images, pos, 3, name="micn_refused", **kw)
     assert cnt.NODE in str(e.value)
-    assert not os.path.exists(os.path.join(out_dir, "refused", "controlnet.safetensors"))
-    assert not os.path.exists(os.path.join(out_dir, "refused", "checkpoint.pt"))
+    assert not os.path.exists(os.path.join(out_dir, "micn_refused", "controlnet.safetensors"))
+    assert not os.path.exists(os.path.join(out_dir, "micn_refused", "checkpoint.pt"))
 
 
 # ----------------------------------------------------------------- SDXL and the node
@@ -281,12 +260,12 @@ def test_an_sdxl_controlnet_trains_and_loads(cnt, out_dir):
     base = tm.sdxl(seed=2)
     g = torch.Generator().manual_seed(0)
     latents = {"samples": torch.randn(1, 4, 8, 8, generator=g)}
-    result = cnt.train(base, latents, torch.rand(1, 64, 64, 3, generator=g), tm.text_cond(base), 1, name="sdxl_run",
+    result = cnt.train(base, latents, torch.rand(1, 64, 64, 3, generator=g), tm.text_cond(base), 1, name="micn_sdxl_run",
                        empty_prompt_rate=0.0, lr=1e-3)
     assert torch.isfinite(torch.tensor(result.losses)).all()
     sd = result.module.state_dict()
     assert any(k.startswith("label_emb.") for k in sd)  # the SDXL ControlNet takes the pooled / size vector
-    loaded = nodes.ControlNetLoader().load_controlnet("sdxl_run/controlnet.safetensors")[0]
+    loaded = nodes.ControlNetLoader().load_controlnet("micn_sdxl_run/controlnet.safetensors")[0]
     assert set(loaded.control_model.state_dict()) == set(sd)
 
 
@@ -294,13 +273,13 @@ def test_the_node_takes_list_inputs_and_lists_the_starts(cnt, setup, out_dir):
     from harness.comfy_runtime import combo_options, node_result, pack_node_classes
 
     node = pack_node_classes()["XCtrl_TrainControlNetMI"]
-    random_controlnet_file(out_dir, "listed.safetensors", tm.SD15_LOADABLE, seed=3)
+    random_controlnet_file(out_dir, "micn_listed.safetensors", tm.SD15_LOADABLE, seed=3)
     starts = combo_options(node, "start")
-    assert starts[0] == cnt.FROM_UNET and "listed.safetensors" in starts
+    assert starts[0] == cnt.FROM_UNET and "micn_listed.safetensors" in starts
     base, latents, images, pos, empty = setup
     control, curve, saved = node_result(
-        node, [base], [latents], [images], [pos], [1], start=["listed.safetensors"], injection=["balanced"],
-        empty_conditioning=[empty], name=["node_run"], conservativity_weight=[0.1], batch_size=[2])
+        node, [base], [latents], [images], [pos], [1], start=["micn_listed.safetensors"], injection=["balanced"],
+        empty_conditioning=[empty], name=["micn_node_run"], conservativity_weight=[0.1], batch_size=[2])
     assert control is not None and curve.shape[-1] == 3
-    assert saved.endswith(os.path.join("node_run", "controlnet.safetensors"))
+    assert saved.endswith(os.path.join("micn_node_run", "controlnet.safetensors"))
     assert "conservativity loss at the last step" in saved
