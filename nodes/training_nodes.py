@@ -4,6 +4,7 @@ and runtime/asymmetry.py (docs/conservativity.md)."""
 from comfy_api.latest import io
 
 from ..runtime import asymmetry, controlnet_training, training
+from ..runtime.node_search import search_aliases
 from .apply_inputs import ControlNeXtType
 from .schema import node_schema
 
@@ -138,6 +139,7 @@ class TrainControlNetMI(io.ComfyNode):
             node_id="XCtrl_TrainControlNetMI",
             display_name=cn.NODE,
             category="XCtrl/MIControlNet",
+            **search_aliases("XCtrl_TrainControlNetMI"),
             description=(
                 "Trains an ordinary ComfyUI ControlNet (SD1.5, SDXL) the MIControlNet way: from a copy of the MODEL's UNet "
                 "encoder or a ControlNet file, with its residuals injected balanced (the paper's add_inj) or plainly, on "
