@@ -211,6 +211,22 @@ def test_the_conservativity_stage_starts_at_its_boundary(cnt, setup, out_dir):
     assert "conservativity loss at the last step" in staged.note
 
 
+def test_a_resumed_balanced_two_stage_run_equals_an_uninterrupted_one(cnt, setup, out_dir):
+    random_controlnet_file(out_dir, "micn_start_resume.safetensors", tm.SD15_LOADABLE, seed=13)
+    kw = dict(start="micn_start_resume.safetensors", injection="balanced", lr=1e-3, conservativity_weight=0.5,
+              conservativity_from_step=1, checkpoint_every=0)
+    straight = run(cnt, setup, "micn_straight", steps=3, **kw)
+    run(cnt, setup, "micn_resumed", steps=2, **kw)
+    resumed = run(cnt, setup, "micn_resumed", steps=3, **kw)
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5)
+    assert resumed.stage_losses == pytest.approx(straight.stage_losses, rel=1e-4)
+    a, b = straight.module.state_dict(), resumed.module.state_dict()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5
+    with pytest.raises(ValueError, match="injection 'balanced' -> 'plain'") as e:  # a changed setting is refused
+        run(cnt, setup, "micn_resumed", steps=4, **dict(kw, injection="plain"))
+    assert cnt.NODE in str(e.value)
+
+
 # ----------------------------------------------------------------- bad input, before the first step
 @pytest.mark.parametrize("change, says", [
     ("sdxl_file", "is a ControlNet for another model than this SD1.5 MODEL"),
