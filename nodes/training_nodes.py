@@ -4,7 +4,6 @@ and runtime/asymmetry.py (docs/conservativity.md)."""
 from comfy_api.latest import io
 
 from ..runtime import asymmetry, controlnet_training, training
-from ..runtime.node_search import search_aliases
 from .apply_inputs import ControlNeXtType
 from .schema import node_schema
 
@@ -132,20 +131,16 @@ class ControlNeXtAsymmetry(io.ComfyNode):
 
 
 class TrainControlNetMI(io.ComfyNode):
+    """Trains an ordinary ComfyUI ControlNet (SD1.5, SDXL) the MIControlNet way: from a copy of the MODEL's UNet
+    encoder or a ControlNet file, with its residuals injected balanced (the paper's add_inj) or plainly, on your
+    (balanced) data, and an optional conservativity stage. The MODEL stays frozen. Saves
+    models/controlnet/<name>/controlnet.safetensors, which Load ControlNet reads, plus a checkpoint to resume."""
+
     @classmethod
     def define_schema(cls):
         cn = controlnet_training
-        return io.Schema(
-            node_id="XCtrl_TrainControlNetMI",
-            display_name=cn.NODE,
-            category="XCtrl/MIControlNet",
-            **search_aliases("XCtrl_TrainControlNetMI"),
-            description=(
-                "Trains an ordinary ComfyUI ControlNet (SD1.5, SDXL) the MIControlNet way: from a copy of the MODEL's UNet "
-                "encoder or a ControlNet file, with its residuals injected balanced (the paper's add_inj) or plainly, on "
-                "your (balanced) data, and an optional conservativity stage. The MODEL stays frozen. Saves "
-                "models/controlnet/<name>/controlnet.safetensors, which Load ControlNet reads, plus a checkpoint to resume."
-            ),
+        return node_schema(
+            cls, "XCtrl_TrainControlNetMI", cn.NODE, "XCtrl/MIControlNet",
             inputs=[
                 *data_inputs("SD1.5 or SDXL base (frozen; the ControlNet is made for it).", "The condition image of each "
                              "training image, in the same order (e.g. from Silent Signal Balance).", 1000),
