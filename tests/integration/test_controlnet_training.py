@@ -26,7 +26,8 @@ def cnt(pack):
 
 
 @pytest.fixture(scope="module")
-def setup(pack):
+def setup(cnt):
+    """The tiny SD1.5 whose ControlNets core's loader reads back (SD15_LOADABLE), and its data."""
     return tiny_training_data(tm.sd15_loadable(seed=3), LATENTS)
 
 
