@@ -36,11 +36,18 @@ def probe_vectors(shape, count, kind, generator):
 def control_jacobian_t(out, joined, term, x, create_graph=False):
     """v -> J_c^T v for ``v`` shaped like ``out`` (J_c: module docstring). ``out``, ``joined`` and
     ``term`` come from one forward of ``x`` (which requires grad); the graph is kept for further
-    products, and with ``create_graph`` the products can themselves be differentiated (a loss)."""
+    products, and with ``create_graph`` the products can themselves be differentiated (a loss).
+
+    A control that joins at several points (a ControlNet: every skip connection and the middle)
+    gives lists: ``joined[k] = h_k + term[k]``, none of the h_k depending on another joined point;
+    then J_c = sum_k (d out / d joined_k) (d term_k / d x), and J_c^T v is one backward pass from
+    ``out`` to all joined points and one from all terms to ``x``."""
+    joins = list(joined) if isinstance(joined, (list, tuple)) else [joined]
+    terms = list(term) if isinstance(term, (list, tuple)) else [term]
+
     def jt(v):
-        w = torch.autograd.grad(out, joined, v.to(out.dtype), retain_graph=True, create_graph=create_graph)[0]
-        u = torch.autograd.grad(term, x, w, retain_graph=True, create_graph=create_graph)[0]
-        return u
+        ws = torch.autograd.grad(out, joins, v.to(out.dtype), retain_graph=True, create_graph=create_graph)
+        return torch.autograd.grad(terms, x, ws, retain_graph=True, create_graph=create_graph)[0]
 
     return jt
 

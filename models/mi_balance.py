@@ -194,6 +194,21 @@ def _frank_wolfe(M, max_iter, tol):
 
 # ---------------------------------------------------------------------------- adding
 
+def injection_term(e, c, mode="paper", cap=DEFAULT_CAP, granularity="layer", channel_dim=1,
+                   stats: Optional[List[torch.Tensor]] = None):
+    """What add_inj adds to e: lambda(e, c) * c (paper), lambda(c, e) * c (min_norm), in the
+    float32-or-wider compute dtype; sum: c itself. ``stats`` as in :func:`add_inj`."""
+    _check_mode(mode)
+    if mode == "sum":
+        return c
+    w = lam(e, c, cap, granularity, channel_dim) if mode == "paper" else \
+        lam(c, e, cap, granularity, channel_dim)
+    if stats is not None:
+        stats.append(w.detach())
+    dt = _compute_dtype(e, c)
+    return w.to(dt) * c.to(dt)
+
+
 def add_inj(e, c, mode="paper", cap=DEFAULT_CAP, granularity="layer", channel_dim=1,
             stats: Optional[List[torch.Tensor]] = None):
     """Injects control residual c into UNet residual e (Eq. 10); result in e's dtype.
@@ -203,16 +218,9 @@ def add_inj(e, c, mode="paper", cap=DEFAULT_CAP, granularity="layer", channel_di
     If ``stats`` is a list, the lambda tensor used is appended to it (detached, float32,
     shape broadcastable to e); sum mode appends nothing.
     """
-    _check_mode(mode)
-    if mode == "sum":
-        out = e + c
-        return out if out.dtype == e.dtype else out.to(e.dtype)
-    w = lam(e, c, cap, granularity, channel_dim) if mode == "paper" else \
-        lam(c, e, cap, granularity, channel_dim)
-    if stats is not None:
-        stats.append(w.detach())
-    dt = _compute_dtype(e, c)
-    return (e.to(dt) + w.to(dt) * c.to(dt)).to(e.dtype)
+    term = injection_term(e, c, mode, cap, granularity, channel_dim, stats)
+    out = e + c if mode == "sum" else e.to(term.dtype) + term
+    return out if out.dtype == e.dtype else out.to(e.dtype)
 
 
 def add_com(f1, f2, mode="paper", granularity="layer", channel_dim=1):

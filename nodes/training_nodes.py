@@ -1,12 +1,48 @@
-"""Train ControlNeXt (XCtrl) and ControlNeXt Jacobian Asymmetry (XCtrl): the nodes. What they do is
-runtime/training.py (docs/training.md) and runtime/asymmetry.py (docs/conservativity.md)."""
+"""Train ControlNeXt (XCtrl), Train ControlNet (MIControlNet) (XCtrl) and ControlNeXt Jacobian Asymmetry
+(XCtrl): the nodes. What they do is runtime/training.py, runtime/controlnet_training.py (docs/training.md)
+and runtime/asymmetry.py (docs/conservativity.md)."""
 from comfy_api.latest import io
 
-from ..runtime import asymmetry, training
+from ..runtime import asymmetry, controlnet_training, training
 from .apply_inputs import ControlNeXtType
 from .schema import node_schema
 
 CATEGORY = "XCtrl/ControlNeXt"
+
+
+def data_inputs(model_tooltip, images_tooltip, steps):
+    """The training data inputs, the same on both training nodes."""
+    return [
+        io.Model.Input("model", tooltip=model_tooltip),
+        io.Latent.Input("latents", tooltip="Training images, VAE-encoded (one latent per image)."),
+        io.Image.Input("images", tooltip=images_tooltip),
+        io.Conditioning.Input("positive", tooltip="The captions: one conditioning for all, or one per latent."),
+        io.Int.Input("steps", default=steps, min=1, max=1000000),
+    ]
+
+
+def stage_inputs(optional):
+    """The conservativity stage's inputs, the same on both training nodes."""
+    return [
+        io.Float.Input("conservativity_weight", default=0.0, min=0.0, max=100.0, step=0.001, optional=optional,
+                       tooltip="MIControlNet's second stage: weight of the conservativity loss (the asymmetry of the "
+                       "Jacobian the control adds; the paper: 0.01). 0: no second stage. Costs several passes per "
+                       "step (docs/training.md)."),
+        io.Int.Input("conservativity_probes", default=1, min=1, max=64, optional=optional,
+                     tooltip="Random probes per sample for the loss's estimate (each: two vector-Jacobian products)."),
+        io.Int.Input("conservativity_from_step", default=0, min=0, max=1000000, optional=optional,
+                     tooltip="The stage boundary: steps after this many steps add the loss (stage 1 before)."),
+        io.Combo.Input("conservativity_probe", options=list(training.PROBES), default="rademacher", optional=optional,
+                       tooltip="The probes' distribution: rademacher (+-1, lower variance) or gaussian."),
+    ]
+
+
+def trained_outputs(control_output):
+    return [control_output, io.Image.Output(display_name="loss_curve"), io.String.Output(display_name="saved")]
+
+
+def trained(control, loss_curve, saved):
+    return io.NodeOutput(control, loss_curve, saved, ui={"text": [saved]})
 
 
 class TrainControlNeXt(io.ComfyNode):
@@ -22,11 +58,8 @@ class TrainControlNeXt(io.ComfyNode):
         return node_schema(
             cls, "XCtrl_TrainControlNeXt", training.NODE, CATEGORY,
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5 or SDXL base (not changed: what is learned leaves as the control)."),
-                io.Latent.Input("latents", tooltip="Training images, VAE-encoded (one latent per image)."),
-                io.Image.Input("images", tooltip="The condition image of each training image, in the same order."),
-                io.Conditioning.Input("positive", tooltip="The captions: one conditioning for all, or one per latent."),
-                io.Int.Input("steps", default=500, min=1, max=1000000),
+                *data_inputs("SD1.5 or SDXL base (not changed: what is learned leaves as the control).",
+                             "The condition image of each training image, in the same order.", 500),
                 io.Int.Input("batch_size", default=1, min=1, max=256),
                 io.Int.Input("gradient_accumulation", default=1, min=1, max=1024),
                 io.Float.Input("lr_module", default=training.LR_MODULE, min=0.0, max=1.0, step=1e-6),
@@ -48,27 +81,16 @@ class TrainControlNeXt(io.ComfyNode):
                 ControlNeXtType.Input("controlnext", optional=True, tooltip="A ControlNeXt to continue training (SDXL layout)."),
                 io.Boolean.Input("overwrite", default=False, optional=True, tooltip="Replace an earlier run saved under this "
                                  "name (otherwise such a run is only ever continued, with resume on and the same settings)."),
-                io.Float.Input("conservativity_weight", default=0.0, min=0.0, max=100.0, step=0.001, optional=True,
-                               tooltip="MIControlNet's second stage: weight of the conservativity loss (the asymmetry of the "
-                               "Jacobian the control adds; the paper: 0.01). 0: no second stage. Costs several passes per "
-                               "step (docs/training.md)."),
-                io.Int.Input("conservativity_probes", default=1, min=1, max=64, optional=True,
-                             tooltip="Random probes per sample for the loss's estimate (each: two vector-Jacobian products)."),
-                io.Int.Input("conservativity_from_step", default=0, min=0, max=1000000, optional=True,
-                             tooltip="The stage boundary: steps after this many steps add the loss (stage 1 before)."),
-                io.Combo.Input("conservativity_probe", options=list(training.PROBES), default="rademacher", optional=True,
-                               tooltip="The probes' distribution: rademacher (+-1, lower variance) or gaussian."),
+                *stage_inputs(optional=True),
             ],
-            outputs=[ControlNeXtType.Output(display_name="controlnext"), io.Image.Output(display_name="loss_curve"),
-                     io.String.Output(display_name="saved")],
+            outputs=trained_outputs(ControlNeXtType.Output(display_name="controlnext")),
             is_output_node=True,
             is_input_list=True,
         )
 
     @classmethod
     def execute(cls, model, latents, images, positive, steps, **options):
-        control, loss_curve, saved = training.train_from_node(model, latents, images, positive, steps, **options)
-        return io.NodeOutput(control, loss_curve, saved, ui={"text": [saved]})
+        return trained(*training.train_from_node(model, latents, images, positive, steps, **options))
 
 
 class ControlNeXtAsymmetry(io.ComfyNode):
@@ -108,4 +130,52 @@ class ControlNeXtAsymmetry(io.ComfyNode):
         return io.NodeOutput(result.mean, result.relative, result.report(), ui={"text": [result.report()]})
 
 
-NODES = [TrainControlNeXt, ControlNeXtAsymmetry]
+class TrainControlNetMI(io.ComfyNode):
+    """Trains an ordinary ComfyUI ControlNet (SD1.5, SDXL) the MIControlNet way: from a copy of the MODEL's UNet
+    encoder or a ControlNet file, with its residuals injected balanced (the paper's add_inj) or plainly, on your
+    (balanced) data, and an optional conservativity stage. The MODEL stays frozen. Saves
+    models/controlnet/<name>/controlnet.safetensors, which Load ControlNet reads, plus a checkpoint to resume."""
+
+    @classmethod
+    def define_schema(cls):
+        cn = controlnet_training
+        return node_schema(
+            cls, "XCtrl_TrainControlNetMI", cn.NODE, "XCtrl/MIControlNet",
+            inputs=[
+                *data_inputs("SD1.5 or SDXL base (frozen; the ControlNet is made for it).", "The condition image of each "
+                             "training image, in the same order (e.g. from Silent Signal Balance).", 1000),
+                io.Combo.Input("start", options=cn.start_options(), default=cn.FROM_UNET,
+                               tooltip="from_unet: a new ControlNet, the MODEL's encoder copied, zero convolutions zero. "
+                               "A file: fine-tune that ControlNet (it must be made for this MODEL's family)."),
+                io.Combo.Input("injection", options=list(cn.INJECTIONS), default="plain",
+                               tooltip="How the residuals join the UNet in training. balanced: MIControlNet's add_inj "
+                               "(Eq. 10, as the paper trains; cannot start from zero convolutions: docs/training.md); "
+                               "balanced_min_norm: the min-norm reading; plain: ComfyUI's addition."),
+                io.Int.Input("batch_size", default=1, min=1, max=256),
+                io.Int.Input("gradient_accumulation", default=1, min=1, max=1024),
+                io.Float.Input("lr", default=cn.LR, min=0.0, max=1.0, step=1e-7),
+                io.Float.Input("scale", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="The ControlNet's strength in training."),
+                io.Int.Input("seed", default=0, min=0, max=2**63 - 1),
+                io.Float.Input("empty_prompt_rate", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of steps with the empty prompt (the ControlNet authors: 0.5)."),
+                io.Conditioning.Input("empty_conditioning", optional=True, tooltip="CLIP Text Encode of an empty text "
+                                      "(needed for empty_prompt_rate > 0)."),
+                io.Boolean.Input("gradient_checkpointing", default=False),
+                io.Combo.Input("training_dtype", options=list(training.DTYPES), default="float32"),
+                io.String.Input("name", default="my_controlnet", tooltip="Folder under models/controlnet for the files."),
+                io.Int.Input("checkpoint_every", default=100, min=0, max=1000000, tooltip="Steps between checkpoints (0: none)."),
+                io.Boolean.Input("resume", default=True, tooltip="Continue from the folder's checkpoint when there is one."),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an earlier run saved under this name."),
+                *stage_inputs(optional=False),
+            ],
+            outputs=trained_outputs(io.ControlNet.Output(display_name="control_net")),
+            is_output_node=True,
+            is_input_list=True,
+        )
+
+    @classmethod
+    def execute(cls, model, latents, images, positive, steps, **options):
+        return trained(*controlnet_training.train_from_node(model, latents, images, positive, steps, **options))
+
+
+NODES = [TrainControlNeXt, TrainControlNetMI, ControlNeXtAsymmetry]

@@ -14,6 +14,7 @@ _XS = ("ControlNet-XS", "ControlNet XS", "controlnetxs", "CNXS", "controlnet sma
 ALIASES = {
     "XCtrl_MIBalancedControl": _MI,
     "XCtrl_MILambdaStats": _MI,
+    "XCtrl_TrainControlNetMI": _MI + ("train controlnet", "controlnet training"),
     "XCtrl_LoadControlNeXt": _CONTROLNEXT + ("load controlnet",),
     "XCtrl_ApplyControlNeXt": _CONTROLNEXT + ("apply controlnet",),
     "XCtrl_ApplyControlNeXtConditioning": _CONTROLNEXT + ("apply controlnet",),

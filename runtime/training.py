@@ -51,21 +51,21 @@ class TrainingResult:
 MAX_NAME_PART = 120  # characters per folder level: file systems stop at 255 bytes
 
 
-def output_folder(name):
+def output_folder(name, node=NODE):
     """models/controlnet/<name>: a folder below the root (never the root itself, never outside it)."""
     base = folder_paths.get_folder_paths("controlnet")[0]
     clean = name.strip().strip("/\\")
     parts = clean.replace("\\", "/").split("/")
     if not clean or any(p in ("", ".", "..") for p in parts) or any(ord(c) < 32 for c in clean):  # NUL, newlines
-        raise tr.TrainingError(f"{NODE}: the name {name!r} must name a folder under models/controlnet (letters, digits, "
+        raise tr.TrainingError(f"{node}: the name {name!r} must name a folder under models/controlnet (letters, digits, "
                                "'-', '_'; no '.' or '..' levels), e.g. my_controlnext")
     if any(len(p) > MAX_NAME_PART for p in parts):
-        raise tr.TrainingError(f"{NODE}: the name is {len(clean)} characters long: keep each folder name under "
+        raise tr.TrainingError(f"{node}: the name is {len(clean)} characters long: keep each folder name under "
                                f"{MAX_NAME_PART} characters")
     return os.path.join(base, *parts)
 
 
-def prepare_folder(folder, resume, overwrite):
+def prepare_folder(folder, resume, overwrite, node=NODE):
     """Checks, before the first step, that the run's files can be written and that no earlier run is
     replaced unless asked. Returns True when the folder's checkpoint is to be resumed."""
     try:
@@ -75,7 +75,7 @@ def prepare_folder(folder, resume, overwrite):
             f.write(b"ok")
         os.remove(probe)
     except OSError as e:
-        raise tr.TrainingError(f"{NODE}: cannot write into {folder} ({e.strerror or e}): make it writable or pick "
+        raise tr.TrainingError(f"{node}: cannot write into {folder} ({e.strerror or e}): make it writable or pick "
                                "another name; nothing was trained") from None
     earlier = [f for f in (MODULE_FILE, UNET_FILE, CHECKPOINT_FILE) if os.path.isfile(os.path.join(folder, f))]
     if overwrite or not earlier:
@@ -83,38 +83,38 @@ def prepare_folder(folder, resume, overwrite):
     if resume and CHECKPOINT_FILE in earlier:
         return True
     raise tr.TrainingError(
-        f"{NODE}: {folder} already holds an earlier run ({', '.join(earlier)}): pick another name, "
+        f"{node}: {folder} already holds an earlier run ({', '.join(earlier)}): pick another name, "
         + ("turn overwrite on to replace it" if resume else "turn resume on to continue it, or overwrite on to replace it"))
 
 
-def read_checkpoint(path, settings):
+def read_checkpoint(path, settings, node=NODE):
     """The folder's checkpoint, read without running code, checked to be this node's and made
     with the same settings (a changed setting is refused, never silently ignored)."""
     fix = "turn overwrite on to start this run again, or pick another name"
     try:
         state = load_pickle(path)
     except WeightFileError as e:
-        raise tr.TrainingError(f"{NODE}: cannot resume from {path}: {e.problem} ({fix})") from None
+        raise tr.TrainingError(f"{node}: cannot resume from {path}: {e.problem} ({fix})") from None
     needed = ("step", "losses", "module", "unet", "optimizer", "generator")
     if not isinstance(state, dict) or any(k not in state for k in needed):
-        raise tr.TrainingError(f"{NODE}: {path} is not a checkpoint of this node ({fix})")
+        raise tr.TrainingError(f"{node}: {path} is not a checkpoint of this node ({fix})")
     before = state.get("settings") or {}
     changed = [f"{k} {before[k]!r} -> {v!r}" for k, v in settings.items() if k in before and before[k] != v]
     if changed:
-        raise tr.TrainingError(f"{NODE}: the run in {os.path.dirname(path)} was trained with other settings "
+        raise tr.TrainingError(f"{node}: the run in {os.path.dirname(path)} was trained with other settings "
                                f"({'; '.join(changed)}): resuming would ignore them. {fix[0].upper() + fix[1:]}, or "
                                "set them back to continue it")
     bad = tr.non_finite_tensors(state)
     if bad:
-        raise tr.TrainingError(f"{NODE}: {path} holds NaN or infinite values ({', '.join(bad[:3])}) ({fix})")
+        raise tr.TrainingError(f"{node}: {path} holds NaN or infinite values ({', '.join(bad[:3])}) ({fix})")
     return state
 
 
-def check_finite_inputs(tensors):
+def check_finite_inputs(tensors, node=NODE):
     """Refuses NaN / inf in the training data before the first step."""
     for what, t in tensors.items():
         if t is not None and not bool(torch.isfinite(t).all()):
-            raise tr.TrainingError(f"{NODE}: the {what} contain NaN or infinite values: fix the node that makes them "
+            raise tr.TrainingError(f"{node}: the {what} contain NaN or infinite values: fix the node that makes them "
                                    "(a NaN latent trains a NaN control); nothing was trained")
 
 
@@ -288,34 +288,46 @@ class _Setup:
     """Everything checked and prepared before the first step: data, conditionings, the parameters
     to train, the module, the output folder and the checkpoint to resume (nothing loaded to a device)."""
 
+    node = NODE
+    numbers = ("lr_module", "lr_unet", "scale", "empty_prompt_rate")  # inputs that must be finite
+    lr = "lr_module"  # the learning rate of the module the conservativity stage trains
+
     def __init__(self, model, latent, images, positive, steps, opts):
         self.family = model_family(model)
         if self.family not in VARIANT_FOR_FAMILY:
             raise tr.TrainingError(f"{NODE} trains ControlNeXt for SD1.5 and SDXL models; this MODEL is "
                                    f"{family_title(self.family)}. (SVD training needs the whole UNet on several GPUs: not offered.)")
         self.variant = VARIANT_FOR_FAMILY[self.family]
-        self.x0 = latent["samples"].float().clone()  # inference-mode tensors from other nodes: normal copies
-        self.images = images.clone()
-        self.n = n = self.x0.shape[0]
-        _check_numbers(opts)
-        _check_data(model, self.x0, self.images, positive, opts.empty_conditioning, opts.empty_prompt_rate)
-        _check_stage(opts, steps)
-        self.image_hw = image_size(model.model, self.x0)
-        self.conds = conditionings(positive, n, model, self.family, self.image_hw, "positive conditioning")
-        self.empty = conditionings(opts.empty_conditioning, 1, model, self.family, self.image_hw, "empty conditioning")[0] \
-            if opts.empty_conditioning is not None else None
+        self.data(model, latent, images, positive, steps, opts)
         pattern = tr.DEFAULT_PATTERNS[self.family] if opts.unet_pattern.strip() == "auto" else opts.unet_pattern.strip()
         self.names = tr.select_parameters(model.model.diffusion_model.named_parameters(), pattern, NODE)
         self.injection = INJECTIONS[self.variant]
         self.module = self._module(model, opts.controlnext, opts.seed)
-        self.settings = opts.settings(self.variant, n)
-        self.folder = output_folder(opts.name)
+        self.files(opts, opts.settings(self.variant, self.n))
+
+    def data(self, model, latent, images, positive, steps, opts):
+        """The training data, the numbers and the stage's inputs checked; the conditionings per latent."""
+        self.x0 = latent["samples"].float().clone()  # inference-mode tensors from other nodes: normal copies
+        self.images = images.clone()
+        self.n = n = self.x0.shape[0]
+        _check_numbers(opts, self.numbers, self.node)
+        _check_data(model, self.x0, self.images, positive, opts.empty_conditioning, opts.empty_prompt_rate, self.node)
+        _check_stage(opts, steps, self.node, self.lr)
+        self.image_hw = image_size(model.model, self.x0)
+        self.conds = conditionings(positive, n, model, self.family, self.image_hw, "positive conditioning", self.node)
+        self.empty = conditionings(opts.empty_conditioning, 1, model, self.family, self.image_hw, "empty conditioning",
+                                   self.node)[0] if opts.empty_conditioning is not None else None
+
+    def files(self, opts, settings):
+        """The output folder checked writable, and the checkpoint to resume (same settings) if any."""
+        self.settings = settings
+        self.folder = output_folder(opts.name, self.node)
         self.checkpoint_path = os.path.join(self.folder, CHECKPOINT_FILE)
-        resuming = prepare_folder(self.folder, opts.resume, opts.overwrite)
-        self.state = read_checkpoint(self.checkpoint_path, self.settings) if resuming else None
+        resuming = prepare_folder(self.folder, opts.resume, opts.overwrite, self.node)
+        self.state = read_checkpoint(self.checkpoint_path, self.settings, self.node) if resuming else None
         self.settings[STAGE_KEY] = opts.stage()
         if self.state is not None:
-            _check_stage_change(self.state, opts.stage(), self.folder)
+            _check_stage_change(self.state, opts.stage(), self.folder, self.node)
 
     def _module(self, model, controlnext, seed):
         if controlnext is not None:
@@ -333,41 +345,44 @@ class _Setup:
         """The step the run was resumed at (0 for a new run)."""
         return int(self.state["step"]) if self.state is not None else 0
 
+    def forward(self, model, module, device, opts):
+        return _forward(self, model, module, device, opts.scale, DTYPES[opts.training_dtype])
+
     def saver(self, trainer):
-        return lambda: _save_checkpoint(trainer, self.settings, self.checkpoint_path)
+        return lambda: _save_checkpoint(trainer, self.settings, self.checkpoint_path, self.node)
 
 
 STAGE_KEY = "conservativity"  # the stage's settings in a checkpoint (may change while no step of it ran)
 
 
-def _check_numbers(opts):
+def _check_numbers(opts, keys=("lr_module", "lr_unet", "scale", "empty_prompt_rate"), node=NODE):
     """NaN / infinite learning rates, scale or empty-prompt rate: refused before any step."""
-    bad = [k for k in ("lr_module", "lr_unet", "scale", "empty_prompt_rate") if not math.isfinite(float(getattr(opts, k)))]
+    bad = [k for k in keys if not math.isfinite(float(getattr(opts, k)))]
     if bad:
-        raise tr.TrainingError(f"{NODE}: {', '.join(bad)} must be a finite number, got NaN or infinity; nothing was trained")
+        raise tr.TrainingError(f"{node}: {', '.join(bad)} must be a finite number, got NaN or infinity; nothing was trained")
 
 
-def _check_stage(opts, steps):
+def _check_stage(opts, steps, node=NODE, lr="lr_module"):
     """The conservativity stage's inputs, before the first step."""
     if opts.conservativity_probe not in cons.PROBES:
-        raise tr.TrainingError(f"{NODE}: conservativity_probe {opts.conservativity_probe!r} is not one of {cons.PROBES}")
+        raise tr.TrainingError(f"{node}: conservativity_probe {opts.conservativity_probe!r} is not one of {cons.PROBES}")
     if float(opts.conservativity_weight) <= 0:
         return
     weight, start = float(opts.conservativity_weight), int(opts.conservativity_from_step)
     if start >= int(steps):
-        raise tr.TrainingError(f"{NODE}: conservativity_from_step is {start} but the run ends at step {steps}: the "
+        raise tr.TrainingError(f"{node}: conservativity_from_step is {start} but the run ends at step {steps}: the "
                                "conservativity stage would never run. Set it below steps (the paper: after stage 1 "
                                "converged), raise steps, or set conservativity_weight to 0")
     nothing = ("conservativity_probes is 0" if int(opts.conservativity_probes) < 1 else
-               "lr_module is 0 (the loss trains the control module only, the UNet is kept out of it)"
-               if float(opts.lr_module) == 0 else
+               f"{lr} is 0 (the loss trains the control module only, the UNet is kept out of it)"
+               if float(getattr(opts, lr)) == 0 else
                "scale is 0 (the control adds nothing, so there is no Jacobian of it)" if float(opts.scale) == 0 else None)
     if nothing:
-        raise tr.TrainingError(f"{NODE}: conservativity_weight is {weight:g} but {nothing}: there is nothing to apply it "
+        raise tr.TrainingError(f"{node}: conservativity_weight is {weight:g} but {nothing}: there is nothing to apply it "
                                "to. Set conservativity_weight to 0, or fix that input")
 
 
-def _check_stage_change(state, now, folder):
+def _check_stage_change(state, now, folder, node=NODE):
     """A resumed run may change the conservativity stage only while none of its steps has run."""
     before = (state.get("settings") or {}).get(STAGE_KEY)
     before = list(before) if before else None
@@ -375,28 +390,28 @@ def _check_stage_change(state, now, folder):
         return
     first = min(s[3] for s in (before, now) if s)
     if int(state["step"]) > first:
-        raise tr.TrainingError(f"{NODE}: the run in {folder} is at step {int(state['step'])}, past the conservativity "
+        raise tr.TrainingError(f"{node}: the run in {folder} is at step {int(state['step'])}, past the conservativity "
                                f"stage's first step {first}, and its conservativity settings changed ({before} -> {now}): "
                                "resuming would mix them. Set them back to continue it, turn overwrite on to start again, "
                                "or pick another name")
 
 
-def _check_data(model, x0, images, positive, empty_conditioning, empty_prompt_rate):
+def _check_data(model, x0, images, positive, empty_conditioning, empty_prompt_rate, node=NODE):
     n = x0.shape[0]
     channels = model.model.latent_format.latent_channels
     if x0.dim() != 4 or x0.shape[1] != channels:
-        raise tr.TrainingError(f"{NODE}: the training latents have shape {tuple(x0.shape)} but this "
+        raise tr.TrainingError(f"{node}: the training latents have shape {tuple(x0.shape)} but this "
                                f"{family_title(model_family(model))} MODEL takes {channels} latent channels: encode the "
                                "images with this model's VAE")
     if images.shape[0] != n:
-        raise tr.TrainingError(f"{NODE}: {images.shape[0]} condition images for {n} training latents: give one condition "
+        raise tr.TrainingError(f"{node}: {images.shape[0]} condition images for {n} training latents: give one condition "
                                "image per latent (in the same order)")
     if empty_prompt_rate > 0 and empty_conditioning is None:
-        raise tr.TrainingError(f"{NODE}: empty_prompt_rate is {empty_prompt_rate} but no empty_conditioning is connected: "
+        raise tr.TrainingError(f"{node}: empty_prompt_rate is {empty_prompt_rate} but no empty_conditioning is connected: "
                                "connect CLIP Text Encode with an empty text, or set empty_prompt_rate to 0")
     conds = [c[0] for c in positive] + [c[0] for c in (empty_conditioning or [])]
     check_finite_inputs({"training latents": x0, "condition images": images,
-                         "conditionings": torch.cat([c.flatten().float() for c in conds]) if conds else None})
+                         "conditionings": torch.cat([c.flatten().float() for c in conds]) if conds else None}, node)
 
 
 def _run_steps(model, setup, steps, opts):
@@ -406,33 +421,34 @@ def _run_steps(model, setup, steps, opts):
     device = model.load_device
     sigmas = model.model.model_sampling.sigmas.float()  # the discrete schedule: a_t = 1 / (sigma_t^2 + 1)
     if sigmas.numel() != tr.NUM_TIMESTEPS:
-        raise tr.TrainingError(f"{NODE}: the MODEL's noise schedule has {sigmas.numel()} steps, not {tr.NUM_TIMESTEPS}")
+        raise tr.TrainingError(f"{setup.node}: the MODEL's noise schedule has {sigmas.numel()} steps, not {tr.NUM_TIMESTEPS}")
     module = setup.module.to(device=device, dtype=torch.float32).train()
     dm = model.model.diffusion_model
     with trainable_unet(dm, setup.names, device) as (unet_params, base_unet), \
             checkpointed_blocks(dm, opts.gradient_checkpointing):
-        trainer = tr.Trainer(module, unet_params, setup.n, opts.batch_size, opts.gradient_accumulation, opts.lr_module,
-                             opts.lr_unet, opts.empty_prompt_rate if setup.empty is not None else 0.0, opts.seed)
+        trainer = tr.Trainer(module, unet_params, setup.n, opts.batch_size, opts.gradient_accumulation,
+                             float(getattr(opts, setup.lr)), getattr(opts, "lr_unet", 0.0),
+                             opts.empty_prompt_rate if setup.empty is not None else 0.0, opts.seed)
         if setup.state is not None:
-            _resume(trainer, setup.state, device, setup.checkpoint_path)
-        forward = _forward(setup, model, module, device, opts.scale, DTYPES[opts.training_dtype])
+            _resume(trainer, setup.state, device, setup.checkpoint_path, setup.node)
+        forward = setup.forward(model, module, device, opts)
         stage = opts.stage()
         if stage is not None:
             trainer.stage = cons.ConservativityStage(stage[0], stage[1], stage[2], stage[3], module.parameters(),
                                                      _tapped(forward))
         _loop(trainer, steps, setup.x0.to(device), 1.0 / (sigmas ** 2 + 1.0), forward, setup.saver(trainer),
-              opts.checkpoint_every)
+              opts.checkpoint_every, setup.node)
         trained = {k: p.detach().float().cpu().clone() for k, p in unet_params.items()}
     return trainer, trained, base_unet
 
 
-def _resume(trainer, state, device, path):
+def _resume(trainer, state, device, path, node=NODE):
     try:
         trainer.load_state({k: (v if k == "generator" else _to(v, device)) for k, v in state.items()})
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
-        raise tr.TrainingError(f"{NODE}: cannot resume from {path}: it does not fit this run ({e}); turn overwrite on "
+        raise tr.TrainingError(f"{node}: cannot resume from {path}: it does not fit this run ({e}); turn overwrite on "
                                "to start again, or pick another name") from None
-    LOG.info("[XCtrl] %s: resuming %s at step %d", NODE, os.path.dirname(path), trainer.step)
+    LOG.info("[XCtrl] %s: resuming %s at step %d", node, os.path.dirname(path), trainer.step)
 
 
 def _to(value, device):
@@ -491,7 +507,7 @@ def math_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def _loop(trainer, steps, x0, alphas, forward, save, checkpoint_every):
+def _loop(trainer, steps, x0, alphas, forward, save, checkpoint_every, node=NODE):
     """The steps; a checkpoint every ``checkpoint_every`` steps and on an interrupt. A non-finite
     loss stops the run before that step changes anything, keeping the last good checkpoint."""
     pbar = comfy.utils.ProgressBar(steps)
@@ -501,23 +517,23 @@ def _loop(trainer, steps, x0, alphas, forward, save, checkpoint_every):
             loss = trainer.train_step(x0, alphas, forward)
             pbar.update_absolute(trainer.step, steps)
             if trainer.step % 10 == 0 or trainer.step == steps:
-                LOG.info("[XCtrl] %s: step %d/%d, loss %.5f", NODE, trainer.step, steps, loss)
+                LOG.info("[XCtrl] %s: step %d/%d, loss %.5f", node, trainer.step, steps, loss)
             if checkpoint_every and trainer.step % checkpoint_every == 0 and trainer.step < steps:
                 save()
     except mm.InterruptProcessingException:
         save()  # the run so far is kept; resume continues it
         raise
     except tr.NonFiniteError as e:
-        raise tr.TrainingError(f"{NODE}: {e}: the run stopped and nothing of it was saved past the last checkpoint "
-                               "(resume continues from there). Lower lr_module / lr_unet, or train in float32") from None
+        raise tr.TrainingError(f"{node}: {e}: the run stopped and nothing of it was saved past the last checkpoint "
+                               "(resume continues from there). Lower the learning rate(s), or train in float32") from None
 
 
-def _save_checkpoint(trainer, settings, path):
+def _save_checkpoint(trainer, settings, path, node=NODE):
     state = trainer.state()
     bad = tr.non_finite_tensors(state)
     if bad:  # never replace a good checkpoint with a broken one
-        raise tr.TrainingError(f"{NODE}: the weights became NaN or infinite ({', '.join(bad[:3])}): the run stopped and "
-                               f"the last good checkpoint in {os.path.dirname(path)} is kept. Lower lr_module / lr_unet")
+        raise tr.TrainingError(f"{node}: the weights became NaN or infinite ({', '.join(bad[:3])}): the run stopped and "
+                               f"the last good checkpoint in {os.path.dirname(path)} is kept. Lower the learning rate(s)")
     state["settings"] = settings
     _atomic_save(path, lambda p: torch.save(state, p))
 
@@ -558,19 +574,19 @@ def train_from_node(model, latents, images, positive, steps, **options):
     return result.control, tr.loss_curve_image(result.losses), saved
 
 
-def _joined_latents(latents):
+def _joined_latents(latents, node=NODE):
     items = latents if isinstance(latents, list) else [latents]
-    return {"samples": _cat([d["samples"] for d in items], "training latents")}
+    return {"samples": _cat([d["samples"] for d in items], "training latents", node)}
 
 
-def _joined_images(images):
-    return _cat(images if isinstance(images, list) else [images], "condition images")
+def _joined_images(images, node=NODE):
+    return _cat(images if isinstance(images, list) else [images], "condition images", node)
 
 
-def _cat(tensors, what):
+def _cat(tensors, what, node=NODE):
     shapes = {tuple(t.shape[1:]) for t in tensors}
     if len(shapes) > 1:
-        raise tr.TrainingError(f"{NODE}: the {what} have different sizes {sorted(shapes)}: resize them to one size first")
+        raise tr.TrainingError(f"{node}: the {what} have different sizes {sorted(shapes)}: resize them to one size first")
     return torch.cat(tensors)
 
 

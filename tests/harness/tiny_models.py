@@ -89,6 +89,22 @@ def sd15(seed=0, dtype=torch.float32):
     return _patcher(sm.SD15, SD15_TINY, seed, dtype)
 
 
+# SD1.5-layout with 64-wide heads: a ControlNet file of it is read back by core's loader with the
+# same attention heads (core's loader guesses 64-channel heads for a layout it does not know).
+SD15_LOADABLE = dict(SD15_TINY, model_channels=64, channel_mult=[1, 1, 1, 1], num_heads=-1, num_head_channels=64)
+_LOADABLE_CONFIG = []
+
+
+def sd15_loadable(seed=0, dtype=torch.float32):
+    """A tiny SD1.5 whose ControlNets round-trip through core's Load ControlNet (SD15_LOADABLE)."""
+    import comfy.supported_models as sm
+
+    if not _LOADABLE_CONFIG:
+        _LOADABLE_CONFIG.append(type("SD15HeadWidth64", (sm.SD15,), {"unet_extra_config": {"num_heads": -1,
+                                                                                          "num_head_channels": 64}}))
+    return _patcher(_LOADABLE_CONFIG[0], SD15_LOADABLE, seed, dtype)
+
+
 def sdxl(seed=0, dtype=torch.float32):
     import comfy.supported_models as sm
 

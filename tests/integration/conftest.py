@@ -77,6 +77,15 @@ def model_folder(tmp_path_factory, pack):
     return folder
 
 
+@pytest.fixture(scope="module")
+def out_dir(tmp_path_factory, pack):
+    """models/controlnet's first (default) folder while a training module runs: where training writes."""
+    from harness.training_data import default_controlnet_folder
+
+    with default_controlnet_folder(str(tmp_path_factory.mktemp("trained"))) as path:
+        yield path
+
+
 @pytest.fixture(scope="session")
 def controlnet_dir(model_folder):
     return model_folder("controlnet")

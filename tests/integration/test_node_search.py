@@ -10,6 +10,7 @@ WANTED = {
     "XCtrl_MIBalancedControl": ("MIControlNet", "minimal impact"),
     "XCtrl_ApplyControlNeXt": ("ControlNeXt",),
     "XCtrl_LoadControlNetXS": ("ControlNet-XS", "ControlNet XS"),
+    "XCtrl_TrainControlNetMI": ("MIControlNet", "train controlnet"),
 }
 
 

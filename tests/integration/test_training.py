@@ -9,19 +9,10 @@ import torch
 from harness import tiny_models as tm
 from harness.comfy_runtime import node_result, pack_module, pack_node_classes
 from harness.controlnext_files import rel_err
+from harness.training_data import run_training as run
+from harness.training_data import tiny_training_data
 
 LATENTS = 2
-
-
-@pytest.fixture(scope="module")
-def out_dir(tmp_path_factory, pack):
-    """models/controlnet's first (default) folder for this module: where training writes."""
-    import folder_paths
-
-    path = str(tmp_path_factory.mktemp("trained"))
-    folder_paths.add_model_folder_path("controlnet", path, is_default=True)
-    yield path
-    folder_paths.folder_names_and_paths["controlnet"][0].remove(path)
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +22,7 @@ def training(pack):
 
 @pytest.fixture(scope="module")
 def setup(pack):
-    g = torch.Generator().manual_seed(0)
-    base = tm.sd15(seed=3)
-    latents = {"samples": torch.randn(LATENTS, 4, 8, 8, generator=g)}
-    images = torch.rand(LATENTS, 64, 64, 3, generator=g)
-    return base, latents, images, tm.text_cond(base), tm.text_cond(base, seed=9)
-
-
-def run(training, setup, name, steps=2, **kw):
-    base, latents, images, pos, empty = setup
-    kw.setdefault("empty_prompt_rate", 0.5)
-    kw.setdefault("empty_conditioning", empty)
-    return training.train(base, latents, images, pos, steps, batch_size=2, name=name, seed=kw.pop("seed", 1), **kw)
+    return tiny_training_data(tm.sd15(seed=3), LATENTS)
 
 
 def unet_state(base):

@@ -89,6 +89,57 @@ def test_basis_probes_give_the_exact_asymmetry_and_frobenius_norm():
         torch.testing.assert_close(exact_asymmetry(j), torch.trace(j @ j.T) - torch.trace(j @ j), rtol=1e-5, atol=1e-7)
 
 
+class TwoPointControlled(TinyControlled):
+    """A control joining at two points, as a ControlNet joins every skip: h2 = tanh(conv3 h1) is a
+    deeper feature of x (not of any joined point), term2 depends on x through h2 and on the
+    control's second feature; out mixes both joined points."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.conv3 = torch.nn.Conv2d(2, 2, 3, padding=1)
+        with torch.no_grad():
+            for p in self.conv3.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.phi2 = torch.nn.Parameter(torch.randn(1, *SHAPE, generator=g))
+
+    def hs(self, x):
+        h1 = self.h(x)
+        return h1, torch.tanh(self.conv3(h1))
+
+    def terms(self, x):
+        h1, h2 = self.hs(x)
+        return self.term(h1), torch.sin(h2) * self.phi2
+
+    def rest2(self, j1, j2, h1):
+        return self.rest(j1, h1) + j1 * torch.tanh(j2)
+
+    def tapped(self, x):
+        h1, h2 = self.hs(x)
+        t1, t2 = self.terms(x)
+        j1, j2 = h1 + t1, h2 + t2
+        return self.rest2(j1, j2, h1), [j1, j2], [t1, t2]
+
+
+def test_a_control_joining_at_several_points_gives_the_sum_of_its_jacobians():
+    """J_c = sum_k (d out / d joined_k)(d term_k / d x): in full, the Jacobian of x -> out with every
+    UNet feature held at its value and only the terms following x."""
+    net, x = TwoPointControlled(), _x()
+    asym, frob = cons.hutchinson_asymmetry(_jt(net, x), basis_probes(2))
+    for r in range(2):
+        x0 = x[r][None]
+        h1, h2 = (h.detach() for h in net.hs(x0))
+
+        def through_terms(xx):
+            t1, t2 = net.terms(xx)
+            return net.rest2(h1 + t1, h2 + t2, h1)
+
+        j = torch.autograd.functional.jacobian(through_terms, x0).reshape(D, D)
+        assert exact_asymmetry(j) > 1e-3
+        torch.testing.assert_close(asym[r] * D, exact_asymmetry(j), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(frob[r] * D, (j ** 2).sum(), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kind", cons.PROBES)
 def test_random_probe_estimate_converges_to_the_exact_asymmetry(kind):
     net, x = TinyControlled(seed=2), _x(rows=1, seed=3)

@@ -1,0 +1,33 @@
+"""Shared by the training integration tests: where training writes, and tiny training data."""
+import contextlib
+
+import torch
+
+from . import tiny_models as tm
+
+
+@contextlib.contextmanager
+def default_controlnet_folder(path):
+    """``path`` as models/controlnet's first (default) folder, where training writes, for the block."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path("controlnet", path, is_default=True)
+    try:
+        yield path
+    finally:
+        folder_paths.folder_names_and_paths["controlnet"][0].remove(path)
+
+
+def tiny_training_data(base, latents=2):
+    """(MODEL, latents (8 x 8), condition images (64 x 64), positive, empty conditioning)."""
+    g = torch.Generator().manual_seed(0)
+    return (base, {"samples": torch.randn(latents, 4, 8, 8, generator=g)}, torch.rand(latents, 64, 64, 3, generator=g),
+            tm.text_cond(base), tm.text_cond(base, seed=9))
+
+
+def run_training(trainer, setup, name, steps=2, **kw):
+    """``trainer.train`` (a runtime module) on the tiny data, batch 2, half the prompts empty, seed 1 unless given."""
+    base, latents, images, pos, empty = setup
+    kw.setdefault("empty_prompt_rate", 0.5)
+    kw.setdefault("empty_conditioning", empty)
+    return trainer.train(base, latents, images, pos, steps, batch_size=2, name=name, seed=kw.pop("seed", 1), **kw)
