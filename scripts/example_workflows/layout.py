@@ -10,10 +10,13 @@ text, at a device pixel ratio of 1) the frontend draws nodes as bare boxes, with
 widgets or text. The layout is compact enough to open at READABLE_SCALE or more in every
 window of WINDOWS, with no node under the side toolbar, the top bar or the minimap."""
 
+from itertools import combinations
+
 TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
 NODE_WIDTH = 272  # the widest minimum width of a node in the frontend (MI Balanced Model Patches: 271)
-GAP_X, GAP_Y = 28, 12  # between columns (room for the links), between nodes of a column
-IMAGE_ROOM = 100  # below the widgets of a node that shows an image or a video
+GAP_X, GAP_Y = 28, 10  # between columns (room for the links), between nodes of a column
+IMAGE_ROOM = 90  # below the widgets of a node that shows an image or a video
+LOADED_IMAGE_ROOM = 230  # what the frontend adds to Load Image's minimum once the image is loaded (224)
 TEXT_ROOM = 42  # a multiline text widget's box beyond one widget row
 NOTE_HEIGHT = 200  # the notes node (its text scrolls)
 
@@ -26,53 +29,51 @@ SIDE_BAR_RIGHT, TOP_BAR_BOTTOM = 59, 90  # the side toolbar's right edge, the to
 MINIMAP = (257, 258)  # the minimap's extent from the window's bottom-right corner (windows >= 1024 wide)
 
 
-def node_size(slots, outputs, widgets, multiline=False, shows_image=False):
+def node_size(slots, outputs, widgets, multiline=False, image_room=0):
     """A node's size: the frontend's minimum (20 per slot row, 24 per widget, 14 of margins), a
-    text box for a multiline widget, room for a shown image."""
+    text box for a multiline widget, image_room for a shown image."""
     height = 20 * max(slots, outputs) + 24 * widgets + (14 if widgets else 6)
-    return [NODE_WIDTH, height + (TEXT_ROOM if multiline else 0) + (IMAGE_ROOM if shows_image else 0)]
+    return [NODE_WIDTH, height + (TEXT_ROOM if multiline else 0) + image_room]
 
 
-def _column(nodes, x):
-    y = 0
-    for node in nodes:
-        node["pos"] = [x, y + TITLE_HEIGHT]
-        y += TITLE_HEIGHT + node["size"][1] + GAP_Y
+def _splits(nodes, most):
+    """Every split of the nodes, in order, into 1 to ``most`` non-empty columns."""
+    for count in range(1, most + 1):
+        for cuts in combinations(range(1, len(nodes)), count - 1):
+            ends = (0, *cuts, len(nodes))
+            yield [nodes[a:b] for a, b in zip(ends, ends[1:])]
 
 
-def _flow(nodes, column_height, last_height):
-    """Places the nodes in columns, left to right, each filled top down in order: the last column
-    with as many of the last nodes as fit in last_height, the others up to column_height."""
-    last, height = len(nodes), 0
-    while last and height + TITLE_HEIGHT + nodes[last - 1]["size"][1] <= last_height:
-        last -= 1
-        height += TITLE_HEIGHT + nodes[last]["size"][1] + GAP_Y
-    columns, height = [[]], 0
-    for node in nodes[:last]:
-        if columns[-1] and height + TITLE_HEIGHT + node["size"][1] > column_height:
-            columns.append([])
-            height = 0
-        columns[-1].append(node)
-        height += TITLE_HEIGHT + node["size"][1] + GAP_Y
-    columns.append(nodes[last:])
-    for i, column in enumerate(c for c in columns if c):
-        _column(column, i * (NODE_WIDTH + GAP_X))
+def _height(column):
+    return sum(TITLE_HEIGHT + node["size"][1] + GAP_Y for node in column) - GAP_Y
 
 
-def place(nodes):
+def _put(columns):
+    for i, column in enumerate(columns):
+        y = 0
+        for node in column:
+            node["pos"] = [i * (NODE_WIDTH + GAP_X), y + TITLE_HEIGHT]
+            y += TITLE_HEIGHT + node["size"][1] + GAP_Y
+
+
+def _zoom(columns):
+    """The smallest zoom the fitted view of these columns opens at in WINDOWS."""
+    width = len(columns) * (NODE_WIDTH + GAP_X) - GAP_X + 2 * FIT_PADDING
+    height = max(map(_height, columns)) + 2 * FIT_PADDING
+    return min(FIT_FILL * min(w / max(width, 300), h / max(height, 300)) for w, h in WINDOWS)
+
+
+def place(nodes, most_columns=5):
     """Sets every node's pos: the nodes, in the given order (the notes first, then by dependency
-    depth), flow down columns (the last one shorter where the minimap would cover it); of the
-    column heights that open readable in every window with no node hidden, the one that opens
-    at the largest zoom."""
-    best = None
-    for column_height in range(400, 1400, 10):
-        for last_share in (1.0, 0.8, 0.7, 0.6, 0.5):
-            _flow(nodes, column_height, last_share * column_height)
-            problems = [p for window in WINDOWS for p in view_problems(nodes, window)]
-            score = (not problems, min(opened_view(nodes, window)[0] for window in WINDOWS), last_share)
-            if best is None or score > best[0]:
-                best = (score, column_height, last_share)
-    _flow(nodes, best[1], best[2] * best[1])
+    depth), fill columns top down, left to right; of all the ways to cut them into columns, the
+    one that opens at the largest zoom (the shortest columns among equals) with no node hidden
+    in any window of WINDOWS, or at the largest zoom if none does."""
+    splits = sorted(_splits(nodes, most_columns), key=lambda cols: (-_zoom(cols), max(map(_height, cols))))
+    for columns in splits:
+        _put(columns)
+        if not any(view_problems(nodes, window) for window in WINDOWS):
+            return
+    _put(splits[0])
 
 
 def bounds(nodes):

@@ -8,12 +8,14 @@ view (the frontend fits one to the graph);
 ``to_api`` is the inverse, the conversion the frontend makes when it queues a prompt (virtual
 nodes such as Note are dropped)."""
 from .files import ANNOTATORS, ANNOTATORS_FOLDER, MODEL_FOLDER, MODELS, NODE_ANNOTATORS
-from .layout import NODE_WIDTH, NOTE_HEIGHT, node_size, place
+from .layout import IMAGE_ROOM, LOADED_IMAGE_ROOM, NODE_WIDTH, NOTE_HEIGHT, node_size, place
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
 SEED_NAMES = ("seed", "noise_seed")
-IMAGE_NODES = ("LoadImage", "PreviewImage", "SaveImage", "SaveAnimatedWEBP", "LoadVideo")  # show an image or video
+# Nodes that show an image or a video, and the room they get for it.
+SHOWN_IMAGE_ROOM = {"LoadImage": LOADED_IMAGE_ROOM, "PreviewImage": IMAGE_ROOM, "SaveImage": IMAGE_ROOM,
+                    "SaveAnimatedWEBP": IMAGE_ROOM, "LoadVideo": IMAGE_ROOM}
 
 
 def _is_link(v):
@@ -151,7 +153,7 @@ def _ui_node(key, entry, node_id, rank, object_info, node_inputs, out_links):
     size = node_size(slots=sum("widget" not in slot for slot in node_inputs[key]), outputs=len(outputs),
                      widgets=len(wv) + sum(bool(opts.get("video_upload")) for _typ, opts in specs),
                      multiline=any(typ == "STRING" and opts.get("multiline") for typ, opts in specs),
-                     shows_image=cls in IMAGE_NODES)
+                     image_room=SHOWN_IMAGE_ROOM.get(cls, 0))
     properties = {"Node name for S&R": cls}
     models = model_properties(wv, cls)
     if models:
