@@ -150,8 +150,11 @@ def _ui_node(key, entry, node_id, rank, object_info, node_inputs, out_links):
         outputs.append({"name": oname, "type": otype, "links": out_links.get((key, slot), []), "slot_index": slot})
     wv = widget_values(cls, inputs, info)
     specs = [(typ, opts) for _name, typ, opts, _optional in _input_specs(info) if _is_widget(typ, opts)]
-    size = node_size(slots=sum("widget" not in slot for slot in node_inputs[key]), outputs=len(outputs),
-                     widgets=len(wv) + sum(bool(opts.get("video_upload")) for _typ, opts in specs),
+    # A value input fed by a link is a widget row in releases that have no forceInput for it.
+    slots = [slot for slot in node_inputs[key] if "widget" not in slot]
+    forced = sum(slot["type"] in WIDGET_TYPES for slot in slots)
+    size = node_size(slots=len(slots) - forced, outputs=len(outputs),
+                     widgets=len(wv) + forced + sum(bool(opts.get("video_upload")) for _typ, opts in specs),
                      multiline=any(typ == "STRING" and opts.get("multiline") for typ, opts in specs),
                      image_room=SHOWN_IMAGE_ROOM.get(cls, 0))
     properties = {"Node name for S&R": cls}
