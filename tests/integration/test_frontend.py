@@ -111,7 +111,7 @@ def window(request, browser):
     """The browser's window at a size for a group of tests, back to 1600 x 1000 afterwards."""
     width, height = request.param
     browser.page.set_viewport_size({"width": width, "height": height})
-    browser.page.wait_for_function("w => window.app.canvas.canvas.getBoundingClientRect().width === w", arg=width)
+    browser.page.wait_for_function("w => Math.abs(window.app.canvas.canvas.getBoundingClientRect().right - w) < 1", arg=width)
     yield request.param
     browser.page.set_viewport_size({"width": 1600, "height": 1000})
 
