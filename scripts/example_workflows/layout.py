@@ -14,7 +14,7 @@ from itertools import combinations
 
 TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
 NODE_WIDTH = 272  # the widest minimum width of a node in the frontend (MI Balanced Model Patches: 271)
-GAP_X, GAP_Y = 28, 10  # between columns (room for the links), between nodes of a column
+GAP_X, GAP_Y = 22, 10  # between columns (room for the links), between nodes of a column
 IMAGE_ROOM = 90  # below the widgets of a node that shows an image or a video
 LOADED_IMAGE_ROOM = 230  # what the frontend adds to Load Image's minimum once the image is loaded (224)
 TEXT_ROOM = 42  # a multiline text widget's box beyond one widget row
@@ -26,7 +26,9 @@ LOW_QUALITY_BELOW = 8 / 14  # the zoom under which nodes are drawn without text
 READABLE_SCALE = 0.6  # what the layout opens at, at least: one wheel step above LOW_QUALITY_BELOW
 WINDOWS = ((1200, 800), (1600, 1000))
 SIDE_BAR_RIGHT, TOP_BAR_BOTTOM = 59, 90  # the side toolbar's right edge, the top bar's bottom
-MINIMAP = (257, 258)  # the minimap's extent from the window's bottom-right corner (windows >= 1024 wide)
+# The minimap's extent from the window's bottom-right corner (shown in windows >= 1024 wide):
+# 257 x 258 in frontends 1.35 and 1.49, 294 x 265 in 1.27 (ComfyUI 0.3); the larger is kept clear.
+MINIMAP = (294, 266)
 
 
 def node_size(slots, outputs, widgets, multiline=False, image_room=0):
