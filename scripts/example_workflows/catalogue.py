@@ -123,17 +123,17 @@ def _controlnext_svd_v2(frames, driving_frames, long_video):
                   "ControlNeXt-SVD v2 UNet"),
          "ref": ("LoadImage", {"image": IMAGE}, "Reference image (first frame)"),
          "ref_crop": ("ImageScale", {"image": ["ref", 0], "upscale_method": "bilinear", "width": SVD_W, "height": SVD_H,
-                                     "crop": "center"}, "Reference: cover 576x1024, center crop"),
+                                     "crop": "center"}, "Reference cropped 576x1024"),
          "video": ("LoadVideo", {"file": POSE_VIDEO}, "Driving video (poses)"),
          "frames": ("GetVideoComponents", {"video": ["video", 0]}, None),
          "clip_frames": ("ImageFromBatch", {"image": ["frames", 0], "batch_index": 0, "length": driving_frames},
                          f"Driving frames 0-{driving_frames - 1}"),
          "ref_pose": ("XCtrl_DWPose", {"image": ["ref_crop", 0], "resolution": 512}, "Reference pose"),
          "poses": ("XCtrl_DWPose", {"image": ["clip_frames", 0], "resolution": 512, "frame_stride": 2},
-                   "Driving poses (every 2nd frame)"),
+                   "Poses of every 2nd frame"),
          "render": ("XCtrl_RenderPose", {"pose_keypoint": ["poses", 1], "style": "controlnext_svd_v2", "width": SVD_W,
                                          "height": SVD_H, "reference_pose": ["ref_pose", 1], "prepend_reference": True},
-                    f"Pose frames: reference pose + {frames - 1} aligned"),
+                    f"Reference pose + {frames - 1} aligned"),
          "preview": ("PreviewImage", {"images": ["render", 0]}, "Pose frames"),
          "cnx": ("XCtrl_LoadControlNeXt", {"control_file": "controlnext-svd_v2-controlnet-fp16.safetensors",
                                            "unet_weights": "none"}, None),
@@ -142,7 +142,7 @@ def _controlnext_svd_v2(frames, driving_frames, long_video):
          "cond": ("XCtrl_SVDReferenceConditioning", {"clip_vision": ["ckpt", 1], "init_image": ["ref_crop", 0], "vae": ["ckpt", 2],
                                                      "width": SVD_W, "height": SVD_H, "video_frames": frames,
                                                      "motion_bucket_id": 128, "fps": 7, "augmentation_level": 0.02, "seed": 42},
-                  "SVD conditioning as the reference pipeline")}
+                  "SVD conditioning (reference)")}
     model = ["apply", 0]
     if long_video:
         g["windows"] = ("XCtrl_ControlNeXtSVDLongVideo", {"model": model, "frames_per_window": 24, "overlap": 6,
@@ -365,12 +365,12 @@ def controlnext_sd15_train_canny():
     """Train a canny ControlNeXt on a folder of captioned images (the conditions made from the images
     by the Canny node, so they line up with them), then use it."""
     g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "v1-5-pruned-emaonly-fp16.safetensors"}, None),
-         "dataset": ("LoadImageTextDataSetFromFolder", {"folder": TRAINING_FOLDER}, "Training images + captions (input/)"),
+         "dataset": ("LoadImageTextDataSetFromFolder", {"folder": TRAINING_FOLDER}, "Training images + captions"),
          "encode": ("MakeTrainingDataset", {"images": ["dataset", 0], "vae": ["ckpt", 2], "clip": ["ckpt", 1],
                                             "texts": ["dataset", 1]}, "Latents + caption conditionings"),
          "conditions": ("XCtrl_Canny", {"image": ["dataset", 0], "mode": "fixed", "low_threshold": 100,
                                         "high_threshold": 200}, "Condition of each image"),
-         "empty": ("CLIPTextEncode", {"text": "", "clip": ["ckpt", 1]}, "Empty prompt (20 % of the samples)"),
+         "empty": ("CLIPTextEncode", {"text": "", "clip": ["ckpt", 1]}, "Empty prompt (20 %)"),
          "train": ("XCtrl_TrainControlNeXt", {"model": ["ckpt", 0], "latents": ["encode", 0], "images": ["conditions", 0],
                                               "positive": ["encode", 1], "steps": 1000, "batch_size": 1,
                                               "gradient_accumulation": 1, "lr_module": 1e-4, "lr_unet": 1e-5,

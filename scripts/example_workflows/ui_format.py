@@ -2,16 +2,20 @@
 
 ``to_ui`` writes widgets_values in input order (the hidden "control_after_generate" value after
 seed widgets, the upload widget's value after LoadImage's file), a left-to-right layout by
-dependency depth, the links array, each loader's ``models`` property from ``MODELS`` so the
-frontend's missing-models dialog offers the downloads, and the view (``layout.view_showing``);
+dependency depth (the notes first, ``layout.place``), the links array, each loader's ``models``
+property from ``MODELS`` so the frontend's missing-models dialog offers the downloads, and no
+view (the frontend fits one to the graph);
 ``to_api`` is the inverse, the conversion the frontend makes when it queues a prompt (virtual
 nodes such as Note are dropped)."""
 from .files import ANNOTATORS, ANNOTATORS_FOLDER, MODEL_FOLDER, MODELS, NODE_ANNOTATORS
-from .layout import view_showing
+from .layout import IMAGE_ROOM, LOADED_IMAGE_ROOM, NODE_WIDTH, NOTE_HEIGHT, node_size, place
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 VIRTUAL_NODES = ("Note", "MarkdownNote", "Reroute", "PrimitiveNode")
 SEED_NAMES = ("seed", "noise_seed")
+# Nodes that show an image or a video, and the room they get for it.
+SHOWN_IMAGE_ROOM = {"LoadImage": LOADED_IMAGE_ROOM, "PreviewImage": IMAGE_ROOM, "SaveImage": IMAGE_ROOM,
+                    "SaveAnimatedWEBP": IMAGE_ROOM, "LoadVideo": IMAGE_ROOM}
 
 
 def _is_link(v):
@@ -78,31 +82,23 @@ def _depths(graph):
     return {nid: depth(nid) for nid in graph}
 
 
-def _node_height(n_slots):
-    return 46 + 24 * n_slots
-
-
 def to_ui(graph, object_info):
     """API-style description -> UI workflow JSON (version 0.4)."""
     ids = {key: i + 1 for i, key in enumerate(graph)}
     links, out_links, node_inputs = _links(graph, object_info, ids)
     depths = _depths(graph)
-    columns, nodes = {}, []
-    order = sorted(graph, key=lambda k: (depths[k], list(graph).index(k)))
+    order = sorted(graph, key=lambda k: (graph[k][0] not in VIRTUAL_NODES, depths[k], list(graph).index(k)))
+    nodes = []
     for rank, key in enumerate(order):
-        cls, inputs, title = graph[key]
         node = _ui_node(key, graph[key], ids[key], rank, object_info, node_inputs, out_links)
-        if title:
-            node["title"] = title
-        col = depths[key] if cls not in VIRTUAL_NODES else 0
-        y = columns.get(col, 40)
-        node["pos"] = [40 + 380 * col, y]
-        columns[col] = y + node["size"][1] + 50
+        if graph[key][2]:
+            node["title"] = graph[key][2]
         nodes.append(node)
+    place(nodes)
     nodes.sort(key=lambda n: n["id"])
     return {
         "last_node_id": len(graph), "last_link_id": len(links), "nodes": nodes, "links": links, "groups": [],
-        "config": {}, "extra": {"ds": view_showing(nodes)}, "version": 0.4,
+        "config": {}, "extra": {}, "version": 0.4,
     }
 
 
@@ -146,21 +142,26 @@ def _ui_node(key, entry, node_id, rank, object_info, node_inputs, out_links):
     """One node of the UI file (its position is set by the caller)."""
     cls, inputs, _title = entry
     if cls in VIRTUAL_NODES:
-        return {"id": node_id, "type": cls, "pos": None, "size": [400, 200], "flags": {}, "order": rank, "mode": 0,
+        return {"id": node_id, "type": cls, "pos": None, "size": [NODE_WIDTH, NOTE_HEIGHT], "flags": {}, "order": rank, "mode": 0,
                 "inputs": [], "outputs": [], "properties": {}, "widgets_values": [inputs["text"]]}
     info = object_info[cls]
     outputs = []
     for slot, (otype, oname) in enumerate(zip(info["output"], info["output_name"])):
         outputs.append({"name": oname, "type": otype, "links": out_links.get((key, slot), []), "slot_index": slot})
     wv = widget_values(cls, inputs, info)
-    h = _node_height(max(len(node_inputs[key]) + len(wv), len(outputs)))
-    if cls in ("LoadImage", "PreviewImage", "SaveImage", "SaveAnimatedWEBP", "LoadVideo"):
-        h += 260
+    specs = [(typ, opts) for _name, typ, opts, _optional in _input_specs(info) if _is_widget(typ, opts)]
+    # A value input fed by a link is a widget row in releases that have no forceInput for it.
+    slots = [slot for slot in node_inputs[key] if "widget" not in slot]
+    forced = sum(slot["type"] in WIDGET_TYPES for slot in slots)
+    size = node_size(slots=len(slots) - forced, outputs=len(outputs),
+                     widgets=len(wv) + forced + sum(bool(opts.get("video_upload")) for _typ, opts in specs),
+                     multiline=any(typ == "STRING" and opts.get("multiline") for typ, opts in specs),
+                     image_room=SHOWN_IMAGE_ROOM.get(cls, 0))
     properties = {"Node name for S&R": cls}
     models = model_properties(wv, cls)
     if models:
         properties["models"] = models
-    return {"id": node_id, "type": cls, "pos": None, "size": [330, h], "flags": {}, "order": rank, "mode": 0,
+    return {"id": node_id, "type": cls, "pos": None, "size": size, "flags": {}, "order": rank, "mode": 0,
             "inputs": node_inputs[key], "outputs": outputs, "properties": properties, "widgets_values": wv}
 
 

@@ -145,8 +145,48 @@ async ([waitMs]) => {
 }
 """
 
-# Loads a template as the templates menu does (file name in the URL as is), then reports: node
-# types the frontend lacks, widget values not in their lists, the rows of the missing-models
+# The live canvas after a load: every node's screen rectangle (title bar included), the rectangle
+# of the canvas that the top bar and side toolbar leave (null when the frontend's layout has
+# neither), the minimap's rectangle (null when hidden), the zoom and whether the frontend draws
+# the nodes in low quality (bare boxes: below its minimum font size for detail).
+GEOMETRY_JS = """
+() => {
+  const canvas = window.app.canvas;
+  canvas.draw(true, true);
+  const th = LiteGraph.NODE_TITLE_HEIGHT;
+  const box = canvas.canvas.getBoundingClientRect();
+  const nodes = window.app.graph._nodes.map(n => {
+    const [x, y] = canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - th]);
+    const s = canvas.ds.scale;
+    return {title: n.title, rect: [box.x + x, box.y + y, n.size[0] * s, (n.size[1] + th) * s]};
+  });
+  const rect = e => { const r = e.getBoundingClientRect(); return r.width && r.height ? [r.x, r.y, r.width, r.height] : null; };
+  const bottom = sel => Math.max(0, ...[...document.querySelectorAll(sel)].map(e => e.getBoundingClientRect().bottom));
+  const bar = document.querySelector('.side-tool-bar-container');
+  const top = Math.max(bottom('.workflow-tabs-container'), bottom('.subgraph-breadcrumb'), bottom('.actionbar-container'));
+  const left = bar ? bar.getBoundingClientRect().right : 0;
+  const visible = bar && top > 0 ? [left, top, window.innerWidth - left, window.innerHeight - top] : null;
+  const minimap = document.querySelector('.litegraph-minimap, .minimap-main-container');
+  return {nodes, visible, minimap: minimap && rect(minimap), scale: canvas.ds.scale, low_quality: canvas.low_quality,
+          low_quality_below: canvas._lowQualityZoomThreshold};
+}
+"""
+
+# Opens a template as the templates menu does (the frontend fits the view in newer releases),
+# then reports the live canvas (GEOMETRY_JS).
+OPEN_TEMPLATE_JS = ("""
+async ([pack, name]) => {
+  const r = await fetch(`/api/workflow_templates/${pack}/${name}.json`);
+  if (!r.ok) return {error: `template fetch ${r.status}`};
+  const wf = await r.json();
+  await window.app.loadGraphData(wf, true, true, name, {openSource: 'template'});
+  await new Promise(res => requestAnimationFrame(() => requestAnimationFrame(res)));
+  await (""" + CLOSE_DIALOG_JS + """)();
+  return (""" + GEOMETRY_JS + """)();
+}
+""")
+
+# Loads a template (file name in the URL as is), then reports: node types the frontend lacks, widget values not in their lists, the rows of the missing-models
 # list (MISSING_MODELS_JS, waiting up to waitMs; closed again unless keepDialog), every node's
 # screen rectangle (title bar included) and the rectangle of the canvas that the top bar and side
 # toolbar leave (null when the frontend's layout has neither).
@@ -160,19 +200,7 @@ async ([pack, name, keepDialog, waitMs]) => {
   await window.app.loadGraphData(wf);
   const missing_models = await (""" + MISSING_MODELS_JS + """)([waitMs]);
   if (!keepDialog) await (""" + CLOSE_DIALOG_JS + """)();
-  window.app.canvas.draw(true, true);
-  const th = LiteGraph.NODE_TITLE_HEIGHT;
-  const box = window.app.canvas.canvas.getBoundingClientRect();
-  const nodes = window.app.graph._nodes.map(n => {
-    const [x, y] = window.app.canvas.ds.convertOffsetToCanvas([n.pos[0], n.pos[1] - th]);
-    const s = window.app.canvas.ds.scale;
-    return {title: n.title, rect: [box.x + x, box.y + y, n.size[0] * s, (n.size[1] + th) * s]};
-  });
-  const bottom = sel => Math.max(0, ...[...document.querySelectorAll(sel)].map(e => e.getBoundingClientRect().bottom));
-  const bar = document.querySelector('.side-tool-bar-container');
-  const top = Math.max(bottom('.workflow-tabs-container'), bottom('.subgraph-breadcrumb'), bottom('.actionbar-container'));
-  const left = bar ? bar.getBoundingClientRect().right : 0;
-  const visible = bar && top > 0 ? [left, top, window.innerWidth - left, window.innerHeight - top] : null;
+  const {nodes, visible} = (""" + GEOMETRY_JS + """)();
   const invalid = [];
   for (const node of window.app.graph._nodes) {
     for (const w of node.widgets || []) {

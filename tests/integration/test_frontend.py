@@ -2,7 +2,9 @@
 Chromium: each loads from the templates endpoint with no missing node types, no invalid widget
 values and no missing-models list (the stand-ins are there), opens with every node inside the
 visible canvas, is queued by the frontend itself (its own UI -> API conversion) and completes;
-on a server without models the missing-models list (a dialog in older frontends, the errors
+opened as the templates menu opens it, in a 1600 x 1000 and a 1200 x 800 window, each shows
+every node, readable (zoom 0.6 or more, never the frontend's low-quality boxes), clear of the
+toolbars and the minimap and of each other; on a server without models the missing-models list (a dialog in older frontends, the errors
 panel in newer ones) names every file of each workflow with its folder and download URL,
 downloadable; the pack's nodes are registered in the node library and the
 workflows listed as templates under their titles. Screenshots go to
@@ -98,6 +100,43 @@ def test_workflow_loads_queues_and_completes_in_the_frontend(name, fe_server, br
         pytest.fail(f"{name}: not finished in 900 s")
     browser.screenshot(shots, f"{name}_done.png")
     assert status["status_str"] == "success", json.dumps(status)[:3000]
+
+
+WINDOWS = ((1600, 1000), (1200, 800))
+READABLE_ZOOM = 0.6  # one wheel step above the frontend's 8 / 14 at a device pixel ratio of 1
+
+
+@pytest.fixture(scope="module", params=WINDOWS, ids=lambda w: f"{w[0]}x{w[1]}")
+def window(request, browser):
+    """The browser's window at a size for a group of tests, back to 1600 x 1000 afterwards."""
+    width, height = request.param
+    browser.page.set_viewport_size({"width": width, "height": height})
+    browser.page.wait_for_function("w => Math.abs(window.app.canvas.canvas.getBoundingClientRect().right - w) < 1", arg=width)
+    yield request.param
+    browser.page.set_viewport_size({"width": 1600, "height": 1000})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_template_opens_readable_with_every_node_in_view(name, window, browser, shots):
+    view = browser.page.evaluate(frontend.OPEN_TEMPLATE_JS, [PACK_FOLDER_NAME, catalogue.TITLES[name]])
+    browser.screenshot(shots, f"{name}_opened_{window[0]}x{window[1]}.png")
+    assert "error" not in view, view
+    assert view["scale"] >= READABLE_ZOOM and not view["low_quality"], (
+        f"{name} opens at zoom {view['scale']:.3f} in a {window} window: the frontend draws nodes without text "
+        f"below {view['low_quality_below']}")
+    assert view["visible"], f"{name}: no side toolbar / top bar found in the page"
+    outside = [n["title"] for n in view["nodes"] if not _inside(n["rect"], view["visible"])]
+    assert not outside, f"{name}: nodes outside the visible canvas {view['visible']} in a {window} window: {outside}"
+    if view["minimap"]:
+        covered = [n["title"] for n in view["nodes"] if _overlap(n["rect"], view["minimap"])]
+        assert not covered, f"{name}: nodes under the minimap in a {window} window: {covered}"
+    boxes = view["nodes"]
+    overlapping = [(a["title"], b["title"]) for i, a in enumerate(boxes) for b in boxes[i + 1:] if _overlap(a["rect"], b["rect"])]
+    assert not overlapping, f"{name}: overlapping nodes {overlapping}"
+
+
+def _overlap(a, b):
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
 
 
 def _inside(rect, area):

@@ -1,6 +1,7 @@
 """The model catalogue of the example workflows (scripts/example_workflows/files.py: MODELS): every
 file is downloadable by ComfyUI's missing-models dialog, lands where the workflow looks, and the
 README says the same."""
+import json
 import os
 
 from example_workflows import catalogue, files, layout, ui_format, writer
@@ -133,13 +134,55 @@ def test_a_workflow_needing_newer_nodes_says_so_in_its_title():
         assert f"needs ComfyUI {version} or newer" in catalogue.TITLES[name]
 
 
-def test_the_view_shows_the_whole_graph():
-    nodes = [{"pos": [40, 40], "size": [330, 200]}, {"pos": [3000, 900], "size": [330, 500]}]
-    ds = layout.view_showing(nodes)
-    s, (ox, oy) = ds["scale"], ds["offset"]
-    for n in nodes:
-        left, top = (n["pos"][0] + ox) * s, (n["pos"][1] - layout.TITLE_HEIGHT + oy) * s
-        right, bottom = (n["pos"][0] + n["size"][0] + ox) * s, (n["pos"][1] + n["size"][1] + oy) * s
-        assert left >= layout.VISIBLE_ORIGIN[0] - 0.5 and top >= layout.VISIBLE_ORIGIN[1] - 0.5
-        assert right <= layout.VISIBLE_ORIGIN[0] + layout.VISIBLE_SIZE[0] + 1 and bottom <= layout.VISIBLE_ORIGIN[1] + layout.VISIBLE_SIZE[1] + 1
-    assert layout.view_showing([{"pos": [0, 40], "size": [100, 100]}])["scale"] == 1.0  # never zoomed in
+# How the frontend opens a workflow, read in its code (frontend 1.35.9 of ComfyUI 0.8, 1.49.6 of
+# 0.33) and measured in Chromium: a template opens fitted (1.49: always; 1.35: when the file holds
+# no view in extra.ds, else at that view); the fitted view puts the nodes' bounds (title bars
+# included, padded by 10) into 75 % of the canvas, centred. Nodes are drawn without text below a
+# zoom of 8 / 14; the side toolbar ends at x 59, the top bar at y 90, and the minimap takes the
+# window's bottom-right 257 x 258.
+WINDOWS = ((1200, 800), (1600, 1000))
+
+
+def _views(ui, window):
+    """The views the two frontends open a workflow at in a window: (scale, offset)."""
+    nodes = ui["nodes"]
+    x0, x1 = min(n["pos"][0] for n in nodes) - 10, max(n["pos"][0] + n["size"][0] for n in nodes) + 10
+    y0, y1 = min(n["pos"][1] - 30 for n in nodes) - 10, max(n["pos"][1] + n["size"][1] for n in nodes) + 10
+    fit = min(0.75 * window[0] / (x1 - x0), 0.75 * window[1] / (y1 - y0))
+    fitted = (fit, (window[0] / fit / 2 - (x0 + x1) / 2, window[1] / fit / 2 - (y0 + y1) / 2))
+    ds = ui.get("extra", {}).get("ds")
+    return {"1.49": fitted, "1.35": (ds["scale"], tuple(ds["offset"])) if ds else fitted}
+
+
+def _unreadable_or_hidden(ui, window):
+    found = []
+    for frontend, (scale, (ox, oy)) in _views(ui, window).items():
+        if scale < 0.6:
+            found.append(f"frontend {frontend}: zoom {scale:.3f} (text drawn from {8 / 14:.3f}, 0.6 wanted)")
+        for n in ui["nodes"]:
+            left, top = (n["pos"][0] + ox) * scale, (n["pos"][1] - 30 + oy) * scale
+            right, bottom = left + n["size"][0] * scale, top + (n["size"][1] + 30) * scale
+            minimap = right > window[0] - 257 and bottom > window[1] - 258
+            if left < 59 or top < 90 or right > window[0] or bottom > window[1] or minimap:
+                found.append(f"frontend {frontend}: {n.get('title') or n['type']} hidden at {left:.0f},{top:.0f}-{right:.0f},{bottom:.0f}")
+    return found
+
+
+def test_every_workflow_opens_readable_with_every_node_in_view():
+    """Checked in a browser by test_frontend.py; here on the files, in both windows."""
+    found = {}
+    for name in catalogue.WORKFLOWS:
+        with open(writer.workflow_path(name)) as f:
+            ui = json.load(f)
+        for window in WINDOWS:
+            found.update({(name, window): _unreadable_or_hidden(ui, window)} if _unreadable_or_hidden(ui, window) else {})
+    assert not found, found
+
+
+def test_the_layout_check_sees_a_graph_too_wide_and_a_node_under_the_minimap():
+    wide = {"nodes": [{"pos": [i * 300, 30], "size": [272, 100], "type": "X"} for i in range(6)]}
+    assert any("zoom" in p for p in _unreadable_or_hidden(wide, (1200, 800)))
+    corner = {"nodes": [{"pos": [0, 30], "size": [272, 900], "type": "X"}, {"pos": [300, 30], "size": [272, 100], "type": "X"},
+                        {"pos": [900, 800], "size": [272, 100], "type": "Save"}]}
+    assert [p for p in _unreadable_or_hidden(corner, (1200, 800)) if "Save" in p]
+    assert layout.view_problems(corner["nodes"], (1200, 800))  # the generator's own check agrees
