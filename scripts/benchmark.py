@@ -4,7 +4,7 @@
 Run with the project's venv, outside the test suite:
 
     ~/.cache/xctrl-nodes/venv/bin/python scripts/benchmark.py --comfyui ~/comfy/ComfyUI \
-        [--size 256] [--repeats 3] [--only sd15,sdxl,svd,long_video,pre,flux,training,zimage,qwen,asymmetry] [--out docs/benchmarks.md] [--quick]
+        [--size 256] [--repeats 3] [--only sd15,sdxl,svd,long_video,pre,flux,training,zimage,qwen,asymmetry,two_controls] [--out docs/benchmarks.md] [--quick]
 
 What it measures and how is said in the report it writes (docs/benchmarks.md); the parts of the
 script are in scripts/bench/ (see its __init__). The report's generated blocks are replaced, the
@@ -25,6 +25,7 @@ from bench.model_patches import qwen_report, run_qwen, run_zimage, zimage_report
 from bench.training import run_training, training_report  # noqa: E402
 from bench.silent_signal import run_silent_signal, silent_signal_report  # noqa: E402
 from bench.asymmetry import asymmetry_report, run_asymmetry  # noqa: E402
+from bench.two_controls import run_two_controls, two_controls_report  # noqa: E402
 from bench.long_video import long_video_report, run_long_video  # noqa: E402
 from bench.models import import_comfyui  # noqa: E402
 from bench.preprocessors import run_preprocessors  # noqa: E402
@@ -32,7 +33,7 @@ from bench.report import _argv_for_report, machine_info, replace_block, write_re
 from bench.runner import Bench  # noqa: E402
 
 FAMILIES = ("sd15", "sdxl", "sd21", "svd", "long_video", "pre", "flux", "training", "zimage", "qwen", "silent_signal",
-            "asymmetry")
+            "asymmetry", "two_controls")
 DEFAULT_FAMILIES = ("sd15", "sdxl", "sd21", "svd", "long_video", "pre", "flux", "zimage", "qwen")
 
 
@@ -98,7 +99,7 @@ def snapshot(bench, started):
         results=bench.results, notes=bench.notes, pre=bench.pre, profiles=bench.profiles, long_video=bench.long_video,
         flux=bench.flux, training=getattr(bench, "training", None), zimage=getattr(bench, "zimage", None), qwen=getattr(bench, "qwen", None),
         silent_signal=getattr(bench, "silent_signal", None),
-        asymmetry=getattr(bench, "asymmetry", None),
+        asymmetry=getattr(bench, "asymmetry", None), two_controls=getattr(bench, "two_controls", None),
         elapsed=time.time() - started, started=started, argv=_argv_for_report())
 
 
@@ -106,7 +107,8 @@ def write_all(state, out):
     """The generated blocks of the report from a run's state (partial runs included)."""
     write_report(state, out)
     for name, report in (("long_video", long_video_report), ("flux", flux_report), ("training", training_report),
-                         ("zimage", zimage_report), ("qwen", qwen_report), ("silent_signal", silent_signal_report), ("asymmetry", asymmetry_report)):
+                         ("zimage", zimage_report), ("qwen", qwen_report), ("silent_signal", silent_signal_report),
+                         ("asymmetry", asymmetry_report), ("two_controls", two_controls_report)):
         if getattr(state, name, None):
             replace_block(out, name, report(state))
 
@@ -123,7 +125,8 @@ def run_family(bench, family):
             a.configs = saved
         return
     {"svd": lambda b: b.family_svd(), "pre": run_preprocessors, "long_video": run_long_video, "flux": run_flux,
-     "training": run_training, "zimage": run_zimage, "qwen": run_qwen, "silent_signal": run_silent_signal, "asymmetry": run_asymmetry}[family](bench)
+     "training": run_training, "zimage": run_zimage, "qwen": run_qwen, "silent_signal": run_silent_signal,
+     "asymmetry": run_asymmetry, "two_controls": run_two_controls}[family](bench)
 
 
 def main(argv=None):

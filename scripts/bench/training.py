@@ -116,13 +116,22 @@ def toy_control(pretrained, seed, variant="sd15_training"):
     return dm, alphas, ctx, unet, cnx.ControlNeXt(variant, out_channels=width)
 
 
-def toy_call(dm, ctx, x_t, t, term, variant="sd15_training"):
-    """The toy UNet's prediction with ``term(h)`` added at ``variant``'s injection point."""
+def toy_call(dm, ctx, x_t, t, term, variant="sd15_training", taps=None):
+    """The toy UNet's prediction with ``term(h)`` added at ``variant``'s injection point; ``taps`` (a
+    dict, or None) gets the term and the activation after it joined (conservativity stage, Asym)."""
+    from harness.comfy_runtime import pack_module
+
+    joined_with = pack_module("runtime.training").joined_with
+    return toy_inject(dm, ctx, x_t, t, lambda h: joined_with(h, term(h), taps), variant)
+
+
+def toy_inject(dm, ctx, x_t, t, inject, variant="sd15_training"):
+    """The toy UNet's prediction with the activation h at ``variant``'s injection point replaced by ``inject(h)``."""
     from harness.comfy_runtime import pack_module
 
     injection = pack_module("runtime.controlnext")
     return dm(x_t, t.float(), context=ctx.expand(x_t.shape[0], -1, -1),
-              transformer_options=injection.injection_options(variant, lambda h: h + term(h)))
+              transformer_options=injection.injection_options(variant, inject))
 
 
 def _toy_run(join, steps, pretrained, seed=0):

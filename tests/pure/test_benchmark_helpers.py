@@ -112,3 +112,67 @@ def test_asymmetry_report_renders_its_numbers():
     text = asym.asymmetry_report(bench)
     assert "| 1 | 2.0000 | 0.500 | 0.500 | 1.50 |" in text  # mean 2, spread 1/2, relative, best time
     assert "| 1 probe(s) | 7.00 | 3.50 |" in text and "| none | 2.00 | 1.00 |" in text
+
+
+@pytest.fixture(scope="module")
+def toy2():
+    sys.path.insert(0, os.path.join(PACK, "scripts"))
+    return importlib.import_module("bench.two_controls")  # its data helpers import torch only
+
+
+def test_two_controls_squares_do_not_overlap_and_render_with_their_labels(toy2):
+    import torch
+
+    pos = toy2.square_positions(20, 2, seed=4)
+    assert pos.shape == (20, 2, 2) and int(pos.min()) >= 0 and int(pos.max()) <= toy2.LATENT - toy2.SIDE
+    assert bool(((pos[:, 0] - pos[:, 1]).abs().amax(1) >= toy2.SIDE).all())
+    assert torch.equal(pos, toy2.square_positions(20, 2, seed=4))
+    latents, labels = toy2.render(pos[:1])
+    (y0, x0), (y1, x1) = pos[0].tolist()
+    s, px = toy2.SIDE, toy2.PX
+    assert float(latents[0, 0].sum()) == 2 * s * s and float(latents[0, 1].sum()) == -2 * s * s
+    assert float(latents[0, 2:].abs().sum()) == 0
+    assert int(labels[0, y1 * px, x1 * px]) == 2 and int(labels[0, y0 * px + s * px - 1, x0 * px]) == 1
+    assert int((labels[0] == 1).sum()) == (s * px) ** 2 and int((labels[0] == 0).sum()) == (toy2.LATENT * px) ** 2 - 2 * (s * px) ** 2
+
+
+def test_two_controls_conditions_fill_or_outline_the_squares(toy2):
+    pos = toy2.square_positions(1, 1, seed=0)
+    _, labels = toy2.render(pos)
+    fill, outline = toy2.condition(labels, "A"), toy2.condition(labels, "B")
+    side, band = toy2.SIDE * toy2.PX, toy2.PX // 2
+    assert fill.shape == (1, toy2.LATENT * toy2.PX, toy2.LATENT * toy2.PX, 3)
+    assert float(fill.sum()) == 3 * side * side
+    assert float(outline.sum()) == 3 * (side * side - (side - 2 * band) ** 2)
+    assert bool((outline <= fill).all())
+
+
+def test_two_controls_presence_is_one_for_the_data_and_zero_when_flat(toy2):
+    import torch
+
+    pos = toy2.square_positions(3, 2, seed=1)
+    latents, _ = toy2.render(pos)
+    assert torch.allclose(toy2.presence(latents, pos[:, 1]), torch.ones(3))
+    assert torch.allclose(toy2.presence(torch.zeros_like(latents), pos[:, 0]), torch.zeros(3))
+    half = latents.clone()
+    half[:, 1] = 0
+    assert torch.allclose(toy2.presence(half, pos[:, 0]), torch.full((3,), 0.5))
+
+
+def test_two_controls_verdicts_compare_the_right_runs(toy2):
+    plain, stage1, recipe = toy2.RUNS
+
+    def row(alone, summed, balanced, asym):
+        return {("alone", "A"): alone, ("alone", "B"): alone[::-1], "sum": summed, "balanced": balanced,
+                ("asym", "A"): (asym, 0.5), ("asym", "B"): (asym, 0.5)}
+
+    rows = {(0, plain): row([0.9, 0.0], [0.3, 0.2], [0.9, 0.9], 5.0),
+            (0, stage1): row([0.8, 0.1], [0.9, 0.9], [0.9, 0.9], 2.0),
+            (0, recipe): row([0.7, 0.1], [0.9, 0.9], [0.5, 0.4], 1.0)}
+    (two, _, verdict2), (cons, numbers, verdict_c) = toy2.claims(rows, [0])
+    assert verdict2 == "reproduced" and verdict_c == "reproduced"  # 0.5 > 0.3, 0.4 > 0.2; Asym 1 < 2 (not plain's 5)
+    assert "0.700 vs 0.800" in numbers  # the stage's cost: recipe alone vs stage 1 alone
+    rows[0, recipe]["balanced"] = [0.5, 0.1]
+    rows[0, recipe][("asym", "A")] = (3.0, 0.5)
+    rows[0, recipe][("asym", "B")] = (3.0, 0.5)
+    assert [c[2] for c in toy2.claims(rows, [0])] == ["not reproduced", "not reproduced"]
