@@ -4,6 +4,7 @@ uncond multiplier). Their checks: runtime/control_inputs.py."""
 from comfy_api.latest import io
 
 from ..runtime.control_inputs import check_step_range
+from .schema import node_schema
 
 IMAGE_TIP = ("Condition image ({what}), RGB in [0, 1]; resized to the generated image size. A batch of 1 serves every "
              "latent; otherwise one per latent.")
@@ -88,6 +89,15 @@ def conditioning_outputs():
 class ApplyNode(io.ComfyNode):
     """An Apply node with step_range_inputs: a reversed or out-of-range step range is refused before
     the graph runs (ComfyUI skips its own min/max check for inputs validate_inputs names)."""
+
+    NODE = None  # the node's title
+
+    @classmethod
+    def model_schema(cls, node_id, category, control, what, strength_tip, method_inputs=()):
+        """An Apply node on a MODEL: the MODEL, the loaded control, control_inputs(); the patched MODEL out."""
+        return node_schema(cls, node_id, cls.NODE, category, hidden=NODE_REFERENCE, inputs=[
+            io.Model.Input("model"), control, *control_inputs(what, strength_tip, method_inputs),
+        ], outputs=[io.Model.Output()])
 
     @classmethod
     def validate_inputs(cls, start_percent, end_percent):

@@ -21,19 +21,15 @@ class StepKeyframeNode(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_StepKeyframe", "Step Keyframe (XCtrl)", CATEGORY,
-            inputs=[
-                StepScheduleType.Input("previous", optional=True),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
-                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
-                io.Combo.Input("interpolation", options=list(INTERPOLATIONS), default=HOLD,
-                               tooltip="hold: this strength until the next keyframe; linear: towards the next keyframe's."),
-                io.Int.Input("guarantee_steps", default=1, min=0, max=10000,
-                             tooltip="Steps this keyframe stays active even if later keyframes have started (0: none)."),
-            ],
-            outputs=[StepScheduleType.Output(display_name="schedule")],
-        )
+        return node_schema(cls, "XCtrl_StepKeyframe", "Step Keyframe (XCtrl)", CATEGORY, inputs=[
+            StepScheduleType.Input("previous", optional=True),
+            io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001),
+            io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
+            io.Combo.Input("interpolation", options=list(INTERPOLATIONS), default=HOLD,
+                           tooltip="hold: this strength until the next keyframe; linear: towards the next keyframe's."),
+            io.Int.Input("guarantee_steps", default=1, min=0, max=10000,
+                         tooltip="Steps this keyframe stays active even if later keyframes have started (0: none)."),
+        ], outputs=[StepScheduleType.Output(display_name="schedule")])
 
     @classmethod
     def execute(cls, start_percent, strength, interpolation, guarantee_steps, previous=None):

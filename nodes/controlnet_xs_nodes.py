@@ -30,13 +30,9 @@ class LoadControlNetXS(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_LoadControlNetXS", "Load ControlNet-XS (XCtrl)", CATEGORY,
-            inputs=[
-                io.Combo.Input("control_file", options=file_list("controlnet"), tooltip="A ControlNet-XS file, e.g. sdxl_encD_canny_48m.safetensors or a diffusers diffusion_pytorch_model.safetensors (renamed)."),
-            ],
-            outputs=[ControlNetXSType.Output(display_name="controlnet_xs")],
-        )
+        return node_schema(cls, "XCtrl_LoadControlNetXS", "Load ControlNet-XS (XCtrl)", CATEGORY, inputs=[
+            io.Combo.Input("control_file", options=file_list("controlnet"), tooltip="A ControlNet-XS file, e.g. sdxl_encD_canny_48m.safetensors or a diffusers diffusion_pytorch_model.safetensors (renamed)."),
+        ], outputs=[ControlNetXSType.Output(display_name="controlnet_xs")])
 
     @classmethod
     def execute(cls, control_file):
@@ -64,15 +60,10 @@ class ApplyControlNetXS(XSApplyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_ApplyControlNetXS", cls.NODE, CATEGORY, hidden=NODE_REFERENCE,
-            inputs=[
-                io.Model.Input("model"),
-                ControlNetXSType.Input("controlnet_xs"),
-                *control_inputs("canny edges, depth, ...", "Scales every control -> base connection (the authors' conditioning scale). 0 leaves the model untouched.", method_inputs=_weight_inputs()),
-            ],
-            outputs=[io.Model.Output()],
-        )
+        return cls.model_schema(
+            "XCtrl_ApplyControlNetXS", CATEGORY, ControlNetXSType.Input("controlnet_xs"), "canny edges, depth, ...",
+            "Scales every control -> base connection (the authors' conditioning scale). 0 leaves the model untouched.",
+            _weight_inputs())
 
     @classmethod
     def execute(cls, model, controlnet_xs, image, strength, start_percent, end_percent, mask=None,
@@ -94,15 +85,11 @@ class ApplyControlNetXSConditioning(XSApplyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_ApplyControlNetXSConditioning", cls.NODE, CATEGORY, hidden=NODE_REFERENCE,
-            inputs=[
-                *conditioning_inputs(),
-                ControlNetXSType.Input("controlnet_xs"),
-                *control_inputs("canny edges, depth, ...", "As Apply ControlNet-XS's strength.", method_inputs=_weight_inputs()),
-            ],
-            outputs=conditioning_outputs(),
-        )
+        return node_schema(cls, "XCtrl_ApplyControlNetXSConditioning", cls.NODE, CATEGORY, hidden=NODE_REFERENCE, inputs=[
+            *conditioning_inputs(),
+            ControlNetXSType.Input("controlnet_xs"),
+            *control_inputs("canny edges, depth, ...", "As Apply ControlNet-XS's strength.", method_inputs=_weight_inputs()),
+        ], outputs=conditioning_outputs())
 
     @classmethod
     def execute(cls, positive, negative, model, controlnet_xs, image, strength, start_percent, end_percent, mask=None,

@@ -21,14 +21,10 @@ class LoadControlNeXt(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_LoadControlNeXt", "Load ControlNeXt (XCtrl)", CATEGORY,
-            inputs=[
-                io.Combo.Input("control_file", options=file_list("controlnet"), tooltip="The control module, e.g. controlnet.safetensors of a ControlNeXt release."),
-                io.Combo.Input("unet_weights", options=[NONE] + file_list(*apply.UNET_FOLDERS), tooltip="Optional fine-tuned UNet weights released with the module (SD1.5: replacement attention weights; SDXL: deltas). From models/controlnet or models/diffusion_models."),
-            ],
-            outputs=[ControlNeXtType.Output(display_name="controlnext")],
-        )
+        return node_schema(cls, "XCtrl_LoadControlNeXt", "Load ControlNeXt (XCtrl)", CATEGORY, inputs=[
+            io.Combo.Input("control_file", options=file_list("controlnet"), tooltip="The control module, e.g. controlnet.safetensors of a ControlNeXt release."),
+            io.Combo.Input("unet_weights", options=[NONE] + file_list(*apply.UNET_FOLDERS), tooltip="Optional fine-tuned UNet weights released with the module (SD1.5: replacement attention weights; SDXL: deltas). From models/controlnet or models/diffusion_models."),
+        ], outputs=[ControlNeXtType.Output(display_name="controlnext")])
 
     @classmethod
     def execute(cls, control_file, unet_weights):
@@ -44,19 +40,13 @@ class ApplyControlNeXt(ApplyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_ApplyControlNeXt", cls.NODE, CATEGORY, hidden=NODE_REFERENCE,
-            inputs=[
-                io.Model.Input("model"),
-                ControlNeXtType.Input("controlnext"),
-                *control_inputs("pose, edges, depth, ...", "Control strength. SD1.5 released: multiplies the learned scale. SDXL: the scale itself (authors: ~0.35 for canny, 1.0 for dense conditions).", method_inputs=[
-                    io.Float.Input("unet_strength", optional=True, default=1.0, min=-2.0, max=2.0, step=0.01, tooltip="Strength of the UNet weight file loaded with the module (ignored without one)."),
-                    io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse", tooltip="An SDXL-layout file on an SD1.5 model: 'refuse' (no SD1.5-Training weights were released, so it is most likely an SDXL file) or 'sd15_training' for a module you trained with the ControlNeXt SD1.5-Training code."),
-                    io.Boolean.Input("reference_pose_per_window", optional=True, default=True, tooltip="SVD v2 under context windows (XCtrl Long Video, ComfyUI's Context Windows, AnimateDiff-Evolved context options): every window gets pose frame 0 (the reference image's pose) at its first position, as the authors' long-video loop does. Off: every frame gets its own pose. Other variants always use their own frame's image."),
-                ]),
-            ],
-            outputs=[io.Model.Output()],
-        )
+        return cls.model_schema(
+            "XCtrl_ApplyControlNeXt", CATEGORY, ControlNeXtType.Input("controlnext"), "pose, edges, depth, ...",
+            "Control strength. SD1.5 released: multiplies the learned scale. SDXL: the scale itself (authors: ~0.35 for canny, 1.0 for dense conditions).", [
+                io.Float.Input("unet_strength", optional=True, default=1.0, min=-2.0, max=2.0, step=0.01, tooltip="Strength of the UNet weight file loaded with the module (ignored without one)."),
+                io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse", tooltip="An SDXL-layout file on an SD1.5 model: 'refuse' (no SD1.5-Training weights were released, so it is most likely an SDXL file) or 'sd15_training' for a module you trained with the ControlNeXt SD1.5-Training code."),
+                io.Boolean.Input("reference_pose_per_window", optional=True, default=True, tooltip="SVD v2 under context windows (XCtrl Long Video, ComfyUI's Context Windows, AnimateDiff-Evolved context options): every window gets pose frame 0 (the reference image's pose) at its first position, as the authors' long-video loop does. Off: every frame gets its own pose. Other variants always use their own frame's image."),
+            ])
 
     @classmethod
     def execute(cls, model, controlnext, image, strength, start_percent, end_percent, mask=None, unet_strength=1.0,
@@ -78,20 +68,16 @@ class ApplyControlNeXtConditioning(ApplyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_ApplyControlNeXtConditioning", cls.NODE, CATEGORY, hidden=NODE_REFERENCE,
-            inputs=[
-                *conditioning_inputs(),
-                ControlNeXtType.Input("controlnext"),
-                *control_inputs("pose, edges, depth, ...", "As Apply ControlNeXt's strength.", method_inputs=[
-                    io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse",
-                                   tooltip="As Apply ControlNeXt's sd15_layout."),
-                    io.Boolean.Input("reference_pose_per_window", optional=True, default=True,
-                                     tooltip="As Apply ControlNeXt's reference_pose_per_window."),
-                ]),
-            ],
-            outputs=conditioning_outputs(),
-        )
+        return node_schema(cls, "XCtrl_ApplyControlNeXtConditioning", cls.NODE, CATEGORY, hidden=NODE_REFERENCE, inputs=[
+            *conditioning_inputs(),
+            ControlNeXtType.Input("controlnext"),
+            *control_inputs("pose, edges, depth, ...", "As Apply ControlNeXt's strength.", method_inputs=[
+                io.Combo.Input("sd15_layout", optional=True, options=["refuse", "sd15_training"], default="refuse",
+                               tooltip="As Apply ControlNeXt's sd15_layout."),
+                io.Boolean.Input("reference_pose_per_window", optional=True, default=True,
+                                 tooltip="As Apply ControlNeXt's reference_pose_per_window."),
+            ]),
+        ], outputs=conditioning_outputs())
 
     @classmethod
     def execute(cls, positive, negative, model, controlnext, image, strength, start_percent, end_percent, mask=None,
@@ -113,17 +99,13 @@ class ControlNeXtSVDLongVideo(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_ControlNeXtSVDLongVideo", LONG_VIDEO_NODE, CATEGORY,
-            inputs=[
-                io.Model.Input("model", tooltip="An SVD model (e.g. the ControlNeXt-SVD v2 UNet), before or after Apply ControlNeXt."),
-                io.Int.Input("frames_per_window", default=24, min=1, max=4096, tooltip="Frames the UNet sees per call (the authors' script: 24). A video this short or shorter is one window."),
-                io.Int.Input("overlap", default=6, min=0, max=4095, tooltip="Frames shared by consecutive windows (the authors' script: 6); at least 1, fewer than frames_per_window."),
-                io.Combo.Input("cfg_ramp", options=["constant", "linear"], default="constant", tooltip="constant: the sampler's cfg on every frame (the authors' script). linear: per window position, cfg rises from min_cfg (position 0) to the sampler's cfg (last position) before the windows are fused, as the reference pipeline's min/max guidance does."),
-                io.Float.Input("min_cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="cfg at window position 0 with cfg_ramp = linear; ignored with constant."),
-            ],
-            outputs=[io.Model.Output()],
-        )
+        return node_schema(cls, "XCtrl_ControlNeXtSVDLongVideo", LONG_VIDEO_NODE, CATEGORY, inputs=[
+            io.Model.Input("model", tooltip="An SVD model (e.g. the ControlNeXt-SVD v2 UNet), before or after Apply ControlNeXt."),
+            io.Int.Input("frames_per_window", default=24, min=1, max=4096, tooltip="Frames the UNet sees per call (the authors' script: 24). A video this short or shorter is one window."),
+            io.Int.Input("overlap", default=6, min=0, max=4095, tooltip="Frames shared by consecutive windows (the authors' script: 6); at least 1, fewer than frames_per_window."),
+            io.Combo.Input("cfg_ramp", options=["constant", "linear"], default="constant", tooltip="constant: the sampler's cfg on every frame (the authors' script). linear: per window position, cfg rises from min_cfg (position 0) to the sampler's cfg (last position) before the windows are fused, as the reference pipeline's min/max guidance does."),
+            io.Float.Input("min_cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="cfg at window position 0 with cfg_ramp = linear; ignored with constant."),
+        ], outputs=[io.Model.Output()])
 
     @classmethod
     def validate_inputs(cls, frames_per_window, overlap):
@@ -144,23 +126,19 @@ class SVDReferenceConditioning(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_SVDReferenceConditioning", "SVD Conditioning, reference pipeline (XCtrl)", CATEGORY,
-            inputs=[
-                io.ClipVision.Input("clip_vision"),
-                io.Image.Input("init_image"),
-                io.Vae.Input("vae"),
-                io.Int.Input("width", default=576, min=16, max=16384, step=8),
-                io.Int.Input("height", default=1024, min=16, max=16384, step=8),
-                io.Int.Input("video_frames", default=14, min=1, max=4096, tooltip="Frames to generate = pose frames (the reference pose plus the aligned driving poses)."),
-                io.Int.Input("motion_bucket_id", default=128, min=1, max=1023, tooltip="The reference pipeline uses 128."),
-                io.Int.Input("fps", default=7, min=1, max=1024, tooltip="The model sees fps - 1; the reference pipeline's fps id is 6."),
-                io.Float.Input("augmentation_level", default=0.02, min=0.0, max=10.0, step=0.01, tooltip="Noise added to the reference image, std in [-1, 1] pixel space (the reference pipeline: 0.02); also the model's time id."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the augmentation noise."),
-            ],
-            outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative"),
-                     io.Latent.Output(display_name="latent")],
-        )
+        return node_schema(cls, "XCtrl_SVDReferenceConditioning", "SVD Conditioning, reference pipeline (XCtrl)", CATEGORY, inputs=[
+            io.ClipVision.Input("clip_vision"),
+            io.Image.Input("init_image"),
+            io.Vae.Input("vae"),
+            io.Int.Input("width", default=576, min=16, max=16384, step=8),
+            io.Int.Input("height", default=1024, min=16, max=16384, step=8),
+            io.Int.Input("video_frames", default=14, min=1, max=4096, tooltip="Frames to generate = pose frames (the reference pose plus the aligned driving poses)."),
+            io.Int.Input("motion_bucket_id", default=128, min=1, max=1023, tooltip="The reference pipeline uses 128."),
+            io.Int.Input("fps", default=7, min=1, max=1024, tooltip="The model sees fps - 1; the reference pipeline's fps id is 6."),
+            io.Float.Input("augmentation_level", default=0.02, min=0.0, max=10.0, step=0.01, tooltip="Noise added to the reference image, std in [-1, 1] pixel space (the reference pipeline: 0.02); also the model's time id."),
+            io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the augmentation noise."),
+        ], outputs=[io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative"),
+            io.Latent.Output(display_name="latent")])
 
     @classmethod
     def execute(cls, clip_vision, init_image, vae, width, height, video_frames, motion_bucket_id, fps, augmentation_level, seed=0):

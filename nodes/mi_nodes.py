@@ -47,19 +47,15 @@ class MIBalancedControl(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_MIBalancedControl", cls.TITLE, CATEGORY, hidden=NODE_REFERENCE,
-            inputs=[
-                io.Model.Input("model"),
-                io.Conditioning.Input("positive", tooltip="Conditioning with ControlNets applied (Apply ControlNet)."),
-                io.Conditioning.Input("negative"),
-                *balance_inputs("layer: one weight per layer and image (the paper). pixel: one weight per spatial "
-                                "position (token on SD3)", " 1 = a control is never added more strongly than by plain "
-                                "addition."),
-            ],
-            outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive"),
-                     io.Conditioning.Output(display_name="negative")],
-        )
+        return node_schema(cls, "XCtrl_MIBalancedControl", cls.TITLE, CATEGORY, hidden=NODE_REFERENCE, inputs=[
+            io.Model.Input("model"),
+            io.Conditioning.Input("positive", tooltip="Conditioning with ControlNets applied (Apply ControlNet)."),
+            io.Conditioning.Input("negative"),
+            *balance_inputs("layer: one weight per layer and image (the paper). pixel: one weight per spatial "
+                            "position (token on SD3)", " 1 = a control is never added more strongly than by plain "
+                            "addition."),
+        ], outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive"),
+            io.Conditioning.Output(display_name="negative")])
 
     @classmethod
     def execute(cls, model, positive, negative, mode, granularity, cap):
@@ -79,15 +75,11 @@ class MIBalancedModelPatches(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_MIBalancedModelPatches", cls.TITLE, CATEGORY,
-            inputs=[
-                io.Model.Input("model", tooltip="A Z-Image or Qwen-Image MODEL with two or more control patches applied."),
-                *balance_inputs("layer: one weight per injection point and image (the paper). pixel: one weight per "
-                                "image token"),
-            ],
-            outputs=[io.Model.Output(display_name="model")],
-        )
+        return node_schema(cls, "XCtrl_MIBalancedModelPatches", cls.TITLE, CATEGORY, inputs=[
+            io.Model.Input("model", tooltip="A Z-Image or Qwen-Image MODEL with two or more control patches applied."),
+            *balance_inputs("layer: one weight per injection point and image (the paper). pixel: one weight per "
+                            "image token"),
+        ], outputs=[io.Model.Output(display_name="model")])
 
     @classmethod
     def execute(cls, model, mode, granularity, cap):

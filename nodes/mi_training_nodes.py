@@ -18,31 +18,27 @@ class SilentSignalBalance(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_SilentSignalBalance", md.BALANCE_NODE, CATEGORY,
-            inputs=[
-                io.Image.Input("images", tooltip="The training (target) images; passed through unchanged."),
-                io.Image.Input("conditions", tooltip="Their condition images (canny, HED, pose...), same order and size."),
-                io.Float.Input("keep_rate", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Chance that a segment keeps its condition (each segment drawn on its own)."),
-                io.Int.Input("variants", default=1, min=1, max=64,
-                             tooltip="Balanced pairs per input pair (each with its own draw); outputs are N x variants."),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1),
-                io.Combo.Input("segmenter", options=list(md.SEGMENTERS), default="colour_clusters", tooltip=(
-                    "Without masks: colour_clusters = k-means on the blurred image's colours, each cluster split into "
-                    "its connected regions (follows objects and backgrounds); grid = segments x segments cells.")),
-                io.Int.Input("segments", default=6, min=1, max=64,
-                             tooltip="colour_clusters: number of colour clusters; grid: cells per side."),
-                io.Float.Input("silent_value", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="The empty condition's value (0: black, as edge, pose and depth maps)."),
-                io.Mask.Input("masks", optional=True, tooltip=(
-                    "Segments: one label map per image (each distinct value a segment), or k masks per image "
-                    "(image i's masks at i*k .. i*k+k-1; uncovered pixels one more segment). Same size as the images.")),
-            ],
-            outputs=[io.Image.Output(display_name="images"), io.Image.Output(display_name="conditions"),
-                     io.Mask.Output(display_name="kept")],
-            is_input_list=True,
-        )
+        return node_schema(cls, "XCtrl_SilentSignalBalance", md.BALANCE_NODE, CATEGORY, inputs=[
+            io.Image.Input("images", tooltip="The training (target) images; passed through unchanged."),
+            io.Image.Input("conditions", tooltip="Their condition images (canny, HED, pose...), same order and size."),
+            io.Float.Input("keep_rate", default=0.5, min=0.0, max=1.0, step=0.01,
+                           tooltip="Chance that a segment keeps its condition (each segment drawn on its own)."),
+            io.Int.Input("variants", default=1, min=1, max=64,
+                         tooltip="Balanced pairs per input pair (each with its own draw); outputs are N x variants."),
+            io.Int.Input("seed", default=0, min=0, max=2**63 - 1),
+            io.Combo.Input("segmenter", options=list(md.SEGMENTERS), default="colour_clusters", tooltip=(
+                "Without masks: colour_clusters = k-means on the blurred image's colours, each cluster split into "
+                "its connected regions (follows objects and backgrounds); grid = segments x segments cells.")),
+            io.Int.Input("segments", default=6, min=1, max=64,
+                         tooltip="colour_clusters: number of colour clusters; grid: cells per side."),
+            io.Float.Input("silent_value", default=0.0, min=0.0, max=1.0, step=0.01,
+                           tooltip="The empty condition's value (0: black, as edge, pose and depth maps)."),
+            io.Mask.Input("masks", optional=True, tooltip=(
+                "Segments: one label map per image (each distinct value a segment), or k masks per image "
+                "(image i's masks at i*k .. i*k+k-1; uncovered pixels one more segment). Same size as the images.")),
+        ], outputs=[io.Image.Output(display_name="images"), io.Image.Output(display_name="conditions"),
+            io.Mask.Output(display_name="kept")],
+            is_input_list=True)
 
     @classmethod
     def execute(cls, images, conditions, keep_rate, variants, seed, segmenter, segments, silent_value, masks=None):
@@ -74,17 +70,13 @@ class SilentTotalVariation(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_SilentTotalVariation", md.TV_NODE, CATEGORY,
-            inputs=[
-                *silent_region_inputs(radius=2),
-                io.Mask.Input("silent_mask", optional=True, tooltip="The silent region itself (1 = silent), instead of "
-                              "the one read from the condition (e.g. Silent Signal Balance's kept, inverted)."),
-            ],
-            outputs=[io.Float.Output(display_name="total_variation"), io.String.Output(display_name="report"),
-                     io.Mask.Output(display_name="silent_region")],
-            is_output_node=True,
-        )
+        return node_schema(cls, "XCtrl_SilentTotalVariation", md.TV_NODE, CATEGORY, inputs=[
+            *silent_region_inputs(radius=2),
+            io.Mask.Input("silent_mask", optional=True, tooltip="The silent region itself (1 = silent), instead of "
+                          "the one read from the condition (e.g. Silent Signal Balance's kept, inverted)."),
+        ], outputs=[io.Float.Output(display_name="total_variation"), io.String.Output(display_name="report"),
+            io.Mask.Output(display_name="silent_region")],
+            is_output_node=True)
 
     @classmethod
     def execute(cls, image, condition, threshold, radius, silent_mask=None):
@@ -101,20 +93,16 @@ class CycleConsistency(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_CycleConsistency", md.CYCLE_NODE, CATEGORY,
-            inputs=[
-                *silent_region_inputs(radius=0),
-                io.Int.Input("low_threshold", default=100, min=0, max=255, tooltip="Canny's low threshold."),
-                io.Int.Input("high_threshold", default=200, min=0, max=255, tooltip="Canny's high threshold."),
-                io.Image.Input("extracted", optional=True, tooltip="The condition extracted from the generated images by "
-                               "another preprocessor node (HED, depth, pose...); canny is not run then."),
-                io.Mask.Input("silent_mask", optional=True, tooltip="The silent region itself (1 = silent)."),
-            ],
-            outputs=[io.Float.Output(display_name="l1"), io.String.Output(display_name="report"),
-                     io.Image.Output(display_name="extracted")],
-            is_output_node=True,
-        )
+        return node_schema(cls, "XCtrl_CycleConsistency", md.CYCLE_NODE, CATEGORY, inputs=[
+            *silent_region_inputs(radius=0),
+            io.Int.Input("low_threshold", default=100, min=0, max=255, tooltip="Canny's low threshold."),
+            io.Int.Input("high_threshold", default=200, min=0, max=255, tooltip="Canny's high threshold."),
+            io.Image.Input("extracted", optional=True, tooltip="The condition extracted from the generated images by "
+                           "another preprocessor node (HED, depth, pose...); canny is not run then."),
+            io.Mask.Input("silent_mask", optional=True, tooltip="The silent region itself (1 = silent)."),
+        ], outputs=[io.Float.Output(display_name="l1"), io.String.Output(display_name="report"),
+            io.Image.Output(display_name="extracted")],
+            is_output_node=True)
 
     @classmethod
     def execute(cls, image, condition, threshold, radius, low_threshold, high_threshold, extracted=None, silent_mask=None):

@@ -24,6 +24,16 @@ def our_inputs():
     ]
 
 
+def patch_apply_schema(cls, node_id, core_inputs):
+    """Core's node's inputs (model, model_patch and vae first, then its own), then ours; a MODEL out."""
+    return node_schema(
+        cls, node_id, cls.TITLE, CATEGORY, hidden=NODE_REFERENCE,
+        inputs=[io.Model.Input("model"), ModelPatchType.Input("model_patch"), io.Vae.Input("vae"), *core_inputs,
+                *our_inputs()],
+        outputs=[io.Model.Output(display_name="model")],
+    )
+
+
 class ApplyZImageFunControlNet(ApplyNode):
     """ComfyUI's Apply Z-Image Fun ControlNet (same inputs, same result by default) with a step range, step
     keyframe schedules, per-latent strengths, an uncond multiplier and a mask on the control's residual.
@@ -33,17 +43,11 @@ class ApplyZImageFunControlNet(ApplyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_ApplyZImageFunControlNet", cls.TITLE, CATEGORY, hidden=NODE_REFERENCE,
-            inputs=[
-                io.Model.Input("model"), ModelPatchType.Input("model_patch"), io.Vae.Input("vae"),
-                io.Float.Input("strength", **STRENGTH),
-                io.Image.Input("image", optional=True), io.Image.Input("inpaint_image", optional=True),
-                io.Mask.Input("mask", optional=True, tooltip="The inpaint mask, as in core's node."),
-                *our_inputs(),
-            ],
-            outputs=[io.Model.Output(display_name="model")],
-        )
+        return patch_apply_schema(cls, "XCtrl_ApplyZImageFunControlNet", [
+            io.Float.Input("strength", **STRENGTH),
+            io.Image.Input("image", optional=True), io.Image.Input("inpaint_image", optional=True),
+            io.Mask.Input("mask", optional=True, tooltip="The inpaint mask, as in core's node."),
+        ])
 
     @classmethod
     def execute(cls, model, model_patch, vae, strength, image=None, inpaint_image=None, mask=None, start_percent=0.0,
@@ -63,16 +67,10 @@ class ApplyQwenImageDiffsynthControlNet(ApplyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_ApplyQwenImageDiffsynthControlNet", cls.TITLE, CATEGORY, hidden=NODE_REFERENCE,
-            inputs=[
-                io.Model.Input("model"), ModelPatchType.Input("model_patch"), io.Vae.Input("vae"), io.Image.Input("image"),
-                io.Float.Input("strength", **STRENGTH),
-                io.Mask.Input("mask", optional=True, tooltip="The inpaint mask, as in core's node."),
-                *our_inputs(),
-            ],
-            outputs=[io.Model.Output(display_name="model")],
-        )
+        return patch_apply_schema(cls, "XCtrl_ApplyQwenImageDiffsynthControlNet", [
+            io.Image.Input("image"), io.Float.Input("strength", **STRENGTH),
+            io.Mask.Input("mask", optional=True, tooltip="The inpaint mask, as in core's node."),
+        ])
 
     @classmethod
     def execute(cls, model, model_patch, vae, image, strength, mask=None, start_percent=0.0, end_percent=1.0,

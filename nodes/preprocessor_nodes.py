@@ -43,30 +43,44 @@ def image_inputs(options, resolution, resolution_tip, step=8):
     ]
 
 
+class ImageNode(io.ComfyNode):
+    """An image preprocessor: its schema from its own options, and the validation that names every weight
+    file it reads that is missing while downloads are off."""
+
+    NODE_ID = NAME = None
+
+    @classmethod
+    def image_schema(cls, options, resolution, resolution_tip, step=8, extra=(), outputs=None):
+        return node_schema(cls, cls.NODE_ID, cls.NAME, CATEGORY,
+                           inputs=[*image_inputs(options, resolution, resolution_tip, step), *extra],
+                           outputs=outputs or [io.Image.Output()])
+
+    @classmethod
+    def validate_inputs(cls, image):  # linked: None here; the files are checked
+        return check_files(cls.NODE_ID)
+
+
+def pose_outputs():
+    return [io.Image.Output(display_name="image"), PoseKeypoint.Output(display_name="pose_keypoint")]
+
 # ---------------------------------------------------------------------------------------------
 
 
-class Canny(io.ComfyNode):
+class Canny(ImageNode):
     """Canny edges (white on black, RGB) as the control models were trained with. fixed: cv2.Canny(RGB, low,
     high) as lllyasviel's annotator. median: the thresholds ControlNeXt-SDXL's canny models were trained with,
     low = (1 - sigma) * median, high = (1 + sigma) * median of the grey image, Canny on the grey image."""
 
-    NAME = "Canny Edges (XCtrl)"
+    NODE_ID, NAME = "XCtrl_Canny", "Canny Edges (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_Canny", cls.NAME, CATEGORY,
-            inputs=[
-                *image_inputs([
-                    io.Combo.Input("mode", options=["fixed", "median"], default="fixed", tooltip="fixed: low/high thresholds. median: ControlNeXt SDXL's automatic thresholds from the grey median and sigma."),
-                    io.Int.Input("low_threshold", default=100, min=0, max=1000, tooltip="fixed mode: lower hysteresis threshold."),
-                    io.Int.Input("high_threshold", default=200, min=0, max=1000, tooltip="fixed mode: upper hysteresis threshold."),
-                    io.Float.Input("sigma", default=0.33, min=0.0, max=1.0, step=0.01, tooltip="median mode: thresholds (1 -/+ sigma) x median. ControlNeXt SDXL used 0.33."),
-                ], 512, "Used only with output_size = resolution: the edges are computed on the image scaled so its shorter side is this many pixels, and that is the output size. With output_size = input, edges are computed at the input size (identical to cv2.Canny)."),
-            ],
-            outputs=[io.Image.Output()],
-        )
+        return cls.image_schema([
+            io.Combo.Input("mode", options=["fixed", "median"], default="fixed", tooltip="fixed: low/high thresholds. median: ControlNeXt SDXL's automatic thresholds from the grey median and sigma."),
+            io.Int.Input("low_threshold", default=100, min=0, max=1000, tooltip="fixed mode: lower hysteresis threshold."),
+            io.Int.Input("high_threshold", default=200, min=0, max=1000, tooltip="fixed mode: upper hysteresis threshold."),
+            io.Float.Input("sigma", default=0.33, min=0.0, max=1.0, step=0.01, tooltip="median mode: thresholds (1 -/+ sigma) x median. ControlNeXt SDXL used 0.33."),
+        ], 512, "Used only with output_size = resolution: the edges are computed on the image scaled so its shorter side is this many pixels, and that is the output size. With output_size = input, edges are computed at the input size (identical to cv2.Canny).")
 
     @classmethod
     def execute(cls, image, mode, low_threshold, high_threshold, sigma, resolution, output_size):
@@ -74,116 +88,78 @@ class Canny(io.ComfyNode):
                                              output_size))
 
 
-class HED(io.ComfyNode):
+class HED(ImageNode):
     """HED soft edges with lllyasviel's Apache-2.0 network (ControlNetHED.pth, 29 MB, downloaded to
     models/annotators on first use). soft: the edge probability; safe: three levels (0, 127, 255); scribble:
     thinned, blurred and thresholded to binary strokes (ControlNet scribble/sketch style)."""
 
-    NAME = "HED Soft Edges / Scribble (XCtrl)"
+    NODE_ID, NAME = "XCtrl_HED", "HED Soft Edges / Scribble (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_HED", cls.NAME, CATEGORY,
-            inputs=[
-                *image_inputs([
-                    io.Combo.Input("mode", options=list(HED_MODES), default="soft"),
-                ], 512, "The network runs on the image scaled so its shorter side is this many pixels (padded to a multiple of 64, padding cropped); edge thickness follows this scale. 0 = input size."),
-            ],
-            outputs=[io.Image.Output()],
-        )
-
-    @classmethod
-    def validate_inputs(cls, image):  # linked: None here; the files are checked
-        return check_files("XCtrl_HED")
+        return cls.image_schema([
+            io.Combo.Input("mode", options=list(HED_MODES), default="soft"),
+        ], 512, "The network runs on the image scaled so its shorter side is this many pixels (padded to a multiple of 64, padding cropped); edge thickness follows this scale. 0 = input size.")
 
     @classmethod
     def execute(cls, image, mode, resolution, output_size):
         return io.NodeOutput(run.hed_edges(cls.NAME, image, mode, resolution, output_size))
 
 
-class DepthAnythingV2(io.ComfyNode):
+class DepthAnythingV2(ImageNode):
     """Relative depth with Depth Anything V2 Small (depth_anything_v2_vits.pth, Apache-2.0, 99 MB, downloaded to
     models/annotators on first use). grey: white = near (ControlNet depth models). viridis: the colormap the
     ControlNeXt depth models were trained on (near = dark purple, far = yellow); viridis_near_bright:
     reversed."""
 
-    NAME = "Depth Anything V2 Small (XCtrl)"
+    NODE_ID, NAME = "XCtrl_DepthAnythingV2", "Depth Anything V2 Small (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_DepthAnythingV2", cls.NAME, CATEGORY,
-            inputs=[
-                *image_inputs([
-                    io.Combo.Input("render", options=list(DEPTH_RENDERS), default="grey", tooltip="grey for ControlNet depth models; viridis for ControlNeXt depth models."),
-                ], 518, "Network input: the image is scaled (bicubic) so its shorter side is this many pixels, rounded to a multiple of 14 (518 = the size the model was trained at; larger = finer detail, slower). The depth map is then resized bilinearly to the output size.", step=14),
-            ],
-            outputs=[io.Image.Output()],
-        )
-
-    @classmethod
-    def validate_inputs(cls, image):  # linked: None here; the files are checked
-        return check_files("XCtrl_DepthAnythingV2")
+        return cls.image_schema([
+            io.Combo.Input("render", options=list(DEPTH_RENDERS), default="grey", tooltip="grey for ControlNet depth models; viridis for ControlNeXt depth models."),
+        ], 518, "Network input: the image is scaled (bicubic) so its shorter side is this many pixels, rounded to a multiple of 14 (518 = the size the model was trained at; larger = finer detail, slower). The depth map is then resized bilinearly to the output size.", step=14)
 
     @classmethod
     def execute(cls, image, render, resolution, output_size):
         return io.NodeOutput(run.depth_maps(cls.NAME, image, render, resolution, output_size))
 
 
-class OpenPose(io.ComfyNode):
+class OpenPose(ImageNode):
     """OpenPose body keypoints (18 points; CMU model body_pose_model.pth, 209 MB, NON-COMMERCIAL licence,
     downloaded to models/annotators on first use). Outputs the skeleton drawn as lllyasviel's annotator draws
     it and the keypoints as OpenPose JSON (one dict per frame; canvas = output size)."""
 
-    NAME = "OpenPose Body (XCtrl)"
+    NODE_ID, NAME = "XCtrl_OpenPose", "OpenPose Body (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_OpenPose", cls.NAME, CATEGORY,
-            inputs=[
-                *image_inputs([], 512, "Detection runs on the image scaled so its shorter side is this many pixels. The skeleton is drawn at the output size from the detected (normalised) keypoints."),
-                io.Int.Input("frame_stride", optional=True, default=1, min=1, max=1024, tooltip=STRIDE_TIP),
-            ],
-            outputs=[io.Image.Output(display_name="image"), PoseKeypoint.Output(display_name="pose_keypoint")],
-        )
-
-    @classmethod
-    def validate_inputs(cls, image):  # linked: None here; the files are checked
-        return check_files("XCtrl_OpenPose")
+        return cls.image_schema([], 512, "Detection runs on the image scaled so its shorter side is this many pixels. The skeleton is drawn at the output size from the detected (normalised) keypoints.", extra=[
+            io.Int.Input("frame_stride", optional=True, default=1, min=1, max=1024, tooltip=STRIDE_TIP),
+        ], outputs=pose_outputs())
 
     @classmethod
     def execute(cls, image, resolution, output_size, frame_stride=1):
         return io.NodeOutput(*run.openpose_poses(cls.NAME, image, resolution, output_size, frame_stride))
 
 
-class DWPose(io.ComfyNode):
+class DWPose(ImageNode):
     """DWPose whole-body keypoints (body, hands, face; Apache-2.0; yolox_l.onnx 217 MB + dw-ll_ucoco_384.onnx 134
     MB, downloaded to models/annotators on first use). Runs with onnxruntime when installed (CUDA provider on
     a CUDA device when available), else OpenCV's DNN module. Outputs the OpenPose-style drawing and the
     keypoints as OpenPose JSON (one dict per frame; canvas = output size); XCtrl Render Pose draws them in
     other styles."""
 
-    NAME = "DWPose Whole Body (XCtrl)"
+    NODE_ID, NAME = "XCtrl_DWPose", "DWPose Whole Body (XCtrl)"
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_DWPose", cls.NAME, CATEGORY,
-            inputs=[
-                *image_inputs([], 512, "Detection runs on the image scaled so its shorter side is this many pixels (the person detector then letterboxes it to 640x640). The skeleton is drawn at the output size from the normalised keypoints."),
-                io.Boolean.Input("draw_hands", default=True),
-                io.Boolean.Input("draw_face", default=True),
-                io.Combo.Input("backend", optional=True, options=list(DWPOSE_BACKENDS), default="auto", tooltip="auto: onnxruntime if installed, else OpenCV DNN."),
-                io.Int.Input("frame_stride", optional=True, default=1, min=1, max=1024, tooltip=STRIDE_TIP),
-            ],
-            outputs=[io.Image.Output(display_name="image"), PoseKeypoint.Output(display_name="pose_keypoint")],
-        )
-
-    @classmethod
-    def validate_inputs(cls, image):  # linked: None here; the files are checked
-        return check_files("XCtrl_DWPose")
+        return cls.image_schema([], 512, "Detection runs on the image scaled so its shorter side is this many pixels (the person detector then letterboxes it to 640x640). The skeleton is drawn at the output size from the normalised keypoints.", extra=[
+            io.Boolean.Input("draw_hands", default=True),
+            io.Boolean.Input("draw_face", default=True),
+            io.Combo.Input("backend", optional=True, options=list(DWPOSE_BACKENDS), default="auto", tooltip="auto: onnxruntime if installed, else OpenCV DNN."),
+            io.Int.Input("frame_stride", optional=True, default=1, min=1, max=1024, tooltip=STRIDE_TIP),
+        ], outputs=pose_outputs())
 
     @classmethod
     def execute(cls, image, resolution, output_size, draw_hands, draw_face, backend="auto", frame_stride=1):
@@ -201,22 +177,18 @@ class RenderPose(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_RenderPose", "Render Pose (XCtrl)", CATEGORY,
-            inputs=[
-                PoseKeypoint.Input("pose_keypoint"),
-                io.Combo.Input("style", options=list(POSE_STYLES), default="openpose"),
-                io.Int.Input("width", default=0, min=0, max=16384, step=8, tooltip="Output width; 0 = the canvas width of the keypoints (of the reference pose when aligning; of the first frame otherwise)."),
-                io.Int.Input("height", default=0, min=0, max=16384, step=8, tooltip="Output height; 0 = the canvas height, as for width."),
-                io.Boolean.Input("draw_body", default=True),
-                io.Boolean.Input("draw_hands", default=True),
-                io.Boolean.Input("draw_face", default=True),
-                io.Float.Input("threshold", default=0.3, min=0.0, max=1.0, step=0.01, tooltip="openpose style: keypoints with confidence <= threshold are not drawn (DWPose uses 0.3; use 0 for XCtrl OpenPose keypoints). The svd_v2 style has its own fixed rule."),
-                PoseKeypoint.Input("reference_pose", optional=True, tooltip="Pose of the reference image (its first frame is used): the sequence is scaled and shifted onto it, as ControlNeXt-SVD-v2 prepares its poses."),
-                io.Boolean.Input("prepend_reference", optional=True, default=False, tooltip="With a reference_pose: output frame 0 is the reference pose itself, then the aligned sequence (ControlNeXt-SVD v2's condition sequence: video frames = pose frames, frame 0 reconstructs the reference image)."),
-            ],
-            outputs=[io.Image.Output(display_name="image"), PoseKeypoint.Output(display_name="pose_keypoint")],
-        )
+        return node_schema(cls, "XCtrl_RenderPose", "Render Pose (XCtrl)", CATEGORY, inputs=[
+            PoseKeypoint.Input("pose_keypoint"),
+            io.Combo.Input("style", options=list(POSE_STYLES), default="openpose"),
+            io.Int.Input("width", default=0, min=0, max=16384, step=8, tooltip="Output width; 0 = the canvas width of the keypoints (of the reference pose when aligning; of the first frame otherwise)."),
+            io.Int.Input("height", default=0, min=0, max=16384, step=8, tooltip="Output height; 0 = the canvas height, as for width."),
+            io.Boolean.Input("draw_body", default=True),
+            io.Boolean.Input("draw_hands", default=True),
+            io.Boolean.Input("draw_face", default=True),
+            io.Float.Input("threshold", default=0.3, min=0.0, max=1.0, step=0.01, tooltip="openpose style: keypoints with confidence <= threshold are not drawn (DWPose uses 0.3; use 0 for XCtrl OpenPose keypoints). The svd_v2 style has its own fixed rule."),
+            PoseKeypoint.Input("reference_pose", optional=True, tooltip="Pose of the reference image (its first frame is used): the sequence is scaled and shifted onto it, as ControlNeXt-SVD-v2 prepares its poses."),
+            io.Boolean.Input("prepend_reference", optional=True, default=False, tooltip="With a reference_pose: output frame 0 is the reference pose itself, then the aligned sequence (ControlNeXt-SVD v2's condition sequence: video frames = pose frames, frame 0 reconstructs the reference image)."),
+        ], outputs=pose_outputs())
 
     @classmethod
     def execute(cls, pose_keypoint, style, width, height, draw_body, draw_hands, draw_face, threshold,

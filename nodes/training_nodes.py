@@ -55,38 +55,34 @@ class TrainControlNeXt(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_TrainControlNeXt", training.NODE, CATEGORY,
-            inputs=[
-                *data_inputs("SD1.5 or SDXL base (not changed: what is learned leaves as the control).",
-                             "The condition image of each training image, in the same order.", 500),
-                io.Int.Input("batch_size", default=1, min=1, max=256),
-                io.Int.Input("gradient_accumulation", default=1, min=1, max=1024),
-                io.Float.Input("lr_module", default=training.LR_MODULE, min=0.0, max=1.0, step=1e-6),
-                io.Float.Input("lr_unet", default=training.LR_UNET, min=0.0, max=1.0, step=1e-7),
-                io.String.Input("unet_pattern", default="auto", tooltip="Regular expression of the UNet parameters to train "
-                                "(ComfyUI names). auto: the authors' default (SDXL .*attn2.*to_out.*, SD1.5 .*to_out.*); "
-                                "empty: the control module only."),
-                io.Float.Input("scale", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="The control's scale in training."),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1),
-                io.Float.Input("empty_prompt_rate", default=0.2, min=0.0, max=1.0, step=0.01),
-                io.Conditioning.Input("empty_conditioning", optional=True, tooltip="CLIP Text Encode of an empty text (needed "
-                                      "for empty_prompt_rate > 0)."),
-                io.Boolean.Input("gradient_checkpointing", default=False),
-                io.Combo.Input("training_dtype", options=list(training.DTYPES), default="float32",
-                               tooltip="Autocast dtype of the forward (trained weights stay float32)."),
-                io.String.Input("name", default="my_controlnext", tooltip="Folder under models/controlnet for the files."),
-                io.Int.Input("checkpoint_every", default=100, min=0, max=1000000, tooltip="Steps between checkpoints (0: none)."),
-                io.Boolean.Input("resume", default=True, tooltip="Continue from the folder's checkpoint when there is one."),
-                ControlNeXtType.Input("controlnext", optional=True, tooltip="A ControlNeXt to continue training (SDXL layout)."),
-                io.Boolean.Input("overwrite", default=False, optional=True, tooltip="Replace an earlier run saved under this "
-                                 "name (otherwise such a run is only ever continued, with resume on and the same settings)."),
-                *stage_inputs(optional=True),
-            ],
-            outputs=trained_outputs(ControlNeXtType.Output(display_name="controlnext")),
+        return node_schema(cls, "XCtrl_TrainControlNeXt", training.NODE, CATEGORY, inputs=[
+            *data_inputs("SD1.5 or SDXL base (not changed: what is learned leaves as the control).",
+                         "The condition image of each training image, in the same order.", 500),
+            io.Int.Input("batch_size", default=1, min=1, max=256),
+            io.Int.Input("gradient_accumulation", default=1, min=1, max=1024),
+            io.Float.Input("lr_module", default=training.LR_MODULE, min=0.0, max=1.0, step=1e-6),
+            io.Float.Input("lr_unet", default=training.LR_UNET, min=0.0, max=1.0, step=1e-7),
+            io.String.Input("unet_pattern", default="auto", tooltip="Regular expression of the UNet parameters to train "
+                            "(ComfyUI names). auto: the authors' default (SDXL .*attn2.*to_out.*, SD1.5 .*to_out.*); "
+                            "empty: the control module only."),
+            io.Float.Input("scale", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="The control's scale in training."),
+            io.Int.Input("seed", default=0, min=0, max=2**63 - 1),
+            io.Float.Input("empty_prompt_rate", default=0.2, min=0.0, max=1.0, step=0.01),
+            io.Conditioning.Input("empty_conditioning", optional=True, tooltip="CLIP Text Encode of an empty text (needed "
+                                  "for empty_prompt_rate > 0)."),
+            io.Boolean.Input("gradient_checkpointing", default=False),
+            io.Combo.Input("training_dtype", options=list(training.DTYPES), default="float32",
+                           tooltip="Autocast dtype of the forward (trained weights stay float32)."),
+            io.String.Input("name", default="my_controlnext", tooltip="Folder under models/controlnet for the files."),
+            io.Int.Input("checkpoint_every", default=100, min=0, max=1000000, tooltip="Steps between checkpoints (0: none)."),
+            io.Boolean.Input("resume", default=True, tooltip="Continue from the folder's checkpoint when there is one."),
+            ControlNeXtType.Input("controlnext", optional=True, tooltip="A ControlNeXt to continue training (SDXL layout)."),
+            io.Boolean.Input("overwrite", default=False, optional=True, tooltip="Replace an earlier run saved under this "
+                             "name (otherwise such a run is only ever continued, with resume on and the same settings)."),
+            *stage_inputs(optional=True),
+        ], outputs=trained_outputs(ControlNeXtType.Output(display_name="controlnext")),
             is_output_node=True,
-            is_input_list=True,
-        )
+            is_input_list=True)
 
     @classmethod
     def execute(cls, model, latents, images, positive, steps, **options):
@@ -100,27 +96,23 @@ class ControlNeXtAsymmetry(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_ControlNeXtAsymmetry", asymmetry.NODE, CATEGORY,
-            inputs=[
-                io.Model.Input("model"),
-                ControlNeXtType.Input("controlnext"),
-                io.Image.Input("image", tooltip="The condition image (one, or one per latent)."),
-                io.Latent.Input("latents", tooltip="Clean latents (e.g. VAE-encoded images); noised to the timestep here."),
-                io.Conditioning.Input("positive"),
-                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
-                io.Int.Input("timestep", default=500, min=0, max=999, tooltip="Discrete timestep (0: clean, 999: pure noise)."),
-                io.Int.Input("probes", default=8, min=1, max=1024, tooltip="Probes per latent: the estimate's spread falls "
-                             "as 1/sqrt(probes)."),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Noise and probes."),
-                io.Combo.Input("probe", options=list(asymmetry.PROBES), default="rademacher"),
-                io.Combo.Input("sd15_layout", options=["refuse", "sd15_training"], default="refuse", optional=True,
-                               tooltip="As in Apply ControlNeXt: an SDXL-layout module on SD1.5 only as sd15_training."),
-            ],
-            outputs=[io.Float.Output(display_name="asym"), io.Float.Output(display_name="relative"),
-                     io.String.Output(display_name="report")],
-            is_output_node=True,
-        )
+        return node_schema(cls, "XCtrl_ControlNeXtAsymmetry", asymmetry.NODE, CATEGORY, inputs=[
+            io.Model.Input("model"),
+            ControlNeXtType.Input("controlnext"),
+            io.Image.Input("image", tooltip="The condition image (one, or one per latent)."),
+            io.Latent.Input("latents", tooltip="Clean latents (e.g. VAE-encoded images); noised to the timestep here."),
+            io.Conditioning.Input("positive"),
+            io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
+            io.Int.Input("timestep", default=500, min=0, max=999, tooltip="Discrete timestep (0: clean, 999: pure noise)."),
+            io.Int.Input("probes", default=8, min=1, max=1024, tooltip="Probes per latent: the estimate's spread falls "
+                         "as 1/sqrt(probes)."),
+            io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Noise and probes."),
+            io.Combo.Input("probe", options=list(asymmetry.PROBES), default="rademacher"),
+            io.Combo.Input("sd15_layout", options=["refuse", "sd15_training"], default="refuse", optional=True,
+                           tooltip="As in Apply ControlNeXt: an SDXL-layout module on SD1.5 only as sd15_training."),
+        ], outputs=[io.Float.Output(display_name="asym"), io.Float.Output(display_name="relative"),
+            io.String.Output(display_name="report")],
+            is_output_node=True)
 
     @classmethod
     def execute(cls, model, controlnext, image, latents, positive, strength, timestep, probes, seed, probe,
@@ -139,39 +131,35 @@ class TrainControlNetMI(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         cn = controlnet_training
-        return node_schema(
-            cls, "XCtrl_TrainControlNetMI", cn.NODE, "XCtrl/MIControlNet",
-            inputs=[
-                *data_inputs("SD1.5 or SDXL base (frozen; the ControlNet is made for it).", "The condition image of each "
-                             "training image, in the same order (e.g. from Silent Signal Balance).", 1000),
-                io.Combo.Input("start", options=cn.start_options(), default=cn.FROM_UNET,
-                               tooltip="from_unet: a new ControlNet, the MODEL's encoder copied, zero convolutions zero. "
-                               "A file: fine-tune that ControlNet (it must be made for this MODEL's family)."),
-                io.Combo.Input("injection", options=list(cn.INJECTIONS), default="plain",
-                               tooltip="How the residuals join the UNet in training. balanced: MIControlNet's add_inj "
-                               "(Eq. 10, as the paper trains; cannot start from zero convolutions: docs/training.md); "
-                               "balanced_min_norm: the min-norm reading; plain: ComfyUI's addition."),
-                io.Int.Input("batch_size", default=1, min=1, max=256),
-                io.Int.Input("gradient_accumulation", default=1, min=1, max=1024),
-                io.Float.Input("lr", default=cn.LR, min=0.0, max=1.0, step=1e-7),
-                io.Float.Input("scale", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="The ControlNet's strength in training."),
-                io.Int.Input("seed", default=0, min=0, max=2**63 - 1),
-                io.Float.Input("empty_prompt_rate", default=0.5, min=0.0, max=1.0, step=0.01,
-                               tooltip="Share of steps with the empty prompt (the ControlNet authors: 0.5)."),
-                io.Conditioning.Input("empty_conditioning", optional=True, tooltip="CLIP Text Encode of an empty text "
-                                      "(needed for empty_prompt_rate > 0)."),
-                io.Boolean.Input("gradient_checkpointing", default=False),
-                io.Combo.Input("training_dtype", options=list(training.DTYPES), default="float32"),
-                io.String.Input("name", default="my_controlnet", tooltip="Folder under models/controlnet for the files."),
-                io.Int.Input("checkpoint_every", default=100, min=0, max=1000000, tooltip="Steps between checkpoints (0: none)."),
-                io.Boolean.Input("resume", default=True, tooltip="Continue from the folder's checkpoint when there is one."),
-                io.Boolean.Input("overwrite", default=False, tooltip="Replace an earlier run saved under this name."),
-                *stage_inputs(optional=False),
-            ],
-            outputs=trained_outputs(io.ControlNet.Output(display_name="control_net")),
+        return node_schema(cls, "XCtrl_TrainControlNetMI", cn.NODE, "XCtrl/MIControlNet", inputs=[
+            *data_inputs("SD1.5 or SDXL base (frozen; the ControlNet is made for it).", "The condition image of each "
+                         "training image, in the same order (e.g. from Silent Signal Balance).", 1000),
+            io.Combo.Input("start", options=cn.start_options(), default=cn.FROM_UNET,
+                           tooltip="from_unet: a new ControlNet, the MODEL's encoder copied, zero convolutions zero. "
+                           "A file: fine-tune that ControlNet (it must be made for this MODEL's family)."),
+            io.Combo.Input("injection", options=list(cn.INJECTIONS), default="plain",
+                           tooltip="How the residuals join the UNet in training. balanced: MIControlNet's add_inj "
+                           "(Eq. 10, as the paper trains; cannot start from zero convolutions: docs/training.md); "
+                           "balanced_min_norm: the min-norm reading; plain: ComfyUI's addition."),
+            io.Int.Input("batch_size", default=1, min=1, max=256),
+            io.Int.Input("gradient_accumulation", default=1, min=1, max=1024),
+            io.Float.Input("lr", default=cn.LR, min=0.0, max=1.0, step=1e-7),
+            io.Float.Input("scale", default=1.0, min=0.0, max=10.0, step=0.01, tooltip="The ControlNet's strength in training."),
+            io.Int.Input("seed", default=0, min=0, max=2**63 - 1),
+            io.Float.Input("empty_prompt_rate", default=0.5, min=0.0, max=1.0, step=0.01,
+                           tooltip="Share of steps with the empty prompt (the ControlNet authors: 0.5)."),
+            io.Conditioning.Input("empty_conditioning", optional=True, tooltip="CLIP Text Encode of an empty text "
+                                  "(needed for empty_prompt_rate > 0)."),
+            io.Boolean.Input("gradient_checkpointing", default=False),
+            io.Combo.Input("training_dtype", options=list(training.DTYPES), default="float32"),
+            io.String.Input("name", default="my_controlnet", tooltip="Folder under models/controlnet for the files."),
+            io.Int.Input("checkpoint_every", default=100, min=0, max=1000000, tooltip="Steps between checkpoints (0: none)."),
+            io.Boolean.Input("resume", default=True, tooltip="Continue from the folder's checkpoint when there is one."),
+            io.Boolean.Input("overwrite", default=False, tooltip="Replace an earlier run saved under this name."),
+            *stage_inputs(optional=False),
+        ], outputs=trained_outputs(io.ControlNet.Output(display_name="control_net")),
             is_output_node=True,
-            is_input_list=True,
-        )
+            is_input_list=True)
 
     @classmethod
     def execute(cls, model, latents, images, positive, steps, **options):

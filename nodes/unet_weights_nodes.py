@@ -25,15 +25,11 @@ class ApplyUNetWeights(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_ApplyUNetWeights", "Apply UNet Weights (XCtrl)", CATEGORY,
-            inputs=[
-                io.Model.Input("model"),
-                io.Combo.Input("unet_file", options=file_list(*UNET_FOLDERS), tooltip="UNet weights from models/diffusion_models (or models/unet): .safetensors or .bin, diffusers or ComfyUI key names, complete or partial."),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip="1 = the file's weights, 0 = the base model's, 0.5 = halfway."),
-            ],
-            outputs=[io.Model.Output()],
-        )
+        return node_schema(cls, "XCtrl_ApplyUNetWeights", "Apply UNet Weights (XCtrl)", CATEGORY, inputs=[
+            io.Model.Input("model"),
+            io.Combo.Input("unet_file", options=file_list(*UNET_FOLDERS), tooltip="UNet weights from models/diffusion_models (or models/unet): .safetensors or .bin, diffusers or ComfyUI key names, complete or partial."),
+            io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip="1 = the file's weights, 0 = the base model's, 0.5 = halfway."),
+        ], outputs=[io.Model.Output()])
 
     @classmethod
     def execute(cls, model, unet_file, strength):
@@ -48,14 +44,10 @@ class LoadSVDUNet(io.ComfyNode):
 
     @classmethod
     def define_schema(cls):
-        return node_schema(
-            cls, "XCtrl_LoadSVDUNet", "Load SVD UNet, diffusers or ComfyUI keys (XCtrl)", CATEGORY,
-            inputs=[
-                io.Combo.Input("unet_file", options=file_list(*UNET_FOLDERS), tooltip="A complete SVD UNet from models/diffusion_models (or models/unet), diffusers or ComfyUI key names."),
-                io.Combo.Input("weight_dtype", options=list(DTYPES), default="default", tooltip="default: ComfyUI's choice for this device."),
-            ],
-            outputs=[io.Model.Output()],
-        )
+        return node_schema(cls, "XCtrl_LoadSVDUNet", "Load SVD UNet, diffusers or ComfyUI keys (XCtrl)", CATEGORY, inputs=[
+            io.Combo.Input("unet_file", options=file_list(*UNET_FOLDERS), tooltip="A complete SVD UNet from models/diffusion_models (or models/unet), diffusers or ComfyUI key names."),
+            io.Combo.Input("weight_dtype", options=list(DTYPES), default="default", tooltip="default: ComfyUI's choice for this device."),
+        ], outputs=[io.Model.Output()])
 
     @classmethod
     def execute(cls, unet_file, weight_dtype="default"):

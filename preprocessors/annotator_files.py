@@ -36,38 +36,23 @@ class AnnotatorFile:
     used_by: str = ""  # the node id that reads it (its validation names every missing file at once)
 
 
-KNOWN_FILES = {
-    f.name: f
-    for f in (
-        AnnotatorFile(
-            "ControlNetHED.pth",
-            "https://huggingface.co/lllyasviel/Annotators/resolve/main/ControlNetHED.pth",
-            size=29_444_406, approx="29.4 MB", licence="Apache-2.0", used_by="XCtrl_HED",
-        ),
-        AnnotatorFile(
-            "body_pose_model.pth",
-            "https://huggingface.co/lllyasviel/Annotators/resolve/main/body_pose_model.pth",
-            size=209_267_595, sha256="25a948c16078b0f08e236bda51a385d855ef4c153598947c28c0d47ed94bb746",
-            approx="209 MB", licence="CMU OpenPose, non-commercial", used_by="XCtrl_OpenPose",
-        ),
-        AnnotatorFile(
-            "depth_anything_v2_vits.pth",
-            "https://huggingface.co/depth-anything/Depth-Anything-V2-Small/resolve/main/depth_anything_v2_vits.pth",
-            min_size=95_000_000, approx="99.2 MB", licence="Apache-2.0", used_by="XCtrl_DepthAnythingV2",
-        ),
-        AnnotatorFile(
-            "yolox_l.onnx",
-            "https://huggingface.co/yzd-v/DWPose/resolve/main/yolox_l.onnx",
-            size=216_746_733, approx="217 MB", licence="Apache-2.0", used_by="XCtrl_DWPose",
-        ),
-        AnnotatorFile(
-            "dw-ll_ucoco_384.onnx",
-            "https://huggingface.co/yzd-v/DWPose/resolve/main/dw-ll_ucoco_384.onnx",
-            size=134_399_116, sha256="724f4ff2439ed61afb86fb8a1951ec39c6220682803b4a8bd4f598cd913b1843",
-            approx="134 MB", licence="Apache-2.0", used_by="XCtrl_DWPose",
-        ),
-    )
-}
+HF = "https://huggingface.co/"
+
+KNOWN_FILES = {f.name: f for f in (
+    AnnotatorFile("ControlNetHED.pth", HF + "lllyasviel/Annotators/resolve/main/ControlNetHED.pth", size=29_444_406,
+                  approx="29.4 MB", licence="Apache-2.0", used_by="XCtrl_HED"),
+    AnnotatorFile("body_pose_model.pth", HF + "lllyasviel/Annotators/resolve/main/body_pose_model.pth", size=209_267_595,
+                  sha256="25a948c16078b0f08e236bda51a385d855ef4c153598947c28c0d47ed94bb746",
+                  approx="209 MB", licence="CMU OpenPose, non-commercial", used_by="XCtrl_OpenPose"),
+    AnnotatorFile("depth_anything_v2_vits.pth",
+                  HF + "depth-anything/Depth-Anything-V2-Small/resolve/main/depth_anything_v2_vits.pth",
+                  min_size=95_000_000, approx="99.2 MB", licence="Apache-2.0", used_by="XCtrl_DepthAnythingV2"),
+    AnnotatorFile("yolox_l.onnx", HF + "yzd-v/DWPose/resolve/main/yolox_l.onnx", size=216_746_733,
+                  approx="217 MB", licence="Apache-2.0", used_by="XCtrl_DWPose"),
+    AnnotatorFile("dw-ll_ucoco_384.onnx", HF + "yzd-v/DWPose/resolve/main/dw-ll_ucoco_384.onnx", size=134_399_116,
+                  sha256="724f4ff2439ed61afb86fb8a1951ec39c6220682803b4a8bd4f598cd913b1843",
+                  approx="134 MB", licence="Apache-2.0", used_by="XCtrl_DWPose"),
+)}
 
 
 class AnnotatorDownloadError(RuntimeError):

@@ -157,6 +157,7 @@ def main(argv=None):
     for family in a.families:
         t0 = time.perf_counter()
         run_family(bench, family)
+        bench.free()  # the family's models are gone with its locals
         print(f"[{family}] done in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         a.load_after = os.getloadavg() if hasattr(os, "getloadavg") else None

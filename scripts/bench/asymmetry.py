@@ -53,8 +53,6 @@ def run_asymmetry(bench):
                      "seconds": seconds})
         bench.log(f"  [asymmetry] {probes} probes: Asym {[round(v.mean, 4) for v in values]}, {min(seconds):.1f} s")
     bench.asymmetry = {"size": size, "rows": rows, "stage": _stage_cost(bench, base, latent, image, pos)}
-    del base
-    bench.free()
 
 
 def _stage_cost(bench, base, latent, image, pos):

@@ -61,16 +61,14 @@ def flux_conds(seed=1):
 
 def run_flux(bench):
     """Measures base / 2 ControlNets summed / balanced on the reduced full-width Flux."""
-    import torch
-
+    from .models import control_images
     from .runner import Config
 
     a = bench.args
     bench.log(f"[flux] building Flux (full width, {FLUX_DOUBLE} double + {FLUX_SINGLE} single blocks) with random weights ...")
     base = build_flux(bench.dtype)
     cn1, cn2 = flux_controlnet(bench.dtype, 21), flux_controlnet(bench.dtype, 22)
-    g = torch.Generator().manual_seed(5)
-    image, image2 = torch.rand(1, a.size, a.size, 3, generator=g), torch.rand(1, a.size, a.size, 3, generator=g)
+    image, image2 = control_images(a.size, 2)
     pos, neg = flux_conds()
     p2, n2 = bench.apply_cn(pos, neg, cn1, image)
     p2, n2 = bench.apply_cn(p2, n2, cn2, image2)
@@ -81,8 +79,6 @@ def run_flux(bench):
                Config("cn2_sum", "+ 2 Flux ControlNets, summed (stock)", base.clone(), p2, n2, 2 * cn_params, mods),
                Config("cn2_mi", "+ 2 Flux ControlNets, balanced (MI, paper)", mi_model, mp, mn, 2 * cn_params, mods)]
     bench.flux = sum_vs_balanced(bench, "flux", configs, base, cn_params)
-    del configs, base, cn1, cn2
-    bench.free()
 
 
 def flux_report(bench):

@@ -72,8 +72,6 @@ def run_long_video(bench):
             "times": list(c.timed),
         })
     bench.long_video = {"rows": rows, "size": size, "window": WINDOW, "overlap": OVERLAP}
-    del configs, base
-    bench.free()
 
 
 def long_video_report(bench):

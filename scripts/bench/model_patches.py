@@ -56,18 +56,17 @@ def zimage_conds(seed=1):
 def run_zimage(bench):
     """Measures base / 2 control patches summed / balanced on the reduced Z-Image."""
     import nodes
-    import torch
 
     from harness.model_patch_models import StubVAE
 
+    from .models import control_images
     from .runner import Config, node, run_node
 
     a = bench.args
     bench.log(f"[zimage] building Z-Image (width {ZIMAGE_CONFIG['dim']}, {ZIMAGE_CONFIG['n_layers']} layers) with random weights ...")
     base = build_zimage(bench.dtype)
     c1, c2 = zimage_control(bench.dtype, 21), zimage_control(bench.dtype, 22)
-    g = torch.Generator().manual_seed(5)
-    images = [torch.rand(1, a.size, a.size, 3, generator=g) for _ in range(2)]
+    images = control_images(a.size, 2)
     apply = nodes.NODE_CLASS_MAPPINGS["ZImageFunControlnet"]()
     vae = StubVAE(3)
     summed = base
@@ -80,8 +79,6 @@ def run_zimage(bench):
                Config("cn2_sum", "+ 2 Fun ControlNet Union patches, summed (core)", summed, pos, neg, 2 * cn_params),
                Config("cn2_mi", "+ 2 Fun ControlNet Union patches, balanced (MI, paper)", balanced, pos, neg, 2 * cn_params)]
     bench.zimage = sum_vs_balanced(bench, "zimage", configs, base, cn_params)
-    del configs, base, c1, c2, summed, balanced
-    bench.free()
 
 
 def run_qwen(bench):
@@ -113,8 +110,6 @@ def run_qwen(bench):
                Config("cn2_sum", "+ InstantX + 2512 Fun ControlNet, summed (core)", base, cpos, cneg, cn_params),
                Config("cn2_mi", "+ InstantX + 2512 Fun ControlNet, balanced (MI, paper)", balanced, bpos, bneg, cn_params)]
     bench.qwen = sum_vs_balanced(bench, "qwen", configs, base, cn_params)
-    del configs, base, cnets, balanced
-    bench.free()
 
 
 def zimage_report(bench):

@@ -108,6 +108,14 @@ def save_sd(folder, name, sd):
     return name
 
 
+def control_images(size, count, seed=5):
+    """count random size x size RGB images (IMAGE batches of one), from one seeded generator."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(1, size, size, 3, generator=g) for _ in range(count)]
+
+
 def text_conds(family, size, frames=None, seed=1):
     """(positive, negative) CONDITIONING with random embeddings; 77 tokens each so they batch."""
     import torch

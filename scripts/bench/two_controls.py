@@ -20,7 +20,7 @@ and the Asym of each control's Jacobian part (models/conservativity.py) at times
 import copy
 import time
 
-from .stats import fmt, md_table
+from .stats import md_table
 
 LATENT, SIDE, PX = 8, 3, 8  # latent size, square side (latent px), image px per latent px
 N_TRAIN, N_HELD_OUT, NOISES = 64, 16, 2

@@ -175,39 +175,42 @@ def controlnext_svd_v2_long_video():
     return _controlnext_svd_v2(72, 142, long_video=True)
 
 
-def controlnet_xs_sdxl_depth():
-    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "sd_xl_base_1.0.safetensors"}, None),
+def _controlnet_xs(ckpt, hint, preview_title, control_file, size, prompt, prefix, steps, cfg, note):
+    """Load Image -> a preprocessor (hint: its node id and inputs) -> Apply ControlNet-XS on a checkpoint."""
+    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": ckpt}, None),
          "image": ("LoadImage", {"image": IMAGE}, "Source image"),
-         "hint": ("XCtrl_DepthAnythingV2", {"image": ["image", 0], "render": "grey"}, None),
-         "preview": ("PreviewImage", {"images": ["hint", 0]}, "Depth"),
-         "xs": ("XCtrl_LoadControlNetXS", {"control_file": "sdxl_encD_depth_48m.safetensors"}, None),
+         "hint": (hint[0], {"image": ["image", 0], **hint[1]}, None),
+         "preview": ("PreviewImage", {"images": ["hint", 0]}, preview_title),
+         "xs": ("XCtrl_LoadControlNetXS", {"control_file": control_file}, None),
          "apply": ("XCtrl_ApplyControlNetXS", {"model": ["ckpt", 0], "controlnet_xs": ["xs", 0], "image": ["hint", 0],
                                               "strength": 1.0}, None),
-         "latent": ("EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None)}
-    g.update(_sd_text(["ckpt", 1], "a futuristic city street at dusk, neon signs, photo"))
-    g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2], "xctrl/controlnet_xs_sdxl_depth", 30, 6.0))
-    g.update(_note(g, "ControlNet-XS SDXL depth: the authors' 48M-parameter depth model.\n"
-                      "Depth: Depth Anything V2 Small, grey, white = near. The canny models (sdxl_encD_canny_48m / _20m) "
-                      "work the same way with the Canny node."))
+         "latent": ("EmptyLatentImage", {"width": size, "height": size, "batch_size": 1}, None)}
+    g.update(_sd_text(["ckpt", 1], prompt))
+    g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2], prefix, steps, cfg))
+    g.update(_note(g, note))
     return g
+
+
+def controlnet_xs_sdxl_depth():
+    return _controlnet_xs(
+        "sd_xl_base_1.0.safetensors", ("XCtrl_DepthAnythingV2", {"render": "grey"}), "Depth",
+        "sdxl_encD_depth_48m.safetensors", 1024, "a futuristic city street at dusk, neon signs, photo",
+        "xctrl/controlnet_xs_sdxl_depth", 30, 6.0,
+        "ControlNet-XS SDXL depth: the authors' 48M-parameter depth model.\n"
+        "Depth: Depth Anything V2 Small, grey, white = near. The canny models (sdxl_encD_canny_48m / _20m) "
+        "work the same way with the Canny node.")
 
 
 def controlnet_xs_sd21_canny():
-    g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "v2-1_512-ema-pruned.safetensors"}, None),
-         "image": ("LoadImage", {"image": IMAGE}, "Source image"),
-         "hint": ("XCtrl_Canny", {"image": ["image", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 250}, None),
-         "preview": ("PreviewImage", {"images": ["hint", 0]}, "Edges"),
-         "xs": ("XCtrl_LoadControlNetXS", {"control_file": "sd21_encD_canny_14m.ckpt"}, None),
-         "apply": ("XCtrl_ApplyControlNetXS", {"model": ["ckpt", 0], "controlnet_xs": ["xs", 0], "image": ["hint", 0],
-                                              "strength": 1.0}, None),
-         "latent": ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}, None)}
-    g.update(_sd_text(["ckpt", 1], "a stone bridge over a river in autumn, photo"))
-    g.update(_sample_and_save(["apply", 0], ["pos", 0], ["neg", 0], ["latent", 0], ["ckpt", 2], "xctrl/controlnet_xs_sd21_canny", 30, 7.0))
-    g.update(_note(g, "ControlNet-XS SD2.1 canny on SD2.1-base 512 (eps): the authors' 14M-parameter canny model "
-                      "(sd21_encD_depth_14m.ckpt works the same way with a depth map; the pickle is read without running "
-                      "code in it; diffusers' adapter files load too).\n"
-                      "Canny 100 / 250, as the authors' examples."))
-    return g
+    return _controlnet_xs(
+        "v2-1_512-ema-pruned.safetensors",
+        ("XCtrl_Canny", {"mode": "fixed", "low_threshold": 100, "high_threshold": 250}), "Edges",
+        "sd21_encD_canny_14m.ckpt", 512, "a stone bridge over a river in autumn, photo",
+        "xctrl/controlnet_xs_sd21_canny", 30, 7.0,
+        "ControlNet-XS SD2.1 canny on SD2.1-base 512 (eps): the authors' 14M-parameter canny model "
+        "(sd21_encD_depth_14m.ckpt works the same way with a depth map; the pickle is read without running "
+        "code in it; diffusers' adapter files load too).\n"
+        "Canny 100 / 250, as the authors' examples.")
 
 
 def mi_sd15_pose_canny():

@@ -1,6 +1,7 @@
 """Shared by the training integration tests: where training writes, and tiny training data."""
 import contextlib
 
+import pytest
 import torch
 
 from . import tiny_models as tm
@@ -23,6 +24,14 @@ def tiny_training_data(base, latents=2):
     g = torch.Generator().manual_seed(0)
     return (base, {"samples": torch.randn(latents, 4, 8, 8, generator=g)}, torch.rand(latents, 64, 64, 3, generator=g),
             tm.text_cond(base), tm.text_cond(base, seed=9))
+
+
+def tiny_data_fixture(build_base, latents=2):
+    """A module fixture ``setup``: tiny_training_data of the MODEL build_base() makes once the pack is loaded."""
+    @pytest.fixture(scope="module")
+    def setup(pack):
+        return tiny_training_data(build_base(), latents)
+    return setup
 
 
 def run_training(trainer, setup, name, steps=2, **kw):

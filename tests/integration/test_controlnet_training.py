@@ -10,14 +10,10 @@ import torch
 from harness import tiny_models as tm
 from harness.comfy_runtime import pack_module
 from harness.training_data import run_training as run
-from harness.training_data import tiny_training_data
+from harness.training_data import tiny_data_fixture
 
 LATENTS = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_thread):
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +21,8 @@ def cnt(pack):
     return pack_module("runtime.controlnet_training")
 
 
-@pytest.fixture(scope="module")
-def setup(cnt):
-    """The tiny SD1.5 whose ControlNets core's loader reads back (SD15_LOADABLE), and its data."""
-    return tiny_training_data(tm.sd15_loadable(seed=3), LATENTS)
+# The tiny SD1.5 whose ControlNets core's loader reads back (SD15_LOADABLE), and its data.
+setup = tiny_data_fixture(lambda: tm.sd15_loadable(seed=3), LATENTS)
 
 
 def random_controlnet_file(folder, name, config, seed, zero_outputs=False):

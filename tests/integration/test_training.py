@@ -10,7 +10,7 @@ from harness import tiny_models as tm
 from harness.comfy_runtime import node_result, pack_module, pack_node_classes
 from harness.controlnext_files import rel_err
 from harness.training_data import run_training as run
-from harness.training_data import tiny_training_data
+from harness.training_data import tiny_data_fixture
 
 LATENTS = 2
 
@@ -20,9 +20,7 @@ def training(pack):
     return pack_module("runtime.training")
 
 
-@pytest.fixture(scope="module")
-def setup(pack):
-    return tiny_training_data(tm.sd15(seed=3), LATENTS)
+setup = tiny_data_fixture(lambda: tm.sd15(seed=3), LATENTS)
 
 
 def unet_state(base):
