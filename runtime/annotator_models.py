@@ -96,9 +96,23 @@ def file_path(name):
             return path
         LOG.info("[XCtrl] downloading %s (%s) from %s to %s", name, entry.approx, entry.url, target)
         bar = comfy.utils.ProgressBar(entry.size or entry.min_size or 1)
-        path = af.download(entry, target, progress=lambda done, total: bar.update_absolute(done, total or None))
+        try:
+            path = af.download(entry, target, progress=lambda done, total: bar.update_absolute(done, total or None))
+        except af.AnnotatorDownloadError as e:
+            raise af.AnnotatorDownloadError(f"{e}{_also_missing(name)}") from e
         LOG.info("[XCtrl] %s saved to %s", name, path)
         return path
+
+
+def _also_missing(name):
+    """The other preprocessor files that are missing, so that a user without a network learns them
+    all from one failed run, not one failure at a time."""
+    others = [f for f in af.KNOWN_FILES.values() if f.name != name and not folder_paths.get_full_path(FOLDER, f.name)]
+    if not others:
+        return ""
+    return (" Other preprocessors' files missing too: " + "; ".join(f"{f.name} ({f.approx}, {f.url})" for f in others)
+            + ". Put them in the same folder; with XCTRL_OFFLINE=1 every missing file a prompt needs is named before "
+            "it runs.")
 
 
 def _file_key(path):

@@ -326,6 +326,10 @@ def test_missing_file_connection_refused_error(pn, am, annotators, monkeypatch):
         os.replace(annotators / "depth.hidden", annotators / DEPTH_FILE)
     msg = str(e.value)
     assert "depth_anything_v2_vits.pth is missing" in msg and "offline" in msg and str(annotators) in msg
+    # the files the folder lacks besides (DWPose's two), so that one failure names them all
+    also = msg.split("Other preprocessors' files missing too:")[1]
+    assert "yolox_l.onnx" in also and "dw-ll_ucoco_384.onnx" in also and "XCTRL_OFFLINE=1" in also
+    assert "ControlNetHED.pth" not in also and "body_pose_model.pth" not in also
 
 
 def test_corrupt_weight_file_error_and_server_side_recovery(pack, am, annotators):
