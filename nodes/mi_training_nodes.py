@@ -42,11 +42,8 @@ class SilentSignalBalance(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, conditions, keep_rate, variants, seed, segmenter, segments, silent_value, masks=None):
-        # Inputs arrive as lists (is_input_list), so ComfyUI's dataset nodes' list outputs plug in.
-        one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
-        out = md.balance(images, conditions, masks, one(keep_rate), one(variants), one(seed), one(segmenter),
-                         one(segments), one(silent_value))
-        return io.NodeOutput(*out)
+        return io.NodeOutput(*md.balance(images, conditions, masks, keep_rate, variants, seed, segmenter, segments,
+                                         silent_value))
 
 
 
@@ -80,9 +77,8 @@ class SilentTotalVariation(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, condition, threshold, radius, silent_mask=None):
-        value, rows, silent = md.total_variation(image, condition, threshold, radius, silent_mask)
-        text = md.report("total variation in the silent region", "pixel pair and channel", rows)
-        return io.NodeOutput(value, text, silent.float(), ui={"text": [text]})
+        value, text, silent = md.total_variation_report(image, condition, threshold, radius, silent_mask)
+        return io.NodeOutput(value, text, silent, ui={"text": [text]})
 
 
 class CycleConsistency(io.ComfyNode):
@@ -106,9 +102,8 @@ class CycleConsistency(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, condition, threshold, radius, low_threshold, high_threshold, extracted=None, silent_mask=None):
-        value, rows, extracted = md.cycle_consistency(image, condition, threshold, radius, low_threshold,
-                                                      high_threshold, extracted, silent_mask)
-        text = md.report("cycle consistency L1 outside the silent region", "pixel and channel", rows)
+        value, text, extracted = md.cycle_consistency_report(image, condition, threshold, radius, low_threshold,
+                                                             high_threshold, extracted, silent_mask)
         return io.NodeOutput(value, text, extracted, ui={"text": [text]})
 
 

@@ -119,6 +119,11 @@ class ControlRunner:
         """Whether this call was prepared with work for the runner (its stash entry)."""
         return transformer_options.get(self.STASH, {}).get(self.uid) is not None
 
+    def stash(self, transformer_options, entry):
+        """This call's state for this runner, under STASH keyed by its uid (a new dict: the
+        options of other calls keep theirs)."""
+        transformer_options[self.STASH] = dict(transformer_options.get(self.STASH, {}), **{self.uid: entry})
+
     def apply_model_wrapper(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                             **kwargs):
         """MODEL-level control: this call's work is prepared (``prepare_call``) before the model runs."""

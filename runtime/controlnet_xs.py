@@ -114,9 +114,7 @@ class ControlNetXSRunner(ControlRunner):
             scale = self.strength if more is None else (more * self.strength).to(x.device).reshape(-1, 1, 1, 1)
             if more is None or bool((more != 0).any()):
                 entry = (image_size(base, x), scale, self.lane(transformer_options, device))
-        stash = dict(transformer_options.get(STASH, {}))
-        stash[self.uid] = entry
-        transformer_options[STASH] = stash
+        self.stash(transformer_options, entry)
 
     def diffusion_model_wrapper(self, executor, x, timesteps, context=None, y=None, control=None, transformer_options=None, **kwargs):
         stash = (transformer_options or {}).get(STASH, {})

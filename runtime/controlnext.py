@@ -59,17 +59,9 @@ def injection_options(variant, inject, transformer_options=None):
     nowhere else. Chains onto the patches already in ``transformer_options`` (not changed).
     UNet variants only (the MMDiT variant's injection replaces a joint block)."""
     injection = INJECTIONS[variant]
-
-    def at_point(h, to):
-        return inject(h) if to.get("block") == injection.block else h
-
-    if injection.hook == INPUT_BLOCK_PATCH_AFTER_SKIP:
-        patch = at_point
-    elif injection.hook == OUTPUT_BLOCK_PATCH:
-        def patch(h, hsp, to):
-            return at_point(h, to), hsp
-    else:
+    if injection.hook not in UNET_PATCHES:
         raise ValueError(f"ControlNeXt {variant}: its injection replaces a transformer block; no UNet call of one's own")
+    patch = UNET_PATCHES[injection.hook](lambda h, to: inject(h) if to.get("block") == injection.block else h)
     options = dict(transformer_options or {})
     patches = dict(options.get("patches", {}))
     patches[injection.hook] = list(patches.get(injection.hook, [])) + [patch]
@@ -107,10 +99,8 @@ class ControlNeXtRunner(ControlRunner):
 
     def hooks(self):
         hook = self.injection.hook
-        if hook == OUTPUT_BLOCK_PATCH:
-            return [(call_patches.PATCH, "output_block_patch", OutputBlockInjection(self))]
-        if hook == INPUT_BLOCK_PATCH_AFTER_SKIP:
-            return [(call_patches.PATCH, "input_block_patch_after_skip", InputBlockInjection(self))]
+        if hook in UNET_PATCHES:
+            return [(call_patches.PATCH, hook, UNET_PATCHES[hook](self.inject, self.models))]
         # MMDiT: joint block 0, around any replacement of it the call carries
         return [(call_patches.REPLACE, ("dit", ("double_block", 0)), lambda previous: JointBlockInjection(self, previous))]
 
@@ -139,9 +129,7 @@ class ControlNeXtRunner(ControlRunner):
         """Computes this call's features (with the lane of ``device`` or of the call's device) and
         stashes them for the injection patch."""
         entry = self._entry(base_model, x, t, transformer_options, self.lane(transformer_options, device))
-        stash = dict(transformer_options.get(STASH, {}))
-        stash[self.uid] = entry
-        transformer_options[STASH] = stash
+        self.stash(transformer_options, entry)
         embedder = getattr(base_model.diffusion_model, "x_embedder", None)
         if embedder is not None:  # MMDiT: the patch grid of the image tokens
             transformer_options[PATCH_SIZE_KEY] = embedder.patch_size[0]
@@ -215,27 +203,36 @@ class ControlNeXtRunner(ControlRunner):
 
 
 class InputBlockInjection:
-    def __init__(self, runner):
-        self.runner = runner
+    """UNet patch after an input block's skip: h -> inject(h, transformer_options). ``models`` gives
+    the control modules, which ComfyUI loads with the UNet (see control_runner)."""
+
+    def __init__(self, inject, models=list):
+        self.inject, self.models = inject, models
 
     def __deepcopy__(self, memo):
         return self
 
-    def models(self):  # loaded with the UNet (see control_runner)
-        return self.runner.models()
-
     def __call__(self, h, transformer_options):
-        return self.runner.inject(h, transformer_options)
+        return self.inject(h, transformer_options)
 
 
 class OutputBlockInjection(InputBlockInjection):
+    """UNet patch at an output block's start: (h, skip) -> (inject(h, transformer_options), skip)."""
+
     def __call__(self, h, hsp, transformer_options):
-        return self.runner.inject(h, transformer_options), hsp
+        return self.inject(h, transformer_options), hsp
+
+
+# The UNet hooks ControlNeXt injects at, each with the patch that calls an inject(h, transformer_options)
+UNET_PATCHES = {INPUT_BLOCK_PATCH_AFTER_SKIP: InputBlockInjection, OUTPUT_BLOCK_PATCH: OutputBlockInjection}
 
 
 class ModuleCarrier(InputBlockInjection):
     """Never called: it carries the control module in the MODEL's patches, which ComfyUI loads
     with the UNet, where the injection itself is added per call (joint block 0 of SD3)."""
+
+    def __init__(self, runner):
+        super().__init__(None, runner.models)
 
     def __call__(self, *args, **kwargs):
         raise RuntimeError("ControlNeXt: the module carrier is not a patch to call")

@@ -81,7 +81,11 @@ def segment_labels(images, masks, segmenter, segments):
 
 
 def balance(images, conditions, masks, keep_rate, variants, seed, segmenter, segments, silent_value):
-    """The node's work: (images, balanced conditions, keep masks as float MASK)."""
+    """The node's work: (images, balanced conditions, keep masks as float MASK). Each input may
+    arrive as a list (the node takes lists, so ComfyUI's dataset nodes' list outputs plug in): the
+    tensors are joined, of each option its first value is used."""
+    keep_rate, variants, seed, segmenter, segments, silent_value = (
+        v[0] if isinstance(v, list) else v for v in (keep_rate, variants, seed, segmenter, segments, silent_value))
     images = joined(images, "images", BALANCE_NODE)
     conditions = joined(conditions, "conditions", BALANCE_NODE)
     masks = joined(masks, "masks", BALANCE_NODE)
@@ -145,6 +149,18 @@ def cycle_consistency(image, condition, threshold, radius, low, high, extracted=
     total, pixels, mean = mt.cycle_consistency(condition, extracted, threshold, int(radius), silent)
     rows = [(float(m), float(t), int(p)) for m, t, p in zip(mean, total, pixels)]
     return float(mean.mean()), rows, extracted
+
+
+def total_variation_report(image, condition, threshold, radius, silent_mask=None):
+    """The Silent Total Variation node's outputs: (value, report text, silent region as float MASK)."""
+    value, rows, silent = total_variation(image, condition, threshold, radius, silent_mask)
+    return value, report("total variation in the silent region", "pixel pair and channel", rows), silent.float()
+
+
+def cycle_consistency_report(image, condition, threshold, radius, low, high, extracted=None, silent_mask=None):
+    """The Cycle Consistency node's outputs: (value, report text, the extracted conditions)."""
+    value, rows, extracted = cycle_consistency(image, condition, threshold, radius, low, high, extracted, silent_mask)
+    return value, report("cycle consistency L1 outside the silent region", "pixel and channel", rows), extracted
 
 
 def report(title, unit, rows):

@@ -29,7 +29,7 @@ from bench.two_controls import run_two_controls, two_controls_report  # noqa: E4
 from bench.long_video import long_video_report, run_long_video  # noqa: E402
 from bench.models import import_comfyui  # noqa: E402
 from bench.preprocessors import run_preprocessors  # noqa: E402
-from bench.report import _argv_for_report, machine_info, replace_block, write_report  # noqa: E402
+from bench.report import argv_for_report, machine_info, replace_block, write_report  # noqa: E402
 from bench.runner import Bench  # noqa: E402
 
 FAMILIES = ("sd15", "sdxl", "sd21", "svd", "long_video", "pre", "flux", "training", "zimage", "qwen", "silent_signal",
@@ -100,7 +100,7 @@ def snapshot(bench, started):
         flux=bench.flux, training=getattr(bench, "training", None), zimage=getattr(bench, "zimage", None), qwen=getattr(bench, "qwen", None),
         silent_signal=getattr(bench, "silent_signal", None),
         asymmetry=getattr(bench, "asymmetry", None), two_controls=getattr(bench, "two_controls", None),
-        elapsed=time.time() - started, started=started, argv=_argv_for_report())
+        elapsed=time.time() - started, started=started, argv=argv_for_report())
 
 
 def write_all(state, out):

@@ -216,7 +216,7 @@ def target_lines(bench):
     return lines + [""]
 
 
-def _argv_for_report():
+def argv_for_report():
     argv = [os.path.relpath(sys.argv[0], PACK_DIR) if os.path.isabs(sys.argv[0]) else sys.argv[0]] + sys.argv[1:]
     home = os.path.expanduser("~")
     return ["python"] + [x.replace(home, "~") for x in argv]
