@@ -180,33 +180,47 @@ def weight_differences(trained, base):
     return {k: (trained[k].detach().float().cpu() - base[k].float().cpu()).contiguous() for k in trained}
 
 
-def loss_curve_image(losses, width=512, height=256):
-    """A plot of the loss per step (smoothed line over the raw points) as float32 (1, H, W, 3) in [0, 1]."""
+def loss_curve_image(losses, width=512, height=256, stage_losses=()):
+    """A plot of the loss per step (smoothed line over the raw points) as float32 (1, H, W, 3) in [0, 1]; with
+    the conservativity stage's loss per step (0 before the stage), its curve too, in orange on its own scale."""
     import numpy as np
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height), (24, 24, 28))
     d = ImageDraw.Draw(img)
     pad = 28
-    d.rectangle([pad, 8, width - 8, height - pad], outline=(90, 90, 100))
+    box = (pad, 8, width - 8, height - pad)
+    d.rectangle(box, outline=(90, 90, 100))
     if losses:
-        lo, hi = min(losses), max(losses)
-        span = (hi - lo) or 1.0
-        n = len(losses)
-
-        def point(i, v):
-            x = pad + (width - 8 - pad) * (i / max(1, n - 1))
-            y = 8 + (height - pad - 8) * (1 - (v - lo) / span)
-            return x, y
-
-        for i, v in enumerate(losses):
-            x, y = point(i, v)
-            d.point((x, y), fill=(120, 120, 140))
-        k = max(1, n // 20)
-        smooth = [sum(losses[max(0, i - k):i + 1]) / len(losses[max(0, i - k):i + 1]) for i in range(n)]
-        d.line([point(i, v) for i, v in enumerate(smooth)], fill=(120, 200, 255), width=2)
+        lo, hi = _draw_curve(d, box, len(losses), list(enumerate(losses)), (120, 200, 255), dots=True)
         d.text((pad + 4, 10), f"loss {hi:.4g}", fill=(200, 200, 200))
         d.text((pad + 4, height - pad - 14), f"{lo:.4g}", fill=(200, 200, 200))
-        d.text((width - 120, height - pad + 6), f"{n} steps", fill=(200, 200, 200))
+        d.text((width - 120, height - pad + 6), f"{len(losses)} steps", fill=(200, 200, 200))
+    stage = [(i, v) for i, v in enumerate(stage_losses) if v]
+    if losses and stage:
+        lo, hi = _draw_curve(d, box, len(losses), stage, (255, 170, 70))
+        d.text((pad + 4, height - pad + 6), f"conservativity loss {lo:.3g} .. {hi:.3g} (from step {stage[0][0] + 1})",
+               fill=(255, 170, 70))
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
+
+
+def _draw_curve(d, box, n, points, colour, dots=False):
+    """(step, value) points on the step axis of n steps, scaled to their own range: a smoothed line (over the
+    raw points when ``dots``). Returns the range."""
+    values = [v for _, v in points]
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    left, top, right, bottom = box
+
+    def at(i, v):
+        return left + (right - left) * (i / max(1, n - 1)), top + (bottom - top) * (1 - (v - lo) / span)
+
+    if dots:
+        for i, v in points:
+            d.point(at(i, v), fill=(120, 120, 140))
+    k = max(1, len(points) // 20)
+    smooth = [sum(values[max(0, j - k):j + 1]) / len(values[max(0, j - k):j + 1]) for j in range(len(values))]
+    line = [at(i, v) for (i, _), v in zip(points, smooth)]
+    d.line(line if len(line) > 1 else line * 2, fill=colour, width=2)
+    return lo, hi
 

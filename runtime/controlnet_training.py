@@ -67,20 +67,20 @@ def train(model, latent, images, positive, steps, **options):
     whose ``control`` is the saved file loaded by ComfyUI's own loader."""
     opts = Options(**options)
     with torch.inference_mode(False), torch.enable_grad():
-        setup = _Setup(model, latent, images, positive, steps, opts)
-        trainer, _, _ = tn._run_steps(model, setup, steps, opts)
+        setup = Setup(model, latent, images, positive, steps, opts)
+        trainer, _, _ = tn.run_steps(model, setup, steps, opts)
         path = _save(setup, trainer)
     control = comfy.controlnet.load_controlnet(path, model)
     note = (f"already trained to step {setup.already(trainer)} (checkpoint in {setup.folder}): nothing new was trained"
             if setup.already(trainer) >= steps else "")
     if trainer.stage_losses and trainer.stage_losses[-1]:
         note = "\n".join(filter(None, [note, f"conservativity loss at the last step: {trainer.stage_losses[-1]:.6g}"]))
-    result = tn.TrainingResult(control, list(trainer.losses), setup.folder, {}, {}, note)
-    result.path, result.module, result.stage_losses = path, setup.module, list(trainer.stage_losses)
+    result = tn.TrainingResult(control, list(trainer.losses), setup.folder, {}, {}, note, trainer.stage_losses)
+    result.path, result.module = path, setup.module
     return result
 
 
-class _Setup(tn._Setup):
+class Setup(tn.Setup):
     """Train ControlNeXt's setup with a ComfyUI ControlNet as the module and the MODEL frozen."""
 
     node = NODE
@@ -250,7 +250,7 @@ def _save(setup, trainer):
     sd = {k: t.detach().float().cpu().contiguous() for k, t in setup.module.state_dict().items()}
     setup.saver(trainer)()  # checks every tensor for finite values first
     path = os.path.join(setup.folder, MODULE_FILE)
-    tn._atomic_save(path, lambda p: save_file(sd, p, metadata={"xctrl_trained": setup.variant}))
+    tn.atomic_save(path, lambda p: save_file(sd, p, metadata={"xctrl_trained": setup.variant}))
     return path
 
 
@@ -258,7 +258,7 @@ def train_from_node(model, latents, images, positive, steps, **options):
     """The node's inputs (lists, as Train ControlNeXt takes them) -> (CONTROL_NET, loss curve, saved file)."""
     one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
     options = {k: one(v) for k, v in options.items()}
-    result = train(one(model), tn._joined_latents(latents, NODE), tn._joined_images(images, NODE),
-                   tn._per_latent_conditioning(positive), one(steps), **options)
+    result = train(one(model), tn.joined_latents(latents, NODE), tn.joined_images(images, NODE),
+                   tn.per_latent_conditioning(positive), one(steps), **options)
     saved = "\n".join([result.note] * bool(result.note) + [result.path])
-    return result.control, tr.loss_curve_image(result.losses), saved
+    return result.control, tr.loss_curve_image(result.losses, stage_losses=result.stage_losses), saved

@@ -42,10 +42,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class TrainingResult:
     """What a run produced (the node's outputs, and what the tests compare)."""
 
-    def __init__(self, control, losses, folder, trained_unet, base_unet, note=""):
+    def __init__(self, control, losses, folder, trained_unet, base_unet, note="", stage_losses=()):
         self.control, self.losses, self.folder = control, losses, folder
         self.trained_unet, self.base_unet = trained_unet, base_unet
-        self.note = note
+        self.note, self.stage_losses = note, list(stage_losses)
 
 
 MAX_NAME_PART = 120  # characters per folder level: file systems stop at 255 bytes
@@ -215,7 +215,7 @@ def _file_mode():
 FILE_MODE = _file_mode()  # what a plain open() would give: writers that go through a temporary file use 0600
 
 
-def _atomic_save(path, write):
+def atomic_save(path, write):
     """Writes through ``path``.partial, renamed only when complete: never a half-written file under the name."""
     partial = path + ".partial"
     try:
@@ -274,17 +274,17 @@ def train(model, latent, images, positive, steps, **options):
     Autograd is on for the run (ComfyUI runs nodes in inference mode)."""
     opts = Options(**options)
     with torch.inference_mode(False), torch.enable_grad():
-        setup = _Setup(model, latent, images, positive, steps, opts)  # everything checked before anything loads
-        trainer, trained, base_unet = _run_steps(model, setup, steps, opts)
+        setup = Setup(model, latent, images, positive, steps, opts)  # everything checked before anything loads
+        trainer, trained, base_unet = run_steps(model, setup, steps, opts)
         control = _save_run(model, setup.module, trained, base_unet, setup.variant, setup.folder, setup.saver(trainer))
     note = (f"already trained to step {setup.already(trainer)} (checkpoint in {setup.folder}): nothing new was trained"
             if setup.already(trainer) >= steps else "")
     if trainer.stage_losses and trainer.stage_losses[-1]:
         note = "\n".join(filter(None, [note, f"conservativity loss at the last step: {trainer.stage_losses[-1]:.6g}"]))
-    return TrainingResult(control, list(trainer.losses), setup.folder, trained, base_unet, note)
+    return TrainingResult(control, list(trainer.losses), setup.folder, trained, base_unet, note, trainer.stage_losses)
 
 
-class _Setup:
+class Setup:
     """Everything checked and prepared before the first step: data, conditionings, the parameters
     to train, the module, the output folder and the checkpoint to resume (nothing loaded to a device)."""
 
@@ -414,7 +414,7 @@ def _check_data(model, x0, images, positive, empty_conditioning, empty_prompt_ra
                          "conditionings": torch.cat([c.flatten().float() for c in conds]) if conds else None}, node)
 
 
-def _run_steps(model, setup, steps, opts):
+def run_steps(model, setup, steps, opts):
     """Loads the MODEL, trains to ``steps`` (resuming the checkpoint if any) and gives the MODEL
     back; returns (trainer, trained UNet tensors, their values before)."""
     mm.load_models_gpu([model], force_full_load=True)
@@ -535,7 +535,7 @@ def _save_checkpoint(trainer, settings, path, node=NODE):
         raise tr.TrainingError(f"{node}: the weights became NaN or infinite ({', '.join(bad[:3])}): the run stopped and "
                                f"the last good checkpoint in {os.path.dirname(path)} is kept. Lower the learning rate(s)")
     state["settings"] = settings
-    _atomic_save(path, lambda p: torch.save(state, p))
+    atomic_save(path, lambda p: torch.save(state, p))
 
 
 def _save_run(model, module, trained, base_unet, variant, folder, save):
@@ -545,10 +545,10 @@ def _save_run(model, module, trained, base_unet, variant, folder, save):
     module_sd = {k: t.detach().float().cpu().contiguous() for k, t in module.state_dict().items()}
     diffs = _to_diffusers_names(model, tr.weight_differences(trained, base_unet)) if trained else None
     save()  # checks every tensor for finite values first
-    _atomic_save(os.path.join(folder, MODULE_FILE), lambda p: save_file(module_sd, p, metadata={LAYOUT_KEY: variant}))
+    atomic_save(os.path.join(folder, MODULE_FILE), lambda p: save_file(module_sd, p, metadata={LAYOUT_KEY: variant}))
     unet_path = os.path.join(folder, UNET_FILE)
     if diffs:
-        _atomic_save(unet_path, lambda p: save_file(diffs, p, metadata={UNET_SEMANTICS_KEY: "delta"}))
+        atomic_save(unet_path, lambda p: save_file(diffs, p, metadata={UNET_SEMANTICS_KEY: "delta"}))
     elif os.path.isfile(unet_path):
         os.remove(unet_path)  # an earlier run's UNet differences do not belong to this module
     rel = os.path.relpath(folder, folder_paths.get_folder_paths("controlnet")[0])
@@ -567,19 +567,19 @@ def train_from_node(model, latents, images, positive, steps, **options):
     one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
     options = {k: one(v) for k, v in options.items()}
     options["overwrite"] = bool(options.get("overwrite", False))
-    result = train(one(model), _joined_latents(latents), _joined_images(images), _per_latent_conditioning(positive),
+    result = train(one(model), joined_latents(latents), joined_images(images), per_latent_conditioning(positive),
                    one(steps), **options)
     files = [os.path.join(result.folder, f) for f in (MODULE_FILE, UNET_FILE) if os.path.isfile(os.path.join(result.folder, f))]
     saved = "\n".join([result.note] * bool(result.note) + files)
-    return result.control, tr.loss_curve_image(result.losses), saved
+    return result.control, tr.loss_curve_image(result.losses, stage_losses=result.stage_losses), saved
 
 
-def _joined_latents(latents, node=NODE):
+def joined_latents(latents, node=NODE):
     items = latents if isinstance(latents, list) else [latents]
     return {"samples": _cat([d["samples"] for d in items], "training latents", node)}
 
 
-def _joined_images(images, node=NODE):
+def joined_images(images, node=NODE):
     return _cat(images if isinstance(images, list) else [images], "condition images", node)
 
 
@@ -590,7 +590,7 @@ def _cat(tensors, what, node=NODE):
     return torch.cat(tensors)
 
 
-def _per_latent_conditioning(positive):
+def per_latent_conditioning(positive):
     """One CONDITIONING (shared, or one entry per latent), or a list of them (one per latent, as
     Make Training Dataset gives them) -> one CONDITIONING."""
     items = positive if isinstance(positive, list) and positive and isinstance(positive[0], list) \

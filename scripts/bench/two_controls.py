@@ -283,27 +283,39 @@ def _run_all(bench):
 
 
 def claims(rows, seeds):
-    """The toy's verdicts from the measured rows: [(claim, the numbers compared, "reproduced" or "not reproduced")]."""
+    """The toy's verdicts from the measured rows: [(claim, the numbers compared, verdict)], one row per control for the
+    conservativity stage: its Asym and its relative Asym (a stage that only weakens a control lowers the first, not the
+    second)."""
     plain, stage1, recipe = RUNS
 
     def avg(run, key, k):
         return mean([rows[s, run][key][k] for s in seeds])
-
-    def asym(run):
-        return mean([rows[s, run]["asym", c][0] for s in seeds for c in CONTROLS])
-
-    def alone(run):
-        return mean([rows[s, run]["alone", c][k] for s in seeds for k, c in enumerate(CONTROLS)])
 
     ours = [avg(recipe, "balanced", k) for k in range(2)]
     theirs = [avg(plain, "sum", k) for k in range(2)]
     out = [("two controls: each control's presence, recipe + balanced vs plain + summed",
             f"A {ours[0]:.3f} vs {theirs[0]:.3f}, B {ours[1]:.3f} vs {theirs[1]:.3f}",
             "reproduced" if all(o > t for o, t in zip(ours, theirs)) else "not reproduced")]
-    out.append(("conservativity stage: Asym, stage 1 + 2 vs stage 1 only (mean over controls)",
-                f"{asym(recipe):.4g} vs {asym(stage1):.4g}; control alone, presence {alone(recipe):.3f} vs {alone(stage1):.3f}",
-                "reproduced" if asym(recipe) < asym(stage1) else "not reproduced"))
+    for k, c in enumerate(CONTROLS):
+        asym = [avg(run, ("asym", c), 0) for run in (recipe, stage1)]
+        relative = [avg(run, ("asym", c), 1) for run in (recipe, stage1)]
+        alone = [avg(run, ("alone", c), k) for run in (recipe, stage1)]
+        verdict = ("reproduced" if asym[0] < asym[1] and relative[0] < relative[1] else
+                   "only as a weaker control (relative Asym not lower)" if asym[0] < asym[1] else "not reproduced")
+        out.append((f"conservativity stage, control {c}: Asym, stage 1 + 2 vs stage 1 only",
+                    f"{asym[0]:.4g} vs {asym[1]:.4g}; relative {relative[0]:.3f} vs {relative[1]:.3f}; "
+                    f"{c} alone, presence {alone[0]:.3f} vs {alone[1]:.3f}", verdict))
     return out
+
+
+NOT_SHOWN = [
+    "A tiny UNet on 8 x 8 latents, two seeds, one task: the direction of an effect, not its size on real models.",
+    f"The stage's weight ({CONS_WEIGHT:g}) was chosen for the toy: the loss is a sum over the latent's elements, so its "
+    "scale (and the paper's weight) does not carry over between model sizes.",
+    "Asym falls when a control's Jacobian shrinks; the relative Asym and the presence of the control alone say whether "
+    "the stage made the control more conservative or only weaker.",
+    "Presence from pure noise (t = 999) measures where each control puts its square, not image quality or FID.",
+]
 
 
 def two_controls_report(bench):
@@ -340,7 +352,11 @@ def two_controls_report(bench):
         md_table(["seed", "run", "A alone: at A's / at B's square", "B alone: at B's / at A's square",
                   "summed: A's / B's square", "balanced: A's / B's square", "Asym A", "Asym B"], body),
         "",
-        md_table(["claim", "numbers (toy)", "toy verdict"], [list(c) for c in claims(rows, seeds)]),
+        md_table(["claim", "numbers (toy, mean over the seeds)", "toy verdict"], [list(c) for c in claims(rows, seeds)]),
+        "",
+        "What this does not show:",
+        "",
+        *[f"- {line}" for line in NOT_SHOWN],
         "",
         "Machine: " + ", ".join(f"{k} {v}" for k, v in bench.machine.items()) + f" (torch threads {info['threads']}). "
         f"Command: `{' '.join(bench.argv)}`.",

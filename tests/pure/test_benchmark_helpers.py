@@ -162,17 +162,20 @@ def test_two_controls_presence_is_one_for_the_data_and_zero_when_flat(toy2):
 def test_two_controls_verdicts_compare_the_right_runs(toy2):
     plain, stage1, recipe = toy2.RUNS
 
-    def row(alone, summed, balanced, asym):
+    def row(alone, summed, balanced, asym, relative=0.5):
         return {("alone", "A"): alone, ("alone", "B"): alone[::-1], "sum": summed, "balanced": balanced,
-                ("asym", "A"): (asym, 0.5), ("asym", "B"): (asym, 0.5)}
+                ("asym", "A"): (asym, relative), ("asym", "B"): (asym, relative)}
 
     rows = {(0, plain): row([0.9, 0.0], [0.3, 0.2], [0.9, 0.9], 5.0),
-            (0, stage1): row([0.8, 0.1], [0.9, 0.9], [0.9, 0.9], 2.0),
-            (0, recipe): row([0.7, 0.1], [0.9, 0.9], [0.5, 0.4], 1.0)}
-    (two, _, verdict2), (cons, numbers, verdict_c) = toy2.claims(rows, [0])
-    assert verdict2 == "reproduced" and verdict_c == "reproduced"  # 0.5 > 0.3, 0.4 > 0.2; Asym 1 < 2 (not plain's 5)
+            (0, stage1): row([0.8, 0.1], [0.9, 0.9], [0.9, 0.9], 2.0, 0.6),
+            (0, recipe): row([0.7, 0.1], [0.9, 0.9], [0.5, 0.4], 1.0, 0.4)}
+    (two, _, verdict2), (cons_a, numbers, verdict_a), (cons_b, _, verdict_b) = toy2.claims(rows, [0])
+    # 0.5 > 0.3, 0.4 > 0.2; Asym 1 < 2 (not plain's 5) and relative 0.4 < 0.6, for each control
+    assert verdict2 == verdict_a == verdict_b == "reproduced" and "control A" in cons_a and "control B" in cons_b
     assert "0.700 vs 0.800" in numbers  # the stage's cost: recipe alone vs stage 1 alone
+    rows[0, recipe][("asym", "B")] = (1.0, 0.7)  # lower Asym, but only because B got weaker
+    assert toy2.claims(rows, [0])[2][2].startswith("only as a weaker control")
     rows[0, recipe]["balanced"] = [0.5, 0.1]
     rows[0, recipe][("asym", "A")] = (3.0, 0.5)
     rows[0, recipe][("asym", "B")] = (3.0, 0.5)
-    assert [c[2] for c in toy2.claims(rows, [0])] == ["not reproduced", "not reproduced"]
+    assert [c[2] for c in toy2.claims(rows, [0])] == ["not reproduced"] * 3

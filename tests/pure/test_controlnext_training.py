@@ -208,3 +208,22 @@ def test_non_finite_tensors_are_named_in_nested_state():
     state = {"module": {"w": torch.tensor([1.0, float("inf")])}, "losses": torch.tensor([0.1]),
              "opt": {"state": {0: {"exp_avg": torch.tensor([float("nan")])}}}, "gen": torch.zeros(3, dtype=torch.uint8)}
     assert tr.non_finite_tensors(state) == ["module.w", "opt.state.0.exp_avg"]
+
+
+def test_the_loss_curve_draws_the_conservativity_stage_in_its_own_colour_from_its_first_step():
+    losses = [1.0 / (i + 1) for i in range(40)]
+    plain = tr.loss_curve_image(losses)
+    staged = tr.loss_curve_image(losses, stage_losses=[0.0] * 30 + [0.5 + 0.01 * i for i in range(10)])
+    assert plain.shape == staged.shape == (1, 256, 512, 3)
+
+    def orange_columns(img):  # the stage's colour (255, 170, 70): red high, blue low
+        px = img[0]
+        hit = (px[..., 0] > 0.9) & (px[..., 1] > 0.55) & (px[..., 1] < 0.8) & (px[..., 2] < 0.4)
+        return hit[:220].any(0).nonzero().flatten()  # the plot area (its label below it left out)
+
+    assert len(orange_columns(plain)) == 0
+    columns = orange_columns(staged)
+    first_step_30 = 28 + (512 - 8 - 28) * 30 / 39
+    assert len(columns) > 50 and columns.min() >= first_step_30 - 2  # nothing drawn before the stage began
+    # the main curve is unchanged by the second one except where they cross
+    assert (plain[0, :220] != staged[0, :220]).any(-1).sum() < 0.2 * (staged[0, :220] != 24 / 255).any(-1).sum()
