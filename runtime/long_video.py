@@ -34,6 +34,18 @@ from .model_family import family_title, model_family
 NODE = "ControlNeXt-SVD Long Video (XCtrl)"
 
 
+
+def sampler_step(sigma, transformer_options):
+    """(this model call's sampler step, the number of steps) from the sigmas the sampler runs; (0, 1)
+    when the call does not carry them."""
+    sigmas = transformer_options.get("sample_sigmas")
+    if not isinstance(sigmas, torch.Tensor) or sigmas.numel() < 2:
+        return 0, 1
+    steps = sigmas.numel() - 1
+    s = float(sigma.reshape(-1)[0])
+    return min(int((sigmas.float() > s * (1 + 1e-5)).sum()), steps - 1), steps
+
+
 class LongVideoError(ValueError):
     pass
 
@@ -102,7 +114,11 @@ class LongVideoWindows:
         starts = vw.window_starts(n, self.frames_per_window, self.overlap)
         fusion = vw.WindowFusion(n, starts, length, ramp=self.min_cfg is not None)
         chunks = len(kinds)
-        bar = comfy.utils.ProgressBar(len(starts))  # a model call of a long video takes minutes on a CPU
+        # A model call of a long video takes minutes on a CPU: the bar moves once per window, as a share of
+        # the whole sampling (so it only ever moves forward between the sampler's own steps).
+        step, steps = sampler_step(t, to)
+        total = steps * len(starts)
+        bar = comfy.utils.ProgressBar(total)
         for i, start in enumerate(starts):
             mm.throw_exception_if_processing_interrupted()
             frames = list(range(start, start + length))
@@ -114,7 +130,7 @@ class LongVideoWindows:
             out = executor(x[idx], _rows(t, idx, rows), _rows(c_concat, idx, rows), _rows(c_crossattn, idx, rows),
                            _control_rows(control, idx, rows), window_to, **sub)
             fusion.add(start, _frames_first(out, chunks, length))
-            bar.update_absolute(i + 1, len(starts))
+            bar.update_absolute(step * len(starts) + i + 1, total)
         fused = _chunks_first(fusion.result(), chunks)
         if self.min_cfg is not None:
             self._keep_ramp(t, kinds, _chunks_first(fusion.ramp_result(), chunks), n)

@@ -386,6 +386,9 @@ def test_progress_bar_moves_once_per_window_inside_each_model_call(setup, nodes_
         sample(long_video_model(nodes_mod, base, loaded, poses, 4, 2), image_emb, concat, noise)
     finally:
         comfy.utils.set_progress_bar_global_hook(old)
-    windows = [(v, t) for v, t in seen if t == 3]  # 7 frames in windows of 4, overlap 2: starts 0, 2, 3
-    calls = len(SIGMAS) - 1  # euler: one model call per step (cond and uncond batched)
-    assert windows == [(1, 3), (2, 3), (3, 3)] * calls, seen
+    steps = len(SIGMAS) - 1  # euler: one model call per step (cond and uncond batched)
+    # 7 frames in windows of 4, overlap 2: starts 0, 2, 3; each window one move of the whole sampling's bar
+    windows = [(v, t) for v, t in seen if t == 3 * steps]
+    assert windows == [(3 * k + i, 3 * steps) for k in range(steps) for i in (1, 2, 3)], seen
+    shares = [v / t for v, t in seen]
+    assert shares == sorted(shares), seen  # with the sampler's own step reports in between: only forward
