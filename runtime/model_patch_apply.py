@@ -101,9 +101,9 @@ def core_apply_node(kind, node):
     reason = mpc.missing_support(kind)
     cls = comfy_nodes.NODE_CLASS_MAPPINGS.get(CORE_NODES[kind])
     if reason is None and cls is None:
-        reason = f"this ComfyUI has no {CORE_NODES[kind]} node: update ComfyUI ({mpc.NEWEST} or newer is tested)"
+        reason = f"this ComfyUI has no {CORE_NODES[kind]} node"
     if reason:
-        raise ValueError(f"{node}: {mpc.CONTROL_TITLES[kind]}s need a newer ComfyUI: {reason}.")
+        raise ValueError(mpc.update_message(kind, node, reason))
     return cls
 
 

@@ -418,6 +418,6 @@ def test_older_comfyui_says_zimage_needs_newer(pack):
 
     mod = pack_module("nodes.model_patch_nodes")
     base = comfy.model_patcher.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu")
-    with pytest.raises(ValueError, match=re.escape("Apply Z-Image Fun ControlNet (XCtrl): Z-Image Fun ControlNets need a "
-                                                   "newer ComfyUI") + ".*update ComfyUI"):
+    with pytest.raises(ValueError, match=re.escape("Apply Z-Image Fun ControlNet (XCtrl): Z-Image Fun ControlNets need "
+                                                   "ComfyUI 0.8.0 or newer (") + ".*update ComfyUI"):
         node_result(mod.ApplyZImageFunControlNet, base, None, None, 1.0)
