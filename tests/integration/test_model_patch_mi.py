@@ -194,15 +194,17 @@ def _compare_every_point(setup, mode, granularity):
 
 
 # ---------------------------------------------------------------------------- balanced == hand computation
-@pytest.mark.parametrize("mode,granularity", [("paper", "layer"), ("paper", "pixel"), ("min_norm", "layer"),
-                                              ("min_norm", "pixel")])
+MODES = [("paper", "layer"), ("paper", "pixel"), ("min_norm", "layer"), ("min_norm", "pixel")]
+
+
+@pytest.mark.parametrize("mode,granularity", MODES)
 def test_zimage_matches_hand_computation(zimage, mode, granularity):
     d = _compare_every_point(zimage, mode, granularity)
     plain = denoise_once(zimage["model"], zimage["pos"], zimage["neg"], zimage["x"], torch.tensor(0.7))
     assert (d - plain).abs().max() > 1e-3  # balancing changed something
 
 
-@pytest.mark.parametrize("mode,granularity", [("paper", "layer"), ("min_norm", "pixel")])
+@pytest.mark.parametrize("mode,granularity", MODES)
 def test_qwen_matches_hand_computation(qwen, mode, granularity):
     d = _compare_every_point(qwen, mode, granularity)
     plain = denoise_once(qwen["model"], qwen["pos"], qwen["neg"], qwen["x"], torch.tensor(0.7))
