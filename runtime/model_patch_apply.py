@@ -88,7 +88,8 @@ class ScheduledPatch:
 
 
 def token_mask(mask, x, tokens):
-    """(rows, 1, H, W) mask -> (rows, tokens, 1) on the 2x2-patch token grid of latent ``x``."""
+    """(rows, 1, H, W) mask -> (rows, tokens, 1) on the 2x2-patch token grid of latent ``x`` (bilinear,
+    antialiased when shrinking: docs/model_patch_control.md)."""
     grid = (-(-x.shape[-2] // mpc.PATCH_SIZE), -(-x.shape[-1] // mpc.PATCH_SIZE))
     m = batch_rows.resize(mask.float(), grid).flatten(1).unsqueeze(-1)
     return m[:, :tokens]
