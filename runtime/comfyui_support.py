@@ -11,6 +11,19 @@ LOG = logging.getLogger("xctrl")
 
 OLDEST_TESTED = "0.3.64"
 TESTED = ("0.3.64", "0.8.0", "0.33.0")
+# The oldest tested release that has each of core's control kinds (their code is checked by
+# capability where used; these only name the release to update to). Error messages, README.md and
+# docs/ say it in the words of ``needs_comfyui``.
+FIRST_TESTED_WITH = {
+    "Z-Image Fun ControlNet": "0.8.0",  # comfy.ldm.lumina.controlnet: not in 0.3.64
+    "Qwen-Image DiffSynth ControlNet": "0.3.64",  # in every tested release
+    "Qwen-Image 2512 Fun ControlNet": "0.33.0",  # core's Load ControlNet Model of 0.8.0 and 0.3.64 refuses the file
+}
+
+
+def needs_comfyui(control):
+    """'Z-Image Fun ControlNets need ComfyUI 0.8.0 or newer' for a key of FIRST_TESTED_WITH."""
+    return f"{control}s need ComfyUI {FIRST_TESTED_WITH[control]} or newer"
 
 
 def version_tuple(version):

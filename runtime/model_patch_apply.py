@@ -88,7 +88,8 @@ class ScheduledPatch:
 
 
 def token_mask(mask, x, tokens):
-    """(rows, 1, H, W) mask -> (rows, tokens, 1) on the 2x2-patch token grid of latent ``x``."""
+    """(rows, 1, H, W) mask -> (rows, tokens, 1) on the 2x2-patch token grid of latent ``x`` (bilinear,
+    antialiased when shrinking: docs/model_patch_control.md)."""
     grid = (-(-x.shape[-2] // mpc.PATCH_SIZE), -(-x.shape[-1] // mpc.PATCH_SIZE))
     m = batch_rows.resize(mask.float(), grid).flatten(1).unsqueeze(-1)
     return m[:, :tokens]
@@ -101,9 +102,9 @@ def core_apply_node(kind, node):
     reason = mpc.missing_support(kind)
     cls = comfy_nodes.NODE_CLASS_MAPPINGS.get(CORE_NODES[kind])
     if reason is None and cls is None:
-        reason = f"this ComfyUI has no {CORE_NODES[kind]} node: update ComfyUI ({mpc.NEWEST} or newer is tested)"
+        reason = f"this ComfyUI has no {CORE_NODES[kind]} node"
     if reason:
-        raise ValueError(f"{node}: {mpc.CONTROL_TITLES[kind]}s need a newer ComfyUI: {reason}.")
+        raise ValueError(mpc.update_message(kind, node, reason))
     return cls
 
 

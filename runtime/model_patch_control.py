@@ -33,6 +33,7 @@ import torch
 import comfy.patcher_extension as pe
 
 from . import mi
+from .comfyui_support import needs_comfyui
 
 LOG = logging.getLogger("xctrl.mi")
 
@@ -43,7 +44,6 @@ SITES = {ZIMAGE: ("noise_refiner", "double_block"), QWEN: ("double_block",)}
 LAYER_PREFIX = {ZIMAGE: "Z-Image", QWEN: "Qwen-Image"}
 SITE_NAMES = {"noise_refiner": "refiner", "double_block": "block"}
 PATCH_SIZE = 2  # both control networks patchify the latent 2x2 (one token per 2x2 latent pixels)
-NEWEST = "0.33.0"
 
 
 # ---------------------------------------------------------------------------- what is where
@@ -57,16 +57,20 @@ def zimage_control_class():
 
 
 def missing_support(kind):
-    """None, or why this ComfyUI cannot run ``kind``'s control patches (checked by capability)."""
+    """None, or what this ComfyUI lacks to run ``kind``'s control patches (checked by capability)."""
     if kind == ZIMAGE and zimage_control_class() is None:
-        return (f"this ComfyUI has no Z-Image Fun ControlNet support (comfy.ldm.lumina.controlnet): update ComfyUI "
-                f"({NEWEST} or newer is tested)")
+        return "this ComfyUI has no comfy.ldm.lumina.controlnet"
     if kind == QWEN:
         try:
             import comfy.ldm.qwen_image.model  # noqa: F401
         except ImportError:
-            return f"this ComfyUI has no Qwen-Image support: update ComfyUI ({NEWEST} or newer is tested)"
+            return "this ComfyUI has no Qwen-Image model (comfy.ldm.qwen_image)"
     return None
+
+
+def update_message(kind, node, reason):
+    """The error for a ComfyUI lacking ``kind`` (``reason``: what it lacks), naming the release that has it."""
+    return f"{node}: {needs_comfyui(CONTROL_TITLES[kind])} ({reason}): update ComfyUI."
 
 
 def model_kind(model_patcher):
@@ -259,7 +263,7 @@ def check_family(model, node):
     for k in kinds:
         reason = missing_support(k)
         if reason:
-            raise ValueError(f"{node}: {CONTROL_TITLES[k]} patches need a newer ComfyUI: {reason}.")
+            raise ValueError(update_message(k, node, reason))
     if kind is None and members:
         raise ValueError(f"{node}: the MODEL carries {CONTROL_TITLES[kinds[0]]} patches but is not a "
                          f"{MODEL_TITLES[kinds[0]]} model: apply those controls to the model they were made for.")

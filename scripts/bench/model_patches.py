@@ -75,9 +75,11 @@ def run_zimage(bench):
     balanced = run_node(node("nodes.mi_nodes", "MIBalancedModelPatches"), summed, "paper", "layer", 20.0)[0]
     pos, neg = zimage_conds()
     cn_params = param_count(c1.model)
+    mods = [c1.model, c2.model]  # their weights count in the control rows' memory
     configs = [Config("base", "base (Z-Image, reduced)", base.clone(), pos, neg),
-               Config("cn2_sum", "+ 2 Fun ControlNet Union patches, summed (core)", summed, pos, neg, 2 * cn_params),
-               Config("cn2_mi", "+ 2 Fun ControlNet Union patches, balanced (MI, paper)", balanced, pos, neg, 2 * cn_params)]
+               Config("cn2_sum", "+ 2 Fun ControlNet Union patches, summed (core)", summed, pos, neg, 2 * cn_params, mods),
+               Config("cn2_mi", "+ 2 Fun ControlNet Union patches, balanced (MI, paper)", balanced, pos, neg, 2 * cn_params,
+                      mods)]
     bench.zimage = sum_vs_balanced(bench, "zimage", configs, base, cn_params)
 
 
@@ -106,9 +108,11 @@ def run_qwen(bench):
         cpos, cneg = nodes.ControlNetApplyAdvanced().apply_controlnet(cpos, cneg, cnet, image, 1.0, 0.0, 1.0, vae=StubVAE(4, frames=True))
     balanced, bpos, bneg = run_node(node("nodes.mi_nodes", "MIBalancedControl"), base, cpos, cneg, "paper", "layer", 20.0)
     cn_params = sum(param_count(c.control_model) for c in cnets)
+    mods = [c.control_model for c in cnets]  # their weights count in the control rows' memory
     configs = [Config("base", "base (Qwen-Image, reduced)", base.clone(), pos, neg),
-               Config("cn2_sum", "+ InstantX + 2512 Fun ControlNet, summed (core)", base, cpos, cneg, cn_params),
-               Config("cn2_mi", "+ InstantX + 2512 Fun ControlNet, balanced (MI, paper)", balanced, bpos, bneg, cn_params)]
+               Config("cn2_sum", "+ InstantX + 2512 Fun ControlNet, summed (core)", base, cpos, cneg, cn_params, mods),
+               Config("cn2_mi", "+ InstantX + 2512 Fun ControlNet, balanced (MI, paper)", balanced, bpos, bneg, cn_params,
+                      mods)]
     bench.qwen = sum_vs_balanced(bench, "qwen", configs, base, cn_params)
 
 

@@ -1,10 +1,13 @@
 """Independent references for MIControlNet (no production imports): the balancing formulas written
-out in float64 (paper Eqs. 8-10, docs/mi_controlnet.md), each stock control network run directly,
+out in float64 (paper Eqs. 8-10, docs/mi_controlnet.md; min_norm for three or more controls: the
+min-norm point of their convex hull, solved exactly face by face), each stock control network run directly,
 and the denoisers with the balanced terms added at each control point: the tests' UNet loop, a
 plain MMDiT loop, and Flux through block replacements of the test's own (ComfyUI adds output[k]
 to the skip of input block k, 'middle' to h after the middle block, on SD3 output[i] to the image
 tokens after joint block i, on Flux 'input' / 'output' to the image tokens of double / single
 blocks). tests/integration/test_reference_loop.py holds each loop against ComfyUI's own forward."""
+import itertools
+
 import torch
 
 from harness import reference as ref
@@ -26,8 +29,48 @@ def hand_lambda(s, cap=20.0):
     return torch.where(s >= cap / (cap + 1.0), torch.full_like(s, cap), s / (1.0 - s))
 
 
+def simplex_min_norm_weights(gram):
+    """w >= 0, sum w = 1 minimising w^T G w, for a batch of Gram matrices G (R, k, k), float64.
+
+    Exact, face by face: on every support S the stationary points of the problem restricted to
+    S's affine hull solve G_S w = mu 1, sum w = 1; the optimum is such a point, inside the simplex,
+    on its own support, so the feasible solution of least objective over all supports is it."""
+    rows, k, _ = gram.shape
+    best_w, best_f = gram.new_zeros(rows, k), gram.new_full((rows,), float("inf"))
+    scale = 1.0 + gram.abs().flatten(1).amax(1)
+    for size in range(1, k + 1):
+        for support in itertools.combinations(range(k), size):
+            s = list(support)
+            kkt = gram.new_zeros(rows, size + 1, size + 1)
+            kkt[:, :size, :size] = gram[:, s][:, :, s]
+            kkt[:, :size, size], kkt[:, size, :size] = -1.0, 1.0
+            rhs = gram.new_zeros(rows, size + 1, 1)
+            rhs[:, size] = 1.0
+            sol = torch.linalg.pinv(kkt) @ rhs
+            solved = (kkt @ sol - rhs).abs().flatten(1).amax(1) <= 1e-9 * scale
+            w = gram.new_zeros(rows, k)
+            w[:, s] = sol[:, :size, 0]
+            f = torch.einsum("ri,rij,rj->r", w, gram, w)
+            better = solved & (w.amin(1) >= -1e-12) & (f < best_f)
+            best_w = torch.where(better[:, None], w.clamp_min(0.0), best_w)
+            best_f = torch.where(better, f, best_f)
+    return best_w
+
+
+def hand_min_norm_point(residuals, dims):
+    """The min-norm element of the residuals' convex hull, per row (and token / pixel)."""
+    k = len(residuals)
+    gram = torch.stack([torch.stack([(a * b).sum(dims, keepdim=True) for b in residuals], -1) for a in residuals], -2)
+    row_shape = gram.shape[:-2]
+    w = simplex_min_norm_weights(gram.reshape(-1, k, k)).T.reshape(k, *row_shape)
+    return sum(w[i] * residuals[i] for i in range(k))
+
+
 def hand_combine(residuals, mode, dims):
-    """add_com folded in chain order; min_norm (k = 2): the weights swapped."""
+    """add_com folded in chain order; min_norm: for k = 2 the weights swapped (the segment's
+    min-norm point), for k >= 3 the min-norm point of the hull (order independent)."""
+    if mode == "min_norm" and len(residuals) >= 3:
+        return hand_min_norm_point(residuals, dims)
     out = residuals[0]
     for r in residuals[1:]:
         s = hand_lambda_star(out, r, dims)

@@ -9,6 +9,11 @@ of the features (the difference, in float64, is that control's residual x streng
 would add it), combines and injects them with the MI formulas written out in float64, and
 writes the result back. The features after every injection point are recorded in both runs and
 compared, as is the denoised output. docs/model_patch_control.md.
+
+XCtrl's Apply nodes: the reference wraps core's patch in ``ScaledReference``, which scales its
+addition by hand per row (schedule, latent strength, uncond multiplier, the call's sigma) and per
+token (the mask reduced to the token grid by ``hand_token_mask``), for one call or for each step of
+a short sampling run, and alone or balanced as above.
 """
 import re
 
@@ -74,7 +79,8 @@ class Recorder:
 
 
 def _is_control(p):
-    return hasattr(p, "model_patch")
+    """Core's control patches, and the test's hand-scaled ones standing for XCtrl's Apply nodes."""
+    return hasattr(p, "model_patch") or isinstance(p, ScaledReference)
 
 
 def reference_model(model, mode, granularity, lumina):
@@ -178,10 +184,13 @@ def qwen(core_nodes):
                 pos=mpm.text_cond("qwen_image", seed=1), neg=mpm.text_cond("qwen_image", seed=2))
 
 
-def _compare_every_point(setup, mode, granularity):
+def _compare_every_point(setup, mode, granularity, reference_source=None):
+    """The balanced setup's MODEL against the reference made from ``reference_source`` (default: that
+    MODEL, whose control patches are then core's own)."""
     sigma = torch.tensor(0.7)
+    source = setup["model"] if reference_source is None else reference_source
     got_model, got = with_recorder(balance(setup["model"], mode, granularity), setup["sites"])
-    ref_model, want = with_recorder(reference_model(setup["model"], mode, granularity, setup["lumina"]), setup["sites"])
+    ref_model, want = with_recorder(reference_model(source, mode, granularity, setup["lumina"]), setup["sites"])
     d_got = denoise_once(got_model, setup["pos"], setup["neg"], setup["x"], sigma)
     d_ref = denoise_once(ref_model, setup["pos"], setup["neg"], setup["x"], sigma)
     assert set(got.seen) == set(want.seen) and got.seen
@@ -194,15 +203,17 @@ def _compare_every_point(setup, mode, granularity):
 
 
 # ---------------------------------------------------------------------------- balanced == hand computation
-@pytest.mark.parametrize("mode,granularity", [("paper", "layer"), ("paper", "pixel"), ("min_norm", "layer"),
-                                              ("min_norm", "pixel")])
+MODES = [("paper", "layer"), ("paper", "pixel"), ("min_norm", "layer"), ("min_norm", "pixel")]
+
+
+@pytest.mark.parametrize("mode,granularity", MODES)
 def test_zimage_matches_hand_computation(zimage, mode, granularity):
     d = _compare_every_point(zimage, mode, granularity)
     plain = denoise_once(zimage["model"], zimage["pos"], zimage["neg"], zimage["x"], torch.tensor(0.7))
     assert (d - plain).abs().max() > 1e-3  # balancing changed something
 
 
-@pytest.mark.parametrize("mode,granularity", [("paper", "layer"), ("min_norm", "pixel")])
+@pytest.mark.parametrize("mode,granularity", MODES)
 def test_qwen_matches_hand_computation(qwen, mode, granularity):
     d = _compare_every_point(qwen, mode, granularity)
     plain = denoise_once(qwen["model"], qwen["pos"], qwen["neg"], qwen["x"], torch.tensor(0.7))
@@ -224,10 +235,20 @@ def test_zimage_injection_points_named(zimage):
 # ---------------------------------------------------------------------------- sum == core
 @pytest.mark.parametrize("family", ["zimage", "qwen"])
 def test_sum_is_core_bit_for_bit(request, family):
+    """Mode sum samples as core does, and it is the balanced patch doing so: one balanced entry of mode
+    sum stands for both core patches in every patch list they were in."""
     setup = request.getfixturevalue(family)
     latent = torch.zeros_like(setup["x"][:1])
+    summed = balance(setup["model"], "sum")
+    core = setup["model"].model_options["transformer_options"]["patches"]
+    lists = summed.model_options["transformer_options"]["patches"]
+    for site in setup["sites"]:
+        assert len(core[site]) == 2 and all(_is_control(p) for p in core[site])
+        assert len(lists[site]) == 1 and type(lists[site][0]).__name__ == "BalancedModelPatches", site
+        assert lists[site][0].members == core[site] and lists[site][0].balance.mode == "sum"
+    assert lists[setup["sites"][0]][0] is lists[setup["sites"][-1]][0]  # one object at every site
     want = full_sample(setup["model"], setup["pos"], setup["neg"], latent)
-    got = full_sample(balance(setup["model"], "sum"), setup["pos"], setup["neg"], latent)
+    got = full_sample(summed, setup["pos"], setup["neg"], latent)
     assert torch.equal(got, want)
     assert not torch.equal(want, full_sample(setup["base"], setup["pos"], setup["neg"], latent))
 
@@ -310,7 +331,8 @@ def core_apply(setup, model, i):
 
 
 class ScaledReference:
-    """Core's patch with its addition (taken on a copy, float64) times a factor per row and per token."""
+    """Core's patch with its addition (taken on a copy, float64) times a factor per row and per token:
+    ``row_factor(kind, latent, sigma)`` (kind 0 cond, 1 uncond; the call's sigma), ``token_mask`` (tokens,)."""
 
     def __init__(self, inner, row_factor, token_mask, lumina):
         self.inner, self.row_factor, self.token_mask, self.lumina = inner, row_factor, token_mask, lumina
@@ -319,9 +341,11 @@ class ScaledReference:
         img = kwargs["img"]
         copy = img.clone()
         self.inner(dict(kwargs, img=copy))
-        kinds = kwargs["transformer_options"]["cond_or_uncond"]
+        options = kwargs["transformer_options"]
+        kinds, sigma = options["cond_or_uncond"], float(options["sigmas"].reshape(-1)[0])
         per = img.shape[0] // len(kinds)
-        rows = torch.tensor([self.row_factor(kinds[r // per], r % per) for r in range(img.shape[0])], dtype=torch.float64)
+        rows = torch.tensor([self.row_factor(kinds[r // per], r % per, sigma) for r in range(img.shape[0])],
+                            dtype=torch.float64)
         d = (copy[:, :TOKENS].double() - img[:, :TOKENS].double()) * rows.view(-1, 1, 1)
         if self.token_mask is not None:
             d = d * self.token_mask.double().view(1, -1, 1)
@@ -332,14 +356,34 @@ class ScaledReference:
         return kwargs
 
 
-def scaled_reference_model(setup, row_factor, token_mask):
-    m = core_apply(setup, setup["base"], 0)
-    patches = m.model_options["transformer_options"]["patches"]
-    core = [p for p in patches["double_block"] if _is_control(p)][0]
-    ref = ScaledReference(core, row_factor, token_mask, setup["lumina"])
-    for site, ps in patches.items():
-        patches[site] = [ref if p is core else p for p in ps]
+def scaled_reference_model(setup, scalings):
+    """Core's controls 0, 1, ... on the base, in order, each patch wrapped in a ScaledReference
+    with its (row_factor, token_mask) from ``scalings``."""
+    m = setup["base"]
+    for i, (row_factor, token_mask) in enumerate(scalings):
+        m = core_apply(setup, m, i)
+        patches = m.model_options["transformer_options"]["patches"]
+        core = [p for p in patches["double_block"] if hasattr(p, "model_patch")][-1]  # the one just added
+        ref = ScaledReference(core, row_factor, token_mask, setup["lumina"])
+        for site, ps in patches.items():
+            patches[site] = [ref if p is core else p for p in ps]
     return m
+
+
+def hand_token_mask(mask, grid):
+    """A (1, H, W) mask on the (gh, gw) token grid, (tokens,) float64, as docs/model_patch_control.md
+    says it is resized: bilinear, antialiased when shrinking (PyTorch's triangle filter as wide as the
+    scale s = pixels / tokens: token i weights pixel j by max(0, 1 - |j + 1/2 - (i + 1/2) s| / s),
+    normalised); at the grid's own size nothing changes."""
+    def weights(pixels, tokens):
+        assert pixels >= tokens  # only shrinking is written out here
+        s = pixels / tokens
+        w = torch.tensor([[max(0.0, 1.0 - abs(j + 0.5 - (i + 0.5) * s) / s) for j in range(pixels)]
+                          for i in range(tokens)], dtype=torch.float64)
+        return w / w.sum(1, keepdim=True)
+
+    m = mask[0].double()
+    return (weights(m.shape[0], grid[0]) @ m @ weights(m.shape[1], grid[1]).T).flatten()
 
 
 @pytest.mark.parametrize("family", ["zimage", "qwen"])
@@ -352,20 +396,25 @@ def test_apply_node_defaults_are_core_bit_for_bit(request, family):
     assert torch.equal(full_sample(balance(ours, "sum"), setup["pos"], setup["neg"], latent), got)
 
 
+GRID = (LATENT_HW[0] // 2, LATENT_HW[1] // 2)  # the token grid
+
+
+@pytest.mark.parametrize("mask_side", [GRID[0], LATENT_HW[0], 8 * LATENT_HW[0]], ids=["tokens", "latent", "image"])
 @pytest.mark.parametrize("family", ["zimage", "qwen"])
-def test_schedule_latent_strengths_uncond_and_mask_match_hand_reference(request, family):
+def test_schedule_latent_strengths_uncond_and_mask_match_hand_reference(request, family, mask_side):
+    """A mask at the token grid's, the latent's or the image's size, reduced to the tokens by hand."""
     setup = request.getfixturevalue(family)
     strength_nodes = pack_module("nodes.control_strength_nodes")
     schedule = node_result(strength_nodes.StepKeyframeNode, 0.0, 0.5, "hold", 1)[0]
     latents = node_result(strength_nodes.LatentStrengthsNode, "1.0, 0.25")[0]
-    mask = torch.rand(1, *(v // 2 for v in LATENT_HW), generator=torch.Generator().manual_seed(9))  # the token grid
+    mask = torch.rand(1, mask_side, mask_side, generator=torch.Generator().manual_seed(9))
     ours = xctrl_apply(setup, setup["base"], 0, control_mask=mask, schedule=schedule, latent_strengths=latents,
                        uncond_multiplier=0.3)
 
-    def row_factor(kind, latent):
+    def row_factor(kind, latent, sigma):
         return 0.5 * (1.0, 0.25)[latent] * (0.3 if kind == 1 else 1.0)
 
-    ref = scaled_reference_model(setup, row_factor, mask.flatten())
+    ref = scaled_reference_model(setup, [(row_factor, hand_token_mask(mask, GRID))])
     sigma = torch.tensor(0.7)
     got = denoise_once(ours, setup["pos"], setup["neg"], setup["x"], sigma)
     want = denoise_once(ref, setup["pos"], setup["neg"], setup["x"], sigma)
@@ -385,11 +434,53 @@ def test_step_range_drops_the_control_outside(zimage):
     assert torch.equal(denoise_once(early, *args), denoise_once(core_apply(zimage, zimage["base"], 0), *args))
 
 
+@pytest.mark.parametrize("family", ["zimage", "qwen"])
+def test_step_schedule_over_sampling_matches_hand_reference(request, family):
+    """Three steps at 0 %, 25 % and 50 % of sampling under a ramp of step keyframes (1.0 at 0 %, linear to
+    0.2 at 80 %): each step's control is core's times 1.0, 0.75 and 0.5, checked at every step."""
+    setup = request.getfixturevalue(family)
+    strength_nodes = pack_module("nodes.control_strength_nodes")
+    ramp = node_result(strength_nodes.StepKeyframeNode, 0.0, 1.0, "linear", 1)[0]
+    ramp = node_result(strength_nodes.StepKeyframeNode, 0.8, 0.2, "hold", 1, previous=ramp)[0]
+    ours = xctrl_apply(setup, setup["base"], 0, schedule=ramp)
+    ms = setup["base"].get_model_object("model_sampling")
+    factors = {float(ms.percent_to_sigma(p)): f for p, f in ((0.0, 1.0), (0.25, 0.75), (0.5, 0.5))}
+
+    def row_factor(kind, latent, sigma):
+        return factors[min(factors, key=lambda s: abs(s - sigma))]
+
+    sigmas = torch.tensor([*factors, 0.0])
+    got = sample_steps(ours, setup, sigmas)
+    want = sample_steps(scaled_reference_model(setup, [(row_factor, None)]), setup, sigmas)
+    plain = sample_steps(core_apply(setup, setup["base"], 0), setup, sigmas)
+    assert len(got) == len(want) == 3
+    for step, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()), msg=f"step {step}")
+    torch.testing.assert_close(got[0], plain[0], rtol=1e-5, atol=1e-5 * float(plain[0].abs().max()))  # factor 1
+    assert all((a - b).abs().max() > 1e-3 for a, b in zip(got[1:], plain[1:]))  # the ramp lowered the later steps
+
+
+def sample_steps(model, setup, sigmas):
+    """The denoised prediction of each step of Euler sampling over ``sigmas`` (CFG, the setup's prompts)."""
+    import comfy.sample
+    import comfy.samplers
+
+    seen = []
+    comfy.sample.sample_custom(model, randn(3, *setup["x"].shape), CFG, comfy.samplers.sampler_object("euler"), sigmas,
+                               setup["pos"], setup["neg"], torch.zeros_like(setup["x"]),
+                               callback=lambda step, x0, x, total: seen.append(x0.clone()), disable_pbar=True)
+    return seen
+
+
 def test_balanced_scheduled_controls_match_hand_computation(zimage):
+    """A mask at the latent's size on one control, an uncond multiplier on the other, balanced; the
+    reference scales core's patches by hand (the mask reduced to the tokens as above)."""
     mask = torch.ones(1, *LATENT_HW)
-    mask[:, :, : LATENT_HW[1] // 2] = 0.0  # the first control acts on the right half only
+    mask[:, :, :2] = 0.0  # the first control acts from the third latent column on (tokens: fractions at the edge)
     model = xctrl_apply(zimage, xctrl_apply(zimage, zimage["base"], 0, control_mask=mask), 1, uncond_multiplier=0.5)
-    _compare_every_point(dict(zimage, model=model), "paper", "pixel")
+    hand = scaled_reference_model(zimage, [(lambda kind, latent, sigma: 1.0, hand_token_mask(mask, GRID)),
+                                           (lambda kind, latent, sigma: 0.5 if kind == 1 else 1.0, None)])
+    _compare_every_point(dict(zimage, model=model), "paper", "pixel", reference_source=hand)
 
 
 def test_mask_of_another_shape_refused_before_sampling(zimage):
@@ -418,6 +509,6 @@ def test_older_comfyui_says_zimage_needs_newer(pack):
 
     mod = pack_module("nodes.model_patch_nodes")
     base = comfy.model_patcher.ModelPatcher(torch.nn.Linear(1, 1), "cpu", "cpu")
-    with pytest.raises(ValueError, match=re.escape("Apply Z-Image Fun ControlNet (XCtrl): Z-Image Fun ControlNets need a "
-                                                   "newer ComfyUI") + ".*update ComfyUI"):
+    with pytest.raises(ValueError, match=re.escape("Apply Z-Image Fun ControlNet (XCtrl): Z-Image Fun ControlNets need "
+                                                   "ComfyUI 0.8.0 or newer (") + ".*update ComfyUI"):
         node_result(mod.ApplyZImageFunControlNet, base, None, None, 1.0)

@@ -1,8 +1,8 @@
 """Properties of MIControlNet's balanced injection / combination (docs/mi_controlnet.md).
 
 Independent oracles: a float64 numpy transcription of Eq. 8, per-pixel loops for the
-pixel granularity, a dense simplex grid and a projected-gradient QP for the min-norm
-element, and a replay of ComfyUI's control_merge addition chain for the "sum" mode.
+pixel granularity, an exact face-by-face (KKT) solver (harness/mi_reference.py) and a dense
+simplex grid for the min-norm element, and a replay of ComfyUI's control_merge addition chain for the "sum" mode.
 """
 import itertools
 
@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from harness.mi_reference import simplex_min_norm_weights
 from xctrl.models.mi_balance import (add_com, add_inj, combine, lam, lambda_star, lambda_summary,
                                      min_norm_weights)
 
@@ -318,24 +319,10 @@ def test_combine_paper_folds_in_order():
 # ------------------------------------------------------------------ min-norm, k >= 3
 
 def qp_active_set(M):
-    """Exact min of w^T M w on the simplex (float64): solve the KKT system
-    M_S w = mu 1, sum w = 1 on every support S, keep the feasible solutions."""
-    k = M.shape[0]
-    best = np.inf
-    for r in range(1, k + 1):
-        for S in itertools.combinations(range(k), r):
-            S = list(S)
-            A = np.zeros((r + 1, r + 1))
-            A[:r, :r], A[:r, r], A[r, :r] = M[np.ix_(S, S)], -1.0, 1.0
-            rhs = np.zeros(r + 1)
-            rhs[r] = 1.0
-            sol = np.linalg.lstsq(A, rhs, rcond=None)[0]
-            if np.abs(A @ sol - rhs).max() > 1e-9 or sol[:r].min() < -1e-12:
-                continue  # no solution on this support, or outside the simplex
-            w = np.zeros(k)
-            w[S] = np.clip(sol[:r], 0.0, None)
-            best = min(best, float(w @ M @ w))
-    return best
+    """Exact min of w^T M w on the simplex (float64), by the face-by-face KKT solver the
+    integration references use (harness/mi_reference.py)."""
+    w = simplex_min_norm_weights(torch.from_numpy(M)[None])[0].numpy()
+    return objective(w, M)
 
 
 def simplex_grid_min(M, n=300):
