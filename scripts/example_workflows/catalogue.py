@@ -364,6 +364,43 @@ def mi_qwen_image_canny_depth():
     return g
 
 
+def mi_qwen_image_fun_canny_depth():
+    """Qwen-Image 2512 with the 2512 Fun ControlNet Union applied twice through core's Apply
+    ControlNet (canny, depth), balanced (ComfyUI's own template's settings: shift 3.1, 50 steps,
+    cfg 4, euler/simple, 1328 x 1328, strength 1)."""
+    g = {"unet": ("UNETLoader", {"unet_name": "qwen_image_2512_fp8_e4m3fn.safetensors", "weight_dtype": "default"},
+                  "Qwen-Image 2512"),
+         "clip": ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image",
+                                 "device": "default"}, None),
+         "vae": ("VAELoader", {"vae_name": "qwen_image_vae.safetensors"}, None),
+         "shift": ("ModelSamplingAuraFlow", {"model": ["unet", 0], "shift": 3.1}, None),
+         "union": ("ControlNetLoader", {"control_net_name": "Qwen-Image-2512-Fun-Controlnet-Union-2602.safetensors"},
+                   "Fun ControlNet Union"),
+         "image": ("LoadImage", {"image": IMAGE}, "Control source"),
+         "canny": ("XCtrl_Canny", {"image": ["image", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 200}, None),
+         "depth": ("XCtrl_DepthAnythingV2", {"image": ["image", 0], "render": "grey"}, None),
+         "apply_canny": ("ControlNetApplyAdvanced", {"positive": ["pos", 0], "negative": ["neg", 0], "control_net": ["union", 0],
+                                                     "image": ["canny", 0], "strength": 1.0, "start_percent": 0.0,
+                                                     "end_percent": 1.0, "vae": ["vae", 0]}, "Apply ControlNet (canny)"),
+         "apply_depth": ("ControlNetApplyAdvanced", {"positive": ["apply_canny", 0], "negative": ["apply_canny", 1],
+                                                     "control_net": ["union", 0], "image": ["depth", 0], "strength": 1.0,
+                                                     "start_percent": 0.0, "end_percent": 1.0, "vae": ["vae", 0]},
+                         "Apply ControlNet (depth)"),
+         "mi": ("XCtrl_MIBalancedControl", {"model": ["shift", 0], "positive": ["apply_depth", 0], "negative": ["apply_depth", 1],
+                                            "mode": "paper", "granularity": "layer", "cap": 20.0}, None),
+         "latent": ("EmptySD3LatentImage", {"width": 1328, "height": 1328, "batch_size": 1}, None),
+         "stats": ("XCtrl_MILambdaStats", {"positive": ["mi", 1], "samples": ["sampler", 0]}, None)}
+    g.update(_sd_text(["clip", 0], "a stone bridge over a river in autumn, photo"))
+    g.update(_sample_and_save(["mi", 0], ["mi", 1], ["mi", 2], ["latent", 0], ["vae", 0], "xctrl/mi_qwen_image_fun_canny_depth",
+                              50, 4.0, sampler="euler", scheduler="simple"))
+    g.update(_note(g, "Qwen-Image 2512 with the 2512 Fun ControlNet Union (one file, one Apply ControlNet per type: "
+                      "canny, then depth), balanced by MI Balanced Control instead of summed. Core applies a Fun "
+                      "ControlNet with the square root of its strength. Needs a ComfyUI whose Load ControlNet reads "
+                      "the 2512 Fun ControlNet (0.33.0 tested; 0.8.0 cannot load it).\n"
+                      "mode sum = core's plain addition, to compare."))
+    return g
+
+
 def controlnext_sd15_train_canny():
     """Train a canny ControlNeXt on a folder of captioned images (the conditions made from the images
     by the Canny node, so they line up with them), then use it."""
@@ -413,20 +450,27 @@ WORKFLOWS = {
     "controlnext_sd15_train_canny": controlnext_sd15_train_canny,
     "mi_zimage_pose_depth": mi_zimage_pose_depth,
     "mi_qwen_image_canny_depth": mi_qwen_image_canny_depth,
+    "mi_qwen_image_fun_canny_depth": mi_qwen_image_fun_canny_depth,
 }
-# Workflows that need nodes only newer ComfyUI versions have (the tests skip them elsewhere).
+# Workflows that need what only newer ComfyUI versions have (the tests skip them elsewhere): node
+# types, or "module:name" for a part of core that no node type shows (the class core's Load
+# ControlNet builds from a file: older releases list the file, then cannot load it).
 REQUIRES = {"controlnext_sd15_train_canny": ("LoadImageTextDataSetFromFolder", "MakeTrainingDataset"),
-            "mi_zimage_pose_depth": ("ModelPatchLoader", "ModelSamplingAuraFlow", "ConditioningZeroOut")}
-# The oldest ComfyUI release with those nodes: said in the template's title, since ComfyUI offers
-# every file of example_workflows/ on any version.
-MIN_COMFYUI = {"controlnext_sd15_train_canny": "0.8", "mi_zimage_pose_depth": "0.8"}
+            "mi_zimage_pose_depth": ("ModelPatchLoader", "ModelSamplingAuraFlow", "ConditioningZeroOut"),
+            "mi_qwen_image_fun_canny_depth": ("comfy.controlnet:QwenFunControlNet",)}
+# The oldest tested ComfyUI release that has them: said in the template's title, since ComfyUI
+# offers every file of example_workflows/ on any version.
+MIN_COMFYUI = {"controlnext_sd15_train_canny": "0.8", "mi_zimage_pose_depth": "0.8", "mi_qwen_image_fun_canny_depth": "0.33"}
 # Workflows the tests do not run (their models are PLACEHOLDERS), with the reason.
 NOT_RUN = {"mi_flux_canny_depth": "Flux stand-ins would need ComfyUI's full-size T5-XXL (4.7B parameters); MI on Flux "
                                   "is tested on a tiny Flux in test_mi_dit.py",
            "mi_zimage_pose_depth": "core builds Z-Image and its control patch at full width (no small stand-ins); tested on "
                                    "tiny models in test_model_patch_mi.py",
            "mi_qwen_image_canny_depth": "core builds Qwen-Image and its control patches at full width (no small stand-ins); "
-                                        "tested on tiny models in test_model_patch_mi.py"}
+                                        "tested on tiny models in test_model_patch_mi.py",
+           "mi_qwen_image_fun_canny_depth": "core builds Qwen-Image at full width and its text encoder at 7B parameters (no "
+                                            "small stand-ins); MI on the 2512 Fun ControlNet is tested on tiny models in "
+                                            "test_mi_qwen_controlnets.py"}
 
 # The file name of each workflow (without .json): the template's title in ComfyUI's templates
 # menu. No "-" or "_" (the frontend turns them into spaces in the description it derives).
@@ -445,6 +489,7 @@ TITLES = {
     "controlnext_sd15_train_canny": "Train ControlNeXt for canny on SD1.5, then use it (needs ComfyUI 0.8 or newer)",
     "mi_zimage_pose_depth": "MIControlNet Z Image Turbo Fun ControlNet Union balanced pose and depth, pose masked (needs ComfyUI 0.8 or newer)",
     "mi_qwen_image_canny_depth": "MIControlNet Qwen Image 2512 balanced DiffSynth canny and depth",
+    "mi_qwen_image_fun_canny_depth": "MIControlNet Qwen Image 2512 Fun ControlNet balanced canny and depth (needs ComfyUI 0.33 or newer)",
 }
 
 
@@ -472,6 +517,8 @@ SUMMARIES = {
                             "subject, depth until 80 %) -> MI Balanced Model Patches (ComfyUI 0.8 or newer)",
     "mi_qwen_image_canny_depth": "Canny + Depth Anything V2 -> Apply Qwen Image DiffSynth ControlNet (XCtrl) twice -> "
                                  "MI Balanced Model Patches",
+    "mi_qwen_image_fun_canny_depth": "Canny + Depth Anything V2 -> the 2512 Fun ControlNet Union through stock Load ControlNet "
+                                     "+ Apply ControlNet (canny, then depth) -> MI Balanced Control (ComfyUI 0.33 or newer)",
 }
 
 

@@ -69,6 +69,8 @@ MODELS = {
         f"{HF}/Comfy-Org/Qwen-Image-DiffSynth-ControlNets/resolve/main/split_files/model_patches/qwen_image_canny_diffsynth_controlnet.safetensors",
     ("model_patches", "qwen_image_depth_diffsynth_controlnet.safetensors"):
         f"{HF}/Comfy-Org/Qwen-Image-DiffSynth-ControlNets/resolve/main/split_files/model_patches/qwen_image_depth_diffsynth_controlnet.safetensors",
+    ("controlnet", "Qwen-Image-2512-Fun-Controlnet-Union-2602.safetensors"):
+        f"{HF}/alibaba-pai/Qwen-Image-2512-Fun-Controlnet-Union/resolve/main/Qwen-Image-2512-Fun-Controlnet-Union-2602.safetensors",
 }
 # Files the tests can only list, not load: a stand-in of Flux needs ComfyUI's fixed T5-XXL (4.7B
 # parameters), more than this machine holds next to everything else. The workflow that uses them
@@ -77,9 +79,10 @@ PLACEHOLDERS = {("diffusion_models", "flux1-dev.safetensors"), ("text_encoders",
                 ("vae", "ae.safetensors"), ("controlnet", "flux-canny-controlnet-v3.safetensors"),
                 ("controlnet", "flux-depth-controlnet-v3.safetensors")}
 # Z-Image / Qwen-Image: core's loaders fix the real widths (3840 / 3072) of the models and their
-# control patches, so stand-ins would be full size; those are tested on tiny models built with the
-# same classes (test_model_patch_mi.py).
-PLACEHOLDERS |= {key for key in MODELS if key[1].startswith(("z_image", "qwen_", "Z-Image"))}
+# control patches (the 2512 Fun ControlNet's width is read from its file, but it runs only on the
+# full-width model), so stand-ins would be full size; those are tested on tiny models built with
+# the same classes (test_model_patch_mi.py, test_mi_qwen_controlnets.py).
+PLACEHOLDERS |= {key for key in MODELS if key[1].startswith(("z_image", "qwen_", "Z-Image", "Qwen-Image"))}
 MODEL_FOLDER = {name: folder for folder, name in MODELS}
 
 

@@ -43,10 +43,9 @@ def instantx(seed, num_layers=5, base_config=QWEN_TINY):
                                        load_device=mm.get_torch_device(), manual_cast_dtype=None, extra_conds=[])
 
 
-def fun(seed, base_config=QWEN_TINY):
-    """A Qwen-Image 2512 Fun ControlNet of the base configuration's width, loaded by core's loader
-    from its state dict, or None on a ComfyUI without it."""
-    import comfy.controlnet
+def fun_state_dict(seed, base_config=QWEN_TINY):
+    """The state dict of a Qwen-Image 2512 Fun ControlNet of the base configuration's width (built
+    with core's class), or None on a ComfyUI without it."""
     import comfy.ldm.qwen_image.controlnet as qc
     import comfy.ops
 
@@ -57,7 +56,18 @@ def fun(seed, base_config=QWEN_TINY):
                                          num_attention_heads=heads, attention_head_dim=head_dim,
                                          operations=comfy.ops.disable_weight_init, device="cpu", dtype=torch.float32)
     init_weights(net, seed)
-    control = comfy.controlnet.load_controlnet_state_dict({k: v.clone() for k, v in net.state_dict().items()})
+    return {k: v.clone().contiguous() for k, v in net.state_dict().items()}
+
+
+def fun(seed, base_config=QWEN_TINY):
+    """A Qwen-Image 2512 Fun ControlNet of the base configuration's width, loaded by core's loader
+    from its state dict, or None on a ComfyUI without it."""
+    import comfy.controlnet
+
+    sd = fun_state_dict(seed, base_config)
+    if sd is None:
+        return None
+    control = comfy.controlnet.load_controlnet_state_dict(sd)
     assert type(control).__name__ == "QwenFunControlNet"
     return control
 

@@ -40,9 +40,10 @@ What is reduced, and why it still loads as the named model:
   keep the released control widths (48m: 32/64/128 and learned time embedding; 14m: 4/8/16/16)
   with base-facing convolutions of the reduced base widths;
   stock ControlNets (SD1.5 v1.1 fp16 copies, SD3.5 Large Stability format) mirror the reduced UNet/MMDiT.
-- Placeholders (example_workflows.files.PLACEHOLDERS): the Flux workflow's files are one-tensor files
-  under their names, so the file lists and the workflow's validation see them; that workflow is
-  not run (a Flux stand-in would need ComfyUI's full-size T5-XXL).
+- Placeholders (example_workflows.files.PLACEHOLDERS): the Flux, Z-Image and Qwen-Image workflows'
+  files are one-tensor files under their names, so the file lists and the workflows' validation
+  see them; those workflows are not run (a Flux stand-in would need ComfyUI's full-size T5-XXL;
+  core builds Z-Image and Qwen-Image at full width).
 - Annotators: Depth Anything V2 Small full size (random); DWPose ONNX files are constant
   graphs with the real input/output names that report one person (a random YOLOX/RTMPose would
   detect nothing useful, and the real graphs are 350 MB).

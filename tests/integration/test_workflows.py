@@ -7,6 +7,7 @@ frontend would queue (scripts/example_workflows, tests/harness/workflow_runs.py)
 lowered (TEST_OVERRIDES) so that a run takes seconds to a few minutes on a CPU.
 """
 import asyncio
+import importlib
 import json
 import os
 import re
@@ -20,11 +21,24 @@ from harness import workflow_runs
 NAMES = sorted(catalogue.WORKFLOWS)
 
 
+def missing_requirements(name, node_types):
+    """What this ComfyUI lacks of a workflow's catalogue.REQUIRES: node types, and parts of core
+    ("module:name") looked up in the ComfyUI this process imported (the server's release)."""
+    missing = []
+    for need in catalogue.REQUIRES.get(name, ()):
+        module, _, attribute = need.rpartition(":")
+        if not (hasattr(importlib.import_module(module), attribute) if module else need in node_types):
+            missing.append(need)
+    return missing
+
+
 def skip_unless_available(name, node_types):
-    """A workflow using nodes this ComfyUI does not have (catalogue.REQUIRES) is skipped here, saying so."""
-    missing = [n for n in catalogue.REQUIRES.get(name, ()) if n not in node_types]
+    """A workflow needing what this ComfyUI does not have (catalogue.REQUIRES) is skipped here, saying so."""
+    missing = missing_requirements(name, node_types)
     if missing:
         pytest.skip(f"{name} needs {', '.join(missing)}, which this ComfyUI does not have")
+
+
 CORRUPT = "corrupt_controlnext.safetensors"
 REFUSED_PICKLE = "refused_pickle.pth"  # a tensor file with a code payload
 LORA = "some_lora.safetensors"
@@ -147,6 +161,39 @@ def test_workflow_converts_to_a_valid_prompt(name, in_process_folders):
     assert outputs, f"{name} has no output node"
     ours = {n["class_type"] for n in prompt.values() if n["class_type"].startswith("XCtrl")}
     assert ours, f"{name} uses none of the pack's nodes"
+
+
+QWEN_FUN = "mi_qwen_image_fun_canny_depth"
+# The keys core's Load ControlNet routes a Qwen-Image 2512 Fun ControlNet on (docs/mi_controlnet.md).
+QWEN_FUN_ROUTING_KEYS = ("control_img_in.weight", "control_blocks.0.after_proj.weight")
+
+
+def test_the_qwen_fun_workflow_requires_what_loads_its_controlnet(model_folder):
+    """Every release lists the 2512 Fun ControlNet file in Load ControlNet; only some can load it, so
+    the workflow's requirement is core's class: where catalogue.REQUIRES says this ComfyUI has it,
+    Load ControlNet makes that class of a Fun ControlNet file, where it says not, the file does not load."""
+    import folder_paths
+    import nodes
+    import torch
+    from safetensors.torch import save_file
+
+    from harness import qwen_controlnets
+
+    (need,) = catalogue.REQUIRES[QWEN_FUN]
+    met = not missing_requirements(QWEN_FUN, nodes.NODE_CLASS_MAPPINGS)
+    sd = qwen_controlnets.fun_state_dict(0)  # None where core has no Fun ControlNet class to build it with
+    if sd is None:
+        sd = {key: torch.zeros(16, 16) for key in QWEN_FUN_ROUTING_KEYS}
+    name = "qwen_fun_requirement.safetensors"
+    save_file(sd, str(model_folder("controlnet") / name))
+    folder_paths.filename_list_cache.clear()
+    assert name in folder_paths.get_filename_list("controlnet")
+    if met:
+        (control,) = nodes.ControlNetLoader().load_controlnet(name)
+        assert type(control).__name__ == need.rpartition(":")[2]
+    else:
+        with pytest.raises(RuntimeError, match="controlnet file is invalid"):  # what README tells users
+            nodes.ControlNetLoader().load_controlnet(name)
 
 
 LEGACY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "legacy_workflows")
