@@ -9,6 +9,7 @@ requires_grad back when training ends, normally, by error or by interrupt. What 
 leaves as the control (module + UNet differences), never as a changed MODEL.
 """
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -305,6 +306,18 @@ class Setup:
         self.module = self._module(model, opts.controlnext, opts.seed)
         self.files(opts, opts.settings(self.variant, self.n))
 
+    def data_fingerprint(self):
+        """A short hash of the training data (latents, condition images sampled every 4th pixel, the
+        prompts' tensors): a run resumed on other data would silently return the old module."""
+        h = hashlib.sha256()
+        tensors = [self.x0, self.images[:, ::4, ::4]] + [t for cond in self.conds for t in cond if t is not None]
+        seen = set()
+        for t in tensors:
+            if id(t) not in seen:  # one prompt for every latent is one tensor
+                seen.add(id(t))
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()[:12]
+
     def data(self, model, latent, images, positive, steps, opts):
         """The training data, the numbers and the stage's inputs checked; the conditionings per latent."""
         self.x0 = latent["samples"].float().clone()  # inference-mode tensors from other nodes: normal copies
@@ -319,8 +332,8 @@ class Setup:
                                    self.node)[0] if opts.empty_conditioning is not None else None
 
     def files(self, opts, settings):
-        """The output folder checked writable, and the checkpoint to resume (same settings) if any."""
-        self.settings = settings
+        """The output folder checked writable, and the checkpoint to resume (same settings and data) if any."""
+        self.settings = dict(settings, **{DATA_KEY: self.data_fingerprint()})
         self.folder = output_folder(opts.name, self.node)
         self.checkpoint_path = os.path.join(self.folder, CHECKPOINT_FILE)
         resuming = prepare_folder(self.folder, opts.resume, opts.overwrite, self.node)
@@ -352,6 +365,7 @@ class Setup:
         return lambda: _save_checkpoint(trainer, self.settings, self.checkpoint_path, self.node)
 
 
+DATA_KEY = "data (latents, condition images, prompts)"  # its fingerprint in a checkpoint's settings
 STAGE_KEY = "conservativity"  # the stage's settings in a checkpoint (may change while no step of it ran)
 
 

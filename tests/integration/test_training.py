@@ -228,6 +228,11 @@ def test_resuming_with_changed_settings_is_refused_and_a_finished_run_says_so(tr
         run(training, setup, "settings", steps=2, lr_module=1e-3, seed=2)
     again = run(training, setup, "settings", steps=2)
     assert again.losses == first.losses and "already trained to step 2" in again.note
+    base, latents, images, pos, empty = setup
+    for other in ((base, latents, images.flip(1), pos, empty),  # other condition images
+                  (base, {"samples": latents["samples"] + 0.01}, images, pos, empty)):  # other latents
+        with pytest.raises(ValueError, match=r"trained with other settings \(data \(latents, condition images, prompts\) "):
+            run(training, other, "settings", steps=2)
 
 
 @pytest.mark.parametrize("name, says", [(".", "must name a folder under models/controlnet"),
