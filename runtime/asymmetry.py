@@ -118,8 +118,8 @@ def measure_controlnet(model, control_net, image, latent, positive, strength=1.0
 
     def controlled(device, image_hw, conds, sigmas):
         rows = types.SimpleNamespace(images=images, image_hw=image_hw, conds=conds, empty=None)
-        forward = controlnet_training.controlled_forward(rows, model, net.to(device).eval(), device, strength, "sum",
-                                                         torch.float32)
+        net.to(device).eval()
+        forward = controlnet_training.controlled_forward(rows, model, net, device, strength, "sum", torch.float32)
         idx, conditional = torch.arange(n), torch.zeros(n, dtype=torch.bool)
         return lambda x, t, taps: forward(x, t.to(device), idx, conditional, taps)
 
