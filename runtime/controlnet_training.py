@@ -183,7 +183,9 @@ def controlnet_copy(model, control, what, node, fix):
     loader makes it), built with the MODEL's configuration: a T2I-Adapter, a Control-LoRA or a
     ControlNet of a DiT (SD3, Flux, ...) is refused, and so is one made for another model family
     (its layers differ). ``what`` names the control, ``fix`` ends the messages."""
-    loaded = getattr(control, "control_model", None)
+    # A Control-LoRA holds a comfy.cldm ControlNet of LoRA layers once it has run: never a plain copy.
+    control_lora = isinstance(control, getattr(comfy.controlnet, "ControlLora", ()))
+    loaded = None if control_lora else getattr(control, "control_model", None)
     if not isinstance(loaded, comfy.cldm.cldm.ControlNet):
         raise tr.TrainingError(f"{node}: {what} is not a stock UNet ControlNet ({control_kind(control)}): this node "
                                f"takes SD1.5 / SDXL ControlNets only; {fix}")

@@ -117,6 +117,15 @@ def _t2i_adapter():
     return comfy.controlnet.T2IAdapter(torch.nn.Identity(), 3, 8, "nearest-exact")
 
 
+def _control_lora(control):
+    """A Control-LoRA as it is after a sampling run (core builds its network in pre_run)."""
+    import comfy.controlnet
+
+    lora = comfy.controlnet.ControlLora({})
+    lora.control_model = control.control_model
+    return lora
+
+
 def _shuffle(control):
     shuffle = control.copy()
     shuffle.global_average_pooling = True
@@ -129,6 +138,7 @@ def _shuffle(control):
     ("flux_controlnet", r"not a stock UNet ControlNet \(a ControlNet of another architecture: "
                         r"comfy.ldm.flux.controlnet.ControlNetFlux\)"),
     ("t2i_adapter", r"not a stock UNet ControlNet \(a T2I-Adapter\)"),
+    ("control_lora", r"not a stock UNet ControlNet \(a Control-LoRA\)"),
     ("shuffle", "shuffle ControlNet"),
     ("svd_model", "measures stock ControlNets on SD1.5 and SDXL models; this MODEL is SVD"),
     ("images", "2 images for 1 latents"),
@@ -144,6 +154,8 @@ def test_wrong_input_is_refused_before_measuring(change, says, sd15):
         control = tm.flux_controlnet(seed=1)
     elif change == "t2i_adapter":
         control = _t2i_adapter()
+    elif change == "control_lora":
+        control = _control_lora(control)
     elif change == "shuffle":
         control = _shuffle(control)
     elif change == "svd_model":
