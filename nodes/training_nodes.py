@@ -1,6 +1,6 @@
-"""Train ControlNeXt (XCtrl), Train ControlNet (MIControlNet) (XCtrl) and ControlNeXt Jacobian Asymmetry
-(XCtrl): the nodes. What they do is runtime/training.py, runtime/controlnet_training.py (docs/training.md)
-and runtime/asymmetry.py (docs/conservativity.md)."""
+"""Train ControlNeXt (XCtrl), Train ControlNet (MIControlNet) (XCtrl), ControlNeXt Jacobian Asymmetry (XCtrl)
+and ControlNet Jacobian Asymmetry (XCtrl): the nodes. What they do is runtime/training.py,
+runtime/controlnet_training.py (docs/training.md) and runtime/asymmetry.py (docs/conservativity.md)."""
 from comfy_api.latest import io
 
 from ..runtime import asymmetry, controlnet_training, training
@@ -8,6 +8,7 @@ from .apply_inputs import ControlNeXtType
 from .schema import node_schema
 
 CATEGORY = "XCtrl/ControlNeXt"
+MI_CATEGORY = "XCtrl/MIControlNet"
 
 
 def data_inputs(model_tooltip, images_tooltip, steps):
@@ -89,6 +90,30 @@ class TrainControlNeXt(io.ComfyNode):
         return trained(*training.train_from_node(model, latents, images, positive, steps, **options))
 
 
+def asymmetry_inputs():
+    """The measurement's inputs after model and control, the same on both Asym nodes."""
+    return [
+        io.Image.Input("image", tooltip="The condition image (one, or one per latent)."),
+        io.Latent.Input("latents", tooltip="Clean latents (e.g. VAE-encoded images); noised to the timestep here."),
+        io.Conditioning.Input("positive"),
+        io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
+        io.Int.Input("timestep", default=500, min=0, max=999, tooltip="Discrete timestep (0: clean, 999: pure noise)."),
+        io.Int.Input("probes", default=8, min=1, max=1024, tooltip="Probes per latent: the estimate's spread falls "
+                     "as 1/sqrt(probes)."),
+        io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Noise and probes."),
+        io.Combo.Input("probe", options=list(asymmetry.PROBES), default="rademacher"),
+    ]
+
+
+def asymmetry_outputs():
+    return [io.Float.Output(display_name="asym"), io.Float.Output(display_name="relative"),
+            io.String.Output(display_name="report")]
+
+
+def measured(result):
+    return io.NodeOutput(result.mean, result.relative, result.report(), ui={"text": [result.report()]})
+
+
 class ControlNeXtAsymmetry(io.ComfyNode):
     """MIControlNet's Asym: how far the part of the denoiser's Jacobian that this ControlNeXt adds is from
     symmetric, 1/2 ||J_c - J_c^T||_F^2, estimated with random probes (no full Jacobian) on the latents noised
@@ -99,27 +124,39 @@ class ControlNeXtAsymmetry(io.ComfyNode):
         return node_schema(cls, "XCtrl_ControlNeXtAsymmetry", asymmetry.NODE, CATEGORY, inputs=[
             io.Model.Input("model"),
             ControlNeXtType.Input("controlnext"),
-            io.Image.Input("image", tooltip="The condition image (one, or one per latent)."),
-            io.Latent.Input("latents", tooltip="Clean latents (e.g. VAE-encoded images); noised to the timestep here."),
-            io.Conditioning.Input("positive"),
-            io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
-            io.Int.Input("timestep", default=500, min=0, max=999, tooltip="Discrete timestep (0: clean, 999: pure noise)."),
-            io.Int.Input("probes", default=8, min=1, max=1024, tooltip="Probes per latent: the estimate's spread falls "
-                         "as 1/sqrt(probes)."),
-            io.Int.Input("seed", default=0, min=0, max=2**63 - 1, tooltip="Noise and probes."),
-            io.Combo.Input("probe", options=list(asymmetry.PROBES), default="rademacher"),
+            *asymmetry_inputs(),
             io.Combo.Input("sd15_layout", options=["refuse", "sd15_training"], default="refuse", optional=True,
                            tooltip="As in Apply ControlNeXt: an SDXL-layout module on SD1.5 only as sd15_training."),
-        ], outputs=[io.Float.Output(display_name="asym"), io.Float.Output(display_name="relative"),
-            io.String.Output(display_name="report")],
+        ], outputs=asymmetry_outputs(),
             is_output_node=True)
 
     @classmethod
     def execute(cls, model, controlnext, image, latents, positive, strength, timestep, probes, seed, probe,
                 sd15_layout="refuse"):
-        result = asymmetry.measure(model, controlnext, image, latents, positive, strength, timestep, probes, seed, probe,
-                                   sd15_layout)
-        return io.NodeOutput(result.mean, result.relative, result.report(), ui={"text": [result.report()]})
+        return measured(asymmetry.measure(model, controlnext, image, latents, positive, strength, timestep, probes, seed,
+                                          probe, sd15_layout))
+
+
+class ControlNetAsymmetry(io.ComfyNode):
+    """MIControlNet's Asym for an ordinary ControlNet (Load ControlNet Model; SD1.5 / SDXL): how far the part of
+    the denoiser's Jacobian that its residuals add is from symmetric, 1/2 ||J_c - J_c^T||_F^2, estimated with random
+    probes (no full Jacobian) on the latents noised to one timestep. The same measure as ControlNeXt Jacobian
+    Asymmetry; compare a ControlNet before and after Train ControlNet (MIControlNet)'s conservativity stage."""
+
+    @classmethod
+    def define_schema(cls):
+        return node_schema(cls, "XCtrl_ControlNetAsymmetry", asymmetry.CONTROLNET_NODE, MI_CATEGORY, inputs=[
+            io.Model.Input("model", tooltip="The SD1.5 or SDXL MODEL the ControlNet is made for."),
+            io.ControlNet.Input("control_net", tooltip="A stock UNet ControlNet from Load ControlNet Model (not a "
+                                "T2I-Adapter, Control-LoRA or DiT ControlNet)."),
+            *asymmetry_inputs(),
+        ], outputs=asymmetry_outputs(),
+            is_output_node=True)
+
+    @classmethod
+    def execute(cls, model, control_net, image, latents, positive, strength, timestep, probes, seed, probe):
+        return measured(asymmetry.measure_controlnet(model, control_net, image, latents, positive, strength, timestep,
+                                                     probes, seed, probe))
 
 
 class TrainControlNetMI(io.ComfyNode):
@@ -131,7 +168,7 @@ class TrainControlNetMI(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         cn = controlnet_training
-        return node_schema(cls, "XCtrl_TrainControlNetMI", cn.NODE, "XCtrl/MIControlNet", inputs=[
+        return node_schema(cls, "XCtrl_TrainControlNetMI", cn.NODE, MI_CATEGORY, inputs=[
             *data_inputs("SD1.5 or SDXL base (frozen; the ControlNet is made for it).", "The condition image of each "
                          "training image, in the same order (e.g. from Silent Signal Balance).", 1000),
             io.Combo.Input("start", options=cn.start_options(), default=cn.FROM_UNET,
@@ -166,4 +203,4 @@ class TrainControlNetMI(io.ComfyNode):
         return trained(*controlnet_training.train_from_node(model, latents, images, positive, steps, **options))
 
 
-NODES = [TrainControlNeXt, TrainControlNetMI, ControlNeXtAsymmetry]
+NODES = [TrainControlNeXt, TrainControlNetMI, ControlNeXtAsymmetry, ControlNetAsymmetry]

@@ -163,18 +163,39 @@ def controlnet_from_file(model, name):
         raise tr.TrainingError(f"{NODE}: no ControlNet file {name!r} under models/controlnet: pick one from the list, "
                                f"or {FROM_UNET} to start from a copy of the MODEL's UNet")
     control = comfy.controlnet.load_controlnet(path, model)
-    loaded = getattr(control, "control_model", None)
+    return controlnet_copy(model, control, name, NODE, f"pick a ControlNet made for this MODEL's family, or {FROM_UNET}")
+
+
+def control_kind(control):
+    """What a CONTROL_NET is, in words, for the errors of nodes that take UNet ControlNets only."""
+    if isinstance(control, getattr(comfy.controlnet, "T2IAdapter", ())):
+        return "a T2I-Adapter"
+    if isinstance(control, getattr(comfy.controlnet, "ControlLora", ())):
+        return "a Control-LoRA"
+    net = getattr(control, "control_model", None)
+    if net is None:
+        return type(control).__name__
+    return f"a ControlNet of another architecture: {type(net).__module__}.{type(net).__name__}"
+
+
+def controlnet_copy(model, control, what, node, fix):
+    """A float32 copy of the stock UNet ControlNet inside ``control`` (a CONTROL_NET as core's
+    loader makes it), built with the MODEL's configuration: a T2I-Adapter, a Control-LoRA or a
+    ControlNet of a DiT (SD3, Flux, ...) is refused, and so is one made for another model family
+    (its layers differ). ``what`` names the control, ``fix`` ends the messages."""
+    # A Control-LoRA holds a comfy.cldm ControlNet of LoRA layers once it has run: never a plain copy.
+    control_lora = isinstance(control, getattr(comfy.controlnet, "ControlLora", ()))
+    loaded = None if control_lora else getattr(control, "control_model", None)
     if not isinstance(loaded, comfy.cldm.cldm.ControlNet):
-        raise tr.TrainingError(f"{NODE}: {name} is not a stock UNet ControlNet ({type(control).__name__}): this node "
-                               f"trains SD1.5 / SDXL ControlNets only; pick one, or {FROM_UNET}")
+        raise tr.TrainingError(f"{node}: {what} is not a stock UNet ControlNet ({control_kind(control)}): this node "
+                               f"takes SD1.5 / SDXL ControlNets only; {fix}")
     sd = loaded.state_dict()
     net = new_controlnet(model, sd["input_hint_block.0.weight"].shape[1])
     own = net.state_dict()
     wrong = sorted(set(own) ^ set(sd)) + [k for k in own if k in sd and own[k].shape != sd[k].shape]
     if wrong:
-        raise tr.TrainingError(f"{NODE}: {name} is a ControlNet for another model than this {family_title(model_family(model))} "
-                               f"MODEL (its layers differ: {', '.join(wrong[:3])}): pick a ControlNet made for this "
-                               f"MODEL's family, or {FROM_UNET}")
+        raise tr.TrainingError(f"{node}: {what} is a ControlNet for another model than this {family_title(model_family(model))} "
+                               f"MODEL (its layers differ: {', '.join(wrong[:3])}): {fix}")
     net.load_state_dict({k: v.float() for k, v in sd.items()})
     return net
 
@@ -222,7 +243,9 @@ def hint_images(images, image_hw):
 
 def controlled_forward(setup, model, module, device, scale, mode, dtype):
     """(x_t, t, idx, empty, taps=None) -> the denoiser's prediction with the ControlNet's residuals,
-    times ``scale``, injected with ``mode`` ("sum": plain, "paper" / "min_norm": balanced)."""
+    times ``scale``, injected with ``mode`` ("sum": plain, "paper" / "min_norm": balanced). ``setup``
+    gives the rows: ``images`` (IMAGE, one per latent), ``image_hw``, ``conds`` ((context, y) per
+    latent) and ``empty`` (the empty prompt's, or None); training's setup, or the Asym node's."""
     dm = model.model.diffusion_model
     hints = hint_images(setup.images, setup.image_hw).to(device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()

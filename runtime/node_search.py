@@ -15,6 +15,8 @@ ALIASES = {
     "XCtrl_MIBalancedControl": _MI,
     "XCtrl_MILambdaStats": _MI,
     "XCtrl_TrainControlNetMI": _MI + ("train controlnet", "controlnet training"),
+    "XCtrl_ControlNetAsymmetry": _MI + ("Asym", "Jacobian asymmetry", "conservativity", "controlnet asymmetry"),
+    "XCtrl_ControlNeXtAsymmetry": _CONTROLNEXT + ("Asym", "Jacobian asymmetry", "conservativity"),
     "XCtrl_LoadControlNeXt": _CONTROLNEXT + ("load controlnet",),
     "XCtrl_ApplyControlNeXt": _CONTROLNEXT + ("apply controlnet",),
     "XCtrl_ApplyControlNeXtConditioning": _CONTROLNEXT + ("apply controlnet",),

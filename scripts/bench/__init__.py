@@ -10,7 +10,8 @@
 - silent_signal: MIControlNet's data balancing on a toy (total variation in silent regions, plain vs balanced)
 - model_patches: Z-Image with two Fun ControlNet Union patches, and Qwen-Image with an InstantX and a 2512 Fun
   ControlNet (Apply ControlNet), summed vs balanced
-- asymmetry: MIControlNet's Asym of a ControlNeXt (estimate, spread, time) and the conservativity stage's cost per training step
+- asymmetry: MIControlNet's Asym of a ControlNeXt and of a stock ControlNet (estimate, spread, time) and the
+  conservativity stage's cost per training step
 - two_controls: MIControlNet's training recipe on a toy (two controls summed vs balanced; Asym with and without
   the conservativity stage)
 - report: the generated part of docs/benchmarks.md

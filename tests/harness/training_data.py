@@ -1,5 +1,7 @@
-"""Shared by the training integration tests: where training writes, and tiny training data."""
+"""Shared by the training and Asym integration tests: where training writes, tiny training data, stock
+ControlNet files."""
 import contextlib
+import os
 
 import pytest
 import torch
@@ -40,3 +42,22 @@ def run_training(trainer, setup, name, steps=2, **kw):
     kw.setdefault("empty_prompt_rate", 0.5)
     kw.setdefault("empty_conditioning", empty)
     return trainer.train(base, latents, images, pos, steps, batch_size=2, name=name, seed=kw.pop("seed", 1), **kw)
+
+
+def random_controlnet_file(folder, name, config, seed, zero_outputs=False, zeroed=()):
+    """A stock ControlNet of ``config`` with random weights, saved as ComfyUI's layout; ``zero_outputs``:
+    every output convolution zero; ``zeroed``: the layers of these name prefixes zero."""
+    import comfy.cldm.cldm
+    import comfy.ops
+    from safetensors.torch import save_file
+
+    cfg = {k: v for k, v in config.items() if k != "out_channels"}
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
+                                     device="cpu", **cfg)
+    tm.init_weights(net, seed)
+    sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
+    zeroed = ("zero_convs.", "middle_block_out.") if zero_outputs else tuple(zeroed)
+    if zeroed:
+        sd = {k: (torch.zeros_like(v) if k.startswith(zeroed) else v) for k, v in sd.items()}
+    save_file(sd, os.path.join(folder, name))
+    return sd

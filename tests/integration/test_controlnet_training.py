@@ -9,7 +9,7 @@ import torch
 
 from harness import tiny_models as tm
 from harness.comfy_runtime import pack_module
-from harness.training_data import run_training as run
+from harness.training_data import random_controlnet_file, run_training as run
 from harness.training_data import tiny_data_fixture
 
 LATENTS = 2
@@ -23,23 +23,6 @@ def cnt(pack):
 
 # The tiny SD1.5 whose ControlNets core's loader reads back (SD15_LOADABLE), and its data.
 setup = tiny_data_fixture(lambda: tm.sd15_loadable(seed=3), LATENTS)
-
-
-def random_controlnet_file(folder, name, config, seed, zero_outputs=False):
-    """A stock ControlNet of ``config`` with random weights, saved as ComfyUI's layout."""
-    import comfy.cldm.cldm
-    import comfy.ops
-    from safetensors.torch import save_file
-
-    cfg = {k: v for k, v in config.items() if k != "out_channels"}
-    net = comfy.cldm.cldm.ControlNet(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
-                                     device="cpu", **cfg)
-    tm.init_weights(net, seed)
-    sd = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-    if zero_outputs:
-        sd = {k: (torch.zeros_like(v) if k.startswith(("zero_convs.", "middle_block_out.")) else v) for k, v in sd.items()}
-    save_file(sd, os.path.join(folder, name))
-    return sd
 
 
 def denoised(patcher, x, sigma, ctx):

@@ -11,6 +11,8 @@ WANTED = {
     "XCtrl_ApplyControlNeXt": ("ControlNeXt",),
     "XCtrl_LoadControlNetXS": ("ControlNet-XS", "ControlNet XS"),
     "XCtrl_TrainControlNetMI": ("MIControlNet", "train controlnet"),
+    "XCtrl_ControlNetAsymmetry": ("MIControlNet", "Asym", "Jacobian asymmetry", "conservativity"),
+    "XCtrl_ControlNeXtAsymmetry": ("ControlNeXt", "Asym", "Jacobian asymmetry"),
 }
 
 
