@@ -238,22 +238,33 @@ def mi_sd15_pose_canny():
     return g
 
 
+def _canny_depth_sources():
+    """Two Load Image nodes and their canny (100 / 200) and depth (grey) maps."""
+    return {"image_canny": ("LoadImage", {"image": IMAGE}, "Edge source"),
+            "image_depth": ("LoadImage", {"image": IMAGE}, "Depth source"),
+            "canny": ("XCtrl_Canny", {"image": ["image_canny", 0], "mode": "fixed", "low_threshold": 100,
+                                      "high_threshold": 200}, None),
+            "depth": ("XCtrl_DepthAnythingV2", {"image": ["image_depth", 0], "render": "grey"}, None)}
+
+
+def _canny_depth_controlnets(files, positive, strength, vae):
+    """Two stock ControlNets (canny, depth files) applied one after the other with core's Apply ControlNet."""
+    def apply(kind, positive, negative):
+        return ("ControlNetApplyAdvanced", {"positive": positive, "negative": negative, "control_net": [f"cn_{kind}", 0],
+                                            "image": [kind, 0], "strength": strength, "start_percent": 0.0,
+                                            "end_percent": 1.0, "vae": vae}, f"Apply ControlNet ({kind})")
+    return {"cn_canny": ("ControlNetLoader", {"control_net_name": files[0]}, None),
+            "cn_depth": ("ControlNetLoader", {"control_net_name": files[1]}, None),
+            "apply_canny": apply("canny", positive, ["neg", 0]),
+            "apply_depth": apply("depth", ["apply_canny", 0], ["apply_canny", 1])}
+
+
 def mi_sd35_canny_depth():
     g = {"ckpt": ("CheckpointLoaderSimple", {"ckpt_name": "sd3.5_large.safetensors"}, "SD3.5 Large (MMDiT + VAE)"),
          "clip": ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors", "type": "sd3"}, None),
-         "image_canny": ("LoadImage", {"image": IMAGE}, "Edge source"),
-         "image_depth": ("LoadImage", {"image": IMAGE}, "Depth source"),
-         "canny": ("XCtrl_Canny", {"image": ["image_canny", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 200}, None),
-         "depth": ("XCtrl_DepthAnythingV2", {"image": ["image_depth", 0], "render": "grey"}, None),
-         "cn_canny": ("ControlNetLoader", {"control_net_name": "sd3.5_large_controlnet_canny.safetensors"}, None),
-         "cn_depth": ("ControlNetLoader", {"control_net_name": "sd3.5_large_controlnet_depth.safetensors"}, None),
-         "apply_canny": ("ControlNetApplyAdvanced", {"positive": ["pos", 0], "negative": ["neg", 0], "control_net": ["cn_canny", 0],
-                                                     "image": ["canny", 0], "strength": 0.8, "start_percent": 0.0,
-                                                     "end_percent": 1.0, "vae": ["ckpt", 2]}, "Apply ControlNet (canny)"),
-         "apply_depth": ("ControlNetApplyAdvanced", {"positive": ["apply_canny", 0], "negative": ["apply_canny", 1],
-                                                     "control_net": ["cn_depth", 0], "image": ["depth", 0], "strength": 0.8,
-                                                     "start_percent": 0.0, "end_percent": 1.0, "vae": ["ckpt", 2]},
-                         "Apply ControlNet (depth)"),
+         **_canny_depth_sources(),
+         **_canny_depth_controlnets(("sd3.5_large_controlnet_canny.safetensors", "sd3.5_large_controlnet_depth.safetensors"),
+                                    ["pos", 0], 0.8, ["ckpt", 2]),
          "mi": ("XCtrl_MIBalancedControl", {"model": ["ckpt", 0], "positive": ["apply_depth", 0], "negative": ["apply_depth", 1],
                                             "mode": "paper", "granularity": "layer", "cap": 20.0}, None),
          "latent": ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None)}
@@ -271,20 +282,10 @@ def mi_flux_canny_depth():
          "clip": ("DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp8_e4m3fn_scaled.safetensors",
                                      "type": "flux"}, None),
          "vae": ("VAELoader", {"vae_name": "ae.safetensors"}, None),
-         "image_canny": ("LoadImage", {"image": IMAGE}, "Edge source"),
-         "image_depth": ("LoadImage", {"image": IMAGE}, "Depth source"),
-         "canny": ("XCtrl_Canny", {"image": ["image_canny", 0], "mode": "fixed", "low_threshold": 100, "high_threshold": 200}, None),
-         "depth": ("XCtrl_DepthAnythingV2", {"image": ["image_depth", 0], "render": "grey"}, None),
+         **_canny_depth_sources(),
          "guided": ("FluxGuidance", {"conditioning": ["pos", 0], "guidance": 3.5}, None),
-         "cn_canny": ("ControlNetLoader", {"control_net_name": "flux-canny-controlnet-v3.safetensors"}, None),
-         "cn_depth": ("ControlNetLoader", {"control_net_name": "flux-depth-controlnet-v3.safetensors"}, None),
-         "apply_canny": ("ControlNetApplyAdvanced", {"positive": ["guided", 0], "negative": ["neg", 0], "control_net": ["cn_canny", 0],
-                                                     "image": ["canny", 0], "strength": 0.7, "start_percent": 0.0,
-                                                     "end_percent": 1.0, "vae": ["vae", 0]}, "Apply ControlNet (canny)"),
-         "apply_depth": ("ControlNetApplyAdvanced", {"positive": ["apply_canny", 0], "negative": ["apply_canny", 1],
-                                                     "control_net": ["cn_depth", 0], "image": ["depth", 0], "strength": 0.7,
-                                                     "start_percent": 0.0, "end_percent": 1.0, "vae": ["vae", 0]},
-                         "Apply ControlNet (depth)"),
+         **_canny_depth_controlnets(("flux-canny-controlnet-v3.safetensors", "flux-depth-controlnet-v3.safetensors"),
+                                    ["guided", 0], 0.7, ["vae", 0]),
          "mi": ("XCtrl_MIBalancedControl", {"model": ["unet", 0], "positive": ["apply_depth", 0], "negative": ["apply_depth", 1],
                                             "mode": "paper", "granularity": "layer", "cap": 20.0}, None),
          "latent": ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}, None)}
@@ -332,14 +333,19 @@ def mi_zimage_pose_depth():
     return g
 
 
+def _qwen_image_2512():
+    """Qwen-Image 2512's model (shift 3.1, as ComfyUI's templates), text encoder and VAE."""
+    return {"unet": ("UNETLoader", {"unet_name": "qwen_image_2512_fp8_e4m3fn.safetensors", "weight_dtype": "default"},
+                     "Qwen-Image 2512"),
+            "clip": ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image",
+                                    "device": "default"}, None),
+            "vae": ("VAELoader", {"vae_name": "qwen_image_vae.safetensors"}, None),
+            "shift": ("ModelSamplingAuraFlow", {"model": ["unet", 0], "shift": 3.1}, None)}
+
+
 def mi_qwen_image_canny_depth():
     """Qwen-Image 2512 with DiffSynth's canny and depth ControlNets (model patches), balanced."""
-    g = {"unet": ("UNETLoader", {"unet_name": "qwen_image_2512_fp8_e4m3fn.safetensors", "weight_dtype": "default"},
-                  "Qwen-Image 2512"),
-         "clip": ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image",
-                                 "device": "default"}, None),
-         "vae": ("VAELoader", {"vae_name": "qwen_image_vae.safetensors"}, None),
-         "shift": ("ModelSamplingAuraFlow", {"model": ["unet", 0], "shift": 3.1}, None),
+    g = {**_qwen_image_2512(),
          "cn_canny": ("ModelPatchLoader", {"name": "qwen_image_canny_diffsynth_controlnet.safetensors"}, None),
          "cn_depth": ("ModelPatchLoader", {"name": "qwen_image_depth_diffsynth_controlnet.safetensors"}, None),
          "image": ("LoadImage", {"image": IMAGE}, "Control source"),
@@ -368,12 +374,7 @@ def mi_qwen_image_fun_canny_depth():
     """Qwen-Image 2512 with the 2512 Fun ControlNet Union applied twice through core's Apply
     ControlNet (canny, depth), balanced (ComfyUI's own template's settings: shift 3.1, 50 steps,
     cfg 4, euler/simple, 1328 x 1328, strength 1)."""
-    g = {"unet": ("UNETLoader", {"unet_name": "qwen_image_2512_fp8_e4m3fn.safetensors", "weight_dtype": "default"},
-                  "Qwen-Image 2512"),
-         "clip": ("CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image",
-                                 "device": "default"}, None),
-         "vae": ("VAELoader", {"vae_name": "qwen_image_vae.safetensors"}, None),
-         "shift": ("ModelSamplingAuraFlow", {"model": ["unet", 0], "shift": 3.1}, None),
+    g = {**_qwen_image_2512(),
          "union": ("ControlNetLoader", {"control_net_name": "Qwen-Image-2512-Fun-Controlnet-Union-2602.safetensors"},
                    "Fun ControlNet Union"),
          "image": ("LoadImage", {"image": IMAGE}, "Control source"),
