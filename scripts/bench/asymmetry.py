@@ -115,7 +115,7 @@ def asymmetry_report(bench):
         m = mean(v)
         return (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 / abs(m) if m and len(v) > 1 else float("nan")
 
-    body = [[r.get("control", "ControlNeXt"), str(r["probes"]), fmt(mean(r["asym"]), 4), fmt(spread(r["asym"]), 3),
+    body = [[r.get("control", "ControlNeXt"), str(r["probes"]), f"{mean(r['asym']):.4g}", fmt(spread(r["asym"]), 3),
              fmt(mean(r["relative"]), 3), fmt(min(r["seconds"]), 2)] for r in info["rows"]]
     plain = next(r["seconds_per_step"] for r in info["stage"] if r["probes"] == 0)
     stage = [["none" if r["probes"] == 0 else f"{r['probes']} probe(s)", fmt(r["seconds_per_step"], 2),
