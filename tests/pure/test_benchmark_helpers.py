@@ -110,7 +110,7 @@ def test_asymmetry_report_renders_its_numbers():
         "size": 128, "rows": [{"probes": 1, "asym": [1.0, 3.0, 2.0], "relative": [0.5] * 3, "seconds": [2.0, 1.5, 3.0]}],
         "stage": [{"probes": 0, "seconds_per_step": 2.0}, {"probes": 1, "seconds_per_step": 7.0}]})
     text = asym.asymmetry_report(bench)
-    assert "| 1 | 2.0000 | 0.500 | 0.500 | 1.50 |" in text  # mean 2, spread 1/2, relative, best time
+    assert "| 1 | 2 | 0.500 | 0.500 | 1.50 |" in text  # mean 2 (4 significant digits), spread 1/2, relative, best time
     assert "| 1 probe(s) | 7.00 | 3.50 |" in text and "| none | 2.00 | 1.00 |" in text
 
 
