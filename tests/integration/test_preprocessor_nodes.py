@@ -317,6 +317,9 @@ def test_missing_file_connection_refused_error(pn, am, annotators, monkeypatch):
         port = s.getsockname()[1]
     entry = am.af.KNOWN_FILES[DEPTH_FILE]
     monkeypatch.setitem(am.af.KNOWN_FILES, DEPTH_FILE, dataclasses.replace(entry, url=f"http://127.0.0.1:{port}/{DEPTH_FILE}"))
+    # another known file that no annotators folder holds (other tests may have put every real one somewhere)
+    monkeypatch.setitem(am.af.KNOWN_FILES, "xctrl_absent.pth", dataclasses.replace(
+        entry, name="xctrl_absent.pth", url="https://example.invalid/xctrl_absent.pth", approx="1 MB"))
     os.replace(annotators / DEPTH_FILE, annotators / "depth.hidden")
     try:
         with pytest.raises(am.af.AnnotatorDownloadError) as e:
@@ -326,10 +329,10 @@ def test_missing_file_connection_refused_error(pn, am, annotators, monkeypatch):
         os.replace(annotators / "depth.hidden", annotators / DEPTH_FILE)
     msg = str(e.value)
     assert "depth_anything_v2_vits.pth is missing" in msg and "offline" in msg and str(annotators) in msg
-    # the files the folder lacks besides (DWPose's two), so that one failure names them all
+    # the other missing files are named too, so that one failure names them all; files present are not
     also = msg.split("Other preprocessors' files missing too:")[1]
-    assert "yolox_l.onnx" in also and "dw-ll_ucoco_384.onnx" in also and "XCTRL_OFFLINE=1" in also
-    assert "ControlNetHED.pth" not in also and "body_pose_model.pth" not in also
+    assert "xctrl_absent.pth (1 MB, https://example.invalid/xctrl_absent.pth)" in also and "XCTRL_OFFLINE=1" in also
+    assert "ControlNetHED.pth" not in also and "body_pose_model.pth" not in also and DEPTH_FILE not in also
 
 
 def test_corrupt_weight_file_error_and_server_side_recovery(pack, am, annotators):
