@@ -213,6 +213,8 @@ def test_a_resumed_balanced_two_stage_run_equals_an_uninterrupted_one(cnt, setup
     ("balanced_from_unet", "injection 'balanced' cannot start from a fresh copy of the UNet"),
     ("balanced_zero_file", "its zero convolutions are all zero"),
     ("boundary", "conservativity_from_step is 3 but the run ends at step 3"),
+    ("stage_lr0", "conservativity_weight is 0.01 but lr is 0"),
+    ("stage_scale0", "conservativity_weight is 0.01 but scale is 0"),
     ("images", "3 condition images for 2 training latents"),
     ("model", "trains SD1.5 and SDXL ControlNets; this MODEL is SVD"),
 ])
@@ -236,6 +238,10 @@ def test_bad_input_is_refused_before_any_step(change, says, cnt, setup, out_dir)
         kw.update(start="micn_zero.safetensors", injection="balanced")
     elif change == "boundary":
         kw.update(conservativity_weight=0.01, conservativity_from_step=3)
+    elif change == "stage_lr0":
+        kw.update(conservativity_weight=0.01, lr=0.0)
+    elif change == "stage_scale0":
+        kw.update(conservativity_weight=0.01, scale=0.0)
     elif change == "images":
         images = torch.rand(3, 64, 64, 3)
     elif change == "model":

@@ -306,6 +306,19 @@ def test_the_conservativity_stage_trains_the_module_only(training, setup, out_di
     assert module_diff and "conservativity loss at the last step" in staged.note
 
 
+def test_the_conservativity_stage_trains_the_same_with_gradient_checkpointing(training, setup, out_dir, _one_thread):
+    """Checkpointing recomputes the UNet's activations in the backward pass, which the stage's
+    second-order gradient then runs through: the run must train what it trains without."""
+    straight = run(training, setup, "stage_no_ckpt", steps=2, checkpoint_every=0, **STAGE)
+    ckpt = run(training, setup, "stage_ckpt", steps=2, checkpoint_every=0, gradient_checkpointing=True, **STAGE)
+    assert ckpt.losses == pytest.approx(straight.losses, rel=1e-5)
+    for k, v in straight.control.state_dict.items():
+        torch.testing.assert_close(ckpt.control.state_dict[k], v, rtol=1e-4, atol=1e-6)
+    plain = run(training, setup, "stage_ckpt_off", steps=2, checkpoint_every=0, gradient_checkpointing=True)
+    changed = [k for k, v in plain.control.state_dict.items() if not torch.equal(ckpt.control.state_dict[k], v)]
+    assert changed  # the stage did act under checkpointing (the comparison above is not between two plain runs)
+
+
 def test_a_resumed_two_stage_run_equals_an_uninterrupted_one(training, setup, out_dir, _one_thread):
     straight = run(training, setup, "stage_straight", steps=4, checkpoint_every=0, **STAGE)
     run(training, setup, "stage_resumed", steps=2, checkpoint_every=0, **STAGE)  # ends inside stage 2
