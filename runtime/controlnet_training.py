@@ -71,11 +71,8 @@ def train(model, latent, images, positive, steps, **options):
         trainer, _, _ = tn.run_steps(model, setup, steps, opts)
         path = _save(setup, trainer)
     control = comfy.controlnet.load_controlnet(path, model)
-    note = (f"already trained to step {setup.already(trainer)} (checkpoint in {setup.folder}): nothing new was trained"
-            if setup.already(trainer) >= steps else "")
-    if trainer.stage_losses and trainer.stage_losses[-1]:
-        note = "\n".join(filter(None, [note, f"conservativity loss at the last step: {trainer.stage_losses[-1]:.6g}"]))
-    result = tn.TrainingResult(control, list(trainer.losses), setup.folder, {}, {}, note, trainer.stage_losses)
+    result = tn.TrainingResult(control, list(trainer.losses), setup.folder, {}, {}, tn.run_note(setup, trainer, steps),
+                               trainer.stage_losses)
     result.path, result.module = path, setup.module
     return result
 
@@ -278,10 +275,5 @@ def _save(setup, trainer):
 
 
 def train_from_node(model, latents, images, positive, steps, **options):
-    """The node's inputs (lists, as Train ControlNeXt takes them) -> (CONTROL_NET, loss curve, saved file)."""
-    one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
-    options = {k: one(v) for k, v in options.items()}
-    result = train(one(model), tn.joined_latents(latents, NODE), tn.joined_images(images, NODE),
-                   tn.per_latent_conditioning(positive), one(steps), **options)
-    saved = "\n".join([result.note] * bool(result.note) + [result.path])
-    return result.control, tr.loss_curve_image(result.losses, stage_losses=result.stage_losses), saved
+    """The node's call (as Train ControlNeXt's: runtime/training.from_node); its text names the saved file."""
+    return tn.from_node(train, NODE, lambda result: [result.path], model, latents, images, positive, steps, **options)

@@ -278,11 +278,20 @@ def train(model, latent, images, positive, steps, **options):
         setup = Setup(model, latent, images, positive, steps, opts)  # everything checked before anything loads
         trainer, trained, base_unet = run_steps(model, setup, steps, opts)
         control = _save_run(model, setup.module, trained, base_unet, setup.variant, setup.folder, setup.saver(trainer))
-    note = (f"already trained to step {setup.already(trainer)} (checkpoint in {setup.folder}): nothing new was trained"
-            if setup.already(trainer) >= steps else "")
+    return TrainingResult(control, list(trainer.losses), setup.folder, trained, base_unet, run_note(setup, trainer, steps),
+                          trainer.stage_losses)
+
+
+def run_note(setup, trainer, steps):
+    """The first lines of a training node's text output: a run that was already at ``steps`` says
+    so; the conservativity stage's loss at the last step, when it ran."""
+    lines = []
+    if setup.already(trainer) >= steps:
+        lines.append(f"already trained to step {setup.already(trainer)} (checkpoint in {setup.folder}): nothing new was "
+                     "trained")
     if trainer.stage_losses and trainer.stage_losses[-1]:
-        note = "\n".join(filter(None, [note, f"conservativity loss at the last step: {trainer.stage_losses[-1]:.6g}"]))
-    return TrainingResult(control, list(trainer.losses), setup.folder, trained, base_unet, note, trainer.stage_losses)
+        lines.append(f"conservativity loss at the last step: {trainer.stage_losses[-1]:.6g}")
+    return "\n".join(lines)
 
 
 class Setup:
@@ -575,16 +584,24 @@ PROBES = cons.PROBES
 
 
 def train_from_node(model, latents, images, positive, steps, **options):
-    """Train ControlNeXt's inputs as the node gets them (is_input_list: every input a list, so that
-    the list outputs of ComfyUI's dataset nodes plug in as they are) -> (control, loss curve image,
-    text naming the saved files)."""
+    """Train ControlNeXt's node call (see from_node); its text names the module and UNet files."""
+    return from_node(train, NODE, _saved_files, model, latents, images, positive, steps, **options)
+
+
+def _saved_files(result):
+    return [os.path.join(result.folder, f) for f in (MODULE_FILE, UNET_FILE) if os.path.isfile(os.path.join(result.folder, f))]
+
+
+def from_node(train_run, node, saved_files, model, latents, images, positive, steps, **options):
+    """A training node's inputs as it gets them (is_input_list: every input a list, so that the list
+    outputs of ComfyUI's dataset nodes plug in as they are) -> ``train_run``'s (control, loss curve
+    image, text: the run's note and ``saved_files(result)``)."""
     one = lambda v: v[0] if isinstance(v, list) else v  # noqa: E731
     options = {k: one(v) for k, v in options.items()}
     options["overwrite"] = bool(options.get("overwrite", False))
-    result = train(one(model), joined_latents(latents), joined_images(images), per_latent_conditioning(positive),
-                   one(steps), **options)
-    files = [os.path.join(result.folder, f) for f in (MODULE_FILE, UNET_FILE) if os.path.isfile(os.path.join(result.folder, f))]
-    saved = "\n".join([result.note] * bool(result.note) + files)
+    result = train_run(one(model), joined_latents(latents, node), joined_images(images, node),
+                       per_latent_conditioning(positive), one(steps), **options)
+    saved = "\n".join([result.note] * bool(result.note) + saved_files(result))
     return result.control, tr.loss_curve_image(result.losses, stage_losses=result.stage_losses), saved
 
 
